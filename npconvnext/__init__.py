@@ -1,0 +1,18 @@
+"""npconvnext: ConvNeXt image classification in NumPy, matching timm, with no deep-learning framework."""
+
+from .checkpoints import CheckpointError, load_state_dict
+from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
+from .model import ConvNeXt, create_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConvNeXt",
+    "ConvNeXtConfig",
+    "VARIANTS",
+    "create_model",
+    "get_config",
+    "list_models",
+    "load_state_dict",
+]

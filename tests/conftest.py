@@ -1,0 +1,29 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # the helper modules beside the tests
+
+# Parity tolerances, relative to the reference's largest magnitude (the issue's contract):
+# float64 must agree to 1e-10 of the logits' scale, float32 to 1e-4.
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+def scaled_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| / max |expected|"""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture
+def assert_matches():
+    def check(actual, expected, what=""):
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+        error = scaled_error(actual, expected)
+        tol = TOLERANCE[expected.dtype]
+        assert error <= tol, f"{what}: scaled error {error:.3g} > {tol:g}"
+        return error
+
+    return check
