@@ -1,6 +1,7 @@
 """npconvnext: ConvNeXt image classification in NumPy, matching timm, with no deep-learning framework."""
 
 from .checkpoints import CheckpointError, load_state_dict
+from .kernels import set_num_threads
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
 from .model import ConvNeXt, create_model
 
@@ -15,4 +16,5 @@ __all__ = [
     "get_config",
     "list_models",
     "load_state_dict",
+    "set_num_threads",
 ]

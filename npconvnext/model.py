@@ -26,8 +26,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import layers
-from .checkpoints import CheckpointError, load_state_dict
+from . import kernels, layers
+from .checkpoints import CheckpointError, detect_architecture, detect_naming, load_state_dict, to_timm_names
 from .config import ConvNeXtConfig, get_config
 
 # Weights are stored in PyTorch layouts in checkpoints and in matmul-ready channels-last
@@ -183,7 +183,7 @@ def reference_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float) 
 
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
-BACKENDS = ("numpy",)
+BACKENDS = ("numba", "numpy")  # numba: fused kernels (default); numpy: the readable reference
 
 
 class ConvNeXt:
@@ -194,7 +194,7 @@ class ConvNeXt:
     """
 
     def __init__(self, config: ConvNeXtConfig, state_dict: Mapping[str, np.ndarray],
-                 dtype: str = "float32", backend: str = "numpy", source: str = "weights"):
+                 dtype: str = "float32", backend: str = "numba", source: str = "weights"):
         if str(dtype) not in _DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
         self.config = config
@@ -293,15 +293,18 @@ class ConvNeXt:
     def _features(self, x: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) -> (N, H/32, W/32, C_last)"""
         p, c = self.params, self.config
+        fast = self._backend == "numba"
+        layer_norm = kernels.layer_norm if fast else layers.layer_norm
+        block = kernels.convnext_block if fast else reference_block
         x = layers.patchify_conv(x, p["stem.0.weight"], p["stem.0.bias"], c.patch_size)  # (N, H/4, W/4, C0)
-        x = layers.layer_norm(x, p["stem.1.weight"], p["stem.1.bias"], c.norm_eps)
+        x = layer_norm(x, p["stem.1.weight"], p["stem.1.bias"], c.norm_eps)
         for i, blocks in enumerate(self._blocks):
             if i > 0:  # halve the resolution, double the width
                 ds = f"stages.{i}.downsample"
-                x = layers.layer_norm(x, p[f"{ds}.0.weight"], p[f"{ds}.0.bias"], c.norm_eps)
+                x = layer_norm(x, p[f"{ds}.0.weight"], p[f"{ds}.0.bias"], c.norm_eps)
                 x = layers.patchify_conv(x, p[f"{ds}.1.weight"], p[f"{ds}.1.bias"], 2)
             for weights in blocks:
-                x = reference_block(x, weights, c.norm_eps, c.grn_eps)
+                x = block(x, weights, c.norm_eps, c.grn_eps)
         return x
 
     def _head(self, x: np.ndarray, pre_logits: bool) -> np.ndarray:
@@ -333,20 +336,38 @@ def _check_state_dict(state: Mapping[str, np.ndarray], expected: dict[str, tuple
         raise CheckpointError(f"{source}: weights do not fit this architecture:\n  " + "\n  ".join(problems))
 
 
-def create_model(name: str, weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-                 dtype: str = "float32", backend: str = "numpy",
-                 num_classes: int | None = None, seed: int = 0) -> ConvNeXt:
+def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+                 dtype: str = "float32", backend: str = "numba",
+                 num_classes: int | None = None, seed: int = 0, pretrained: str | None = None) -> ConvNeXt:
     """Build architecture `name` (see `list_models()`) with `weights`.
 
-    weights: a mapping from timm's parameter names to arrays in PyTorch layouts (conv OIHW,
-        linear (out, in)), or a path to a .safetensors file with those names. None builds seeded
-        random weights for experiments, with a warning.
+    weights: a mapping from parameter names to arrays in PyTorch layouts (conv OIHW, linear
+        (out, in)), or a path to a weight file: timm, official facebookresearch or transformers
+        naming, safetensors or PyTorch zip (see checkpoints.py). None builds seeded random weights
+        for experiments, with a warning.
+    name: may be None when weights are given: the architecture is then read off their shapes.
+    pretrained: a tag such as "fb_in1k" (or name "convnext_tiny.fb_in1k"): the published weights,
+        through the huggingface-hub cache (see hub.py).
     num_classes: taken from the weights' classifier when not given; 1000 without weights.
     """
+    if name is not None and "." in name and pretrained is None:
+        name, pretrained = name.split(".", 1)
+    if pretrained is not None:
+        if weights is not None:
+            raise ValueError("pass either weights= or pretrained=, not both")
+        from .hub import download_weights
+
+        weights = download_weights(f"{name}.{pretrained}")
     source = "weights"
     if isinstance(weights, (str, os.PathLike)):
         source = os.fspath(weights)
-        weights = load_state_dict(weights)
+        weights = load_state_dict(weights, arch=name)
+    elif weights is not None and detect_naming(weights) != "timm":
+        weights = to_timm_names(dict(weights), get_config(name) if name else None)
+    if name is None:
+        if weights is None:
+            raise ValueError("name the architecture, or pass weights to read it from")
+        name = detect_architecture(weights).name
     if num_classes is None:
         fc = weights.get("head.fc.weight") if weights is not None else None
         num_classes = int(np.shape(fc)[0]) if fc is not None and np.ndim(fc) == 2 else 1000

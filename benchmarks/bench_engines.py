@@ -1,0 +1,180 @@
+"""convnext_tiny forward time: npconvnext against every peer engine installed, in one run.
+
+    python benchmarks/bench_engines.py [--model convnext_tiny] [--runs 15] [--json out.json]
+
+For each engine, batch size and thread count: warm-up excluded, the median of RUNS timed
+calls. A numpy 4096^3 sgemm probe runs before each engine so machine drift shows in the table,
+and the sgemm floor (the model's FLOPs at the probe's rate) is the last column's reference.
+Peers: timm eager (needs the test extra), ONNX Runtime and OpenVINO (the bench extra); the
+ONNX file is exported here from the timm model. Never run as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+BATCHES = (1, 8)
+THREADS = (1, 2)
+WARMUP = 2
+SIZE = 224
+MACS = {"convnext_tiny": 4.47e9}  # per 224x224 image, from `npconvnext summary`
+
+
+def median_ms(fn, runs):
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def sgemm_gflops():
+    a = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
+    a @ a
+    start = time.perf_counter()
+    a @ a
+    return 2 * 4096**3 / (time.perf_counter() - start) / 1e9
+
+
+def engines(name, state, tmp):
+    """name -> (setup(threads) -> run(x)) for every engine that can be imported."""
+    import npconvnext
+
+    def ours(backend, dtype):
+        def setup(threads):
+            npconvnext.set_num_threads(threads)
+            model = npconvnext.create_model(name, weights=state, dtype=dtype, backend=backend)
+            return lambda x: model(x.astype(dtype))
+        return setup
+
+    found = {f"npconvnext {b} {d}": ours(b, d) for b in ("numba", "numpy") for d in ("float32", "float64")}
+    try:
+        import timm
+        import torch
+
+        model = timm.create_model(name, pretrained=False).eval()
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+
+        def timm_setup(threads):
+            torch.set_num_threads(threads)
+
+            def run(x):
+                with torch.no_grad():
+                    return model(torch.from_numpy(x)).numpy()
+            return run
+        found["timm eager"] = timm_setup
+        onnx_path = os.path.join(tmp, f"{name}.onnx")
+        torch.onnx.export(model, torch.zeros(1, 3, SIZE, SIZE), onnx_path, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    except Exception as exc:  # a peer that is not installed or fails to export is left out
+        print(f"# timm/onnx export unavailable: {exc}", file=sys.stderr)
+        onnx_path = None
+    if onnx_path:
+        try:
+            import onnxruntime as ort
+
+            def ort_setup(threads):
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads
+                sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+                return lambda x: sess.run(None, {"x": x})[0]
+            found["onnxruntime"] = ort_setup
+        except ImportError:
+            pass
+        try:
+            import openvino as ov
+
+            def ov_setup(threads):
+                core = ov.Core()
+                compiled = core.compile_model(onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                 "INFERENCE_NUM_THREADS": threads})
+                return lambda x: compiled(x)[0]
+            found["openvino f32"] = ov_setup
+        except ImportError:
+            pass
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="convnext_tiny")
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    import npconvnext
+    from npconvnext.model import random_state_dict
+
+    state = random_state_dict(npconvnext.get_config(args.model))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine, setup in engines(args.model, state, tmp).items():
+            for threads in THREADS:
+                probe = sgemm_gflops()
+                run = setup(threads)
+                for batch in BATCHES:
+                    x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+                    runs = args.runs if "numpy" not in engine else 3
+                    ms = median_ms(lambda: run(x), runs) / batch
+                    rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms,
+                                     sgemm_gflops=probe))
+                    print(f"# {engine} threads={threads} batch={batch}: {ms:.1f} ms/image", file=sys.stderr)
+    macs = MACS.get(args.model)
+    print(f"\n{args.model}, {SIZE}x{SIZE}, float32 input; ms per image (median); ratio = this / peer")
+    peers = sorted({r["engine"] for r in rows if not r["engine"].startswith("npconvnext")})
+    header = ["engine", "thr", "batch", "ms/img", "sgemm GF/s"] + [f"/{p}" for p in peers] + (["/floor"] if macs else [])
+    print(" | ".join(header))
+    for r in rows:
+        cells = [r["engine"], str(r["threads"]), str(r["batch"]), f"{r['ms_per_image']:.1f}", f"{r['sgemm_gflops']:.0f}"]
+        for p in peers:
+            peer = next(q for q in rows if q["engine"] == p and q["threads"] == r["threads"] and q["batch"] == r["batch"])
+            cells.append(f"{r['ms_per_image'] / peer['ms_per_image']:.2f}")
+        if macs:
+            floor_ms = 2 * macs / (r["sgemm_gflops"] * 1e9) * 1000
+            cells.append(f"{r['ms_per_image'] / floor_ms:.2f}")
+        print(" | ".join(cells))
+    cold = cold_start(args.model)
+    print(f"\ncold start (new process: import, load safetensors, one batch-1 forward): {cold}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, rows=rows, cold_start=cold), f, indent=2)
+
+
+def cold_start(name):
+    """Seconds and peak RSS of a fresh process, with the JIT cache warm and with it cold."""
+    import npconvnext
+    from npconvnext.model import random_state_dict
+    from safetensors.numpy import save_file
+
+    code = ("import time, resource, numpy as np; t = time.perf_counter(); import npconvnext;"
+            f"m = npconvnext.create_model({name!r}, weights={{path!r}});"
+            "m(np.zeros((1, 3, 224, 224), np.float32));"
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.safetensors")
+        save_file(random_state_dict(npconvnext.get_config(name)), path)
+        for label, cache in (("cold JIT", os.path.join(tmp, "jit")), ("warm JIT", os.path.join(tmp, "jit"))):
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            result = subprocess.run([sys.executable, "-c", code.format(path=path)], env=env,
+                                    capture_output=True, text=True, check=True)
+            seconds, rss = map(float, result.stdout.split())
+            out[label] = dict(seconds=round(seconds, 2), peak_rss_mb=round(rss))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Numba kernels for the parts of a ConvNeXt block that BLAS does not do.
+
+The two pointwise linears are about 93 % of ConvNeXt's FLOPs and go to NumPy's BLAS. What is
+left is cheap in arithmetic but costs passes over memory, so neighbours are fused:
+
+    depthwise 7x7 conv + bias + LayerNorm   one pass, a row of pixels at a time
+    fc1 bias + exact GELU                   in place on the BLAS output
+    GRN (V2)                                two passes over the hidden tensor
+    fc2 bias + layer scale + residual       in place on the BLAS output
+
+Each kernel has a twin in `layers.py` (the readable reference); `tests/test_kernels.py` checks
+them against each other and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The
+`_`-prefixed `@njit` functions never validate or allocate: the public wrappers below do.
+No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+# Kernels and BLAS calls alternate many times per forward pass. With OpenMP's default active
+# wait, Numba's idle workers spin on the cores that OpenBLAS's threads need next (and the other
+# way round), which here doubled convnext_tiny's time. Passive waiting must be chosen before
+# the OpenMP runtime starts; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+# One place for the JIT settings. cache=True: a second process loads machine code from disk
+# instead of compiling (numba falls back to a per-user cache directory when the package is
+# read-only, and honours NUMBA_CACHE_DIR).
+_JIT = dict(cache=True, nogil=True)
+_PARALLEL_JIT = dict(_JIT, parallel=True)
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
+    # x, out: (N, H, W, C); conv_w: (k, k, C); conv_b, norm_w, norm_b: (C,)
+    n, h, w, c = x.shape
+    k = conv_w.shape[0]
+    pad = k // 2
+    for job in numba.prange(n * h):  # one output row of one image per job
+        img = job // h
+        row = job % h
+        acc = np.empty((w, c), dtype=x.dtype)  # (W, C) the row being accumulated
+        for j in range(w):
+            acc[j, :] = conv_b
+        for di in range(k):
+            src_row = row + di - pad
+            if src_row < 0 or src_row >= h:
+                continue
+            for dj in range(k):
+                # output columns whose tap dj lands inside the image
+                j0 = max(0, pad - dj)
+                j1 = min(w, w + pad - dj)
+                for j in range(j0, j1):
+                    src_col = j + dj - pad
+                    for ch in range(c):
+                        acc[j, ch] += x[img, src_row, src_col, ch] * conv_w[di, dj, ch]
+        for j in range(w):  # LayerNorm of each pixel's C values; statistics in float64
+            total = 0.0
+            for ch in range(c):
+                total += acc[j, ch]
+            mean = total / c
+            sq = 0.0
+            for ch in range(c):
+                d = acc[j, ch] - mean
+                sq += d * d
+            inv_std = 1.0 / math.sqrt(sq / c + eps)
+            for ch in range(c):
+                out[img, row, j, ch] = (acc[j, ch] - mean) * inv_std * norm_w[ch] + norm_b[ch]
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _layer_norm(x, weight, bias, eps, out):
+    # x, out: (M, C) pixels by channels
+    m, c = x.shape
+    for i in numba.prange(m):
+        total = 0.0
+        for ch in range(c):
+            total += x[i, ch]
+        mean = total / c
+        sq = 0.0
+        for ch in range(c):
+            d = x[i, ch] - mean
+            sq += d * d
+        inv_std = 1.0 / math.sqrt(sq / c + eps)
+        for ch in range(c):
+            out[i, ch] = (x[i, ch] - mean) * inv_std * weight[ch] + bias[ch]
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _bias_gelu_(y, bias, half, sqrt_half):
+    # y: (M, D) in place: y = GELU(y + bias), exact erf; the constants come in y's dtype so a
+    # float32 y is computed in float32 (a float64 literal would promote every element)
+    m, d = y.shape
+    for i in numba.prange(m):
+        for ch in range(d):
+            v = y[i, ch] + bias[ch]
+            y[i, ch] = half * v * (half + half + math.erf(v * sqrt_half))
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _bias_scale_residual_(y, bias, gamma, shortcut):
+    # y, shortcut: (M, C); y = shortcut + gamma * (y + bias), in place
+    m, c = y.shape
+    for i in numba.prange(m):
+        for ch in range(c):
+            y[i, ch] = shortcut[i, ch] + gamma[ch] * (y[i, ch] + bias[ch])
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _bias_residual_(y, bias, shortcut):
+    # y, shortcut: (M, C); y = shortcut + (y + bias), in place (V2: no layer scale)
+    m, c = y.shape
+    for i in numba.prange(m):
+        for ch in range(c):
+            y[i, ch] = shortcut[i, ch] + (y[i, ch] + bias[ch])
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _global_response_norm_(x, weight, bias, eps):
+    # x: (N, P, D) pixels by hidden channels, in place; see layers.global_response_norm
+    n, p, d = x.shape
+    for img in range(n):
+        energy = np.zeros(d)  # float64 sums of squares per channel
+        for px in range(p):
+            for ch in range(d):
+                v = x[img, px, ch]
+                energy[ch] += v * v
+        for ch in range(d):
+            energy[ch] = math.sqrt(energy[ch])
+        relative = (energy / (energy.mean() + eps)).astype(x.dtype)
+        for px in numba.prange(p):
+            for ch in range(d):
+                v = x[img, px, ch]
+                x[img, px, ch] = v + (bias[ch] + weight[ch] * (v * relative[ch]))
+
+
+# ---- public wrappers: same signatures and results as their twins in layers.py -----------------
+
+
+def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
+    """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
+    x: (N, H, W, C) -> (N, H, W, C)"""
+    out = np.empty_like(x)
+    _depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out)
+    return out
+
+
+def layer_norm(x, weight, bias, eps):
+    """layers.layer_norm. x: (..., C) -> (..., C)"""
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
+    out = np.empty_like(flat)
+    _layer_norm(flat, weight, bias, eps, out)
+    return out.reshape(x.shape)
+
+
+def linear_gelu(x, weight, bias):
+    """layers.gelu(layers.linear(x, weight, bias)). x: (..., Cin) -> (..., Cout)"""
+    flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
+    y = flat @ weight                                      # (M, Cout) BLAS
+    one_type = y.dtype.type
+    _bias_gelu_(y, bias, one_type(0.5), one_type(math.sqrt(0.5)))
+    return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def linear_scale_residual(x, weight, bias, gamma, shortcut):
+    """shortcut + gamma * layers.linear(x, weight, bias); gamma None means 1.
+    x: (..., Cin); shortcut: (..., Cout) -> (..., Cout)"""
+    flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
+    y = flat @ weight                                      # (M, Cout) BLAS
+    residual = shortcut.reshape(y.shape)
+    if gamma is None:
+        _bias_residual_(y, bias, residual)
+    else:
+        _bias_scale_residual_(y, bias, gamma, residual)
+    return y.reshape(shortcut.shape)
+
+
+def global_response_norm(x, weight, bias, eps):
+    """layers.global_response_norm. x: (N, H, W, D) -> (N, H, W, D)"""
+    out = x.copy()
+    n, h, w, d = x.shape
+    _global_response_norm_(out.reshape(n, h * w, d), weight, bias, eps)
+    return out
+
+
+def convnext_block(x, w, eps, grn_eps):
+    """Twin of model.reference_block with the fused kernels. x: (N, H, W, C) -> (N, H, W, C)"""
+    y = depthwise_conv_layer_norm(x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight, w.norm_bias, eps)
+    y = linear_gelu(y, w.fc1_weight, w.fc1_bias)            # (N, H, W, 4C)
+    if w.grn_weight is not None:
+        n, h, wd, d = y.shape
+        _global_response_norm_(y.reshape(n, h * wd, d), w.grn_weight, w.grn_bias, grn_eps)
+    return linear_scale_residual(y, w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
+
+
+# ---- threads ------------------------------------------------------------------------------------
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for the Numba kernels and, when threadpoolctl is installed, for NumPy's BLAS.
+
+    Kernels and BLAS calls run one after the other, never nested, so giving both the same
+    count uses the cores without oversubscribing them. NPCONVNEXT_NUM_THREADS sets the count
+    at import.
+    """
+    n = int(n)
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
+    numba.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(n, user_api="blas")
+
+
+if os.environ.get("NPCONVNEXT_NUM_THREADS"):
+    set_num_threads(int(os.environ["NPCONVNEXT_NUM_THREADS"]))

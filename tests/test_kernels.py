@@ -1,0 +1,85 @@
+"""The Numba kernels against their readable twins in layers.py, on seeded random shapes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from npconvnext import kernels, layers
+from npconvnext.model import BlockWeights, reference_block
+
+# float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
+TOL = {np.float32: 2e-6, np.float64: 1e-13}
+SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40)]
+
+
+def close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype == dtype
+    scale = max(np.abs(expected).max(), 1.0)
+    assert np.abs(actual - expected).max() <= TOL[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_kernels_match_the_reference(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    n, h, w, c = shape
+    r = lambda *s: rng.standard_normal(s).astype(dtype)
+    x = r(n, h, w, c)
+    conv_w, conv_b, norm_w, norm_b = r(7, 7, c), r(c), r(c), r(c)
+    close(kernels.depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, 1e-6),
+          layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, 1e-6), dtype)
+    close(kernels.layer_norm(x, norm_w, norm_b, 1e-5), layers.layer_norm(x, norm_w, norm_b, 1e-5), dtype)
+    fc_w, fc_b = r(c, 4 * c), r(4 * c)
+    close(kernels.linear_gelu(x, fc_w, fc_b), layers.gelu(layers.linear(x, fc_w, fc_b)), dtype)
+    hidden = r(n, h, w, 4 * c)
+    grn_w, grn_b = r(4 * c), r(4 * c)
+    close(kernels.global_response_norm(hidden, grn_w, grn_b, 1e-6),
+          layers.global_response_norm(hidden, grn_w, grn_b, 1e-6), dtype)
+    fc2_w, fc2_b, gamma = r(4 * c, c), r(c), r(c)
+    close(kernels.linear_scale_residual(hidden, fc2_w, fc2_b, gamma, x),
+          x + gamma * layers.linear(hidden, fc2_w, fc2_b), dtype)
+    close(kernels.linear_scale_residual(hidden, fc2_w, fc2_b, None, x),
+          x + layers.linear(hidden, fc2_w, fc2_b), dtype)
+    for grn, ls in ((False, True), (True, False)):
+        weights = BlockWeights(conv_w, conv_b, norm_w, norm_b, fc_w, fc_b, grn_w if grn else None,
+                               grn_b if grn else None, fc2_w, fc2_b, gamma if ls else None)
+        close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
+
+
+def test_gelu_is_exact_erf_not_tanh():
+    x = np.array([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+    expected = [-0.0040496, -0.15865525, -0.15426877, 0.0, 0.34573123, 0.84134475, 2.9959504]
+    np.testing.assert_allclose(layers.gelu(x), expected, atol=1e-7)
+    y = x.reshape(1, -1).copy()
+    np.testing.assert_allclose(kernels.linear_gelu(y, np.eye(7), np.zeros(7))[0], expected, atol=1e-7)
+
+
+def test_kernels_as_plain_python_give_the_same_model():
+    """NUMBA_DISABLE_JIT=1 runs the kernel bodies as Python, so coverage sees them."""
+    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
+            "m = npconvnext.create_model('convnextv2_atto', dtype='float64');"
+            "x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)); a = m(x);"
+            "m.backend = 'numpy'; b = m(x);"
+            "assert np.abs(a - b).max() < 1e-12 * np.abs(b).max(), np.abs(a - b).max()")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, NUMBA_DISABLE_JIT="1"))
+
+
+def test_jit_cache_works_from_a_read_only_package(tmp_path):
+    """With NUMBA_CACHE_DIR pointing elsewhere a second process loads the compiled kernels."""
+    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
+            "npconvnext.create_model('convnext_atto')(np.zeros((1, 3, 32, 32), np.float32))")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert any(p.suffix == ".nbc" for p in tmp_path.rglob("*")), "nothing cached"
+
+
+def test_set_num_threads_validates():
+    import npconvnext
+
+    npconvnext.set_num_threads(1)
+    npconvnext.set_num_threads(os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="threads must be between"):
+        npconvnext.set_num_threads(0)
