@@ -3,12 +3,19 @@
 from .checkpoints import CheckpointError, load_state_dict
 from .kernels import set_num_threads
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
+from .labels import imagenet_classes, imagenet_labels
 from .model import ConvNeXt, create_model
+from .preprocess import DataConfig, data_config, preprocess
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "DataConfig",
+    "data_config",
+    "imagenet_classes",
+    "imagenet_labels",
+    "preprocess",
     "ConvNeXt",
     "ConvNeXtConfig",
     "VARIANTS",

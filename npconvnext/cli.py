@@ -1,0 +1,244 @@
+"""The `npconvnext` command: classify, features, evaluate, summary, download, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import replace
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+DEFAULT_MODEL = "convnext_tiny.fb_in1k"
+
+
+class CommandError(Exception):
+    """An error to print as one line on stderr with exit status 1."""
+
+
+def _image_paths(inputs: list[str]) -> list[str]:
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, _, files in sorted(os.walk(item)):
+                paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise CommandError(f"{item}: no such file or directory")
+    if not paths:
+        raise CommandError("no images found in " + ", ".join(inputs))
+    return paths
+
+
+def _load_model(args):
+    """The model and its evaluation preprocessing: from --weights (architecture read off the file
+    unless --model names it) or downloaded pretrained weights."""
+    import npconvnext
+    from npconvnext.preprocess import DataConfig, data_config
+
+    name = args.model or DEFAULT_MODEL
+    arch, _, tag = name.partition(".")
+    if args.weights:
+        model = npconvnext.create_model(arch if args.model else None, weights=args.weights)
+        try:
+            config = data_config(name if args.model else model.config.name)
+        except ValueError:  # no published weights for this architecture: timm's defaults
+            config = DataConfig()
+    else:
+        model = npconvnext.create_model(arch, pretrained=tag or "fb_in1k")
+        config = data_config(f"{arch}.{tag or 'fb_in1k'}")
+    if args.input_size:
+        config = replace(config, input_size=(args.input_size, args.input_size))
+    return model, config
+
+
+def _progress(done: int, total: int) -> None:
+    if total > 4 and (sys.stderr.isatty() or os.environ.get("NPCONVNEXT_PROGRESS")):
+        width = 30
+        filled = width * done // total
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def _batches(paths, config, batch_size):
+    """(paths, inputs) per batch; unreadable images are warned about and skipped."""
+    from npconvnext.preprocess import preprocess
+
+    for start in range(0, len(paths), batch_size):
+        good, arrays = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                arrays.append(preprocess(path, config))
+                good.append(path)
+            except ValueError as exc:
+                print(f"warning: skipped {exc}", file=sys.stderr)
+        if good:
+            yield good, np.stack(arrays)
+        _progress(min(start + batch_size, len(paths)), len(paths))
+
+
+def _softmax(logits):
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def cmd_classify(args):
+    from npconvnext.labels import imagenet_labels
+
+    model, config = _load_model(args)
+    labels = imagenet_labels() if model.config.num_classes == 1000 else None
+    for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
+        probs = _softmax(model(x).astype(np.float64))
+        for path, p in zip(paths, probs):
+            top = np.argsort(-p)[: args.top_k]
+            names = [labels[i] if labels else f"class {i}" for i in top]
+            if args.json:
+                print(json.dumps({"file": path, "labels": names, "indices": [int(i) for i in top],
+                                  "probabilities": [round(float(p[i]), 6) for i in top]}))
+            else:
+                print(path)
+                for i, name in zip(top, names):
+                    print(f"  {p[i]:7.2%}  {name} ({i})")
+
+
+def cmd_features(args):
+    model, config = _load_model(args)
+    files, chunks = [], []
+    for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
+        chunks.append(model.forward_head(model.forward_features(x), pre_logits=True))
+        files += paths
+    embeddings = np.concatenate(chunks)
+    _atomic_write(args.output, lambda f: np.save(f, embeddings))
+    order = os.path.splitext(args.output)[0] + ".files.txt"
+    _atomic_write(order, lambda f: f.write("\n".join(files).encode() + b"\n"))
+    print(f"{embeddings.shape[0]} embeddings of size {embeddings.shape[1]} -> {args.output} (file order: {order})")
+
+
+def cmd_evaluate(args):
+    from npconvnext.labels import imagenet_classes
+
+    model, config = _load_model(args)
+    index_of = {c.wnid: c.index for c in imagenet_classes()}
+    samples = []
+    for wnid in sorted(os.listdir(args.directory)):
+        folder = os.path.join(args.directory, wnid)
+        if os.path.isdir(folder):
+            if wnid not in index_of:
+                raise CommandError(f"{folder}: folder name is not an ImageNet-1k WordNet id")
+            samples += [(p, index_of[wnid]) for p in _image_paths([folder])]
+    if not samples:
+        raise CommandError(f"{args.directory}: no class folders (one per WordNet id) with images")
+    samples = samples[: args.limit] if args.limit else samples
+    truth = dict(samples)
+    top1 = top5 = total = 0
+    for paths, x in _batches([p for p, _ in samples], config, args.batch_size):
+        ranked = np.argsort(-model(x), axis=-1)[:, :5]
+        for path, row in zip(paths, ranked):
+            total += 1
+            top1 += int(row[0] == truth[path])
+            top5 += int(truth[path] in row)
+    report = {"model": args.model, "weights": args.weights, "images": total,
+              "top1": round(100 * top1 / total, 3), "top5": round(100 * top5 / total, 3)}
+    print(f"top-1 {report['top1']:.2f} %  top-5 {report['top5']:.2f} %  over {total} images")
+    if args.report:
+        _atomic_write(args.report, lambda f: f.write(json.dumps(report, indent=2).encode()))
+
+
+def cmd_summary(args):
+    import npconvnext
+    from npconvnext.summary import format_summary
+
+    print(format_summary(npconvnext.get_config(args.model), (args.input_size, args.input_size)))
+
+
+def cmd_download(args):
+    from npconvnext.hub import download_weights
+
+    print(download_weights(args.name))
+
+
+def cmd_convert(args):
+    from npconvnext.convert import convert
+
+    meta = convert(args.src, args.dst, arch=args.arch, force=args.force)
+    print(f"{args.dst}: {meta['architecture']} from {meta['source_format']} (sha256 {meta['source_sha256'][:12]}...)")
+
+
+def _atomic_write(path, write):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npconvnext", description="ConvNeXt in NumPy: classify images, "
+                                     "extract embeddings, evaluate, inspect and convert weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p):
+        p.add_argument("--model", default=None, help=f"architecture or arch.tag (default {DEFAULT_MODEL}; "
+                       "with --weights, read off the file)")
+        p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--input-size", type=int, default=None, help="override the crop size")
+
+    p = sub.add_parser("classify", help="top-k ImageNet classes per image")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    model_options(p)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per image")
+    p.set_defaults(run=cmd_classify)
+
+    p = sub.add_parser("features", help="pooled pre-logits embeddings to a .npy file")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    model_options(p)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(run=cmd_features)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 over an ImageNet-style folder (one sub-folder per wnid)")
+    p.add_argument("directory")
+    model_options(p)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--report", default=None, help="write a JSON report here")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
+    p.add_argument("model")
+    p.add_argument("--input-size", type=int, default=224)
+    p.set_defaults(run=cmd_summary)
+
+    p = sub.add_parser("download", help="fetch pretrained weights into the huggingface-hub cache")
+    p.add_argument("name", help="arch.tag, e.g. convnext_tiny.fb_in1k")
+    p.set_defaults(run=cmd_download)
+
+    p = sub.add_parser("convert", help="any supported checkpoint -> timm-named float32 safetensors")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+    p.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, ValueError, FileExistsError, RuntimeError, OSError) as exc:
+        print(f"npconvnext {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
