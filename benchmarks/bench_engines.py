@@ -113,6 +113,8 @@ def main():
     parser.add_argument("--model", default="convnext_tiny")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--engines", default=None, help="comma-separated substrings: run only matching engines")
+    parser.add_argument("--no-cold-start", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     import npconvnext
@@ -122,6 +124,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for engine, setup in engines(args.model, state, tmp).items():
+            if args.engines and not any(word in engine for word in args.engines.split(",")):
+                continue
             for threads in THREADS:
                 probe = sgemm_gflops()
                 run = setup(threads)
@@ -146,7 +150,7 @@ def main():
             floor_ms = 2 * macs / (r["sgemm_gflops"] * 1e9) * 1000
             cells.append(f"{r['ms_per_image'] / floor_ms:.2f}")
         print(" | ".join(cells))
-    cold = cold_start(args.model)
+    cold = None if args.no_cold_start else cold_start(args.model)
     print(f"\ncold start (new process: import, load safetensors, one batch-1 forward): {cold}")
     if args.json:
         with open(args.json, "w") as f:
