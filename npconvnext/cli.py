@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -10,6 +11,8 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+
+from .atomic import atomic_write
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DEFAULT_MODEL = "convnext_tiny.fb_in1k"
@@ -113,9 +116,11 @@ def cmd_features(args):
         chunks.append(model.forward_head(model.forward_features(x), pre_logits=True))
         files += paths
     embeddings = np.concatenate(chunks)
-    _atomic_write(args.output, lambda f: np.save(f, embeddings))
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings)
+    atomic_write(args.output, buffer.getvalue())
     order = os.path.splitext(args.output)[0] + ".files.txt"
-    _atomic_write(order, lambda f: f.write("\n".join(files).encode() + b"\n"))
+    atomic_write(order, "\n".join(files).encode() + b"\n")
     print(f"{embeddings.shape[0]} embeddings of size {embeddings.shape[1]} -> {args.output} (file order: {order})")
 
 
@@ -146,7 +151,7 @@ def cmd_evaluate(args):
               "top1": round(100 * top1 / total, 3), "top5": round(100 * top5 / total, 3)}
     print(f"top-1 {report['top1']:.2f} %  top-5 {report['top5']:.2f} %  over {total} images")
     if args.report:
-        _atomic_write(args.report, lambda f: f.write(json.dumps(report, indent=2).encode()))
+        atomic_write(args.report, json.dumps(report, indent=2).encode())
 
 
 def cmd_summary(args):
@@ -169,15 +174,69 @@ def cmd_convert(args):
     print(f"{args.dst}: {meta['architecture']} from {meta['source_format']} (sha256 {meta['source_sha256'][:12]}...)")
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _traced_model(args):
+    """Model, input and metadata for golden/parity: --weights or seeded random weights."""
+    import npconvnext
+    from npconvnext.convert import sha256_of
+    from npconvnext.preprocess import DataConfig, preprocess
+
+    dtype = "float64" if args.float64 else "float32"
+    name = args.model or "convnext_tiny"
+    arch = name.split(".")[0]
+    if args.weights:
+        model = npconvnext.create_model(arch if args.model else None, weights=args.weights, dtype=dtype)
+        meta = {"weights_sha256": sha256_of(args.weights)}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = npconvnext.create_model(arch, dtype=dtype, seed=args.weight_seed)
+        meta = {"weights": f"npconvnext random_state_dict seed {args.weight_seed}"}
+    config = DataConfig()
+    if getattr(args, "image", None):
+        x = preprocess(args.image, config)[None].astype(dtype)
+        meta.update(input=f"image {os.path.basename(args.image)}", preprocessing=json.dumps(config.__dict__))
+    else:
+        x = np.random.default_rng(args.seed).standard_normal((1, 3, args.input_size, args.input_size)).astype(dtype)
+        meta.update(input=f"standard normal, numpy default_rng({args.seed})")
+    meta.update(architecture=model.config.name, dtype=dtype)
+    return model, x, meta
+
+
+def cmd_golden(args):
+    from npconvnext.oracle import write_golden
+
+    model, x, meta = _traced_model(args)
+    trace = model.trace(x)
+    write_golden(trace, args.output, meta)
+    size = sum(a.nbytes for a in trace.values())
+    print(f"{args.output}: {len(trace)} tensors, {size / 1e6:.1f} MB of {meta['dtype']}, {meta['architecture']}")
+
+
+def cmd_parity(args):
+    from npconvnext.oracle import TOLERANCE, compare, format_table, read_golden, timm_trace
+
+    if args.against:
+        expected, meta = read_golden(args.against)
+        dtype = "float64" if expected["input"].dtype == np.float64 else "float32"
+        args.float64 = dtype == "float64"
+        args.model = args.model or meta.get("architecture")
+        model, _, _ = _traced_model(args)
+        actual = model.trace(expected["input"])
+        source = args.against
+    else:
+        model, x, _ = _traced_model(args)
+        actual = model.trace(x)
+        try:
+            expected = timm_trace(model, x, list(actual))
+        except ImportError:
+            raise CommandError("timm is not installed: install it, or compare with --against FILE") from None
+        source, dtype = "timm", model.dtype.name
+    tolerance = args.tolerance or TOLERANCE[dtype]
+    rows = compare(actual, expected, tolerance)
+    print(f"npconvnext {model.config.name} ({dtype}) against {source}")
+    print(format_table(rows, tolerance))
+    if not all(r.ok for r in rows):
+        raise CommandError(f"parity failed: {sum(not r.ok for r in rows)} tensors past tolerance {tolerance:g}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--input-size", type=int, default=224)
     p.set_defaults(run=cmd_summary)
+
+    def trace_options(p):
+        p.add_argument("--model", default=None, help="architecture (default convnext_tiny, or the golden file's)")
+        p.add_argument("--weights", help="weight file; default: npconvnext's seeded random weights")
+        p.add_argument("--weight-seed", type=int, default=0, help="seed of the random weights")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+        p.add_argument("--input-size", type=int, default=224)
+        p.add_argument("--float64", action="store_true", help="run and store float64")
+
+    p = sub.add_parser("golden", help="write the input and every activation to a safetensors file")
+    trace_options(p)
+    p.add_argument("--image", default=None, help="use this photo (timm's eval preprocessing) as input")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(run=cmd_golden)
+
+    p = sub.add_parser("parity", help="layer-by-layer errors against timm, or against a golden file")
+    trace_options(p)
+    p.add_argument("--against", default=None, help="a golden file (from `npconvnext golden` or elsewhere)")
+    p.add_argument("--tolerance", type=float, default=None, help="max relative error (default 1e-4 f32, 1e-10 f64)")
+    p.set_defaults(run=cmd_parity)
 
     p = sub.add_parser("download", help="fetch pretrained weights into the huggingface-hub cache")
     p.add_argument("name", help="arch.tag, e.g. convnext_tiny.fb_in1k")

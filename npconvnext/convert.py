@@ -1,20 +1,19 @@
 """Converting any supported checkpoint to a timm-named float32 safetensors file, safely.
 
-The output is written to a temporary file beside the destination and renamed into place only
-when complete, so an interrupted or failed conversion leaves no partial file, and an existing
-destination is never touched unless `force`.
+The output is written atomically (atomic.py), so an interrupted or failed conversion leaves no
+partial file, and an existing destination is never touched unless `force`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 from safetensors.numpy import save
 
-from .checkpoints import CheckpointError, detect_naming, read_checkpoint, to_timm_names
+from .atomic import atomic_write
+from .checkpoints import CheckpointError, detect_architecture, detect_naming, read_checkpoint, to_timm_names
 from .config import get_config
 from .model import ConvNeXt
 
@@ -39,8 +38,6 @@ def convert(src: str, dst: str, arch: str | None = None, force: bool = False) ->
         state = to_timm_names(raw, get_config(arch) if arch else None)
     except CheckpointError as exc:
         raise CheckpointError(f"{src}: {exc}") from None
-    from .checkpoints import detect_architecture
-
     config = get_config(arch, num_classes=state["head.fc.weight"].shape[0]) if arch else detect_architecture(state)
     # building the model checks every name and shape before anything is written
     model = ConvNeXt(config, state, dtype="float32", backend="numpy", source=src)
@@ -51,16 +48,5 @@ def convert(src: str, dst: str, arch: str | None = None, force: bool = False) ->
     metadata = {"architecture": config.name, "num_classes": str(config.num_classes),
                 "source_sha256": sha256_of(src), "source_format": f"{container}/{naming}",
                 "source_file": os.path.basename(src), "format": "pt", "converted_by": "npconvnext"}
-    payload = save(tensors, metadata=metadata)
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".npconvnext-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(dst, save(tensors, metadata=metadata))
     return metadata

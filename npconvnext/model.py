@@ -167,18 +167,33 @@ class BlockWeights(NamedTuple):
     gamma: np.ndarray | None    # (C,) V1 only: layer scale
 
 
-def reference_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float) -> np.ndarray:
-    """One ConvNeXt block in plain NumPy. x: (N, H, W, C) -> (N, H, W, C)"""
+def _no_record(name: str, x: np.ndarray) -> None:
+    pass
+
+
+def reference_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
+                    record: Callable[[str, np.ndarray], None] = _no_record) -> np.ndarray:
+    """One ConvNeXt block in plain NumPy. x: (N, H, W, C) -> (N, H, W, C)
+
+    `record(step, activation)` sees every intermediate, named after timm's submodules.
+    """
     shortcut = x
     x = layers.depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias)  # spatial mixing, 7x7
+    record("conv_dw", x)
     x = layers.layer_norm(x, w.norm_weight, w.norm_bias, eps)
+    record("norm", x)
     x = layers.linear(x, w.fc1_weight, w.fc1_bias)                   # (N, H, W, C) -> (N, H, W, 4C)
+    record("mlp.fc1", x)
     x = layers.gelu(x)
+    record("mlp.act", x)
     if w.grn_weight is not None:
         x = layers.global_response_norm(x, w.grn_weight, w.grn_bias, grn_eps)
+        record("mlp.grn", x)
     x = layers.linear(x, w.fc2_weight, w.fc2_bias)                   # (N, H, W, 4C) -> (N, H, W, C)
+    record("mlp.fc2", x)
     if w.gamma is not None:
         x = x * w.gamma
+    record("layer_scale", x)
     return shortcut + x
 
 
@@ -290,31 +305,77 @@ class ConvNeXt:
                              f"total stride {c.reduction}: every side must be at least {c.reduction}")
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=self.dtype)  # (N, H, W, 3)
 
-    def _features(self, x: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) -> (N, H/32, W/32, C_last)"""
+    def _features(self, x: np.ndarray, record: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
+        """(N, H, W, 3) -> (N, H/32, W/32, C_last); `record` (reference path only) sees every step."""
         p, c = self.params, self.config
-        fast = self._backend == "numba"
+        fast = self._backend == "numba" and record is None
+        record = record or _no_record
         layer_norm = kernels.layer_norm if fast else layers.layer_norm
-        block = kernels.convnext_block if fast else reference_block
         x = layers.patchify_conv(x, p["stem.0.weight"], p["stem.0.bias"], c.patch_size)  # (N, H/4, W/4, C0)
+        record("stem.0", x)
         x = layer_norm(x, p["stem.1.weight"], p["stem.1.bias"], c.norm_eps)
+        record("stem.1", x)
         for i, blocks in enumerate(self._blocks):
             if i > 0:  # halve the resolution, double the width
                 ds = f"stages.{i}.downsample"
                 x = layer_norm(x, p[f"{ds}.0.weight"], p[f"{ds}.0.bias"], c.norm_eps)
+                record(f"{ds}.0", x)
                 x = layers.patchify_conv(x, p[f"{ds}.1.weight"], p[f"{ds}.1.bias"], 2)
-            for weights in blocks:
-                x = block(x, weights, c.norm_eps, c.grn_eps)
+                record(f"{ds}.1", x)
+            for j, weights in enumerate(blocks):
+                name = f"stages.{i}.blocks.{j}"
+                if fast:
+                    x = kernels.convnext_block(x, weights, c.norm_eps, c.grn_eps)
+                else:
+                    x = reference_block(x, weights, c.norm_eps, c.grn_eps,
+                                        lambda step, a, name=name: record(f"{name}.{step}", a))
+                record(name, x)
         return x
 
-    def _head(self, x: np.ndarray, pre_logits: bool) -> np.ndarray:
+    def _head(self, x: np.ndarray, pre_logits: bool,
+              record: Callable[[str, np.ndarray], None] = _no_record) -> np.ndarray:
         """(N, h, w, C) -> (N, num_classes), or (N, C) if pre_logits"""
         p = self.params
         x = layers.global_avg_pool(x)                                    # (N, C)
+        record("head.global_pool", x)
         x = layers.layer_norm(x, p["head.norm.weight"], p["head.norm.bias"], self.config.norm_eps)
+        record("head.norm", x)
         if pre_logits:
             return x
-        return layers.linear(x, p["head.fc.weight"], p["head.fc.bias"])  # (N, num_classes)
+        x = layers.linear(x, p["head.fc.weight"], p["head.fc.bias"])     # (N, num_classes)
+        record("head.fc", x)
+        return x
+
+    def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every intermediate activation of the reference (NumPy) path, by timm module name.
+
+        Each array has the layout timm's forward hook on that module shows, so the two line up
+        one to one:
+          stem.0, stem.1, stages.i.downsample.0/1, stages.i.blocks.j.conv_dw, stages.i.blocks.j
+                                 (N, C, H, W)
+          stages.i.blocks.j.norm, .mlp.fc1, .mlp.act, .mlp.grn (V2), .mlp.fc2
+                                 (N, H, W, C) for the linear-MLP variants (tiny and up: timm
+                                 permutes to channels-last around them), (N, C, H, W) for the
+                                 1x1-conv ones (atto ... nano, `config.conv_mlp`)
+          stages.i.blocks.j.layer_scale   (N, C, H, W) gamma * fc2 output, the residual branch
+                                 (no timm module: its block multiplies by gamma inline; V2
+                                 has no gamma and this is the fc2 output)
+          head.global_pool, head.norm   (N, C, 1, 1);   head.fc   (N, num_classes)
+        The input itself is under "input", (N, 3, H, W).
+        """
+        x_cl = self._to_channels_last(x)
+        mlp_steps = (".norm", ".mlp.fc1", ".mlp.act", ".mlp.grn", ".mlp.fc2")
+        trace = {"input": np.ascontiguousarray(np.asarray(x, dtype=self.dtype))}
+
+        def record(name: str, a: np.ndarray) -> None:
+            if a.ndim == 2:  # head: pooled (N, C) -> (N, C, 1, 1) as timm's pool keeps dims
+                a = a if name == "head.fc" else a[:, :, None, None]
+            elif not (name.endswith(mlp_steps) and not self.config.conv_mlp):
+                a = a.transpose(0, 3, 1, 2)                          # (N, H, W, C) -> (N, C, H, W)
+            trace[name] = np.ascontiguousarray(a)
+
+        self._head(self._features(x_cl, record), pre_logits=False, record=record)
+        return trace
 
 
 def _check_state_dict(state: Mapping[str, np.ndarray], expected: dict[str, tuple[int, ...]],

@@ -1,0 +1,105 @@
+"""Reference numbers for porters: golden files of every activation and layer-by-layer comparison.
+
+A golden file is safetensors: "input" and every entry of `ConvNeXt.trace`, by timm module name,
+with metadata (architecture, weights sha256 or seed, preprocessing, dtype). `compare` lines two
+traces up name by name; `timm_trace` produces timm's side with forward hooks, importing torch
+and timm only when called (they are never needed otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+import numpy as np
+from safetensors.numpy import save
+
+from .atomic import atomic_write
+from .checkpoints import CheckpointError, read_safetensors
+
+#: default tolerance by dtype, relative to each tensor's largest magnitude (the parity contract)
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+
+class LayerError(NamedTuple):
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float      # max |a - b| / max |b|, the scale-relative error the tolerances use
+    ok: bool
+
+
+def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: float) -> list[LayerError]:
+    """Errors of every tensor in `expected` that `actual` has too, in `expected`'s order.
+    A missing name or a shape mismatch is a failing row."""
+    rows = []
+    for name, ref in expected.items():
+        got = actual.get(name)
+        if got is None or got.shape != ref.shape:
+            rows.append(LayerError(name, tuple(ref.shape), float("inf"), float("inf"), False))
+            continue
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        max_rel = max_abs / scale if scale else max_abs
+        rows.append(LayerError(name, tuple(ref.shape), max_abs, max_rel, max_rel <= tolerance))
+    return rows
+
+
+def format_table(rows: list[LayerError], tolerance: float) -> str:
+    lines = [f"{'layer':<34} {'shape':>20} {'max abs':>10} {'max rel':>10}"]
+    for r in rows:
+        lines.append(f"{r.name:<34} {str(r.shape):>20} {r.max_abs:10.3e} {r.max_rel:10.3e}{'' if r.ok else '  FAIL'}")
+    first = next((r for r in rows if not r.ok), None)
+    worst = max(rows, key=lambda r: r.max_rel)
+    lines.append(f"{len(rows)} tensors; worst {worst.name} {worst.max_rel:.3e}; tolerance {tolerance:g}; "
+                 + (f"first past it: {first.name}" if first else "all within"))
+    return "\n".join(lines)
+
+
+def write_golden(trace: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """Write a trace as safetensors, atomically (temporary file, then rename)."""
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in trace.items()},
+                            metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def read_golden(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of a golden file."""
+    tensors = read_safetensors(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        metadata = json.loads(f.read(header_len)).get("__metadata__", {})
+    if "input" not in tensors:
+        raise CheckpointError(f"{path}: not a golden file (no 'input' tensor)")
+    return tensors, metadata
+
+
+def timm_trace(model, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """timm's activations for `model`'s weights and input x, through forward hooks on the
+    modules `names` lists (the keys of `model.trace(x)`); "layer_scale" is block output minus
+    block input."""
+    import timm
+    import torch
+
+    config = model.config
+    net = timm.create_model(config.name, pretrained=False, num_classes=config.num_classes).eval()
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    net = net.to(torch.float64 if model.dtype == np.float64 else torch.float32)
+    wanted = set(names)
+    out: dict[str, np.ndarray] = {"input": np.asarray(x, dtype=model.dtype)}
+    inputs: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, module in net.named_modules():
+        if name in wanted:
+            hooks.append(module.register_forward_hook(
+                lambda m, args, result, name=name: out.__setitem__(name, result.detach().numpy().copy())))
+        if f"{name}.layer_scale" in wanted:
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: inputs.__setitem__(name, args[0].detach().numpy().copy())))
+    with torch.no_grad():
+        net(torch.from_numpy(np.asarray(x, dtype=model.dtype)))
+    for h in hooks:
+        h.remove()
+    for name, block_in in inputs.items():
+        out[f"{name}.layer_scale"] = out[name] - block_in
+    return {name: out[name] for name in names if name in out}
