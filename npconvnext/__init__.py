@@ -1,5 +1,14 @@
 """npconvnext: ConvNeXt image classification in NumPy, matching timm, with no deep-learning framework."""
 
+import os
+
+# Numba kernels and BLAS calls alternate many times per forward pass, and each side's idle
+# threads busy-wait on the cores the other needs next: with the defaults, convnext_tiny ran at
+# half speed here. Both settings are read once, when the OpenMP runtime and OpenBLAS start, so
+# they only act if npconvnext is imported before numpy; a value the user set always wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from .checkpoints import CheckpointError, load_state_dict
 from .kernels import set_num_threads
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models

@@ -83,3 +83,14 @@ def test_set_num_threads_validates():
     npconvnext.set_num_threads(os.cpu_count() or 1)
     with pytest.raises(ValueError, match="threads must be between"):
         npconvnext.set_num_threads(0)
+
+
+def test_float32_erf_is_within_one_ulp_of_the_exact_erf():
+    import math
+
+    x = np.linspace(-6, 6, 400_001).astype(np.float32)
+    x = np.concatenate([x, np.logspace(-30, 0, 2000, dtype=np.float32), -np.logspace(-30, 0, 2000, dtype=np.float32)])
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    ours = np.array([kernels._erf32(float(v)) for v in x.astype(np.float64)]).astype(np.float32)
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert (np.abs(ours - exact) / ulp).max() <= 1.0
