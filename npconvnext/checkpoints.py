@@ -285,14 +285,9 @@ def detect_architecture(state: dict[str, np.ndarray]) -> ConvNeXtConfig:
             raise CheckpointError(f"cannot tell the architecture: no stages.{i}.blocks.0.conv_dw.weight")
         dims.append(dw[0])
         depths.append(len({n.split(".")[3] for n in state if n.startswith(f"stages.{i}.blocks.")}))
-    fc1 = shape("stages.0.blocks.0.mlp.fc1.weight") or ()
     found = dict(depths=tuple(depths), dims=tuple(dims), use_grn="stages.0.blocks.0.mlp.grn.weight" in state,
                  layer_scale="stages.0.blocks.0.gamma" in state)
-    for config in VARIANTS.values():
-        if all(getattr(config, k) == v for k, v in found.items()) and (len(fc1) == 4) == config.conv_mlp:
-            head = shape("head.fc.weight")
-            return replace(config, num_classes=head[0]) if head else config
-    # linear-stored MLPs (official, transformers) fit the conv_mlp variants too
+    # no two variants share these; the MLP's storage (linear or 1x1 conv) is left to the loader
     for config in VARIANTS.values():
         if all(getattr(config, k) == v for k, v in found.items()):
             head = shape("head.fc.weight")

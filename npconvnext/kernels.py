@@ -57,36 +57,32 @@ def _depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
                     dst = acc[j]
                     for ch in range(c):
                         dst[ch] += src[ch] * tap[ch]
-        for j in range(w):  # LayerNorm of each pixel's C values; statistics in float64
-            total = 0.0
-            for ch in range(c):
-                total += acc[j, ch]
-            mean = total / c
-            sq = 0.0
-            for ch in range(c):
-                d = acc[j, ch] - mean
-                sq += d * d
-            inv_std = 1.0 / math.sqrt(sq / c + eps)
-            for ch in range(c):
-                out[img, row, j, ch] = (acc[j, ch] - mean) * inv_std * norm_w[ch] + norm_b[ch]
+        for j in range(w):
+            _normalize_pixel(acc[j], norm_w, norm_b, eps, out[img, row, j])
+
+
+@numba.njit(**_JIT)
+def _normalize_pixel(x, weight, bias, eps, out):
+    # x, out: (C,) one pixel's channels; LayerNorm with its statistics summed in float64
+    c = x.shape[0]
+    total = 0.0
+    for ch in range(c):
+        total += x[ch]
+    mean = total / c
+    sq = 0.0
+    for ch in range(c):
+        d = x[ch] - mean
+        sq += d * d
+    inv_std = 1.0 / math.sqrt(sq / c + eps)
+    for ch in range(c):
+        out[ch] = (x[ch] - mean) * inv_std * weight[ch] + bias[ch]
 
 
 @numba.njit(**_PARALLEL_JIT)
 def _layer_norm(x, weight, bias, eps, out):
     # x, out: (M, C) pixels by channels
-    m, c = x.shape
-    for i in numba.prange(m):
-        total = 0.0
-        for ch in range(c):
-            total += x[i, ch]
-        mean = total / c
-        sq = 0.0
-        for ch in range(c):
-            d = x[i, ch] - mean
-            sq += d * d
-        inv_std = 1.0 / math.sqrt(sq / c + eps)
-        for ch in range(c):
-            out[i, ch] = (x[i, ch] - mean) * inv_std * weight[ch] + bias[ch]
+    for i in numba.prange(x.shape[0]):
+        _normalize_pixel(x[i], weight, bias, eps, out[i])
 
 
 @numba.njit(**_PARALLEL_JIT)
