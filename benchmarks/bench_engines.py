@@ -21,6 +21,7 @@ import tempfile
 import time
 import warnings
 
+import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS (see __init__)
 import numpy as np
 
 BATCHES = (1, 8)
@@ -51,8 +52,6 @@ def sgemm_gflops():
 
 def engines(name, state, tmp):
     """name -> (setup(threads) -> run(x)) for every engine that can be imported."""
-    import npconvnext
-
     def ours(backend, dtype):
         def setup(threads):
             npconvnext.set_num_threads(threads)
@@ -117,7 +116,6 @@ def main():
     parser.add_argument("--no-cold-start", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    import npconvnext
     from npconvnext.model import random_state_dict
 
     state = random_state_dict(npconvnext.get_config(args.model))
@@ -127,8 +125,8 @@ def main():
             if args.engines and not any(word in engine for word in args.engines.split(",")):
                 continue
             for threads in THREADS:
-                probe = sgemm_gflops()
                 run = setup(threads)
+                probe = sgemm_gflops()  # after setup: under the thread limits the engine set
                 for batch in BATCHES:
                     x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
                     runs = args.runs if "numpy" not in engine else 3
@@ -159,14 +157,16 @@ def main():
 
 def cold_start(name):
     """Seconds and peak RSS of a fresh process, with the JIT cache warm and with it cold."""
-    import npconvnext
     from npconvnext.model import random_state_dict
     from safetensors.numpy import save_file
 
-    code = ("import time, resource, numpy as np; t = time.perf_counter(); import npconvnext;"
+    # peak RSS from VmHWM: ru_maxrss would carry over this (large) parent's high-water mark,
+    # since the child is forked from it before it execs
+    code = ("import time; t = time.perf_counter(); import npconvnext, numpy as np;"
             f"m = npconvnext.create_model({name!r}, weights={{path!r}});"
-            "m(np.zeros((1, 3, 224, 224), np.float32));"
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "m(np.zeros((1, 3, 224, 224), np.float32)); s = time.perf_counter() - t;"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+            "print(s, int(hwm) / 1024)")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w.safetensors")
