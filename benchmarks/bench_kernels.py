@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import time
 import warnings
 
@@ -20,17 +19,9 @@ import numpy as np
 
 from npconvnext import kernels, layers
 
+from bench_engines import median_ms  # the same warm-up and median as the engine table
+
 RUNS = 7
-
-
-def median_ms(fn):
-    fn()
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def per_kernel(config, batch, dtype):
@@ -59,7 +50,7 @@ def per_kernel(config, batch, dtype):
                     lambda: layers.global_response_norm(hidden, b4 + 1, b4, 1e-6)),
         }
         for name, (shape, fast, slow) in cases.items():
-            print(f"{name:<30} {str(shape):>22} {median_ms(fast):9.2f} {median_ms(slow):9.2f}")
+            print(f"{name:<30} {str(shape):>22} {median_ms(fast, RUNS):9.2f} {median_ms(slow, RUNS):9.2f}")
 
 
 def forward_split(name, batch, dtype):
