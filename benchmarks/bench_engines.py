@@ -121,7 +121,10 @@ def main():
     state = random_state_dict(npconvnext.get_config(args.model))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for engine, setup in engines(args.model, state, tmp).items():
+        found = engines(args.model, state, tmp)
+        onnx_path = os.path.join(tmp, f"{args.model}.onnx")
+        cold = {} if args.no_cold_start else cold_start(args.model, onnx_path if os.path.exists(onnx_path) else None)
+        for engine, setup in found.items():
             if args.engines and not any(word in engine for word in args.engines.split(",")):
                 continue
             for threads in THREADS:
@@ -148,33 +151,48 @@ def main():
             floor_ms = 2 * macs / (r["sgemm_gflops"] * 1e9) * 1000
             cells.append(f"{r['ms_per_image'] / floor_ms:.2f}")
         print(" | ".join(cells))
-    cold = None if args.no_cold_start else cold_start(args.model)
-    print(f"\ncold start (new process: import, load safetensors, one batch-1 forward): {cold}")
+    print("\ncold start (new process: import, load the weights, one batch-1 forward):")
+    for label, result in cold.items():
+        print(f"{label}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']} MB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, rows=rows, cold_start=cold), f, indent=2)
 
 
-def cold_start(name):
-    """Seconds and peak RSS of a fresh process, with the JIT cache warm and with it cold."""
+def cold_start(name, onnx_path=None):
+    """Seconds and peak RSS of a fresh process (import, load weights, one batch-1 forward):
+    npconvnext with its JIT cache cold and warm, and each peer that is installed."""
     from npconvnext.model import random_state_dict
     from safetensors.numpy import save_file
 
     # peak RSS from VmHWM: ru_maxrss would carry over this (large) parent's high-water mark,
     # since the child is forked from it before it execs
-    code = ("import time; t = time.perf_counter(); import npconvnext, numpy as np;"
-            f"m = npconvnext.create_model({name!r}, weights={{path!r}});"
-            "m(np.zeros((1, 3, 224, 224), np.float32)); s = time.perf_counter() - t;"
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
-            "print(s, int(hwm) / 1024)")
+    start = "import time; t = time.perf_counter();"
+    finish = ("s = time.perf_counter() - t;"
+              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+              "print(s, int(hwm) / 1024)")
+    ours = (f"import npconvnext, numpy as np; m = npconvnext.create_model({name!r}, weights={{path!r}});"
+            f"m(np.zeros((1, 3, {SIZE}, {SIZE}), np.float32));")
+    timm = (f"import torch, timm; from safetensors.torch import load_file;"
+            f"m = timm.create_model({name!r}, pretrained=False).eval(); m.load_state_dict(load_file({{path!r}}));"
+            f"torch.set_grad_enabled(False); m(torch.zeros(1, 3, {SIZE}, {SIZE}));")
+    ort = ("import onnxruntime as ort, numpy as np;"
+           "s = ort.InferenceSession({onnx!r}, providers=['CPUExecutionProvider']);"
+           f"s.run(None, {{{{'x': np.zeros((1, 3, {SIZE}, {SIZE}), np.float32)}}}});")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w.safetensors")
         save_file(random_state_dict(npconvnext.get_config(name)), path)
-        for label, cache in (("cold JIT", os.path.join(tmp, "jit")), ("warm JIT", os.path.join(tmp, "jit"))):
-            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-            result = subprocess.run([sys.executable, "-c", code.format(path=path)], env=env,
-                                    capture_output=True, text=True, check=True)
+        runs = [("npconvnext, cold JIT", ours), ("npconvnext, warm JIT", ours), ("timm eager", timm)]
+        if onnx_path:
+            runs.append(("onnxruntime", ort))
+        for label, code in runs:
+            env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "jit"))
+            result = subprocess.run([sys.executable, "-c", (start + code + finish).format(path=path, onnx=onnx_path)],
+                                    env=env, capture_output=True, text=True)
+            if result.returncode:  # a peer that is not installed is left out
+                print(f"# cold start of {label} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
             seconds, rss = map(float, result.stdout.split())
             out[label] = dict(seconds=round(seconds, 2), peak_rss_mb=round(rss))
     return out

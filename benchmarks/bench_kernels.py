@@ -35,7 +35,7 @@ def per_kernel(config, batch, dtype):
         w7, b, g = rng.standard_normal((7, 7, c)).astype(dtype), np.zeros(c, dtype), np.ones(c, dtype)
         w1 = (rng.standard_normal((c, 4 * c)) / np.sqrt(c)).astype(dtype)
         b4 = np.zeros(4 * c, dtype)
-        bias_gelu = kernels._bias_gelu_float32_ if dtype == np.float32 else kernels._bias_gelu_exact_
+        bias_gelu = kernels._bias_gelu_float32_ if dtype == np.float32 else kernels._bias_gelu_float64_
         flat_hidden = hidden.reshape(-1, 4 * c)
         cases = {  # name: (input shape, numba, numpy twin)
             "depthwise_conv + layer_norm": (x.shape, lambda: kernels.depthwise_conv_layer_norm(x, w7, b, g, b, 1e-6),
@@ -55,7 +55,7 @@ def per_kernel(config, batch, dtype):
 
 def forward_split(name, batch, dtype):
     spent = collections.Counter()
-    for kernel in ("_depthwise_conv_layer_norm", "_layer_norm", "_bias_gelu_float32_", "_bias_gelu_exact_",
+    for kernel in ("_depthwise_conv_layer_norm", "_layer_norm", "_bias_gelu_float32_", "_bias_gelu_float64_",
                    "_bias_scale_residual_", "_bias_residual_", "_global_response_norm_"):
         original = getattr(kernels, kernel)
 

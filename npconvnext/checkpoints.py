@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import pickle
 import re
@@ -50,15 +51,21 @@ def _bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, validating the header against the file first.
-    bfloat16 is upcast to float32 (NumPy has no bfloat16); other dtypes are kept."""
+
+    The file is memory-mapped and the arrays are read-only views of it: loading copies nothing,
+    and the pages are shared with the OS file cache. (Replace such a file by renaming a new one
+    over it, as npconvnext's writers do; truncating it in place would crash its readers.) bfloat16 is upcast to float32 (NumPy has
+    no bfloat16); other dtypes are kept.
+    """
     with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _MAX_HEADER or 8 + header_len > len(data):
+    if header_len > _MAX_HEADER or 8 + header_len > size:
         raise CheckpointError(f"{path}: safetensors header length {header_len} does not fit in the "
-                              f"{len(data)}-byte file (truncated or not safetensors)")
+                              f"{size}-byte file (truncated or not safetensors)")
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -84,8 +91,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, but shape {shape} "
                                   f"of {dtype_name} needs {int(np.prod(shape)) * itemsize}")
         spans.append((start, end, name))
-        raw = np.frombuffer(body[start:end], dtype=np.uint16 if dtype == "bfloat16" else dtype)
-        out[name] = (_bfloat16_to_float32(raw) if dtype == "bfloat16" else raw.copy()).reshape(shape)
+        raw = np.frombuffer(body, dtype=np.dtype("<u2" if dtype == "bfloat16" else dtype).newbyteorder("<"),
+                            count=int(np.prod(shape)), offset=start)
+        out[name] = (_bfloat16_to_float32(raw) if dtype == "bfloat16" else raw).reshape(shape)
     spans.sort()
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:

@@ -87,6 +87,19 @@ def to_timm_layout(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.n
     return array
 
 
+def _stored(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A weight as the model keeps it: in compute layout and dtype, owned by the model unless
+    it is a read-only array (memory-mapped from a safetensors file), which is used in place."""
+    if _layout_kind(name) != "linear":
+        return np.array(to_compute_layout(name, array), dtype=dtype, order="C")  # small: copied
+    # Linear weights (93 % of the parameters) stay (out, in) in memory and are used through
+    # their transpose, which BLAS reads as it is: no copy, so a mapped file is not duplicated.
+    rows = array.reshape(array.shape[0], array.shape[1])  # (out, in)
+    if array.flags.writeable or rows.dtype != dtype or not rows.flags.c_contiguous:
+        rows = np.array(rows, dtype=dtype, order="C")  # the caller's later edits must not reach us
+    return rows.T  # (in, out)
+
+
 def expected_shapes(config: ConvNeXtConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter of the architecture, with timm's name and PyTorch shape, in timm's order."""
     c = config
@@ -216,10 +229,7 @@ class ConvNeXt:
         self.dtype = np.dtype(_DTYPES[str(dtype)])
         self.backend = backend
         _check_state_dict(state_dict, expected_shapes(config), source)
-        self.params = {
-            name: np.ascontiguousarray(to_compute_layout(name, np.asarray(array)), dtype=self.dtype)
-            for name, array in state_dict.items()
-        }
+        self.params = {name: _stored(name, np.asarray(array), self.dtype) for name, array in state_dict.items()}
         self._blocks = [
             [self._block_weights(f"stages.{i}.blocks.{j}") for j in range(depth)]
             for i, depth in enumerate(config.depths)

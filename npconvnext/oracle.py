@@ -64,7 +64,7 @@ def write_golden(trace: dict[str, np.ndarray], path: str, metadata: dict[str, st
 
 
 def read_golden(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and metadata of a golden file."""
+    """Tensors (read-only views of the memory-mapped file) and metadata of a golden file."""
     tensors = read_safetensors(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")

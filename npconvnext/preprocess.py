@@ -21,10 +21,10 @@ import os
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image, ImageOps
 
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+# Pillow is imported where images are handled, not at module level: `import npconvnext` for
+# inference on arrays does not pay for it.
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # PIL's filters
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,6 +55,8 @@ def data_config(name: str = "convnext_tiny.fb_in1k", **overrides) -> DataConfig:
 
 def open_image(path: str | os.PathLike, exif_transpose: bool = False) -> Image.Image:
     """An RGB PIL image; errors name the file (unreadable, truncated, decompression bomb)."""
+    from PIL import Image, ImageOps
+
     path = os.fspath(path)
     try:
         with Image.open(path) as image:
@@ -70,6 +72,8 @@ def open_image(path: str | os.PathLike, exif_transpose: bool = False) -> Image.I
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB by the rule in the module docstring."""
+    from PIL import Image
+
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -89,7 +93,11 @@ def _resize_shorter_side(image: Image.Image, size: int, interpolation: str) -> I
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    return image.resize((new_w, new_h), _INTERPOLATION[interpolation])
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {interpolation!r}")
+    from PIL import Image
+
+    return image.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
@@ -113,6 +121,8 @@ def preprocess(image: Image.Image | str | os.PathLike | np.ndarray, config: Data
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image, config.exif_transpose)
     elif isinstance(image, np.ndarray):
+        from PIL import Image
+
         image = Image.fromarray(image)
     image = to_rgb(image)
     crop_h, crop_w = config.input_size

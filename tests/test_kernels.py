@@ -85,6 +85,19 @@ def test_set_num_threads_validates():
         npconvnext.set_num_threads(0)
 
 
+def test_float64_erf_is_within_one_and_a_quarter_ulp_of_the_exact_erf():
+    import mpmath
+
+    mpmath.mp.dps = 30
+    x = np.linspace(-7, 7, 20_001)
+    x = np.concatenate([x, np.logspace(-300, 0.8, 1000), -np.logspace(-300, 0.8, 1000), [0.0, np.inf, -np.inf]])
+    ours = np.array([kernels._erf64(float(v)) for v in x])
+    exact = [mpmath.erf(mpmath.mpf(float(v))) for v in x]
+    ulp = np.spacing(np.abs(np.array([float(e) for e in exact])))
+    ulp_error = np.array([float(abs(mpmath.mpf(float(o)) - e)) for o, e in zip(ours, exact)]) / ulp
+    assert ulp_error.max() <= 1.25, (ulp_error.max(), x[ulp_error.argmax()])
+
+
 def test_float32_erf_is_within_one_ulp_of_the_exact_erf():
     import math
 

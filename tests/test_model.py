@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import npconvnext
+from safetensors.numpy import save_file
+
 from npconvnext.model import random_state_dict
 
 
@@ -16,9 +18,10 @@ def atto_state():
 
 
 def test_importing_and_running_never_imports_torch():
+    # nor Pillow: inference on arrays does not need it (it is imported when an image is opened)
     code = ("import sys, warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
             "m = npconvnext.create_model('convnext_atto'); m(np.zeros((1, 3, 32, 32), np.float32));"
-            "bad = [n for n in ('torch', 'timm', 'tensorflow', 'jax') if n in sys.modules];"
+            "bad = [n for n in ('torch', 'timm', 'tensorflow', 'jax', 'PIL') if n in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -87,3 +90,23 @@ def test_dtype_is_kept_end_to_end(atto_state):
     assert model(np.zeros((1, 3, 32, 32), np.float32)).dtype == np.float64
     with pytest.raises(ValueError, match="dtype must be"):
         npconvnext.create_model("convnext_atto", weights=atto_state, dtype="float16")
+
+
+def test_weights_of_a_safetensors_file_are_used_in_place_and_a_callers_arrays_are_copied(atto_state, tmp_path):
+    path = tmp_path / "atto.safetensors"
+    save_file(atto_state, path)
+    mapped = npconvnext.load_state_dict(path)
+    fc1 = "stages.0.blocks.0.mlp.fc1.weight"
+    assert not mapped[fc1].flags.writeable
+    model = npconvnext.create_model("convnext_atto", weights=mapped)
+    assert np.shares_memory(model.params[fc1], mapped[fc1])  # the 1x1-conv weight, not duplicated
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(model(x), npconvnext.create_model("convnext_atto", weights=atto_state)(x))
+
+    state = {name: array.copy() for name, array in atto_state.items()}
+    model = npconvnext.create_model("convnext_atto", weights=state)
+    assert not any(np.shares_memory(model.params[name], state[name]) for name in state)
+    before = model(x)
+    for array in state.values():
+        array[...] = 0  # the caller reuses its arrays: the model must not see it
+    np.testing.assert_array_equal(model(x), before)

@@ -60,7 +60,9 @@ def test_golden_round_trip_and_parity_against_it(tmp_path):
     assert "all within" in report
 
     # one perturbed tensor: the command fails and names that layer
-    tensors["stages.1.blocks.0.mlp.fc2"][0, 0, 0, 0] += 1.0
+    perturbed = tensors["stages.1.blocks.0.mlp.fc2"].copy()  # read: read-only views of the file
+    perturbed[0, 0, 0, 0] += 1.0
+    tensors["stages.1.blocks.0.mlp.fc2"] = perturbed
     bad = tmp_path / "bad.safetensors"
     write_golden(tensors, str(bad), meta)
     out = cli("parity", "--against", bad, ok=False)
