@@ -191,7 +191,8 @@ def cold_start(name, onnx_path=None):
             result = subprocess.run([sys.executable, "-c", (start + code + finish).format(path=path, onnx=onnx_path)],
                                     env=env, capture_output=True, text=True)
             if result.returncode:  # a peer that is not installed is left out
-                print(f"# cold start of {label} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"# cold start of {label} failed: {last_line}", file=sys.stderr)
                 continue
             seconds, rss = map(float, result.stdout.split())
             out[label] = dict(seconds=round(seconds, 2), peak_rss_mb=round(rss))

@@ -54,8 +54,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
     The file is memory-mapped and the arrays are read-only views of it: loading copies nothing,
     and the pages are shared with the OS file cache. (Replace such a file by renaming a new one
-    over it, as npconvnext's writers do; truncating it in place would crash its readers.) bfloat16 is upcast to float32 (NumPy has
-    no bfloat16); other dtypes are kept.
+    over it, as npconvnext's writers do; truncating it in place would crash its readers.)
+    bfloat16 is upcast to float32 (NumPy has no bfloat16); other dtypes are kept.
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size

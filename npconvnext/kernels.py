@@ -159,7 +159,8 @@ def _exp_nonpositive(y):
 
 @numba.njit(**_INLINE_JIT)
 def _erf64(x):
-    a = min(abs(x), 6.0)
+    # x: float64; within 1.25 ulp of erf(x)
+    a = min(abs(x), 6.0)  # erf(6) rounds to 1 in float64
     t = x * x
     small = x + x * (_polynomial(_ERF64_SMALL_P, t) / _polynomial(_ERF64_SMALL_Q, t))
     large = 1.0 - _exp_nonpositive(-a * a) * (_polynomial(_ERF64_LARGE_P, a) / _polynomial(_ERF64_LARGE_Q, a))

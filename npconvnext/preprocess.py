@@ -19,11 +19,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 # Pillow is imported where images are handled, not at module level: `import npconvnext` for
 # inference on arrays does not pay for it.
+if TYPE_CHECKING:
+    from PIL import Image
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # PIL's filters
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,6 +1,5 @@
 """Every checkpoint source loads and gives timm's numbers; every bad input gets a clear error."""
 
-import io
 import json
 import os
 import pickle

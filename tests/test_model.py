@@ -5,10 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-
-import npconvnext
 from safetensors.numpy import save_file
 
+import npconvnext
 from npconvnext.model import random_state_dict
 
 
