@@ -49,6 +49,16 @@ def test_fused_kernels_match_the_reference(shape, dtype):
         close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_kernels_of_other_sizes_take_the_reference_path(k):
+    # only 7x7 (every ConvNeXt) is compiled; other sizes must still give the right answer
+    rng = np.random.default_rng(k)
+    x, conv_w, conv_b = rng.standard_normal((1, 9, 11, 8)), rng.standard_normal((k, k, 8)), rng.standard_normal(8)
+    ones, zeros = np.ones(8), np.zeros(8)
+    close(kernels.depthwise_conv_layer_norm(x, conv_w, conv_b, ones, zeros, 1e-6),
+          layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), ones, zeros, 1e-6), np.float64)
+
+
 def test_gelu_is_exact_erf_not_tanh():
     x = np.array([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
     expected = [-0.0040496, -0.15865525, -0.15426877, 0.0, 0.34573123, 0.84134475, 2.9959504]
