@@ -49,6 +49,20 @@ def test_fused_kernels_match_the_reference(shape, dtype):
         close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parallel_residual_add_equals_the_serial_one(dtype):
+    # the wrapper takes the serial kernel below a size; the parallel one must agree with it
+    rng = np.random.default_rng(1)
+    y, shortcut = rng.standard_normal((37, 24)).astype(dtype), rng.standard_normal((37, 24)).astype(dtype)
+    bias, gamma = rng.standard_normal(24).astype(dtype), rng.standard_normal(24).astype(dtype)
+    for g in (gamma, None):
+        serial, parallel = y.copy(), y.copy()
+        kernels._bias_scale_residual_rows(serial, bias, g, shortcut, 0, 37)
+        kernels._bias_scale_residual_(parallel, bias, g, shortcut)
+        np.testing.assert_array_equal(parallel, serial)
+        np.testing.assert_array_equal(serial, shortcut + (1 if g is None else g) * (y + bias))
+
+
 @pytest.mark.parametrize("k", [3, 5])
 def test_depthwise_kernels_of_other_sizes_take_the_reference_path(k):
     # only 7x7 (every ConvNeXt) is compiled; other sizes must still give the right answer
