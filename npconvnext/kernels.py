@@ -10,7 +10,8 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
                                             float64 ulps): a libm call per element would keep
                                             the loop scalar
     GRN (V2)                                two passes over the hidden tensor
-    fc2 bias + layer scale + residual       in place on the BLAS output
+    fc2 bias + layer scale + residual       in place on the BLAS output; on the calling
+                                            thread when small (see _RESIDUAL_SERIAL_BELOW)
 
 Each kernel has a twin in `layers.py` (the readable reference); `tests/test_kernels.py` checks
 them against each other and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The
