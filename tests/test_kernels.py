@@ -67,7 +67,8 @@ def test_parallel_residual_add_equals_the_serial_one(dtype):
 def test_depthwise_kernels_of_other_sizes_take_the_reference_path(k):
     # only 7x7 (every ConvNeXt) is compiled; other sizes must still give the right answer
     rng = np.random.default_rng(k)
-    x, conv_w, conv_b = rng.standard_normal((1, 9, 11, 8)), rng.standard_normal((k, k, 8)), rng.standard_normal(8)
+    x, conv_w = rng.standard_normal((1, 9, 11, 8)), rng.standard_normal((k, k, 8))  # (N, H, W, C), (k, k, C)
+    conv_b = rng.standard_normal(8)
     ones, zeros = np.ones(8), np.zeros(8)
     close(kernels.depthwise_conv_layer_norm(x, conv_w, conv_b, ones, zeros, 1e-6),
           layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), ones, zeros, 1e-6), np.float64)
