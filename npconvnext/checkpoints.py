@@ -50,7 +50,13 @@ def _bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, validating the header against the file first.
+    """Every tensor of a safetensors file; see `read_safetensors_with_metadata`."""
+    return read_safetensors_with_metadata(path)[0]
+
+
+def read_safetensors_with_metadata(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file and its `__metadata__`, validating the header against
+    the file first.
 
     The file is memory-mapped and the arrays are read-only views of it: loading copies nothing,
     and the pages are shared with the OS file cache. (Replace such a file by renaming a new one
@@ -73,7 +79,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     body = memoryview(data)[8 + header_len :]
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     spans, out = [], {}
     for name, info in header.items():
         try:
@@ -91,14 +97,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, but shape {shape} "
                                   f"of {dtype_name} needs {int(np.prod(shape)) * itemsize}")
         spans.append((start, end, name))
-        raw = np.frombuffer(body, dtype=np.dtype("<u2" if dtype == "bfloat16" else dtype).newbyteorder("<"),
+        raw = np.frombuffer(body, dtype=np.dtype("u2" if dtype == "bfloat16" else dtype).newbyteorder("<"),
                             count=int(np.prod(shape)), offset=start)
         out[name] = (_bfloat16_to_float32(raw) if dtype == "bfloat16" else raw).reshape(shape)
     spans.sort()
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
-    return out
+    return out, metadata
 
 
 # ---- PyTorch zip checkpoints, without torch -------------------------------------------------------

@@ -90,14 +90,15 @@ def to_timm_layout(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.n
 def _stored(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A weight as the model keeps it: in compute layout and dtype, owned by the model unless
     it is a read-only array (memory-mapped from a safetensors file), which is used in place."""
+    compute = to_compute_layout(name, array)
     if _layout_kind(name) != "linear":
-        return np.array(to_compute_layout(name, array), dtype=dtype, order="C")  # small: copied
+        return np.array(compute, dtype=dtype, order="C")  # small: copied
     # Linear weights (93 % of the parameters) stay (out, in) in memory and are used through
-    # their transpose, which BLAS reads as it is: no copy, so a mapped file is not duplicated.
-    rows = array.reshape(array.shape[0], array.shape[1])  # (out, in)
-    if array.flags.writeable or rows.dtype != dtype or not rows.flags.c_contiguous:
-        rows = np.array(rows, dtype=dtype, order="C")  # the caller's later edits must not reach us
-    return rows.T  # (in, out)
+    # their transpose, (in, out) in Fortran order, which BLAS reads as it is: no copy, so a
+    # mapped file is not duplicated.
+    if array.flags.writeable or compute.dtype != dtype or not compute.flags.f_contiguous:
+        compute = np.array(compute, dtype=dtype, order="F")  # the caller's later edits must not reach us
+    return compute
 
 
 def expected_shapes(config: ConvNeXtConfig) -> dict[str, tuple[int, ...]]:

@@ -8,14 +8,13 @@ and timm only when called (they are never needed otherwise).
 
 from __future__ import annotations
 
-import json
 from typing import NamedTuple
 
 import numpy as np
 from safetensors.numpy import save
 
 from .atomic import atomic_write
-from .checkpoints import CheckpointError, read_safetensors
+from .checkpoints import CheckpointError, read_safetensors_with_metadata
 
 #: default tolerance by dtype, relative to each tensor's largest magnitude (the parity contract)
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
@@ -65,10 +64,7 @@ def write_golden(trace: dict[str, np.ndarray], path: str, metadata: dict[str, st
 
 def read_golden(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (read-only views of the memory-mapped file) and metadata of a golden file."""
-    tensors = read_safetensors(path)
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        metadata = json.loads(f.read(header_len)).get("__metadata__", {})
+    tensors, metadata = read_safetensors_with_metadata(path)
     if "input" not in tensors:
         raise CheckpointError(f"{path}: not a golden file (no 'input' tensor)")
     return tensors, metadata
