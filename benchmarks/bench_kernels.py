@@ -56,7 +56,10 @@ def per_kernel(config, batch, dtype):
 def forward_split(name, batch, dtype):
     spent = collections.Counter()
     for kernel in ("_depthwise_conv7_layer_norm", "_layer_norm", "_bias_gelu_float32_", "_bias_gelu_float64_",
-                   "_bias_scale_residual_", "_bias_scale_residual_rows", "_global_response_norm_"):
+                   "_bias_scale_residual_", "_global_response_norm_",  # parallel loops, and the row
+                   "_depthwise_conv7_layer_norm_rows", "_layer_norm_rows", "_bias_gelu_float32_rows",  # bodies
+                   "_bias_gelu_float64_rows", "_bias_scale_residual_rows", "_response_energy",  # one thread uses
+                   "_apply_response_norm_rows"):
         original = getattr(kernels, kernel)
 
         def timed(*args, _original=original, _kernel=kernel):

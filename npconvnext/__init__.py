@@ -10,11 +10,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .checkpoints import CheckpointError, load_state_dict
-from .kernels import set_num_threads
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
 from .labels import imagenet_classes, imagenet_labels
 from .model import ConvNeXt, create_model
 from .preprocess import DataConfig, data_config, preprocess
+from .threads import set_num_threads
 
 __version__ = "0.1.0"
 

@@ -13,16 +13,16 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
     fc2 bias + layer scale + residual       in place on the BLAS output; on the calling
                                             thread when small (see _RESIDUAL_SERIAL_BELOW)
 
-Each kernel has a twin in `layers.py` (the readable reference); `tests/test_kernels.py` checks
-them against each other and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The
-`_`-prefixed `@njit` functions never validate or allocate: the public wrappers below do.
+Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
+parallel loop that shares the rows between threads. Each has a twin in `layers.py` (the
+readable reference); `tests/test_kernels.py` checks them against each other, and
+`NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions never validate or allocate: the public wrappers below do.
 No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
@@ -40,15 +40,16 @@ _INLINE_JIT = dict(_JIT, inline="always")  # small helpers: inlined by Numba, or
 _TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a constant lets LLVM unroll
 
 
-@numba.njit(**_PARALLEL_JIT)
-def _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
-    # x, out: (N, H, W, C); conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,)
+@numba.njit(**_JIT)
+def _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, first, last):
+    # x, out: (N, H, W, C); conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,); the output rows
+    # first..last-1 of the N * H rows of all images
     n, h, w, c = x.shape
     pad = _TAPS // 2
-    for job in numba.prange(n * h):  # one output row of one image per job
+    acc = np.empty((w, c), dtype=x.dtype)  # (W, C) the row being accumulated
+    for job in range(first, last):
         img = job // h
         row = job % h
-        acc = np.empty((w, c), dtype=x.dtype)  # (W, C) the row being accumulated
         for j in range(w):
             acc[j, :] = conv_b
         for di in range(_TAPS):
@@ -77,6 +78,14 @@ def _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
                             dst[ch] += src[ch] * tap[ch]
         for j in range(w):
             _normalize_pixel(acc[j], norm_w, norm_b, eps, out[img, row, j])
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
+    # all N * H output rows, one per job
+    n, h = x.shape[:2]
+    for job in numba.prange(n * h):
+        _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, job, job + 1)
 
 
 @numba.njit(**_JIT)
@@ -113,11 +122,17 @@ def _normalize_pixel(x, weight, bias, eps, out):
         out[ch] = (x[ch] - mean) * inv_std * weight[ch] + bias[ch]
 
 
+@numba.njit(**_JIT)
+def _layer_norm_rows(x, weight, bias, eps, out, first, last):
+    # x, out: (M, C) pixels by channels; pixels first..last-1
+    for i in range(first, last):
+        _normalize_pixel(x[i], weight, bias, eps, out[i])
+
+
 @numba.njit(**_PARALLEL_JIT)
 def _layer_norm(x, weight, bias, eps, out):
-    # x, out: (M, C) pixels by channels
     for i in numba.prange(x.shape[0]):
-        _normalize_pixel(x[i], weight, bias, eps, out[i])
+        _layer_norm_rows(x, weight, bias, eps, out, i, i + 1)
 
 
 # erf(x) ~ x * P(x^2) / Q(x^2) for |x| <= 4, fitted by scripts/fit_erf32.py. Evaluated in float64
@@ -146,15 +161,22 @@ def _erf32(x):
     return x * num / den
 
 
-@numba.njit(**_PARALLEL_JIT)
-def _bias_gelu_float32_(y, bias):
-    # y: (M, D) float32, in place: y = GELU(y + bias), computed in float64 and rounded once
-    m, d = y.shape
-    for i in numba.prange(m):
+@numba.njit(**_JIT)
+def _bias_gelu_float32_rows(y, bias, first, last):
+    # y: (M, D) float32, rows first..last-1 in place: y = GELU(y + bias), computed in float64
+    # and rounded once
+    d = y.shape[1]
+    for i in range(first, last):
         row = y[i]  # (D,) contiguous: lets LLVM vectorise the loop below
         for ch in range(d):
             v = np.float64(row[ch] + bias[ch])
             row[ch] = 0.5 * v * (1.0 + _erf32(v * _SQRT_HALF))
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _bias_gelu_float32_(y, bias):
+    for i in numba.prange(y.shape[0]):
+        _bias_gelu_float32_rows(y, bias, i, i + 1)
 
 
 # float64 erf from arithmetic alone, fitted by scripts/fit_erf64.py (see there): within 1.25 ulp
@@ -203,15 +225,21 @@ def _erf64(x):
     return small if a < 1.0 else math.copysign(large, x)  # both computed: a select, not a branch
 
 
-@numba.njit(**_PARALLEL_JIT)
-def _bias_gelu_float64_(y, bias):
-    # y: (M, D) float64, in place: y = GELU(y + bias)
-    m, d = y.shape
-    for i in numba.prange(m):
+@numba.njit(**_JIT)
+def _bias_gelu_float64_rows(y, bias, first, last):
+    # y: (M, D) float64, rows first..last-1 in place: y = GELU(y + bias)
+    d = y.shape[1]
+    for i in range(first, last):
         row = y[i]
         for ch in range(d):
             v = row[ch] + bias[ch]
             row[ch] = 0.5 * v * (1.0 + _erf64(v * _SQRT_HALF))
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _bias_gelu_float64_(y, bias):
+    for i in numba.prange(y.shape[0]):
+        _bias_gelu_float64_rows(y, bias, i, i + 1)
 
 
 # Starting a parallel loop wakes the second core, about 0.1 ms on the 2-core machines measured
@@ -243,26 +271,49 @@ def _bias_scale_residual_(y, bias, gamma, shortcut):
         _bias_scale_residual_rows(y, bias, gamma, shortcut, i, i + 1)
 
 
+@numba.njit(**_JIT)
+def _response_energy(image, eps):
+    # image: (P, D) one image's pixels by hidden channels -> (D,) each channel's L2 norm over
+    # the pixels divided by the mean of those norms; see layers.global_response_norm
+    p, d = image.shape
+    energy = np.zeros(d)  # float64 sums of squares per channel
+    for px in range(p):
+        for ch in range(d):
+            v = image[px, ch]
+            energy[ch] += v * v
+    for ch in range(d):
+        energy[ch] = math.sqrt(energy[ch])
+    return (energy / (energy.mean() + eps)).astype(image.dtype)
+
+
+@numba.njit(**_JIT)
+def _apply_response_norm_rows(image, weight, bias, relative, first, last):
+    # image: (P, D), pixels first..last-1 in place
+    d = image.shape[1]
+    for px in range(first, last):
+        for ch in range(d):
+            v = image[px, ch]
+            image[px, ch] = v + (bias[ch] + weight[ch] * (v * relative[ch]))
+
+
 @numba.njit(**_PARALLEL_JIT)
 def _global_response_norm_(x, weight, bias, eps):
-    # x: (N, P, D) pixels by hidden channels, in place; see layers.global_response_norm
-    n, p, d = x.shape
-    for img in range(n):
-        energy = np.zeros(d)  # float64 sums of squares per channel
-        for px in range(p):
-            for ch in range(d):
-                v = x[img, px, ch]
-                energy[ch] += v * v
-        for ch in range(d):
-            energy[ch] = math.sqrt(energy[ch])
-        relative = (energy / (energy.mean() + eps)).astype(x.dtype)
-        for px in numba.prange(p):
-            for ch in range(d):
-                v = x[img, px, ch]
-                x[img, px, ch] = v + (bias[ch] + weight[ch] * (v * relative[ch]))
+    # x: (N, P, D) pixels by hidden channels, in place
+    for img in range(x.shape[0]):
+        relative = _response_energy(x[img], eps)
+        for px in numba.prange(x.shape[1]):
+            _apply_response_norm_rows(x[img], weight, bias, relative, px, px + 1)
 
 
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
+# Each kernel runs as its parallel loop, or as its row body on the calling thread when this
+# thread's Numba thread count is one (`threads.map_over_batch` workers, set_num_threads(1)):
+# no parallel launch at all then, which also keeps workers safe under Numba's workqueue layer,
+# whose parallel loops must not be entered from two threads at once.
+
+
+def _on_one_thread() -> bool:
+    return numba.get_num_threads() == 1
 
 
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
@@ -271,7 +322,10 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path, then LN
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     out = np.empty_like(x)
-    _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out)
+    if _on_one_thread():
+        _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, 0, x.shape[0] * x.shape[1])
+    else:
+        _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out)
     return out
 
 
@@ -279,7 +333,10 @@ def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
-    _layer_norm(flat, weight, bias, eps, out)
+    if _on_one_thread():
+        _layer_norm_rows(flat, weight, bias, eps, out, 0, flat.shape[0])
+    else:
+        _layer_norm(flat, weight, bias, eps, out)
     return out.reshape(x.shape)
 
 
@@ -287,7 +344,14 @@ def linear_gelu(x, weight, bias):
     """layers.gelu(layers.linear(x, weight, bias)). x: (..., Cin) -> (..., Cout)"""
     flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
     y = flat @ weight                                      # (M, Cout) BLAS
-    (_bias_gelu_float32_ if y.dtype == np.float32 else _bias_gelu_float64_)(y, bias)
+    if y.dtype == np.float32:
+        rows, parallel = _bias_gelu_float32_rows, _bias_gelu_float32_
+    else:
+        rows, parallel = _bias_gelu_float64_rows, _bias_gelu_float64_
+    if _on_one_thread():
+        rows(y, bias, 0, y.shape[0])
+    else:
+        parallel(y, bias)
     return y.reshape(*x.shape[:-1], weight.shape[1])
 
 
@@ -297,18 +361,27 @@ def linear_scale_residual(x, weight, bias, gamma, shortcut):
     flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
     y = flat @ weight                                      # (M, Cout) BLAS
     residual = shortcut.reshape(y.shape)
-    if y.size < _RESIDUAL_SERIAL_BELOW:
+    if y.size < _RESIDUAL_SERIAL_BELOW or _on_one_thread():
         _bias_scale_residual_rows(y, bias, gamma, residual, 0, y.shape[0])
     else:
         _bias_scale_residual_(y, bias, gamma, residual)
     return y.reshape(shortcut.shape)
 
 
+def _global_response_norm_in_place(x, weight, bias, eps):
+    # x: (N, P, D) pixels by hidden channels
+    if _on_one_thread():
+        for image in x:  # (P, D)
+            _apply_response_norm_rows(image, weight, bias, _response_energy(image, eps), 0, image.shape[0])
+    else:
+        _global_response_norm_(x, weight, bias, eps)
+
+
 def global_response_norm(x, weight, bias, eps):
     """layers.global_response_norm. x: (N, H, W, D) -> (N, H, W, D)"""
     out = x.copy()
     n, h, w, d = x.shape
-    _global_response_norm_(out.reshape(n, h * w, d), weight, bias, eps)
+    _global_response_norm_in_place(out.reshape(n, h * w, d), weight, bias, eps)
     return out
 
 
@@ -318,30 +391,5 @@ def convnext_block(x, w, eps, grn_eps):
     y = linear_gelu(y, w.fc1_weight, w.fc1_bias)            # (N, H, W, 4C)
     if w.grn_weight is not None:
         n, h, wd, d = y.shape
-        _global_response_norm_(y.reshape(n, h * wd, d), w.grn_weight, w.grn_bias, grn_eps)
+        _global_response_norm_in_place(y.reshape(n, h * wd, d), w.grn_weight, w.grn_bias, grn_eps)
     return linear_scale_residual(y, w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
-
-
-# ---- threads ------------------------------------------------------------------------------------
-
-
-def set_num_threads(n: int) -> None:
-    """Threads for the Numba kernels and, when threadpoolctl is installed, for NumPy's BLAS.
-
-    Kernels and BLAS calls run one after the other, never nested, so giving both the same
-    count uses the cores without oversubscribing them. NPCONVNEXT_NUM_THREADS sets the count
-    at import.
-    """
-    n = int(n)
-    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
-    numba.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(n, user_api="blas")
-
-
-if os.environ.get("NPCONVNEXT_NUM_THREADS"):
-    set_num_threads(int(os.environ["NPCONVNEXT_NUM_THREADS"]))

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import kernels, layers
+from . import kernels, layers, threads
 from .checkpoints import CheckpointError, detect_architecture, detect_naming, load_state_dict, to_timm_names
 from .config import ConvNeXtConfig, get_config
 
@@ -270,12 +270,13 @@ class ConvNeXt:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits. x: (N, 3, H, W) normalised images -> (N, num_classes)"""
-        return self._head(self._features(self._to_channels_last(x)), pre_logits=False)
+        return self._over_batch(lambda images: self._head(self._features(images), pre_logits=False),
+                                self._to_channels_last(x))
 
     def forward_features(self, x: np.ndarray) -> np.ndarray:
         """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32)"""
-        features = self._features(self._to_channels_last(x))           # (N, h, w, C)
-        return np.ascontiguousarray(features.transpose(0, 3, 1, 2))    # (N, C, h, w)
+        features = self._over_batch(self._features, self._to_channels_last(x))  # (N, h, w, C)
+        return np.ascontiguousarray(features.transpose(0, 3, 1, 2))             # (N, C, h, w)
 
     def forward_head(self, features: np.ndarray, pre_logits: bool = False) -> np.ndarray:
         """Head on `forward_features` output. (N, C, h, w) -> (N, num_classes), or the pooled
@@ -302,6 +303,11 @@ class ConvNeXt:
                 f"dtype={self.dtype.name}, backend={self.backend!r})")
 
     # ---- the network, channels-last --------------------------------------------------------
+
+    def _over_batch(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        """fn(x), the batch shared between the threads image by image on the numba backend
+        (see threads.py); the reference path stays one plain call."""
+        return threads.map_over_batch(fn, x) if self._backend == "numba" else fn(x)
 
     def _to_channels_last(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

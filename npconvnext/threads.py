@@ -1,0 +1,97 @@
+"""Threads: one count for the Numba kernels and NumPy's BLAS, and how a batch shares them.
+
+Within one image the cores share every layer: each kernel's parallel loop and each BLAS call
+splits its rows between the threads, about a hundred hand-overs per forward pass, and every
+hand-over wakes a parked core (about 0.1 ms here). With several images there is a split that
+needs none: each thread runs whole images on its own, kernels and BLAS single-threaded, and
+the threads meet once, at the end (`map_over_batch`).
+
+BLAS libraries have one process-wide thread count (OpenBLAS's "thread-local" setter is global
+too, and OpenBLAS 0.3.31 ignores a count set from another thread once the main thread has
+set one), so that split runs from the main thread only, sets the count to one while it runs and puts it
+back afterwards; the count is read and written through threadpoolctl.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numba
+import numpy as np
+
+
+@functools.cache
+def _blas_libraries():
+    """threadpoolctl's controllers of the BLAS libraries loaded in this process (maybe none)."""
+    from threadpoolctl import ThreadpoolController
+
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for the Numba kernels and NumPy's BLAS.
+
+    Kernels and BLAS calls run one after the other, never nested, so giving both the same
+    count uses the cores without oversubscribing them. Numba's count belongs to the calling
+    thread (new threads start at NUMBA_NUM_THREADS); BLAS's is process-wide (set it from
+    the main thread: OpenBLAS may ignore other threads).
+    NPCONVNEXT_NUM_THREADS sets the count at import.
+    """
+    n = int(n)
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
+    numba.set_num_threads(n)
+    for library in _blas_libraries():
+        library.set_num_threads(n)
+
+
+def _set_blas_threads(counts: list[int]) -> bool:
+    """Set each BLAS library's thread count; False if any did not take it."""
+    for library, count in zip(_blas_libraries(), counts):
+        library.set_num_threads(count)
+    return all(library.get_num_threads() == count for library, count in zip(_blas_libraries(), counts))
+
+
+def _on_one_thread(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)  # this thread's count only: its kernels take their serial bodies
+    try:
+        return fn(x)
+    finally:
+        numba.set_num_threads(before)
+
+
+def map_over_batch(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """fn(x) for a function that treats images independently, x: (N, ...) -> (N, ...).
+
+    With T threads (this thread's Numba count) and N >= 2 images, T workers (this thread and
+    T - 1 others) each run N // T images on one thread; the N % T left over then run on all T
+    threads. Only from the main thread, and only with a BLAS library whose thread count
+    threadpoolctl can set: otherwise fn(x) as it is.
+    """
+    n = x.shape[0]
+    workers = min(numba.get_num_threads(), n)
+    if workers < 2 or threading.current_thread() is not threading.main_thread() or not _blas_libraries():
+        return fn(x)
+    saved = [library.get_num_threads() for library in _blas_libraries()]
+    try:
+        if not _set_blas_threads([1] * len(saved)):
+            return fn(x)
+        per_worker = n // workers
+        chunks = [x[i * per_worker:(i + 1) * per_worker] for i in range(workers)]  # (N // T, ...) each
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="npconvnext") as pool:
+            others = [pool.submit(_on_one_thread, fn, chunk) for chunk in chunks[1:]]
+            outputs = [_on_one_thread(fn, chunks[0])] + [future.result() for future in others]
+    finally:
+        _set_blas_threads(saved)
+    if workers * per_worker < n:
+        outputs.append(fn(x[workers * per_worker:]))
+    return np.concatenate(outputs)
+
+
+if os.environ.get("NPCONVNEXT_NUM_THREADS"):
+    set_num_threads(int(os.environ["NPCONVNEXT_NUM_THREADS"]))

@@ -1,0 +1,109 @@
+"""Thread counts, and a batch shared image by image between threads (npconvnext/threads.py)."""
+
+import threading
+import warnings
+
+import numba
+import numpy as np
+import pytest
+
+import npconvnext
+from npconvnext import threads
+
+needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                                       reason="numba has one thread on this machine")
+
+
+@pytest.fixture
+def two_threads():
+    before = numba.get_num_threads()
+    npconvnext.set_num_threads(2)
+    yield
+    npconvnext.set_num_threads(before)
+
+
+def blas_threads():
+    return [library.get_num_threads() for library in threads._blas_libraries()]
+
+
+def test_set_num_threads_validates_and_sets_numba_and_blas():
+    before = numba.get_num_threads()
+    try:
+        npconvnext.set_num_threads(1)
+        assert numba.get_num_threads() == 1 and set(blas_threads()) <= {1}
+        with pytest.raises(ValueError, match="threads must be between"):
+            npconvnext.set_num_threads(0)
+        with pytest.raises(ValueError, match="threads must be between"):
+            npconvnext.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)
+    finally:
+        npconvnext.set_num_threads(before)
+
+
+def test_numpy_blas_is_under_control():
+    # without a controllable BLAS map_over_batch never splits: on our machines there must be one
+    assert threads._blas_libraries(), "threadpoolctl finds no BLAS library in this process"
+
+
+@needs_two_threads
+def test_each_worker_runs_its_images_on_one_thread_and_blas_is_restored(two_threads):
+    seen = []  # (thread, numba threads, BLAS threads, images) per call
+
+    def fn(x):
+        seen.append((threading.get_ident(), numba.get_num_threads(), blas_threads(), len(x)))
+        return x * 10
+
+    x = np.arange(5.0).reshape(5, 1)
+    blas_before = blas_threads()
+    np.testing.assert_array_equal(threads.map_over_batch(fn, x), x * 10)  # order kept
+    assert sorted(s[3] for s in seen) == [1, 2, 2]
+    split = [s for s in seen if s[3] == 2]
+    assert len({s[0] for s in split}) == 2, "the two halves ran on the same thread"
+    assert all(s[1] == 1 and set(s[2]) == {1} for s in split)
+    left_over = [s for s in seen if s[3] == 1][0]
+    assert left_over[0] == threading.get_ident() and left_over[1] == 2  # all threads, as before
+    assert blas_threads() == blas_before and numba.get_num_threads() == 2
+
+
+@needs_two_threads
+def test_a_failing_worker_raises_here_and_still_restores_blas(two_threads):
+    def fn(x):
+        if x[0, 0] == 2:
+            raise RuntimeError("image 2 is bad")
+        return x
+
+    blas_before = blas_threads()
+    with pytest.raises(RuntimeError, match="image 2 is bad"):
+        threads.map_over_batch(fn, np.arange(4.0).reshape(4, 1))
+    assert blas_threads() == blas_before and numba.get_num_threads() == 2
+
+
+@needs_two_threads
+def test_from_another_thread_the_batch_runs_as_one_call(two_threads):
+    # BLAS's thread count is process-wide and OpenBLAS takes it from the main thread only
+    sizes = []
+
+    def fn(x):
+        sizes.append(len(x))
+        return x
+
+    caller = threading.Thread(target=threads.map_over_batch, args=(fn, np.zeros((4, 1))))
+    caller.start()
+    caller.join()
+    assert sizes == [4]
+    threads.map_over_batch(fn, np.zeros((4, 1)))  # and from this, the main thread: split
+    assert sizes == [4, 2, 2]
+
+
+@needs_two_threads
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_split_batch_gives_the_single_thread_results(two_threads, dtype):
+    warnings.simplefilter("ignore")
+    model = npconvnext.create_model("convnextv2_atto", dtype=dtype)  # V2: GRN on the split path too
+    x = np.random.default_rng(3).standard_normal((5, 3, 64, 64)).astype(dtype)
+    split = model(x)
+    features = model.forward_features(x)
+    npconvnext.set_num_threads(1)
+    alone = model(x)
+    tol = 1e-5 if dtype == "float32" else 1e-12  # BLAS may sum in another order for other row counts
+    np.testing.assert_allclose(split, alone, rtol=0, atol=tol * np.abs(alone).max())
+    np.testing.assert_allclose(features, model.forward_features(x), rtol=0, atol=tol * np.abs(features).max())
