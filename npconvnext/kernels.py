@@ -51,7 +51,8 @@ def _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out
         img = job // h
         row = job % h
         for j in range(w):
-            acc[j, :] = conv_b
+            for ch in range(c):
+                acc[j, ch] = conv_b[ch]
         for di in range(_TAPS):
             src_row = row + di - pad
             if src_row < 0 or src_row >= h:
