@@ -3,8 +3,9 @@
     python benchmarks/bench_engines.py [--model convnext_tiny] [--runs 15] [--json out.json]
 
 For each engine, batch size and thread count: warm-up excluded, the median of RUNS timed
-calls. A numpy 4096^3 sgemm probe runs before each engine so machine drift shows in the table,
-and the sgemm floor (the model's FLOPs at the probe's rate) is the last column's reference.
+calls. A numpy 4096^3 sgemm probe on as many BLAS threads runs before each engine and thread
+count, so machine drift shows in the table, and the sgemm floor (the model's FLOPs at the
+probe's rate) is the last column's reference.
 Peers: timm eager (needs the test extra), ONNX Runtime and OpenVINO (the bench extra); the
 ONNX file is exported here from the timm model. Never run as a test.
 """
@@ -23,6 +24,7 @@ import warnings
 
 import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS (see __init__)
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 BATCHES = (1, 8)
 THREADS = (1, 2)
@@ -129,7 +131,8 @@ def main():
                 continue
             for threads in THREADS:
                 run = setup(threads)
-                probe = sgemm_gflops()  # after setup: under the thread limits the engine set
+                with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
+                    probe = sgemm_gflops()
                 for batch in BATCHES:
                     x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
                     runs = args.runs if "numpy" not in engine else 3
