@@ -2,10 +2,11 @@
 
     python benchmarks/bench_engines.py [--model convnext_tiny] [--runs 15] [--json out.json]
 
-For each engine, batch size and thread count: warm-up excluded, the median of RUNS timed
-calls. A numpy 4096^3 sgemm probe on as many BLAS threads runs before each engine and thread
-count, so machine drift shows in the table, and the sgemm floor (the model's FLOPs at the
-probe's rate) is the last column's reference.
+For each batch size and thread count the engines take turns, one call each per round, RUNS
+rounds after warm-up, and each engine's median is reported: the machines this runs on drift by
+tens of percent within minutes, and taking turns spreads a slow spell over every engine rather
+than one. A numpy 4096^3 sgemm probe on as many BLAS threads opens each round (the table shows
+the median), and the sgemm floor (the model's FLOPs at that rate) is the last column's reference.
 Peers: timm eager (needs the test extra), ONNX Runtime and OpenVINO (the bench extra); the
 ONNX file is exported here from the timm model. Never run as a test.
 """
@@ -29,6 +30,7 @@ from threadpoolctl import threadpool_limits
 BATCHES = (1, 8)
 THREADS = (1, 2)
 WARMUP = 2
+PAUSE = 0.05  # seconds between two engines' calls
 SIZE = 224
 MACS = {"convnext_tiny": 4.47e9}  # per 224x224 image, from `npconvnext summary`
 
@@ -42,6 +44,27 @@ def median_ms(fn, runs):
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def interleaved_ms(runners, x, runs, threads):
+    """Median ms per call of each engine, the engines taking turns call by call (so a slow
+    spell of the machine hits them all), and the median sgemm probe of the rounds."""
+    for run in runners.values():
+        for _ in range(WARMUP):
+            run(x)
+    times = {engine: [] for engine in runners}
+    probes = []
+    for round_ in range(runs):
+        with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
+            probes.append(sgemm_gflops())
+        for engine, run in runners.items():
+            if "numpy" in engine and round_ >= 3:  # the reference backend is slow: 3 calls
+                continue
+            time.sleep(PAUSE)  # the previous engine's threads park, as between two requests
+            start = time.perf_counter()
+            run(x)
+            times[engine].append(time.perf_counter() - start)
+    return {engine: 1000 * statistics.median(t) for engine, t in times.items()}, statistics.median(probes)
 
 
 def sgemm_gflops():
@@ -126,20 +149,19 @@ def main():
         found = engines(args.model, state, tmp)
         onnx_path = os.path.join(tmp, f"{args.model}.onnx")
         cold = {} if args.no_cold_start else cold_start(args.model, onnx_path if os.path.exists(onnx_path) else None)
-        for engine, setup in found.items():
-            if args.engines and not any(word in engine for word in args.engines.split(",")):
-                continue
-            for threads in THREADS:
-                run = setup(threads)
-                with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
-                    probe = sgemm_gflops()
-                for batch in BATCHES:
-                    x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
-                    runs = args.runs if "numpy" not in engine else 3
-                    ms = median_ms(lambda: run(x), runs) / batch
-                    rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms,
+        chosen = {engine: setup for engine, setup in found.items()
+                  if not args.engines or any(word in engine for word in args.engines.split(","))}
+        for threads in THREADS:
+            runners = {engine: setup(threads) for engine, setup in chosen.items()}
+            for batch in BATCHES:
+                x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+                ms, probe = interleaved_ms(runners, x, args.runs, threads)
+                for engine in runners:
+                    rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms[engine] / batch,
                                      sgemm_gflops=probe))
-                    print(f"# {engine} threads={threads} batch={batch}: {ms:.1f} ms/image", file=sys.stderr)
+                    print(f"# {engine} threads={threads} batch={batch}: {ms[engine] / batch:.1f} ms/image",
+                          file=sys.stderr)
+    rows.sort(key=lambda r: list(chosen).index(r["engine"]))  # stable: by engine, then threads and batch
     macs = MACS.get(args.model)
     print(f"\n{args.model}, {SIZE}x{SIZE}, float32 input; ms per image (median); ratio = this / peer")
     peers = sorted({r["engine"] for r in rows if not r["engine"].startswith("npconvnext")})
