@@ -4,7 +4,8 @@
 
 Part 1 times every kernel on the shapes of each stage of the model at 224x224 (median of RUNS).
 Part 2 runs the whole model with every kernel wrapped in a timer and prints the split, the rest
-being NumPy's BLAS matmuls and glue. Never run as a test.
+being NumPy's BLAS matmuls and glue (layers shared between the threads, batch not split).
+Never run as a test.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS
 import numpy as np
 
-from npconvnext import kernels, layers
+from npconvnext import kernels, layers, threads
 
 from bench_engines import median_ms  # the same warm-up and median as the engine table
 
@@ -76,6 +77,9 @@ def forward_split(name, batch, dtype):
         spent["patchify_conv (reshape + BLAS)"] += time.perf_counter() - start
         return out
     layers.patchify_conv = patchify
+    # every layer shared between the threads, so that each kernel's time is wall time (with the
+    # batch split, bench_threads.py, the threads' times would add up)
+    threads.map_over_batch = lambda fn, x: fn(x)
     model = npconvnext.create_model(name, dtype=dtype)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)
     model(x)
