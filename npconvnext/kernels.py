@@ -16,7 +16,9 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
 parallel loop that shares the rows between threads. Each has a twin in `layers.py` (the
 readable reference); `tests/test_kernels.py` checks them against each other, and
-`NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions never validate or allocate: the public wrappers below do.
+`NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
+never validate and allocate only scratch space: the public wrappers below validate and
+allocate the outputs.
 No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
 """
 

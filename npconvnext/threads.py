@@ -7,9 +7,9 @@ needs none: each thread runs whole images on its own, kernels and BLAS single-th
 the threads meet once, at the end (`map_over_batch`).
 
 BLAS libraries have one process-wide thread count (OpenBLAS's "thread-local" setter is global
-too, and OpenBLAS 0.3.31 ignores a count set from another thread once the main thread has
-set one), so that split runs from the main thread only, sets the count to one while it runs and puts it
-back afterwards; the count is read and written through threadpoolctl.
+too, and OpenBLAS 0.3.31 ignores a count set from another thread once the main thread has set
+one), so that split runs from the main thread only, sets the count to one while it runs and
+puts it back afterwards; the count is read and written through threadpoolctl.
 """
 
 from __future__ import annotations
