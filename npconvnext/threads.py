@@ -78,9 +78,10 @@ def map_over_batch(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.
     if workers < 2 or threading.current_thread() is not threading.main_thread() or not _blas_libraries():
         return fn(x)
     saved = [library.get_num_threads() for library in _blas_libraries()]
+    if not _set_blas_threads([1] * len(saved)):
+        _set_blas_threads(saved)
+        return fn(x)
     try:
-        if not _set_blas_threads([1] * len(saved)):
-            return fn(x)
         per_worker = n // workers
         chunks = [x[i * per_worker:(i + 1) * per_worker] for i in range(workers)]  # (N // T, ...) each
         with ThreadPoolExecutor(workers - 1, thread_name_prefix="npconvnext") as pool:

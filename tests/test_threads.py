@@ -95,6 +95,21 @@ def test_from_another_thread_the_batch_runs_as_one_call(two_threads):
 
 
 @needs_two_threads
+def test_a_blas_that_keeps_its_count_gets_the_batch_as_one_call(two_threads, monkeypatch):
+    class Stubborn:  # a controller whose library ignores the new count, as OpenBLAS may
+        def get_num_threads(self):
+            return 2
+
+        def set_num_threads(self, n):
+            pass
+
+    monkeypatch.setattr(threads, "_blas_libraries", lambda: (Stubborn(),))
+    sizes = []
+    threads.map_over_batch(lambda x: sizes.append(len(x)) or x, np.zeros((4, 1)))
+    assert sizes == [4]
+
+
+@needs_two_threads
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_split_batch_gives_the_single_thread_results(two_threads, dtype):
     warnings.simplefilter("ignore")
