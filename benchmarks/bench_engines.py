@@ -35,17 +35,6 @@ SIZE = 224
 MACS = {"convnext_tiny": 4.47e9}  # per 224x224 image, from `npconvnext summary`
 
 
-def median_ms(fn, runs):
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def interleaved_ms(runners, x, runs, threads):
     """Median ms per call of each engine, the engines taking turns call by call (so a slow
     spell of the machine hits them all), and the median sgemm probe of the rounds."""

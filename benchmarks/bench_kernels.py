@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import time
 import warnings
 
@@ -20,9 +21,19 @@ import numpy as np
 
 from npconvnext import kernels, layers, threads
 
-from bench_engines import median_ms  # the same warm-up and median as the engine table
-
 RUNS = 7
+WARMUP = 2
+
+
+def median_ms(fn, runs):
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def per_kernel(config, batch, dtype):

@@ -345,16 +345,22 @@ def _on_one_thread() -> bool:
     return numba.get_num_threads() == 1
 
 
+def _rows_or_parallel(rows, parallel, args, count):
+    """rows(*args, 0, count) on this thread when it has one Numba thread, else parallel(*args)."""
+    if _on_one_thread():
+        rows(*args, 0, count)
+    else:
+        parallel(*args)
+
+
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     x: (N, H, W, C) -> (N, H, W, C)"""
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path, then LN
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     out = np.empty_like(x)
-    if _on_one_thread():
-        _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, 0, x.shape[0] * x.shape[1])
-    else:
-        _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out)
+    _rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
+                      (x, conv_w, conv_b, norm_w, norm_b, eps, out), x.shape[0] * x.shape[1])  # N * H rows
     return out
 
 
@@ -362,10 +368,7 @@ def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
-    if _on_one_thread():
-        _layer_norm_rows(flat, weight, bias, eps, out, 0, flat.shape[0])
-    else:
-        _layer_norm(flat, weight, bias, eps, out)
+    _rows_or_parallel(_layer_norm_rows, _layer_norm, (flat, weight, bias, eps, out), flat.shape[0])
     return out.reshape(x.shape)
 
 
@@ -374,13 +377,9 @@ def linear_gelu(x, weight, bias):
     flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
     y = flat @ weight                                      # (M, Cout) BLAS
     if y.dtype == np.float32:
-        rows, parallel = _bias_gelu_float32_rows, _bias_gelu_float32_
+        _rows_or_parallel(_bias_gelu_float32_rows, _bias_gelu_float32_, (y, bias), y.shape[0])
     else:
-        rows, parallel = _bias_gelu_float64_rows, _bias_gelu_float64_
-    if _on_one_thread():
-        rows(y, bias, 0, y.shape[0])
-    else:
-        parallel(y, bias)
+        _rows_or_parallel(_bias_gelu_float64_rows, _bias_gelu_float64_, (y, bias), y.shape[0])
     return y.reshape(*x.shape[:-1], weight.shape[1])
 
 
@@ -390,10 +389,11 @@ def linear_scale_residual(x, weight, bias, gamma, shortcut):
     flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
     y = flat @ weight                                      # (M, Cout) BLAS
     residual = shortcut.reshape(y.shape)
-    if y.size < _RESIDUAL_SERIAL_BELOW or _on_one_thread():
+    if y.size < _RESIDUAL_SERIAL_BELOW:
         _bias_scale_residual_rows(y, bias, gamma, residual, 0, y.shape[0])
     else:
-        _bias_scale_residual_(y, bias, gamma, residual)
+        _rows_or_parallel(_bias_scale_residual_rows, _bias_scale_residual_, (y, bias, gamma, residual),
+                          y.shape[0])
     return y.reshape(shortcut.shape)
 
 

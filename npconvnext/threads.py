@@ -45,8 +45,7 @@ def set_num_threads(n: int) -> None:
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
     numba.set_num_threads(n)
-    for library in _blas_libraries():
-        library.set_num_threads(n)
+    _set_blas_threads([n] * len(_blas_libraries()))
 
 
 def _set_blas_threads(counts: list[int]) -> bool:
@@ -56,7 +55,7 @@ def _set_blas_threads(counts: list[int]) -> bool:
     return all(library.get_num_threads() == count for library, count in zip(_blas_libraries(), counts))
 
 
-def _on_one_thread(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+def _single_threaded(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
     before = numba.get_num_threads()
     numba.set_num_threads(1)  # this thread's count only: its kernels take their serial bodies
     try:
@@ -85,8 +84,8 @@ def map_over_batch(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.
         per_worker = n // workers
         chunks = [x[i * per_worker:(i + 1) * per_worker] for i in range(workers)]  # (N // T, ...) each
         with ThreadPoolExecutor(workers - 1, thread_name_prefix="npconvnext") as pool:
-            others = [pool.submit(_on_one_thread, fn, chunk) for chunk in chunks[1:]]
-            outputs = [_on_one_thread(fn, chunks[0])] + [future.result() for future in others]
+            others = [pool.submit(_single_threaded, fn, chunk) for chunk in chunks[1:]]
+            outputs = [_single_threaded(fn, chunks[0])] + [future.result() for future in others]
     finally:
         _set_blas_threads(saved)
     if workers * per_worker < n:
