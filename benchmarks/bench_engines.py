@@ -130,7 +130,7 @@ def main():
     parser.add_argument("--no-cold-start", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    from npconvnext.model import random_state_dict
+    from npconvnext.params import random_state_dict
 
     state = random_state_dict(npconvnext.get_config(args.model))
     rows = []
@@ -176,7 +176,7 @@ def main():
 def cold_start(name, onnx_path=None):
     """Seconds and peak RSS of a fresh process (import, load weights, one batch-1 forward):
     npconvnext with its JIT cache cold and warm, and each peer that is installed."""
-    from npconvnext.model import random_state_dict
+    from npconvnext.params import random_state_dict
     from safetensors.numpy import save_file
 
     # peak RSS from VmHWM: ru_maxrss would carry over this (large) parent's high-water mark,

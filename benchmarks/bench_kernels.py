@@ -19,7 +19,9 @@ import warnings
 import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS
 import numpy as np
 
-from npconvnext import kernels, layers, threads
+from npconvnext import layers
+from npconvnext import engine
+from npconvnext.engine import kernels
 
 RUNS = 7
 WARMUP = 2
@@ -90,7 +92,7 @@ def forward_split(name, batch, dtype):
     layers.patchify_conv = patchify
     # every layer shared between the threads, so that each kernel's time is wall time (with the
     # batch split, bench_threads.py, the threads' times would add up)
-    threads.map_over_batch = lambda fn, x: fn(x)
+    engine.map_over_batch = lambda fn, x: fn(x)
     model = npconvnext.create_model(name, dtype=dtype)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)
     model(x)

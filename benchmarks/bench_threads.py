@@ -17,7 +17,7 @@ import warnings
 import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS
 import numpy as np
 
-from npconvnext import threads
+from npconvnext import engine
 
 WARMUP = 2
 
@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--batches", default="2,8")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    split_over_batch = threads.map_over_batch
+    split_over_batch = engine.map_over_batch
 
     def layers_shared(fn, x):
         return fn(x)
@@ -41,12 +41,12 @@ def main():
             times = {"split": [], "shared": []}
             for round_ in range(WARMUP + args.runs):
                 for way, strategy in (("split", split_over_batch), ("shared", layers_shared)):
-                    threads.map_over_batch = strategy  # what model.forward calls
+                    engine.map_over_batch = strategy  # what model.forward calls
                     start = time.perf_counter()
                     model(x)
                     if round_ >= WARMUP:
                         times[way].append((time.perf_counter() - start) * 1000 / batch)
-            threads.map_over_batch = split_over_batch
+            engine.map_over_batch = split_over_batch
             split, shared = statistics.median(times["split"]), statistics.median(times["shared"])
             print(f"{dtype:<8} {batch:>5} {split:16.1f} {shared:17.1f} {split / shared:6.2f}")
 

@@ -41,7 +41,7 @@ def _load_model(args):
     """The model and its evaluation preprocessing: from --weights (architecture read off the file
     unless --model names it) or downloaded pretrained weights."""
     import npconvnext
-    from npconvnext.preprocess import DataConfig, data_config
+    from npconvnext.preprocessing import DataConfig, data_config
 
     name = args.model or DEFAULT_MODEL
     arch, _, tag = name.partition(".")
@@ -69,7 +69,7 @@ def _progress(done: int, total: int) -> None:
 
 def _batches(paths, config, batch_size):
     """(paths, inputs) per batch; unreadable images are warned about and skipped."""
-    from npconvnext.preprocess import preprocess
+    from npconvnext.preprocessing import preprocess
 
     for start in range(0, len(paths), batch_size):
         good, arrays = [], []
@@ -178,7 +178,7 @@ def _traced_model(args):
     """Model, input and metadata for golden/parity: --weights or seeded random weights."""
     import npconvnext
     from npconvnext.convert import sha256_of
-    from npconvnext.preprocess import DataConfig, preprocess
+    from npconvnext.preprocessing import DataConfig, preprocess
 
     dtype = "float64" if args.float64 else "float32"
     name = args.model or "convnext_tiny"

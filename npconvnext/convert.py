@@ -13,7 +13,9 @@ import numpy as np
 from safetensors.numpy import save
 
 from .atomic import atomic_write
-from .checkpoints import CheckpointError, detect_architecture, detect_naming, read_checkpoint, to_timm_names
+from .errors import CheckpointError
+from .formats import detect_naming, read_checkpoint, to_timm_names
+from .params import detect_architecture
 from .config import get_config
 from .model import ConvNeXt
 

@@ -14,7 +14,8 @@ import numpy as np
 from safetensors.numpy import save
 
 from .atomic import atomic_write
-from .checkpoints import CheckpointError, read_safetensors_with_metadata
+from .errors import CheckpointError
+from .formats import read_safetensors_with_metadata
 
 #: default tolerance by dtype, relative to each tensor's largest magnitude (the parity contract)
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .config import ConvNeXtConfig
-from .model import expected_shapes
+from .params import expected_shapes
 
 
 class Row(NamedTuple):

@@ -14,7 +14,8 @@ import torch
 from safetensors.numpy import save_file
 
 import npconvnext
-from npconvnext.checkpoints import CheckpointError, detect_architecture
+from npconvnext.errors import CheckpointError
+from npconvnext.params import detect_architecture
 from npconvnext.convert import convert
 from timm_reference import numpy_state_dict, random_images, random_timm_model, run_timm
 
@@ -157,7 +158,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, atto, monkeypatch):
 
 
 def test_detect_architecture_every_variant():
-    from npconvnext.model import expected_shapes
+    from npconvnext.params import expected_shapes
 
     for name in npconvnext.list_models():
         shapes = expected_shapes(npconvnext.get_config(name))

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import npconvnext
-from npconvnext.model import random_state_dict
+from npconvnext.params import random_state_dict
 from npconvnext.summary import summarize
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

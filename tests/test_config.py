@@ -5,7 +5,7 @@ import timm
 import torch
 
 import npconvnext
-from npconvnext.model import expected_shapes
+from npconvnext.params import expected_shapes
 
 TIMM_NAMES = sorted(n for n in timm.list_models("convnext*")
                     if n.count("_") == 1 and not n.startswith("convnext_tiny_hnf"))

@@ -8,8 +8,10 @@ import numba
 import numpy as np
 import pytest
 
-from npconvnext import kernels, layers
-from npconvnext.model import BlockWeights, reference_block
+from npconvnext import layers
+from npconvnext.engine import kernels
+from npconvnext.network import BlockWeights
+from npconvnext.network import block as reference_block
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}

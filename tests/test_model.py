@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import npconvnext
-from npconvnext.model import random_state_dict
+from npconvnext.params import random_state_dict
 
 
 @pytest.fixture(scope="module")

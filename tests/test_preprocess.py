@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import npconvnext
-from npconvnext.preprocess import DataConfig, open_image, preprocess
+from npconvnext.preprocessing import DataConfig, open_image, preprocess
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
@@ -47,7 +47,7 @@ def test_conventions_layout_bgr_and_0_255():
     np.testing.assert_array_equal(preprocess(image, DataConfig(channel_order="BGR")), nchw[::-1])
     openvino = preprocess(image, DataConfig(scale="255", channel_order="BGR"))
     np.testing.assert_allclose(openvino, nchw[::-1], atol=1e-5)  # the same numbers by another route
-    np.testing.assert_allclose(np.float32(255) * np.asarray(npconvnext.preprocess.__globals__["IMAGENET_STD"]),
+    np.testing.assert_allclose(np.float32(255) * np.asarray(npconvnext.preprocessing.IMAGENET_STD),
                                [58.395, 57.12, 57.375], rtol=1e-6)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import npconvnext
-from npconvnext import threads
+from npconvnext.engine import threads
 
 needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
                                        reason="numba has one thread on this machine")

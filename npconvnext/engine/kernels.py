@@ -14,7 +14,7 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
                                             thread when small (see _RESIDUAL_SERIAL_BELOW)
 
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
-parallel loop that shares the rows between threads. Each has a twin in `layers.py` (the
+parallel loop that shares the rows between threads. Each has a twin in `npconvnext/layers.py` (the
 readable reference); `tests/test_kernels.py` checks them against each other, and
 `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
 never validate and allocate only scratch space: the public wrappers below validate and
@@ -30,7 +30,8 @@ import numba
 import numba.extending
 import numpy as np
 
-from npconvnext import layers
+from .. import layers
+from ..network import BlockWeights, Recorder, no_record
 
 # One place for the JIT settings. cache=True: a second process loads machine code from disk
 # instead of compiling (numba falls back to a per-user cache directory when the package is
@@ -414,8 +415,10 @@ def global_response_norm(x, weight, bias, eps):
     return out
 
 
-def convnext_block(x, w, eps, grn_eps):
-    """Twin of model.reference_block with the fused kernels. x: (N, H, W, C) -> (N, H, W, C)"""
+def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
+                   record: Recorder = no_record) -> np.ndarray:
+    """Twin of network.block with the fused kernels; it records nothing inside the block.
+    x: (N, H, W, C) -> (N, H, W, C)"""
     y = depthwise_conv_layer_norm(x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight, w.norm_bias, eps)
     y = linear_gelu(y, w.fc1_weight, w.fc1_bias)            # (N, H, W, 4C)
     if w.grn_weight is not None:

@@ -1,0 +1,21 @@
+"""npconvnext's own error types: every refusal a user can meet is one of these.
+
+Each subclasses ValueError as well, so code written against the earlier ValueErrors still
+catches them. Messages name the file (or input) and the problem.
+"""
+
+
+class NpConvNeXtError(ValueError):
+    """Base of every error npconvnext raises on purpose."""
+
+
+class CheckpointError(NpConvNeXtError):
+    """A weight file or mapping that cannot be used."""
+
+
+class ImageError(NpConvNeXtError):
+    """An image that cannot be read or is past the size limits."""
+
+
+class InputError(NpConvNeXtError):
+    """An array given to a model that does not fit it (shape, dtype, size)."""

@@ -1,0 +1,62 @@
+"""`create_model`: an architecture by name, with weights from a mapping, a file, the hub, or seeded
+random ones."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+
+from .config import get_config
+from .formats import detect_naming, load_state_dict, to_timm_names
+from .model import ConvNeXt
+from .params import detect_architecture, random_state_dict
+
+
+def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+                 dtype: str | np.dtype = "float32", backend: str = "numba",
+                 num_classes: int | None = None, seed: int = 0, pretrained: str | None = None) -> ConvNeXt:
+    """Build architecture `name` (see `list_models()`) with `weights`.
+
+    weights: a mapping from parameter names to arrays in PyTorch layouts (conv OIHW, linear
+        (out, in)), or a path to a weight file of any format in `npconvnext.formats`. None
+        builds seeded random weights for experiments, with a warning.
+    name: may be None when weights are given: the architecture is then read off their shapes.
+        "arch.tag" names the architecture and the published weights' tag; the tag's weights
+        are downloaded only when no `weights` are given.
+    pretrained: a tag such as "fb_in1k": the published weights, through the huggingface-hub
+        cache (see hub.py).
+    num_classes: taken from the weights' classifier when not given; 1000 without weights.
+    """
+    if name is not None and "." in name:
+        name, tag = name.split(".", 1)
+        if pretrained is None and weights is None:
+            pretrained = tag
+    if pretrained is not None:
+        if weights is not None:
+            raise ValueError("pass either weights= or pretrained=, not both")
+        from .hub import download_weights
+
+        weights = download_weights(f"{name}.{pretrained}")
+    source = "weights"
+    if isinstance(weights, (str, os.PathLike)):
+        source = os.fspath(weights)
+        weights = load_state_dict(weights, arch=name)
+    elif weights is not None and detect_naming(weights) != "timm":
+        weights = to_timm_names(dict(weights), get_config(name) if name else None)
+    if name is None:
+        if weights is None:
+            raise ValueError("name the architecture, or pass weights to read it from")
+        name = detect_architecture(weights).name
+    if num_classes is None:
+        fc = weights.get("head.fc.weight") if weights is not None else None
+        num_classes = int(np.shape(fc)[0]) if fc is not None and np.ndim(fc) == 2 else 1000
+    config = get_config(name, num_classes=num_classes)
+    if weights is None:
+        warnings.warn(f"{config.name}: no weights given, using seeded random weights (seed={seed}); "
+                      "its outputs mean nothing", stacklevel=2)
+        weights = random_state_dict(config, seed)
+        source = f"random weights (seed {seed})"
+    return ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source)

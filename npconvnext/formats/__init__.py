@@ -1,0 +1,54 @@
+"""Weight files in, timm-named NumPy arrays out: no framework, no code execution.
+
+One reader per container format, each registered with how it recognises a file's first bytes
+(`registry.py`); a file's name is never trusted:
+    safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
+    torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
+Names inside the PyTorch-world files follow timm, the official code or transformers and are
+mapped to timm's by `naming.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from ..config import get_config
+from ..errors import CheckpointError
+from . import safetensors, torch_zip  # noqa: F401  (each registers its format)
+from .naming import detect_naming, to_timm_names
+from .registry import formats, sniff_format
+from .safetensors import read_safetensors, read_safetensors_with_metadata
+
+__all__ = ["detect_naming", "formats", "load_state_dict", "read_checkpoint", "read_safetensors",
+           "read_safetensors_with_metadata", "sniff_format", "to_timm_names"]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+    """The raw named arrays of a weight file and its format's name, names as stored."""
+    path = os.fspath(path)
+    fmt = sniff_format(path)
+    return fmt.read(path), fmt.name
+
+
+def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:
+    """timm-named arrays from a weight file of any supported format and naming.
+
+    nonfinite: what to do with NaN or Inf in the weights: 'error' (default: a model with them
+    gives NaN logits), 'warn', or 'ignore'.
+    """
+    path = os.fspath(path)
+    raw, _ = read_checkpoint(path)
+    try:
+        state = to_timm_names(raw, get_config(arch) if arch else None)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    bad = [name for name, a in state.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+    if bad and nonfinite != "ignore":
+        message = f"{path}: {len(bad)} tensors hold NaN or Inf: {', '.join(bad[:10])}"
+        if nonfinite == "error":
+            raise CheckpointError(message + " (pass nonfinite='warn' to load them anyway)")
+        warnings.warn(message, stacklevel=2)
+    return state
