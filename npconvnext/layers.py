@@ -7,10 +7,10 @@ linears are plain matrix products, and the whole net needs a single transpose at
 The official code (facebookresearch/ConvNeXt models/convnext.py) permutes to channels-last
 inside each block for the same reason.
 
-Weights arrive here already in compute layout (see `model.py`, `_TO_COMPUTE_LAYOUT`): a linear
-is (in, out), a depthwise kernel (k, k, C), a patchify conv (k * k * in, out).
+Weights arrive here already in compute layout (see `params.py`): a linear is (in, out), a
+depthwise kernel (k, k, C), a patchify conv (k * k * in, out).
 
-The Numba kernels in `kernels.py` are checked against these functions. Nothing here takes a
+The Numba kernels in `engine/kernels.py` are checked against these functions. Nothing here takes a
 numeric shortcut: GELU uses the exact erf, LayerNorm the biased variance as PyTorch does, and
 every constant is a Python float so float64 inputs stay float64 throughout.
 """

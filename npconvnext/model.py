@@ -39,7 +39,7 @@ def _as_dtype(dtype) -> np.dtype:
         resolved = None if dtype is None else np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved not in DTYPES:
+    if resolved is None or not any(resolved == d for d in DTYPES):  # dtype == None is float64 in numpy
         raise InputError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
     return resolved
 

@@ -59,16 +59,103 @@ def test_random_weights_warn_and_are_seeded():
         a = npconvnext.create_model("convnext_atto", seed=3)
     with pytest.warns(UserWarning):
         b = npconvnext.create_model("convnext_atto", seed=3)
+    with pytest.warns(UserWarning):
+        c = npconvnext.create_model("convnext_atto", seed=4)
     x = np.ones((1, 3, 32, 32), np.float32)
     np.testing.assert_array_equal(a(x), b(x))
+    assert np.abs(a(x) - c(x)).max() > 0.1 * np.abs(a(x)).max()  # the seed is used
 
 
-def test_state_dict_round_trips_timm_layouts(atto_state):
-    model = npconvnext.create_model("convnextv2_atto", weights=random_state_dict(npconvnext.get_config("convnextv2_atto")))
-    again = npconvnext.create_model("convnextv2_atto", weights=model.state_dict())
-    for name, value in model.state_dict().items():
-        np.testing.assert_array_equal(again.params[name], model.params[name], err_msg=name)
-    assert model.state_dict()["stem.0.weight"].shape == (40, 3, 4, 4)
+def test_state_dict_gives_back_the_weights_it_was_built_from_in_timm_layouts():
+    import timm
+    import torch
+
+    state = random_state_dict(npconvnext.get_config("convnextv2_atto"), seed=1)
+    model = npconvnext.create_model("convnextv2_atto", weights=state)
+    out = model.state_dict()
+    assert list(out) == list(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(out[name], value, err_msg=name)
+    # and timm, given those arrays, computes what the model computes
+    net = timm.create_model("convnextv2_atto", pretrained=False).eval()
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in out.items()})
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model(x), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_state_dict_returns_copies(atto_state):
+    model = npconvnext.create_model("convnext_atto", weights=atto_state)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    before = model(x)
+    for array in model.state_dict().values():
+        array[...] = 0
+    np.testing.assert_array_equal(model(x), before)
+
+
+def test_params_are_read_only_and_load_state_dict_replaces_every_weight(atto_state):
+    model = npconvnext.create_model("convnext_atto", weights=atto_state)
+    with pytest.raises(TypeError):
+        model.params["head.fc.bias"] = np.zeros(1000, np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    other = random_state_dict(npconvnext.get_config("convnext_atto"), seed=9)
+    expected = npconvnext.create_model("convnext_atto", weights=other)(x)
+    for name in ("stages.0.blocks.0.conv_dw.weight", "head.fc.bias"):  # a block entry and a head entry
+        changed = dict(atto_state, **{name: other[name]})
+        model.load_state_dict(changed)
+        np.testing.assert_array_equal(model(x), npconvnext.create_model("convnext_atto", weights=changed)(x))
+    model.load_state_dict(other)
+    np.testing.assert_array_equal(model(x), expected)
+    with pytest.raises(npconvnext.CheckpointError, match="1 missing"):
+        model.load_state_dict({k: v for k, v in other.items() if k != "stem.0.bias"})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.dtype("float64"), "float32"])
+def test_dtype_may_be_a_numpy_type_or_its_name(atto_state, dtype):
+    model = npconvnext.create_model("convnext_atto", weights=atto_state, dtype=dtype)
+    assert model.dtype == np.dtype(dtype)
+    assert model(np.zeros((1, 3, 32, 32), np.float32)).dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.int32, None, "nonsense"])
+def test_other_dtypes_are_refused(atto_state, dtype):
+    with pytest.raises(npconvnext.InputError, match="dtype must be"):
+        npconvnext.create_model("convnext_atto", weights=atto_state, dtype=dtype)
+
+
+def test_a_tagged_name_with_weights_uses_the_weights_and_downloads_nothing(atto_state, monkeypatch):
+    import npconvnext.hub
+
+    monkeypatch.setattr(npconvnext.hub, "download_weights", lambda *a, **k: pytest.fail("downloaded"))
+    model = npconvnext.create_model("convnext_atto.d2_in1k", weights=atto_state)
+    x = np.ones((1, 3, 32, 32), np.float32)
+    np.testing.assert_array_equal(model(x), npconvnext.create_model("convnext_atto", weights=atto_state)(x))
+
+
+def test_preprocess_is_the_function_and_preprocessing_the_module():
+    import types
+
+    assert callable(npconvnext.preprocess) and not isinstance(npconvnext.preprocess, types.ModuleType)
+    assert isinstance(npconvnext.preprocessing, types.ModuleType)
+    assert npconvnext.preprocessing.preprocess is npconvnext.preprocess
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto"])
+def test_trace_has_timms_container_modules(name):
+    from npconvnext.oracle import timm_trace
+
+    state = random_state_dict(npconvnext.get_config(name), seed=2)
+    model = npconvnext.create_model(name, weights=state, dtype="float64")
+    x = np.random.default_rng(1).standard_normal((1, 3, 64, 64))
+    trace = model.trace(x)
+    containers = ["stem"] + [f"stages.{i}" for i in range(4)]
+    expected = timm_trace(model, x, containers)
+    assert sorted(expected) == sorted(containers)  # timm has these modules and hooked them
+    for c in containers:
+        np.testing.assert_allclose(trace[c], expected[c], rtol=0, atol=1e-10 * np.abs(expected[c]).max(), err_msg=c)
+    features = model.forward_features(x)  # the fused engine's last stage
+    np.testing.assert_allclose(trace["stages.3"], features, rtol=0, atol=1e-10 * np.abs(features).max())
 
 
 @pytest.mark.parametrize("x, error", [
