@@ -17,6 +17,7 @@ from .formats import load_state_dict
 from .labels import imagenet_classes, imagenet_labels
 from .model import ConvNeXt
 from .preprocessing import DataConfig, data_config, preprocess
+from . import train  # npconvnext.train.loss_and_grads, .AdamW: fine-tuning in NumPy
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,10 @@ inside each block for the same reason.
 Weights arrive here already in compute layout (see `params.py`): a linear is (in, out), a
 depthwise kernel (k, k, C), a patchify conv (k * k * in, out).
 
+Each layer's backward twin, `<layer>_backward`, stands right after it: given the gradient of
+the loss with respect to the layer's output (`dout`) and what the forward saw, it returns the
+gradients with respect to the input and the weights, derived in its docstring.
+
 The Numba kernels in `engine/kernels.py` are checked against these functions. Nothing here takes a
 numeric shortcut: GELU uses the exact erf, LayerNorm the biased variance as PyTorch does, and
 every constant is a Python float so float64 inputs stay float64 throughout.
@@ -48,6 +52,33 @@ def patchify_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, patch: in
     return out.reshape(n, ho, wo, weight.shape[1])          # (N, Ho, Wo, Cout)
 
 
+def _patches(x: np.ndarray, patch: int) -> np.ndarray:
+    """(N, H, W, Cin) -> (N * Ho * Wo, patch * patch * Cin), the rows patchify_conv multiplies."""
+    n, h, w, cin = x.shape
+    ho, wo = h // patch, w // patch
+    patches = x[:, : ho * patch, : wo * patch, :].reshape(n, ho, patch, wo, patch, cin)
+    return patches.transpose(0, 1, 3, 2, 4, 5).reshape(n * ho * wo, patch * patch * cin)
+
+
+def patchify_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, patch: int):
+    """Gradients of patchify_conv: out = P @ W + b with P the flattened patches of x.
+
+        dW = P^T dout,   db = sum over rows of dout,   dP = dout W^T
+    and dP goes back to the pixels it was cut from; the dropped remainder rows and columns
+    get zero, as they did not reach the output.
+    dout: (N, Ho, Wo, Cout); x: (N, H, W, Cin) -> dx like x, dweight like weight, dbias (Cout,)
+    """
+    n, h, w, cin = x.shape
+    ho, wo = h // patch, w // patch
+    d = dout.reshape(n * ho * wo, -1)                                        # (M, Cout)
+    dweight = _patches(x, patch).T @ d                                       # (p * p * Cin, Cout)
+    dpatches = (d @ weight.T).reshape(n, ho, wo, patch, patch, cin)          # (N, Ho, Wo, kh, kw, Cin)
+    dx = np.zeros_like(x)
+    dx[:, : ho * patch, : wo * patch, :] = dpatches.transpose(0, 1, 3, 2, 4, 5).reshape(
+        n, ho * patch, wo * patch, cin)
+    return dx, dweight, d.sum(axis=0)
+
+
 def depthwise_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """k x k depthwise convolution, stride 1, zero padding k // 2 (ConvNeXt's spatial mixing).
 
@@ -63,6 +94,27 @@ def depthwise_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.nd
         for j in range(k):
             out += padded[:, i : i + h, j : j + w, :] * weight[i, j]
     return out + bias
+
+
+def depthwise_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray):
+    """Gradients of depthwise_conv: out[y, x] = b + sum_ij w[i, j] * padded[y + i, x + j].
+
+        dw[i, j] = sum over N, y, x of padded[y + i, x + j] * dout[y, x]    (per channel)
+        db       = sum over N, y, x of dout
+        dpadded[y + i, x + j] += w[i, j] * dout[y, x]; dx is dpadded without its border
+    dout, x: (N, H, W, C); weight: (k, k, C) -> dx (N, H, W, C), dweight (k, k, C), dbias (C,)
+    """
+    k = weight.shape[0]
+    pad = k // 2
+    n, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))  # (N, H + 2p, W + 2p, C)
+    dpadded = np.zeros_like(padded)
+    dweight = np.empty_like(weight)
+    for i in range(k):
+        for j in range(k):
+            dweight[i, j] = (padded[:, i : i + h, j : j + w, :] * dout).sum(axis=(0, 1, 2))
+            dpadded[:, i : i + h, j : j + w, :] += dout * weight[i, j]
+    return dpadded[:, pad : pad + h, pad : pad + w, :], dweight, dout.sum(axis=(0, 1, 2))
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -81,6 +133,25 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return centred / np.sqrt(var + eps) * weight + bias
 
 
+def layer_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float):
+    """Gradients of layer_norm, with xhat = (x - mean) * rstd and rstd = 1 / sqrt(var + eps).
+
+        dweight = sum over pixels of dout * xhat,   dbias = sum over pixels of dout
+        g = dout * weight;  dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+    (the two means are the gradient flowing through the mean and through the variance).
+    The statistics are recomputed from x rather than saved: one cheap pass.
+    dout, x: (..., C) -> dx (..., C), dweight (C,), dbias (C,)
+    """
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    pixels = tuple(range(x.ndim - 1))
+    g = dout * weight
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return dx, (dout * xhat).sum(axis=pixels), dout.sum(axis=pixels)
+
+
 def gelu(x: np.ndarray) -> np.ndarray:
     """Exact GELU, x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))); not the tanh approximation.
 
@@ -90,9 +161,29 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return (0.5 * x * (1.0 + _erf(x * _SQRT_HALF))).astype(x.dtype, copy=False)
 
 
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Gradient of the exact GELU: d/dx x Phi(x) = Phi(x) + x phi(x), phi the normal density.
+    dout, x: any shape -> dx of that shape"""
+    cdf = 0.5 * (1.0 + _erf(x * _SQRT_HALF))
+    pdf = _INV_SQRT_2PI * np.exp(-0.5 * x.astype(np.float64) ** 2)
+    return (dout * (cdf + x * pdf)).astype(x.dtype, copy=False)
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Per-pixel fully connected layer, a 1x1 conv. x: (..., Cin); weight: (Cin, Cout) -> (..., Cout)"""
     return x @ weight + bias
+
+
+def linear_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray):
+    """Gradients of linear, out = x W + b over all pixels M:
+        dx = dout W^T,  dW = x^T dout (summed over pixels),  db = sum over pixels of dout
+    dout: (..., Cout); x: (..., Cin); weight: (Cin, Cout) -> dx, dweight (Cin, Cout), dbias (Cout,)"""
+    flat_x = x.reshape(-1, x.shape[-1])            # (M, Cin)
+    flat_d = dout.reshape(-1, dout.shape[-1])      # (M, Cout)
+    return dout @ weight.T, flat_x.T @ flat_d, flat_d.sum(axis=0)
 
 
 def global_response_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -108,6 +199,34 @@ def global_response_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, ep
     return x + (bias + weight * (x * relative))
 
 
+def global_response_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float):
+    """Gradients of global_response_norm, y = x + bias + weight * x * n, n_c = g_c / (m + eps),
+    g_c = ||x_c||, m = mean_c(g):
+
+        dx (direct)  = dout * (1 + weight * n)
+        dn_c         = sum over pixels of dout * weight * x             (N, 1, 1, C)
+        dg_c         = dn_c / (m + eps) - sum_k(dn_k g_k) / (C (m + eps)^2)
+        dx (via g)   = dg_c * x / g_c          (0 where g_c = 0, as PyTorch's norm gives)
+        dweight = sum of dout * x * n,   dbias = sum of dout
+    dout, x: (N, H, W, C) -> dx (N, H, W, C), dweight (C,), dbias (C,)
+    """
+    energy = np.sqrt((x * x).sum(axis=(1, 2), keepdims=True))       # (N, 1, 1, C)
+    denominator = energy.mean(axis=-1, keepdims=True) + eps          # (N, 1, 1, 1)
+    relative = energy / denominator                                  # (N, 1, 1, C)
+    d_relative = (dout * weight * x).sum(axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
+    d_energy = (d_relative / denominator
+                - (d_relative * energy).sum(axis=-1, keepdims=True) / (x.shape[-1] * denominator ** 2))
+    safe = np.where(energy > 0, energy, 1.0)
+    dx = dout * (1.0 + weight * relative) + np.where(energy > 0, d_energy / safe, 0.0) * x
+    return dx, (dout * x * relative).sum(axis=(0, 1, 2)), dout.sum(axis=(0, 1, 2))
+
+
 def global_avg_pool(x: np.ndarray) -> np.ndarray:
     """Mean over all pixels. x: (N, H, W, C) -> (N, C)"""
     return x.mean(axis=(1, 2))
+
+
+def global_avg_pool_backward(dout: np.ndarray, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """Each pixel gets 1 / (H W) of its image's gradient. dout: (N, C) -> (N, H, W, C)"""
+    n, h, w, c = shape
+    return np.broadcast_to((dout / (h * w))[:, None, None, :], shape).copy()

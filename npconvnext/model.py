@@ -8,6 +8,7 @@ engine) and converts at the public boundary: inputs and `forward_features` outpu
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from types import MappingProxyType
 
 import numpy as np
@@ -57,6 +58,7 @@ class ConvNeXt:
         self.config = config
         self.dtype = _as_dtype(dtype)
         self.backend = backend
+        self.frozen: set[str] = set()  # timm names an optimizer leaves alone (see requires_grad_)
         self.load_state_dict(state_dict, source)
 
     def load_state_dict(self, state_dict: Mapping[str, np.ndarray], source: str = "weights") -> None:
@@ -64,6 +66,45 @@ class ConvNeXt:
         check_state_dict(state_dict, self.config, source)
         self._params = {name: _stored(name, np.asarray(array), self.dtype) for name, array in state_dict.items()}
         self._weights = network.NetworkWeights.from_params(self._params, self.config)
+
+    @property
+    def weights(self) -> network.NetworkWeights:
+        """The weights typed as the network uses them: stem, stages of blocks, head."""
+        return self._weights
+
+    def trainable_params(self) -> dict[str, np.ndarray]:
+        """The weights by timm name in compute layout, each writable and owned by the model, for
+        an optimizer to update in place. Weights mapped from a file are copied here, once:
+        nothing is ever written back to the file."""
+        if not all(a.flags.writeable for a in self._params.values()):  # only mapped ones are read-only
+            self._params = {name: a if a.flags.writeable else np.array(a, order="K")
+                            for name, a in self._params.items()}
+            self._weights = network.NetworkWeights.from_params(self._params, self.config)
+        return self._params
+
+    def requires_grad_(self, prefix: str = "", requires_grad: bool = True) -> ConvNeXt:
+        """Freeze (False) or unfreeze the weights whose timm names start with `prefix`, e.g.
+        model.requires_grad_("", False).requires_grad_("head", True) trains the head only.
+        Returns the model, as torch's method of the same name does."""
+        names = [name for name in self._params if name.startswith(prefix)]
+        if not names:
+            raise ValueError(f"no weight's name starts with {prefix!r}")
+        (self.frozen.difference_update if requires_grad else self.frozen.update)(names)
+        return self
+
+    def reset_classifier(self, num_classes: int, seed: int = 0) -> None:
+        """A new head.fc for `num_classes` classes, initialised as timm initialises it (weights
+        ~ N(0, 0.02) truncated at 2 standard deviations, biases 0), for fine-tuning."""
+        rng = np.random.default_rng(seed)
+        weight = rng.standard_normal((num_classes, self.config.num_features))
+        while (outside := np.abs(weight) > 2.0).any():  # truncated normal by redrawing
+            weight[outside] = rng.standard_normal(int(outside.sum()))
+        state = {name: to_timm_layout(name, self._params[name], shape)
+                 for name, shape in expected_shapes(self.config).items()}
+        self.config = replace(self.config, num_classes=num_classes)
+        state["head.fc.weight"] = 0.02 * weight
+        state["head.fc.bias"] = np.zeros(num_classes)
+        self.load_state_dict(state, "reset_classifier")
 
     @property
     def params(self) -> Mapping[str, np.ndarray]:
@@ -159,14 +200,18 @@ class ConvNeXt:
         return engine.map_over_batch(lambda images: fn(images, self._weights, self.config, engine.FUSED), x)
 
     def _to_channels_last(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_chans:
-            raise InputError(f"expected input of shape (N, {c.in_chans}, H, W) (NCHW), got {x.shape}")
-        if x.dtype.kind != "f":
-            raise InputError(f"expected normalised floating-point images, got dtype {x.dtype}; "
-                             "see npconvnext.preprocess")
-        if min(x.shape[2:]) < c.reduction:
-            raise InputError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the network's "
-                             f"total stride {c.reduction}: every side must be at least {c.reduction}")
-        return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=self.dtype)  # (N, H, W, 3)
+        return to_channels_last(x, self.config, self.dtype)
+
+
+def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype) -> np.ndarray:
+    """Checked NCHW images in `dtype`, channels last. (N, 3, H, W) -> (N, H, W, 3)"""
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[1] != config.in_chans:
+        raise InputError(f"expected input of shape (N, {config.in_chans}, H, W) (NCHW), got {x.shape}")
+    if x.dtype.kind != "f":
+        raise InputError(f"expected normalised floating-point images, got dtype {x.dtype}; "
+                         "see npconvnext.preprocess")
+    if min(x.shape[2:]) < config.reduction:
+        raise InputError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the network's total stride "
+                         f"{config.reduction}: every side must be at least {config.reduction}")
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=dtype)  # (N, H, W, 3)

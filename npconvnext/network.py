@@ -86,25 +86,43 @@ class NetworkWeights(NamedTuple):
     @classmethod
     def from_params(cls, p: Mapping[str, np.ndarray], config: ConvNeXtConfig) -> NetworkWeights:
         """The typed weights from compute-layout arrays under timm's names."""
-        def block(prefix):
-            return BlockWeights(
-                p[f"{prefix}.conv_dw.weight"], p[f"{prefix}.conv_dw.bias"],
-                p[f"{prefix}.norm.weight"], p[f"{prefix}.norm.bias"],
-                p[f"{prefix}.mlp.fc1.weight"], p[f"{prefix}.mlp.fc1.bias"],
-                p.get(f"{prefix}.mlp.grn.weight"), p.get(f"{prefix}.mlp.grn.bias"),
-                p[f"{prefix}.mlp.fc2.weight"], p[f"{prefix}.mlp.fc2.bias"],
-                p.get(f"{prefix}.gamma"))
-
-        def downsample(ds):
-            return DownsampleWeights(p[f"{ds}.0.weight"], p[f"{ds}.0.bias"], p[f"{ds}.1.weight"], p[f"{ds}.1.bias"])
+        def typed(kind, prefix):
+            return kind(**{field: p.get(prefix + name) for field, name in _TIMM_NAMES[kind].items()})
 
         stages = tuple(
-            StageWeights(downsample(f"stages.{i}.downsample") if i > 0 else None,
-                         tuple(block(f"stages.{i}.blocks.{j}") for j in range(depth)))
+            StageWeights(typed(DownsampleWeights, f"stages.{i}.downsample.") if i > 0 else None,
+                         tuple(typed(BlockWeights, f"stages.{i}.blocks.{j}.") for j in range(depth)))
             for i, depth in enumerate(config.depths))
-        return cls(StemWeights(p["stem.0.weight"], p["stem.0.bias"], p["stem.1.weight"], p["stem.1.bias"]),
-                   stages,
-                   HeadWeights(p["head.norm.weight"], p["head.norm.bias"], p["head.fc.weight"], p["head.fc.bias"]))
+        return cls(typed(StemWeights, "stem."), stages, typed(HeadWeights, "head."))
+
+    def named(self) -> dict[str, np.ndarray]:
+        """The arrays by timm name, the inverse of `from_params` (fields that are None left out)."""
+        def named(weights, prefix):
+            return {prefix + name: getattr(weights, field) for field, name in _TIMM_NAMES[type(weights)].items()
+                    if getattr(weights, field) is not None}
+
+        out = named(self.stem, "stem.")
+        for i, stage in enumerate(self.stages):
+            if stage.downsample is not None:
+                out.update(named(stage.downsample, f"stages.{i}.downsample."))
+            for j, block in enumerate(stage.blocks):
+                out.update(named(block, f"stages.{i}.blocks.{j}."))
+        out.update(named(self.head, "head."))
+        return out
+
+
+# each field's timm name, below its module's prefix
+_TIMM_NAMES = {
+    StemWeights: {"conv_weight": "0.weight", "conv_bias": "0.bias", "norm_weight": "1.weight", "norm_bias": "1.bias"},
+    DownsampleWeights: {"norm_weight": "0.weight", "norm_bias": "0.bias", "conv_weight": "1.weight",
+                        "conv_bias": "1.bias"},
+    BlockWeights: {"conv_dw_weight": "conv_dw.weight", "conv_dw_bias": "conv_dw.bias",
+                   "norm_weight": "norm.weight", "norm_bias": "norm.bias",
+                   "fc1_weight": "mlp.fc1.weight", "fc1_bias": "mlp.fc1.bias",
+                   "grn_weight": "mlp.grn.weight", "grn_bias": "mlp.grn.bias",
+                   "fc2_weight": "mlp.fc2.weight", "fc2_bias": "mlp.fc2.bias", "gamma": "gamma"},
+    HeadWeights: {"norm_weight": "norm.weight", "norm_bias": "norm.bias", "fc_weight": "fc.weight", "fc_bias": "fc.bias"},
+}
 
 
 # ---- the block -------------------------------------------------------------------------------

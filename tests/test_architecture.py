@@ -15,10 +15,10 @@ LAYERS = {
     "formats": 2, "network": 2, "engine": 2,
     "model": 3,
     "factory": 4,
-    "convert": 5, "summary": 5, "oracle": 5, "__init__": 5,
+    "convert": 5, "summary": 5, "oracle": 5, "train": 5, "__init__": 5,
     "cli": 6, "__main__": 7,
 }
-ALLOWED_SIDEWAYS = {("engine", "network"), ("preprocessing", "hub")}
+ALLOWED_SIDEWAYS = {("engine", "network"), ("preprocessing", "hub"), ("__init__", "train")}
 FRAMEWORKS = ("torch", "tensorflow", "keras", "openvino", "timm", "transformers", "jax")
 
 

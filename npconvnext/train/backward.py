@@ -1,0 +1,198 @@
+"""Training forward and backward through the whole network, in readable NumPy.
+
+The forward here is `network.forward` with two training-only additions and with each block
+keeping what its backward needs; inference never runs it. The backward walks the same steps in
+reverse with the layers' backward twins (`layers.py`), and returns gradients with the
+network's typed weights' shapes (`network.NetworkWeights`).
+
+Training additions, as timm has them:
+    stochastic depth (drop path)  each block's residual branch is dropped for a whole image
+                                  with probability p_b and scaled by 1 / (1 - p_b) otherwise;
+                                  p_b grows linearly from 0 to drop_path_rate over the blocks
+    head dropout                  elementwise on the pooled, normed features before the fc
+
+What is kept per block, and what is recomputed in the backward:
+    kept        block input x (C), depthwise-conv output (C), fc1 output (4C), fc2 output (C)
+    recomputed  LayerNorm output (from the conv output), GELU output (from fc1's), GRN output
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import layers
+from ..config import ConvNeXtConfig
+from ..network import BlockWeights, DownsampleWeights, HeadWeights, NetworkWeights, StageWeights, StemWeights
+
+
+class BlockCache(NamedTuple):
+    x: np.ndarray            # (N, H, W, C) block input
+    conv: np.ndarray         # (N, H, W, C) depthwise conv output, before LayerNorm
+    hidden: np.ndarray       # (N, H, W, 4C) fc1 output, before GELU
+    branch: np.ndarray       # (N, H, W, C) fc2 output, before layer scale
+    keep: np.ndarray | None  # (N, 1, 1, 1) drop-path scale per image: 0 or 1 / (1 - p); None: no drop path
+
+
+def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
+                  keep: np.ndarray | None) -> tuple[np.ndarray, BlockCache]:
+    """network.block, keeping what block_backward needs. x: (N, H, W, C) -> (N, H, W, C)"""
+    conv = layers.depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias)
+    hidden = layers.linear(layers.layer_norm(conv, w.norm_weight, w.norm_bias, eps), w.fc1_weight, w.fc1_bias)
+    activated = layers.gelu(hidden)
+    if w.grn_weight is not None:
+        activated = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
+    branch = layers.linear(activated, w.fc2_weight, w.fc2_bias)
+    scaled = branch * w.gamma if w.gamma is not None else branch
+    if keep is not None:
+        scaled = scaled * keep
+    return x + scaled, BlockCache(x, conv, hidden, branch, keep)
+
+
+def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: float,
+                   grn_eps: float) -> tuple[np.ndarray, BlockWeights]:
+    """Gradients of one block: (d input, d weights). dout: (N, H, W, C)"""
+    d_scaled = dout * cache.keep if cache.keep is not None else dout
+    d_gamma = None
+    if w.gamma is not None:
+        d_gamma = (d_scaled * cache.branch).sum(axis=(0, 1, 2))
+        d_branch = d_scaled * w.gamma
+    else:
+        d_branch = d_scaled
+    activated = layers.gelu(cache.hidden)
+    d_grn_weight = d_grn_bias = None
+    if w.grn_weight is not None:
+        normed = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
+        d_normed, d_fc2_weight, d_fc2_bias = layers.linear_backward(d_branch, normed, w.fc2_weight)
+        d_activated, d_grn_weight, d_grn_bias = layers.global_response_norm_backward(
+            d_normed, activated, w.grn_weight, grn_eps)
+    else:
+        d_activated, d_fc2_weight, d_fc2_bias = layers.linear_backward(d_branch, activated, w.fc2_weight)
+    d_hidden = layers.gelu_backward(d_activated, cache.hidden)
+    normed_conv = layers.layer_norm(cache.conv, w.norm_weight, w.norm_bias, eps)
+    d_normed_conv, d_fc1_weight, d_fc1_bias = layers.linear_backward(d_hidden, normed_conv, w.fc1_weight)
+    d_conv, d_norm_weight, d_norm_bias = layers.layer_norm_backward(d_normed_conv, cache.conv, w.norm_weight, eps)
+    d_x, d_conv_weight, d_conv_bias = layers.depthwise_conv_backward(d_conv, cache.x, w.conv_dw_weight)
+    grads = BlockWeights(d_conv_weight, d_conv_bias, d_norm_weight, d_norm_bias, d_fc1_weight, d_fc1_bias,
+                         d_grn_weight, d_grn_bias, d_fc2_weight, d_fc2_bias, d_gamma)
+    return dout + d_x, grads  # the shortcut passes dout straight through
+
+
+class NetworkCache(NamedTuple):
+    images: np.ndarray                       # (N, H, W, 3) input
+    stem_conv: np.ndarray                    # (N, H/4, W/4, C0) before the stem's LayerNorm
+    downsample_inputs: tuple                 # per stage: the stage input before its LayerNorm (None in stage 0)
+    downsample_normed: tuple                 # per stage: after the LayerNorm, the patchify conv's input
+    blocks: tuple[tuple[BlockCache, ...], ...]
+    features: np.ndarray                     # (N, h, w, C_last) last stage's output
+    pooled: np.ndarray                       # (N, C_last) before the head's LayerNorm
+    head_keep: np.ndarray | None             # (N, C_last) dropout scale: 0 or 1 / (1 - p); None: no dropout
+
+
+def drop_path_rates(config: ConvNeXtConfig, drop_path_rate: float) -> list[list[float]]:
+    """Each block's drop probability, linear from 0 over all blocks in order, as timm sets them."""
+    rates = np.linspace(0.0, drop_path_rate, sum(config.depths)).tolist()
+    out, start = [], 0
+    for depth in config.depths:
+        out.append(rates[start : start + depth])
+        start += depth
+    return out
+
+
+def _keep_scale(rng: np.random.Generator | None, p: float, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+    """A 0 or 1 / (1 - p) mask, or None when nothing is dropped."""
+    if rng is None or p <= 0.0:
+        return None
+    keep = 1.0 - p
+    return ((rng.random(shape) < keep) / keep).astype(dtype)
+
+
+def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig, drop_path_rate: float = 0.0,
+            drop_rate: float = 0.0, rng: np.random.Generator | None = None) -> tuple[np.ndarray, NetworkCache]:
+    """Training forward. x: (N, H, W, 3) -> (N, num_classes) logits and what the backward needs.
+    Drop path and dropout need `rng`; without one they are off (evaluation)."""
+    eps, n = config.norm_eps, x.shape[0]
+    stem_conv = layers.patchify_conv(x, weights.stem.conv_weight, weights.stem.conv_bias, config.patch_size)
+    h = layers.layer_norm(stem_conv, weights.stem.norm_weight, weights.stem.norm_bias, eps)
+    ds_inputs, ds_normed, block_caches = [], [], []
+    for stage, rates in zip(weights.stages, drop_path_rates(config, drop_path_rate)):
+        if stage.downsample is not None:
+            ds = stage.downsample
+            ds_inputs.append(h)
+            normed = layers.layer_norm(h, ds.norm_weight, ds.norm_bias, eps)
+            ds_normed.append(normed)
+            h = layers.patchify_conv(normed, ds.conv_weight, ds.conv_bias, 2)
+        else:
+            ds_inputs.append(None)
+            ds_normed.append(None)
+        caches = []
+        for w, rate in zip(stage.blocks, rates):
+            h, cache = block_forward(h, w, eps, config.grn_eps, _keep_scale(rng, rate, (n, 1, 1, 1), x.dtype))
+            caches.append(cache)
+        block_caches.append(tuple(caches))
+    pooled = layers.global_avg_pool(h)                                              # (N, C)
+    normed = layers.layer_norm(pooled, weights.head.norm_weight, weights.head.norm_bias, eps)
+    head_keep = _keep_scale(rng, drop_rate, normed.shape, x.dtype)
+    if head_keep is not None:
+        normed = normed * head_keep
+    logits = layers.linear(normed, weights.head.fc_weight, weights.head.fc_bias)    # (N, num_classes)
+    return logits, NetworkCache(x, stem_conv, tuple(ds_inputs), tuple(ds_normed), tuple(block_caches), h,
+                                pooled, head_keep)
+
+
+def backward(d_logits: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig,
+             cache: NetworkCache) -> NetworkWeights:
+    """Gradients of every weight, given d loss / d logits (N, num_classes); same structure and
+    compute layouts as `weights`."""
+    eps = config.norm_eps
+    head = weights.head
+    normed = layers.layer_norm(cache.pooled, head.norm_weight, head.norm_bias, eps)
+    if cache.head_keep is not None:
+        normed = normed * cache.head_keep
+    d_normed, d_fc_weight, d_fc_bias = layers.linear_backward(d_logits, normed, head.fc_weight)
+    if cache.head_keep is not None:
+        d_normed = d_normed * cache.head_keep
+    d_pooled, d_head_norm_weight, d_head_norm_bias = layers.layer_norm_backward(d_normed, cache.pooled, head.norm_weight, eps)
+    head_grads = HeadWeights(d_head_norm_weight, d_head_norm_bias, d_fc_weight, d_fc_bias)
+    d_h = layers.global_avg_pool_backward(d_pooled, cache.features.shape)
+    stage_grads = []
+    for i in reversed(range(len(weights.stages))):
+        stage = weights.stages[i]
+        block_grads = []
+        for w, block_cache in zip(reversed(stage.blocks), reversed(cache.blocks[i])):
+            d_h, grads = block_backward(d_h, w, block_cache, eps, config.grn_eps)
+            block_grads.append(grads)
+        ds_grads = None
+        if stage.downsample is not None:
+            ds = stage.downsample
+            d_normed, d_conv_weight, d_conv_bias = layers.patchify_conv_backward(
+                d_h, cache.downsample_normed[i], ds.conv_weight, 2)
+            d_h, d_norm_weight, d_norm_bias = layers.layer_norm_backward(
+                d_normed, cache.downsample_inputs[i], ds.norm_weight, eps)
+            ds_grads = DownsampleWeights(d_norm_weight, d_norm_bias, d_conv_weight, d_conv_bias)
+        stage_grads.append(StageWeights(ds_grads, tuple(reversed(block_grads))))
+    stem = weights.stem
+    d_stem_conv, d_stem_norm_weight, d_stem_norm_bias = layers.layer_norm_backward(
+        d_h, cache.stem_conv, stem.norm_weight, eps)
+    _, d_stem_conv_weight, d_stem_conv_bias = layers.patchify_conv_backward(
+        d_stem_conv, cache.images, stem.conv_weight, config.patch_size)
+    stem_grads = StemWeights(d_stem_conv_weight, d_stem_conv_bias, d_stem_norm_weight, d_stem_norm_bias)
+    return NetworkWeights(stem_grads, tuple(reversed(stage_grads)), head_grads)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy with label smoothing, as torch.nn.functional.cross_entropy computes it,
+    and its gradient with respect to the logits.
+
+        target = (1 - s) one_hot(y) + s / K;   loss = mean over images of -sum_k target_k log p_k
+        d loss / d logits = (softmax(logits) - target) / N
+    logits: (N, K); labels: (N,) integers -> (loss, (N, K))
+    """
+    n, k = logits.shape
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))     # (N, K)
+    target = np.full_like(logits, label_smoothing / k)
+    target[np.arange(n), labels] += 1.0 - label_smoothing
+    loss = float(-(target * log_probs).sum() / n)
+    return loss, (np.exp(log_probs) - target) / n
