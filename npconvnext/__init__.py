@@ -11,13 +11,13 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
 from .engine import set_num_threads
-from .errors import CheckpointError, ImageError, InputError, NpConvNeXtError
+from .errors import CheckpointError, ImageError, InputError, NpConvNeXtError, TrainingError
 from .factory import create_model
 from .formats import load_state_dict
 from .labels import imagenet_classes, imagenet_labels
 from .model import ConvNeXt
 from .preprocessing import DataConfig, data_config, preprocess
-from . import train  # npconvnext.train.loss_and_grads, .AdamW: fine-tuning in NumPy
+from . import train  # noqa: F401  (npconvnext.train.loss_and_grads, .AdamW: fine-tuning in NumPy)
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "ImageError",
     "InputError",
     "NpConvNeXtError",
+    "TrainingError",
     "VARIANTS",
     "create_model",
     "data_config",

@@ -19,3 +19,7 @@ class ImageError(NpConvNeXtError):
 
 class InputError(NpConvNeXtError):
     """An array given to a model that does not fit it (shape, dtype, size)."""
+
+
+class TrainingError(NpConvNeXtError):
+    """A training run that cannot go on: bad data folders, labels, resume files, a NaN loss."""

@@ -16,7 +16,8 @@ import numpy as np
 from . import engine, network
 from .config import ConvNeXtConfig
 from .errors import InputError
-from .params import check_state_dict, expected_shapes, layout_kind, to_compute_layout, to_timm_layout
+from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, to_compute_layout,
+                     to_timm_layout)
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 BACKENDS = ("numba", "numpy")  # numba: the fused engine (default); numpy: the readable reference
@@ -93,17 +94,13 @@ class ConvNeXt:
         return self
 
     def reset_classifier(self, num_classes: int, seed: int = 0) -> None:
-        """A new head.fc for `num_classes` classes, initialised as timm initialises it (weights
-        ~ N(0, 0.02) truncated at 2 standard deviations, biases 0), for fine-tuning."""
-        rng = np.random.default_rng(seed)
-        weight = rng.standard_normal((num_classes, self.config.num_features))
-        while (outside := np.abs(weight) > 2.0).any():  # truncated normal by redrawing
-            weight[outside] = rng.standard_normal(int(outside.sum()))
+        """A new head.fc for `num_classes` classes, initialised as timm initialises it (see
+        params.init_state_dict), for fine-tuning."""
         state = {name: to_timm_layout(name, self._params[name], shape)
                  for name, shape in expected_shapes(self.config).items()}
         self.config = replace(self.config, num_classes=num_classes)
-        state["head.fc.weight"] = 0.02 * weight
-        state["head.fc.bias"] = np.zeros(num_classes)
+        fresh = init_state_dict(self.config, seed)
+        state["head.fc.weight"], state["head.fc.bias"] = fresh["head.fc.weight"], fresh["head.fc.bias"]
         self.load_state_dict(state, "reset_classifier")
 
     @property

@@ -127,6 +127,25 @@ def random_state_dict(config: ConvNeXtConfig, seed: int = 0) -> dict[str, np.nda
     return state
 
 
+def init_state_dict(config: ConvNeXtConfig, seed: int = 0, layer_scale_init: float = 1e-6) -> dict[str, np.ndarray]:
+    """timm's training init, for training from scratch: conv and linear weights ~ N(0, 0.02)
+    (timm truncates at +-2, which never bites at that width), biases 0, norm scales 1, layer
+    scale `layer_scale_init`, GRN 0. timm names and layouts, float32."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith(".gamma"):
+            value = np.full(shape, layer_scale_init)
+        elif layout_kind(name) is not None:
+            value = np.clip(0.02 * rng.standard_normal(shape), -2.0, 2.0)
+        elif name.endswith(".weight") and "grn" not in name:  # LayerNorm scales
+            value = np.ones(shape)
+        else:
+            value = np.zeros(shape)
+        state[name] = value.astype(np.float32)
+    return state
+
+
 def check_state_dict(state: Mapping[str, np.ndarray], config: ConvNeXtConfig, source: str) -> None:
     """Strict loading: every problem with the weights, reported together in one error."""
     expected = expected_shapes(config)

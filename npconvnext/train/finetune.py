@@ -1,0 +1,211 @@
+"""Fine-tuning a ConvNeXt on a folder of images per class: the loop behind `npconvnext finetune`.
+
+Each epoch: shuffle, augment, step AdamW along a cosine schedule with warm-up; then validate
+(top-1) and write a checkpoint atomically: weights, optimizer moments, the epoch, the random
+generator's state. A run resumed from a checkpoint continues as if it had never stopped, and
+the final file is timm-named safetensors that timm and `npconvnext classify` load, with the
+class names in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+from safetensors.numpy import save
+
+from ..atomic import atomic_write
+from ..config import get_config
+from ..errors import TrainingError
+from ..factory import create_model
+from ..formats import read_safetensors_with_metadata
+from ..model import ConvNeXt
+from ..params import init_state_dict
+from ..preprocessing import DataConfig, data_config
+from . import data, loss_and_grads
+from .optim import AdamW, cosine_schedule, layer_decay_scales
+
+CHECKPOINT_FORMAT = "npconvnext-finetune-checkpoint-1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a fine-tuning run does; every field is a command-line option of the same name."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3              # peak learning rate, reached after the warm-up
+    img_size: int = 224
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    drop_path_rate: float = 0.1
+    warmup_epochs: float = 0.0
+    layer_decay: float | None = None  # ConvNeXt's fine-tuning recipe uses 0.7-0.8 for ImageNet
+    val_split: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class EpochReport:
+    epoch: int               # 1-based
+    loss: float              # mean training loss of the epoch
+    val_top1: float | None   # None without validation images
+    images_per_s: float
+    skipped: int             # images that could not be read this epoch
+
+
+def _checkpoint_path(output: str) -> str:
+    root, _ = os.path.splitext(output)
+    return root + ".checkpoint.safetensors"
+
+
+def _data_config(model_name: str, img_size: int) -> DataConfig:
+    """The evaluation transform at img_size: the architecture's own weights' mean and std."""
+    try:
+        base = data_config(model_name)
+    except ValueError:  # no published weights for this architecture: timm's defaults
+        base = DataConfig()
+    return replace(base, input_size=(img_size, img_size))
+
+
+def _save_checkpoint(path: str, model: ConvNeXt, opt: AdamW, epoch: int, rng: np.random.Generator,
+                     classes: tuple[str, ...], recipe: Recipe) -> None:
+    state = opt.state_dict()
+    tensors = {f"model/{k}": v.astype(np.float32) for k, v in model.state_dict().items()}
+    tensors.update({f"exp_avg/{k}": v for k, v in state["exp_avg"].items()})
+    tensors.update({f"exp_avg_sq/{k}": v for k, v in state["exp_avg_sq"].items()})
+    scalars = {k: state[k] for k in ("steps", "lr", "betas", "eps", "weight_decay")}
+    metadata = {"format": CHECKPOINT_FORMAT, "architecture": model.config.name, "epoch": str(epoch),
+                "classes": json.dumps(list(classes)), "optimizer": json.dumps(scalars),
+                "rng": json.dumps(rng.bit_generator.state), "recipe": json.dumps(asdict(recipe))}
+    atomic_write(path, save(tensors, metadata=metadata))
+
+
+def _load_checkpoint(path: str, model: ConvNeXt, opt: AdamW, classes: tuple[str, ...]) -> tuple[int, np.random.Generator]:
+    tensors, metadata = read_safetensors_with_metadata(path)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: not an npconvnext fine-tuning checkpoint")
+    if metadata.get("architecture") != model.config.name:
+        raise TrainingError(f"{path}: a checkpoint of {metadata.get('architecture')}, not of {model.config.name}")
+    if tuple(json.loads(metadata["classes"])) != tuple(classes):
+        raise TrainingError(f"{path}: its classes {json.loads(metadata['classes'])} are not this data's {list(classes)}")
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(part("model/"), path)
+        opt.load_state_dict(dict(json.loads(metadata["optimizer"]), exp_avg=part("exp_avg/"),
+                                 exp_avg_sq=part("exp_avg_sq/")))
+    except (KeyError, ValueError) as exc:
+        raise TrainingError(f"{path}: checkpoint does not fit {model.config.name}: {exc}") from None
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(metadata["rng"])
+    return int(metadata["epoch"]), rng
+
+
+def _batches(samples, batch_size: int, rng: np.random.Generator):
+    order = rng.permutation(len(samples))
+    for start in range(0, len(order), batch_size):
+        yield [samples[i] for i in order[start : start + batch_size]]
+
+
+def _top1(model: ConvNeXt, samples, config: DataConfig, batch_size: int, warn) -> float | None:
+    correct = total = 0
+    for start in range(0, len(samples), batch_size):
+        inputs, labels = [], []
+        for path, label in samples[start : start + batch_size]:
+            try:
+                inputs.append(data.validation_input(path, config))
+                labels.append(label)
+            except (ValueError, OSError, MemoryError) as exc:  # ImageError and any other unreadable image
+                warn(f"skipped {path}: {exc}")
+        if inputs:
+            predicted = model(np.stack(inputs).astype(model.dtype)).argmax(axis=1)
+            correct += int((predicted == np.array(labels)).sum())
+            total += len(labels)
+    return correct / total if total else None
+
+
+def finetune(data_dir: str, output: str, model_name: str = "convnext_tiny", weights: str | None = None,
+             pretrained: str | None = None, recipe: Recipe = Recipe(), val_dir: str | None = None,
+             resume: str | None = None, progress: Callable[[str], None] | None = None,
+             warn: Callable[[str], None] = warnings.warn) -> list[EpochReport]:
+    """Fine-tune `model_name` (weights from a file, a hub tag, or timm's init if neither) on
+    `data_dir` (a folder per class); write the result to `output` and a resumable checkpoint
+    beside it each epoch. Returns one report per epoch run."""
+    rng = np.random.default_rng(recipe.seed)
+    folder = data.image_folder(data_dir)
+    if val_dir:
+        train_set, val_set = folder, data.image_folder(val_dir, folder.classes)
+    elif recipe.val_split > 0:
+        train_set, val_set = data.split(folder, recipe.val_split, rng)
+    else:
+        train_set, val_set = folder, folder._replace(samples=())
+    classes = folder.classes
+    if weights is None and pretrained is None:  # from scratch
+        config = get_config(model_name, num_classes=len(classes))
+        model = ConvNeXt(config, init_state_dict(config, recipe.seed))
+    else:
+        model = create_model(model_name, weights=weights, pretrained=pretrained)
+        if model.config.num_classes != len(classes):
+            model.reset_classifier(len(classes), recipe.seed)
+    scales = layer_decay_scales(model.config, recipe.layer_decay) if recipe.layer_decay else None
+    opt = AdamW(model, lr=recipe.lr, weight_decay=recipe.weight_decay, lr_scales=scales)
+    checkpoint = _checkpoint_path(output)
+    start_epoch = 0
+    if resume:
+        start_epoch, rng = _load_checkpoint(resume, model, opt, classes)
+    config = _data_config(model_name, recipe.img_size)
+    steps_per_epoch = -(-len(train_set.samples) // recipe.batch_size)
+    total_steps = recipe.epochs * steps_per_epoch
+    warmup_steps = int(recipe.warmup_epochs * steps_per_epoch)
+    reports = []
+    for epoch in range(start_epoch, recipe.epochs):
+        losses, seen, skipped, began = [], 0, 0, time.perf_counter()
+        for batch_index, batch in enumerate(_batches(train_set.samples, recipe.batch_size, rng)):
+            step = epoch * steps_per_epoch + batch_index
+            inputs, labels = [], []
+            for path, label in batch:
+                try:
+                    inputs.append(data.training_input(path, recipe.img_size, config, rng))
+                    labels.append(label)
+                except (ValueError, OSError, MemoryError) as exc:  # ImageError and any other unreadable image
+                    skipped += 1
+                    warn(f"skipped {path}: {exc}")
+            if not inputs:
+                continue
+            opt.lr = cosine_schedule(step, total_steps, recipe.lr, warmup_steps)
+            loss, grads = loss_and_grads(model, np.stack(inputs), np.array(labels), recipe.label_smoothing,
+                                         recipe.drop_path_rate, rng=rng)
+            if not np.isfinite(loss):
+                kept = f"the last good checkpoint is {checkpoint} (epoch {epoch})" if epoch else "no checkpoint was written"
+                raise TrainingError(f"loss is {loss} at step {step + 1} (epoch {epoch + 1}, batch {batch_index + 1}): "
+                                    f"stopped before updating the weights; {kept}")
+            opt.step(grads)
+            losses.append(loss)
+            seen += len(inputs)
+            if progress:
+                rate = seen / (time.perf_counter() - began)
+                progress(f"epoch {epoch + 1}/{recipe.epochs} batch {batch_index + 1}/{steps_per_epoch} "
+                         f"loss {np.mean(losses):.4f} {rate:.1f} images/s")
+        rate = seen / max(time.perf_counter() - began, 1e-9)
+        top1 = _top1(model, val_set.samples, config, recipe.batch_size, warn)
+        reports.append(EpochReport(epoch + 1, float(np.mean(losses)) if losses else float("nan"), top1, rate, skipped))
+        _save_checkpoint(checkpoint, model, opt, epoch + 1, rng, classes, recipe)
+        if progress:
+            progress(f"epoch {epoch + 1}: loss {reports[-1].loss:.4f}, validation top-1 "
+                     + (f"{top1:.4f}" if top1 is not None else "(no validation images)") + f", checkpoint {checkpoint}")
+    write_weights(output, model, classes, config)
+    return reports
+
+
+def write_weights(path: str, model: ConvNeXt, classes: tuple[str, ...], config: DataConfig) -> None:
+    """timm-named float32 safetensors with the class names and the evaluation transform in the metadata."""
+    metadata = {"architecture": model.config.name, "num_classes": str(model.config.num_classes),
+                "class_names": json.dumps(list(classes)), "data_config": json.dumps(asdict(config)),
+                "format": "pt", "converted_by": "npconvnext finetune"}
+    atomic_write(path, save({k: v.astype(np.float32) for k, v in model.state_dict().items()}, metadata=metadata))
