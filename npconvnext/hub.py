@@ -74,7 +74,7 @@ def offline_reason(endpoint: str | None = None) -> str | None:
     is guessed and huggingface-hub is left to try."""
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     endpoint = endpoint or constants.ENDPOINT
     parts = urllib.parse.urlsplit(endpoint)

@@ -152,19 +152,30 @@ def _open_regular_file(path: str):
     return os.fdopen(fd, "rb")
 
 
-def open_image(path: str | os.PathLike, exif_transpose: bool = False) -> Image.Image:
+def open_image(path: str | os.PathLike, exif_transpose: bool = False, config: DataConfig | None = None) -> Image.Image:
     """An RGB PIL image; every failure (missing, special file, unreadable, truncated,
-    decompression bomb, out of memory) is an ImageError naming the file."""
+    decompression bomb, out of memory) is an ImageError naming the file.
+
+    config: when given, an image whose resize under it would pass config.max_resized_pixels is
+    refused from its header, before it is decoded.
+    """
     from PIL import Image, ImageOps
 
     path = os.fspath(path)
     with _open_regular_file(path) as f:
         try:
             with Image.open(f) as image:
+                if config is not None:
+                    width, height = image.size
+                    _checked_resize(width, height, config, path)
+                    if exif_transpose:  # the EXIF orientation may swap the sides
+                        _checked_resize(height, width, config, path)
                 image.load()
                 if exif_transpose:
                     image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
+        except ImageError:
+            raise
         except Image.DecompressionBombError as exc:
             raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
         except MemoryError:
@@ -206,15 +217,20 @@ def _resized_size(width: int, height: int, config: DataConfig) -> tuple[int, int
     return round(width / ratio), round(height / ratio)
 
 
-def _resize(image: Image.Image, config: DataConfig, name: str) -> Image.Image:
-    if config.interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {config.interpolation!r}")
-    width, height = image.size
+def _checked_resize(width: int, height: int, config: DataConfig, name: str) -> tuple[int, int]:
+    """_resized_size, refusing a result past config.max_resized_pixels."""
     new_w, new_h = _resized_size(width, height, config)
-    if new_w * new_h > config.max_resized_pixels:  # checked before PIL allocates anything
+    if new_w * new_h > config.max_resized_pixels:
         raise ImageError(f"{name}: a {width}x{height} image would be resized to {new_w}x{new_h}, "
                          f"past the limit of {config.max_resized_pixels} pixels "
                          f"(DataConfig.max_resized_pixels; raise it to accept such aspect ratios)")
+    return new_w, new_h
+
+
+def _resize(image: Image.Image, config: DataConfig, name: str) -> Image.Image:
+    if config.interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {config.interpolation!r}")
+    new_w, new_h = _checked_resize(*image.size, config, name)  # before PIL allocates anything
     from PIL import Image
 
     return image.resize((new_w, new_h), Image.Resampling[config.interpolation.upper()])
@@ -242,7 +258,7 @@ def preprocess(image: Image.Image | str | os.PathLike | np.ndarray, config: Data
     name = "image"
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
-        image = open_image(image, config.exif_transpose)
+        image = open_image(image, config.exif_transpose, config)
     elif isinstance(image, np.ndarray):
         from PIL import Image
 

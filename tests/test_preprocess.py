@@ -183,13 +183,19 @@ def test_fifo_and_device_are_refused_at_once(tmp_path):
             open_image("/dev/zero")
 
 
-def test_extreme_aspect_ratio_is_refused_before_resizing(tmp_path):
+def test_extreme_aspect_ratio_is_refused_before_resizing(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
     Image.fromarray(np.zeros((20000, 1, 3), np.uint8)).save(tmp_path / "tall.png")  # a few hundred bytes
     start = time.perf_counter()
     with pytest.raises(ImageError, match=r"tall.png: a 1x20000 image would be resized to 256x5120000, "
                                          r"past the limit .*max_resized_pixels"):
         preprocess(tmp_path / "tall.png")
     assert time.perf_counter() - start < 2
+    with monkeypatch.context() as patch:  # refused from the header: never decoded
+        patch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+        with pytest.raises(ImageError, match="tall.png: a 1x20000 image would be resized"):
+            preprocess(tmp_path / "tall.png", DataConfig(exif_transpose=True))
     # the limit is the user's to set: a 300:2 image at input 32 is resized to 5400x36 = 194400 pixels
     wide = Image.fromarray(np.random.default_rng(1).integers(0, 256, (2, 300, 3), dtype=np.uint8))
     config = DataConfig(input_size=(32, 32))
