@@ -119,8 +119,8 @@ def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
     if cfg is None:
         source = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
         try:
-            with open(source, "rb") as f:
-                cfg = json.loads(f.read(1 << 20)).get("pretrained_cfg")
+            with open(source, "rb") as f:  # bounded: label names make it large, never this large
+                cfg = json.loads(f.read(64 << 20)).get("pretrained_cfg")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, AttributeError) as exc:
