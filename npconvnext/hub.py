@@ -1,17 +1,28 @@
 """Published ConvNeXt weights: which exist, where they live, how they were evaluated; download.
 
-The registry (data/pretrained.json) lists, for every `arch.tag` timm publishes with a classifier,
-the Hugging Face hub repo and file, the number of classes and the evaluation preprocessing
-(input size, crop_pct, interpolation, mean, std) and licence. `tests/test_hub.py` checks it
-against timm's pretrained configs. Downloads go through huggingface-hub's cache, so offline
-(HF_HUB_OFFLINE=1 or no network) a file fetched once is found again.
+The registry (data/pretrained.json) lists, for every `arch.tag` timm publishes with a classifier
+for an architecture npconvnext builds, the Hugging Face hub repo and file, the number of classes,
+the evaluation preprocessing (input size, crop_pct, crop_mode, interpolation, mean, std) and the
+licence. `tests/test_hub.py` checks every field of every entry against timm's pretrained configs.
+Downloads go through huggingface-hub's cache, so offline (HF_HUB_OFFLINE=1 or no network) a file
+fetched once is found again; when the hub's host cannot even be resolved, only the cache is
+looked in, so the answer comes at once instead of after huggingface-hub's retries.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from functools import lru_cache
 from importlib import resources
+
+from .errors import CheckpointError
+
+# How long the look-up of the hub's host name may take before the hub counts as unreachable.
+DNS_TIMEOUT = 2.0
 
 
 @lru_cache(maxsize=None)
@@ -39,20 +50,65 @@ def pretrained_entry(name: str) -> dict:
     return dict(registry()[name], name=name)
 
 
+def _resolves(host: str, timeout: float) -> bool:
+    """Whether `host` resolves within `timeout` seconds (getaddrinfo has no timeout of its own,
+    so it runs in a daemon thread that is left behind if it hangs)."""
+    answer: list[bool] = []
+
+    def look_up():
+        try:
+            socket.getaddrinfo(host, None)
+            answer.append(True)
+        except (OSError, UnicodeError):
+            answer.append(False)
+
+    thread = threading.Thread(target=look_up, name="npconvnext-dns", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def offline_reason(endpoint: str | None = None) -> str | None:
+    """Why the hub cannot be reached, or None when it may be: HF_HUB_OFFLINE is set, or the
+    endpoint's host does not resolve. Behind a proxy the host need not resolve here, so nothing
+    is guessed and huggingface-hub is left to try."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = endpoint or constants.ENDPOINT
+    parts = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    if not parts.hostname:
+        return None
+    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname):
+        return None
+    if not _resolves(parts.hostname, DNS_TIMEOUT):
+        return f"the hub's host {parts.hostname} cannot be resolved"
+    return None
+
+
 def download_weights(name: str, cache_dir: str | None = None) -> str:
     """Local path of the weight file of `arch.tag`, downloading it into huggingface-hub's cache
-    if it is not there yet."""
-    from huggingface_hub import hf_hub_download
+    if it is not there yet. Offline (see `offline_reason`) only the cache is looked in."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     entry = pretrained_entry(name)
+    endpoint = constants.ENDPOINT
+    reason = offline_reason(endpoint)
+    where = f"{entry['file']} of hub repo {entry['hf_hub_id']}"
     try:
-        return hf_hub_download(entry["hf_hub_id"], entry["file"], cache_dir=cache_dir)
+        return hf_hub_download(entry["hf_hub_id"], entry["file"], cache_dir=cache_dir, endpoint=endpoint,
+                               local_files_only=reason is not None)
     except LocalEntryNotFoundError as exc:
-        raise RuntimeError(
-            f"cannot get {entry['name']}: {entry['file']} of hub repo {entry['hf_hub_id']} is not in the "
-            f"huggingface-hub cache and the hub cannot be reached ({exc.__class__.__name__}). On a machine "
-            f"with internet run `npconvnext download {entry['name']}` (or `huggingface-cli download "
+        why = f"offline: {reason}" if reason else f"the hub cannot be reached ({exc.__class__.__name__})"
+        raise CheckpointError(
+            f"cannot get {entry['name']}: {where} is not in the huggingface-hub cache and {why}. On a "
+            f"machine with internet run `npconvnext download {entry['name']}` (or `huggingface-cli download "
             f"{entry['hf_hub_id']} {entry['file']}`), or pass a local file: "
             f"create_model('{entry['name'].split('.')[0]}', weights='path/to/{entry['file']}')."
         ) from None
+    except (OSError, ValueError) as exc:  # HTTP errors, a full disk, an unwritable cache
+        raise CheckpointError(f"cannot get {entry['name']}: downloading {where} failed "
+                              f"({exc.__class__.__name__}: {exc})") from None

@@ -1,0 +1,119 @@
+"""The pretrained registry equals timm's pretrained configs; weights come from huggingface-hub's
+cache, and offline the answer (the file, or a clear error) comes at once."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import npconvnext
+from npconvnext.errors import CheckpointError
+from npconvnext.hub import download_weights, registry
+from npconvnext.preprocessing import DataConfig
+from timm_reference import numpy_state_dict, random_timm_model, run_timm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_registry_matches_timm():
+    import timm.data
+    from timm.models import get_pretrained_cfg
+
+    for name, entry in registry().items():
+        cfg = get_pretrained_cfg(name)
+        assert (entry["hf_hub_id"], entry["file"], entry["num_classes"], entry["license"]) == (
+            cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors", cfg.num_classes, cfg.license), name
+        # every field timm's eval transform reads, as timm resolves them for this tag
+        timm_data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+        ours = npconvnext.data_config(name)
+        assert ours == DataConfig(input_size=timm_data["input_size"][1:], crop_pct=timm_data["crop_pct"],
+                                  crop_mode=timm_data["crop_mode"], interpolation=timm_data["interpolation"],
+                                  mean=timm_data["mean"], std=timm_data["std"]), name
+    squash = [n for n, e in registry().items() if e["crop_mode"] == "squash"]
+    assert "convnext_tiny.fb_in22k_ft_in1k_384" in squash and "convnextv2_huge.fcmae_ft_in22k_in1k_512" in squash
+
+
+def test_registry_lists_every_timm_classifier():
+    """The registry is what scripts/make_pretrained_registry.py makes from the installed timm:
+    a tag timm adds for an architecture npconvnext builds shows up here as a failure."""
+    spec = importlib.util.spec_from_file_location("make_registry", os.path.join(ROOT, "scripts",
+                                                                                "make_pretrained_registry.py"))
+    make_registry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_registry)
+    assert make_registry.entries() == registry()
+    for name in ("convnext_tiny.fb_in1k", "convnext_tiny.in12k_ft_in1k", "convnextv2_tiny.fcmae_ft_in1k",
+                 "convnext_base.clip_laion2b_augreg_ft_in1k"):
+        assert name in registry()
+    assert not any(n.endswith(".fcmae") or n.endswith(".clip_laion2b") for n in registry())  # no classifier
+
+
+@pytest.fixture(scope="module")
+def atto():
+    model = random_timm_model("convnext_atto", seed=5)
+    return model, numpy_state_dict(model)
+
+
+def prepopulated_cache(root, state):
+    """A huggingface-hub cache laid out as the hub leaves it, holding timm/convnext_atto.d2_in1k."""
+    repo = root / "models--timm--convnext_atto.d2_in1k"
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    save_file(state, repo / "snapshots" / COMMIT / "model.safetensors")
+    return root
+
+
+def test_pretrained_from_a_prepopulated_offline_cache(tmp_path, atto, assert_matches):
+    """The real hf_hub_download code path, HF_HUB_OFFLINE=1, a cache laid out as the hub leaves it:
+    the model built from it gives the logits of the weights put there."""
+    timm_model, state = atto
+    cache = prepopulated_cache(tmp_path / "hub", state)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, npconvnext;"
+            "m = npconvnext.create_model('convnext_atto.d2_in1k');"
+            "np.save(sys.argv[1] + '/logits.npy', m(np.load(sys.argv[1] + '/x.npy')));"
+            "print(m.config.name)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["convnext_atto"]
+    assert_matches(np.load(tmp_path / "logits.npy"), run_timm(timm_model, x)["logits"], "cached weights")
+    code = "import npconvnext; npconvnext.create_model('convnext_tiny', pretrained='fb_in1k')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "CheckpointError" in out.stderr and "offline: HF_HUB_OFFLINE is set" in out.stderr
+    assert "timm/convnext_tiny.fb_in1k" in out.stderr and "weights='path/to/model.safetensors'" in out.stderr
+
+
+@pytest.fixture
+def unresolvable_hub(monkeypatch):
+    """The hub's endpoint on a host that cannot resolve (.invalid is reserved for that), as
+    HF_ENDPOINT would set it when huggingface-hub is imported; offline mode not set."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+
+def test_unresolvable_hub_fails_at_once(tmp_path, unresolvable_hub):
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"cannot get convnext_atto.d2_in1k: model.safetensors of hub repo "
+                                              r"timm/convnext_atto.d2_in1k is not in the huggingface-hub cache "
+                                              r"and offline: the hub's host hub.invalid cannot be resolved"):
+        download_weights("convnext_atto.d2_in1k", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 2
+
+
+def test_unresolvable_hub_still_finds_the_cache(tmp_path, atto, unresolvable_hub):
+    cache = prepopulated_cache(tmp_path, atto[1])
+    path = download_weights("convnext_atto.d2_in1k", cache_dir=str(cache))
+    assert path == str(cache / "models--timm--convnext_atto.d2_in1k" / "snapshots" / COMMIT / "model.safetensors")
