@@ -204,8 +204,11 @@ def finetune(data_dir: str, output: str, model_name: str = "convnext_tiny", weig
 
 
 def write_weights(path: str, model: ConvNeXt, classes: tuple[str, ...], config: DataConfig) -> None:
-    """timm-named float32 safetensors with the class names and the evaluation transform in the metadata."""
+    """timm-named float32 safetensors with the class names and the evaluation transform (in timm's
+    pretrained-config fields, as `preprocessing.data_config_for_weights` reads them) in the metadata."""
+    timm_cfg = {"input_size": [3, *config.input_size], "crop_pct": config.crop_pct, "crop_mode": config.crop_mode,
+                "interpolation": config.interpolation, "mean": list(config.mean), "std": list(config.std)}
     metadata = {"architecture": model.config.name, "num_classes": str(model.config.num_classes),
-                "class_names": json.dumps(list(classes)), "data_config": json.dumps(asdict(config)),
+                "class_names": json.dumps(list(classes)), "data_config": json.dumps(timm_cfg),
                 "format": "pt", "converted_by": "npconvnext finetune"}
     atomic_write(path, save({k: v.astype(np.float32) for k, v in model.state_dict().items()}, metadata=metadata))
