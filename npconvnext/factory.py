@@ -11,8 +11,24 @@ import numpy as np
 
 from .config import get_config
 from .formats import detect_naming, load_state_dict, to_timm_names
+from .formats.data_config import data_config_for_weights
 from .model import ConvNeXt
 from .params import detect_architecture, random_state_dict
+from .preprocessing import DataConfig, data_config
+
+
+def _data_config(arch: str, tag: str | None, path: str | None) -> tuple[DataConfig, str]:
+    """The evaluation preprocessing for these weights, and where it comes from: the weight
+    file's own word, the named tag's registry entry, the architecture's first published tag,
+    or timm's defaults."""
+    if path is not None and (carried := data_config_for_weights(path)) is not None:
+        return carried, f"{path} (its metadata or the config.json beside it)"
+    for name in ([f"{arch}.{tag}"] if tag else []) + [arch]:
+        try:
+            return data_config(name), f"the registry entry of {name if tag else 'its first published tag'}"
+        except ValueError:
+            continue
+    return DataConfig(), "timm's defaults"
 
 
 def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
@@ -30,6 +46,7 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         cache (see hub.py).
     num_classes: taken from the weights' classifier when not given; 1000 without weights.
     """
+    tag = pretrained
     if name is not None and "." in name:
         name, tag = name.split(".", 1)
         if pretrained is None and weights is None:
@@ -40,9 +57,9 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         from .hub import download_weights
 
         weights = download_weights(f"{name}.{pretrained}")
-    source = "weights"
+    source, path = "a mapping of arrays", None
     if isinstance(weights, (str, os.PathLike)):
-        source = os.fspath(weights)
+        source = path = os.fspath(weights)
         weights = load_state_dict(weights, arch=name)
     elif weights is not None and detect_naming(weights) != "timm":
         weights = to_timm_names(dict(weights), get_config(name) if name else None)
@@ -59,4 +76,6 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
                       "its outputs mean nothing", stacklevel=2)
         weights = random_state_dict(config, seed)
         source = f"random weights (seed {seed})"
-    return ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source)
+    preprocessing, preprocessing_source = _data_config(config.name, tag, path)
+    return ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
+                    data_config_source=preprocessing_source)

@@ -15,7 +15,9 @@ import numpy as np
 
 from . import engine, network
 from .config import ConvNeXtConfig
+from .convention import TIMM, InputConvention
 from .errors import InputError
+from .preprocessing import DataConfig
 from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, to_compute_layout,
                      to_timm_layout)
 
@@ -52,13 +54,24 @@ class ConvNeXt:
     Build it with `npconvnext.create_model`. `params` is a read-only view of the weights by timm
     name in compute layout; `state_dict()` gives copies in timm's layouts, and
     `load_state_dict` replaces them.
+
+    `input_convention` says what the model takes (layout, channel order, pixel range) and
+    whether it normalises inside, as the framework that wrote its file did (see convention.py);
+    `data_config` is the preprocessing that gives exactly that input:
+    `model(np.stack([npconvnext.preprocess(path, model.data_config)]))`.
     """
 
     def __init__(self, config: ConvNeXtConfig, state_dict: Mapping[str, np.ndarray],
-                 dtype: str | np.dtype = "float32", backend: str = "numba", source: str = "weights"):
+                 dtype: str | np.dtype = "float32", backend: str = "numba", source: str = "weights",
+                 input_convention: InputConvention = TIMM, data_config: DataConfig | None = None,
+                 data_config_source: str = "timm's defaults"):
         self.config = config
         self.dtype = _as_dtype(dtype)
         self.backend = backend
+        self.source = source
+        self.input_convention = input_convention
+        self.data_config = _with_convention(data_config or DataConfig(), input_convention)
+        self.data_config_source = data_config_source
         self.frozen: set[str] = set()  # timm names an optimizer leaves alone (see requires_grad_)
         self.load_state_dict(state_dict, source)
 
@@ -129,7 +142,8 @@ class ConvNeXt:
         return self._run(network.forward, self._to_channels_last(x))
 
     def forward_features(self, x: np.ndarray) -> np.ndarray:
-        """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32)"""
+        """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32) (NCHW, as
+        timm's, whatever the input layout)"""
         features = self._run(network.forward_features, self._to_channels_last(x))  # (N, h, w, C)
         return np.ascontiguousarray(features.transpose(0, 3, 1, 2))                 # (N, C, h, w)
 
@@ -183,6 +197,21 @@ class ConvNeXt:
         return {name: np.array(to_timm_layout(name, self._params[name], shape), order="C", copy=True)
                 for name, shape in expected_shapes(self.config).items()}
 
+    def describe(self) -> str:
+        """Where the weights, the input convention and the preprocessing come from, in a few lines."""
+        conv, data = self.input_convention, self.data_config
+        inside = (f"normalised inside the model: (x - {list(conv.mean)}) / {list(conv.std)}" if conv.normalises_inside
+                  else f"normalised by the caller: mean {list(data.mean)}, std {list(data.std)} on [0, 1] pixels")
+        return "\n".join([
+            f"{self.config.name}: {self.num_params():,} parameters, {self.config.num_classes} classes, "
+            f"{self.dtype.name}, backend {self.backend}",
+            f"weights: {self.source}",
+            f"input: {conv.layout} {conv.channel_order}, {'0-255' if conv.scale == '255' else '0-1'} pixels, "
+            f"{inside} (convention of {conv.source})",
+            f"preprocessing: {data.input_size[0]}x{data.input_size[1]}, crop_pct {data.crop_pct}, {data.crop_mode}, "
+            f"{data.interpolation} (from {self.data_config_source})",
+        ])
+
     def __repr__(self) -> str:
         return (f"ConvNeXt({self.config.name}, {self.num_params():,} params, "
                 f"dtype={self.dtype.name}, backend={self.backend!r})")
@@ -197,18 +226,38 @@ class ConvNeXt:
         return engine.map_over_batch(lambda images: fn(images, self._weights, self.config, engine.FUSED), x)
 
     def _to_channels_last(self, x: np.ndarray) -> np.ndarray:
-        return to_channels_last(x, self.config, self.dtype)
+        """The caller's images as the network takes them: channels last, RGB, normalised."""
+        convention = self.input_convention
+        x = to_channels_last(x, self.config, self.dtype, convention.layout)
+        if convention.channel_order == "BGR":
+            x = x[..., ::-1]
+        if convention.normalises_inside:
+            x = (x - np.asarray(convention.mean, self.dtype)) / np.asarray(convention.std, self.dtype)
+        return np.ascontiguousarray(x)
 
 
-def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype) -> np.ndarray:
-    """Checked NCHW images in `dtype`, channels last. (N, 3, H, W) -> (N, H, W, 3)"""
+def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype, layout: str = "NCHW") -> np.ndarray:
+    """Checked images in `dtype`, channels last. (N, 3, H, W), or (N, H, W, 3) given
+    layout "NHWC" (then used as it is, without a copy when dtype and order fit) -> (N, H, W, 3)"""
     x = np.asarray(x)
-    if x.ndim != 4 or x.shape[1] != config.in_chans:
-        raise InputError(f"expected input of shape (N, {config.in_chans}, H, W) (NCHW), got {x.shape}")
+    channels_axis = 1 if layout == "NCHW" else 3
+    if x.ndim != 4 or x.shape[channels_axis] != config.in_chans:
+        expected = f"(N, {config.in_chans}, H, W)" if layout == "NCHW" else f"(N, H, W, {config.in_chans})"
+        raise InputError(f"expected input of shape {expected} ({layout}), got {x.shape}")
     if x.dtype.kind != "f":
-        raise InputError(f"expected normalised floating-point images, got dtype {x.dtype}; "
-                         "see npconvnext.preprocess")
-    if min(x.shape[2:]) < config.reduction:
-        raise InputError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the network's total stride "
+        raise InputError(f"expected floating-point images, got dtype {x.dtype}; see npconvnext.preprocess "
+                         "and model.data_config")
+    if layout == "NCHW":
+        x = x.transpose(0, 2, 3, 1)                                           # (N, H, W, 3)
+    if min(x.shape[1:3]) < config.reduction:
+        raise InputError(f"input {x.shape[1]}x{x.shape[2]} is smaller than the network's total stride "
                          f"{config.reduction}: every side must be at least {config.reduction}")
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=dtype)  # (N, H, W, 3)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _with_convention(data_config: DataConfig, convention: InputConvention) -> DataConfig:
+    """The preprocessing that gives a model of this convention its input."""
+    inside = convention.normalises_inside
+    return replace(data_config, layout=convention.layout, channel_order=convention.channel_order,
+                   scale=convention.scale, mean=None if inside else data_config.mean,
+                   std=None if inside else data_config.std)

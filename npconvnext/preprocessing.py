@@ -28,7 +28,6 @@ read or size an image is an ImageError naming the file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import CheckpointError, ImageError
+from .errors import ImageError
 
 # Pillow is imported where images are handled, not at module level: `import npconvnext` for
 # inference on arrays does not pay for it.
@@ -57,8 +56,8 @@ class DataConfig:
     crop_pct: float = 0.875                      # crop / resized short side
     crop_mode: str = "center"                    # "center" (keep the aspect) or "squash" (both sides)
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN   # RGB, on [0, 1] pixels
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN   # RGB, on [0, 1] pixels; None: not
+    std: tuple[float, float, float] | None = IMAGENET_STD     # normalised (the model does it inside)
     layout: str = "NCHW"      # "NCHW" (timm, OpenVINO) or "NHWC" (Keras, TF-Hub channels_last)
     channel_order: str = "RGB"  # or "BGR" (OpenVINO's converted model)
     scale: str = "unit"       # "unit": pixels in [0, 1] before mean/std; "255": OpenVINO's 0-255
@@ -68,12 +67,12 @@ class DataConfig:
 
 
 # The fields of timm's pretrained config that its eval transform reads, as DataConfig names them.
-_TIMM_FIELDS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+TIMM_FIELDS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
-def _from_timm_cfg(cfg: dict) -> DataConfig:
+def from_timm_cfg(cfg: dict) -> DataConfig:
     """DataConfig from the eval fields of a timm pretrained config; absent ones keep timm's defaults."""
-    values = {k: cfg[k] for k in _TIMM_FIELDS if cfg.get(k) is not None}
+    values = {k: cfg[k] for k in TIMM_FIELDS if cfg.get(k) is not None}
     if "input_size" in values:
         channels, *size = values["input_size"]
         if channels != 3 or len(size) != 2:
@@ -94,43 +93,7 @@ def data_config(name: str = "convnext_tiny.fb_in1k", **overrides) -> DataConfig:
     """The evaluation preprocessing of pretrained weights `arch.tag`, from the weights registry."""
     from .hub import pretrained_entry
 
-    return replace(_from_timm_cfg(pretrained_entry(name)), **overrides)
-
-
-def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
-    """The evaluation preprocessing that a weight file carries, or None when nothing says.
-
-    Looked for, in order: the file's safetensors metadata key "data_config" (a JSON object with
-    timm's pretrained-config fields: input_size [3, H, W], crop_pct, crop_mode, interpolation,
-    mean, std); then the "pretrained_cfg" of a timm `config.json` beside the file, as timm's hub
-    repos keep it. A file a user converted or fine-tuned at 384 pixels is thus evaluated at 384.
-    """
-    path = os.fspath(path)
-    cfg, source = None, path
-    if path.endswith(".safetensors"):
-        from .formats.safetensors import read_safetensors_with_metadata
-
-        text = read_safetensors_with_metadata(path)[1].get("data_config")
-        if text is not None:
-            try:
-                cfg = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{path}: metadata data_config is not valid JSON ({exc})") from None
-    if cfg is None:
-        source = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        try:
-            with open(source, "rb") as f:  # bounded: label names make it large, never this large
-                cfg = json.loads(f.read(64 << 20)).get("pretrained_cfg")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{source}: cannot read timm's pretrained_cfg ({exc})") from None
-    if not isinstance(cfg, dict) or not any(cfg.get(k) is not None for k in _TIMM_FIELDS):
-        return None
-    try:
-        return _from_timm_cfg(cfg)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: {exc}") from None
+    return replace(from_timm_cfg(pretrained_entry(name)), **overrides)
 
 
 def _open_regular_file(path: str):
@@ -270,16 +233,17 @@ def preprocess(image: Image.Image | str | os.PathLike | np.ndarray, config: Data
     except MemoryError:
         raise ImageError(f"{name}: too large to resize in the memory available") from None
     pixels = _center_crop(np.asarray(resized), crop_h, crop_w)                # (H, W, 3) uint8
-    mean = np.asarray(config.mean, np.float32)
-    std = np.asarray(config.std, np.float32)
-    if config.scale == "255":
-        x = pixels.astype(np.float32)
-        mean, std = mean * np.float32(255), std * np.float32(255)
-    elif config.scale == "unit":
-        x = pixels.astype(np.float32) / np.float32(255)
-    else:
+    if config.scale not in ("unit", "255"):
         raise ValueError(f"scale must be 'unit' or '255', not {config.scale!r}")
-    x = (x - mean) / std
+    x = pixels.astype(np.float32)
+    if config.scale == "unit":
+        x = x / np.float32(255)
+    if config.mean is not None:  # None: the model normalises inside (a Keras or OpenVINO model)
+        mean = np.asarray(config.mean, np.float32)
+        std = np.asarray(config.std, np.float32)
+        if config.scale == "255":
+            mean, std = mean * np.float32(255), std * np.float32(255)
+        x = (x - mean) / std
     if config.channel_order == "BGR":
         x = x[..., ::-1]
     elif config.channel_order != "RGB":

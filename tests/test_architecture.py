@@ -10,13 +10,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "npconvnext"
 # module (dotted, below npconvnext) -> layer; a module may import only from lower layers,
 # or from its own layer where ALLOWED_SIDEWAYS says so
 LAYERS = {
-    "config": 0, "errors": 0, "layers": 0, "atomic": 0, "labels": 0, "hub": 0, "preprocessing": 0,
-    "params": 1,
-    "formats": 2, "network": 2, "engine": 2,
-    "model": 3,
-    "factory": 4,
-    "convert": 5, "summary": 5, "oracle": 5, "train": 5, "__init__": 5,
-    "cli": 6, "__main__": 7,
+    "errors": 0,
+    "config": 1, "convention": 1, "layers": 1, "atomic": 1, "labels": 1, "hub": 1, "preprocessing": 1,
+    "params": 2,
+    "formats": 3, "network": 3, "engine": 3,
+    "model": 4,
+    "factory": 5,
+    "convert": 6, "summary": 6, "oracle": 6, "train": 6, "__init__": 6,
+    "cli": 7, "__main__": 8,
 }
 ALLOWED_SIDEWAYS = {("engine", "network"), ("preprocessing", "hub"), ("__init__", "train")}
 FRAMEWORKS = ("torch", "tensorflow", "keras", "openvino", "timm", "transformers", "jax")

@@ -8,6 +8,7 @@ from PIL import Image
 
 import npconvnext
 from npconvnext.errors import TrainingError
+from npconvnext.formats.data_config import data_config_for_weights
 from npconvnext.formats import read_safetensors, read_safetensors_with_metadata
 from npconvnext.train.finetune import Recipe, finetune
 
@@ -42,7 +43,7 @@ def test_output_loads_in_timm_with_the_class_names(digits_folder, tmp_path):
     assert [r.epoch for r in reports] == [1, 2] and all(r.val_top1 is not None for r in reports)
     _, metadata = read_safetensors_with_metadata(str(out))
     assert metadata["class_names"] == '["one", "seven", "zero"]'
-    config = npconvnext.preprocessing.data_config_for_weights(str(out))
+    config = data_config_for_weights(str(out))
     assert config.input_size == (32, 32) and config.mean == npconvnext.data_config("convnext_atto").mean
     # the overlay must carry num_classes too: timm drops a classifier whose size differs from its cfg's
     net = timm.create_model("convnext_atto", num_classes=3, pretrained=True,

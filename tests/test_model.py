@@ -1,5 +1,6 @@
 """The model's contract beyond parity: strict loading, input checks, no torch at import."""
 
+import os
 import subprocess
 import sys
 
@@ -196,3 +197,53 @@ def test_weights_of_a_safetensors_file_are_used_in_place_and_a_callers_arrays_ar
     for array in state.values():
         array[...] = 0  # the caller reuses its arrays: the model must not see it
     np.testing.assert_array_equal(model(x), before)
+
+
+def test_nhwc_models_take_channels_last_input_as_it_is(atto_state):
+    from npconvnext.convention import InputConvention
+    from npconvnext.model import ConvNeXt
+
+    nchw = npconvnext.create_model("convnext_atto", weights=atto_state)
+    nhwc = ConvNeXt(nchw.config, atto_state, input_convention=InputConvention(layout="NHWC"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 32)).astype(np.float32)
+    np.testing.assert_array_equal(nhwc(x.transpose(0, 2, 3, 1)), nchw(x))
+    assert nhwc.data_config.layout == "NHWC"
+    with pytest.raises(npconvnext.InputError, match=r"\(N, H, W, 3\) \(NHWC\)"):
+        nhwc(x)
+
+
+def test_a_model_that_normalises_inside_takes_what_its_framework_took(atto_state):
+    from npconvnext.convention import InputConvention
+    from npconvnext.model import ConvNeXt
+
+    timm_style = npconvnext.create_model("convnext_atto", weights=atto_state)
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    open_model_zoo_style = ConvNeXt(timm_style.config, atto_state, input_convention=InputConvention(
+        channel_order="BGR", scale="255", mean=mean, std=std, source="test"))
+    config = open_model_zoo_style.data_config
+    assert (config.channel_order, config.scale, config.mean, config.std) == ("BGR", "255", None, None)
+    photo = os.path.join(os.path.dirname(__file__), "data", "chelsea.png")
+    bgr = npconvnext.preprocess(photo, config)                         # (3, H, W) raw BGR 0-255
+    assert bgr.max() > 200 and bgr.min() >= 0                          # not normalised by preprocess
+    expected = timm_style(npconvnext.preprocess(photo, timm_style.data_config)[None])
+    actual = open_model_zoo_style(bgr[None])
+    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_models_carry_the_preprocessing_of_their_source(atto_state, tmp_path):
+    tiny = random_state_dict(npconvnext.get_config("convnext_tiny"), seed=0)
+    tagged = npconvnext.create_model("convnext_tiny.fb_in22k_ft_in1k_384", weights=tiny)
+    assert tagged.data_config == npconvnext.data_config("convnext_tiny.fb_in22k_ft_in1k_384")
+    assert (tagged.data_config.input_size, tagged.data_config.crop_mode) == ((384, 384), "squash")
+    assert "convnext_tiny.fb_in22k_ft_in1k_384" in tagged.describe()
+
+    from npconvnext.model import ConvNeXt
+    from npconvnext.train.finetune import write_weights
+
+    path = tmp_path / "ft.safetensors"
+    config = npconvnext.DataConfig(input_size=(288, 288), crop_pct=1.0, crop_mode="squash")
+    write_weights(str(path), ConvNeXt(npconvnext.get_config("convnext_atto"), atto_state), ("a",), config)
+    from_file = npconvnext.create_model(None, weights=path)
+    assert from_file.data_config == config
+    assert str(path) in from_file.describe() and "288x288" in from_file.describe()
+    assert npconvnext.create_model("convnext_atto", weights=atto_state).data_config == npconvnext.data_config("convnext_atto")

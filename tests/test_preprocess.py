@@ -13,7 +13,8 @@ from PIL import Image
 
 import npconvnext
 from npconvnext.errors import CheckpointError, ImageError
-from npconvnext.preprocessing import DataConfig, data_config_for_weights, open_image, preprocess
+from npconvnext.formats.data_config import data_config_for_weights
+from npconvnext.preprocessing import DataConfig, open_image, preprocess
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]

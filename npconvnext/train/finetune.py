@@ -205,7 +205,7 @@ def finetune(data_dir: str, output: str, model_name: str = "convnext_tiny", weig
 
 def write_weights(path: str, model: ConvNeXt, classes: tuple[str, ...], config: DataConfig) -> None:
     """timm-named float32 safetensors with the class names and the evaluation transform (in timm's
-    pretrained-config fields, as `preprocessing.data_config_for_weights` reads them) in the metadata."""
+    pretrained-config fields, as `formats.data_config.data_config_for_weights` reads them) in the metadata."""
     timm_cfg = {"input_size": [3, *config.input_size], "crop_pct": config.crop_pct, "crop_mode": config.crop_mode,
                 "interpolation": config.interpolation, "mean": list(config.mean), "std": list(config.std)}
     metadata = {"architecture": model.config.name, "num_classes": str(model.config.num_classes),

@@ -1,0 +1,45 @@
+"""The evaluation preprocessing a weight file carries: in its own metadata, or beside it as timm's
+hub repos keep it (`config.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import CheckpointError
+from ..preprocessing import TIMM_FIELDS, DataConfig, from_timm_cfg
+from .safetensors import read_safetensors_with_metadata
+
+
+def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
+    """The evaluation preprocessing that a weight file carries, or None when nothing says.
+
+    Looked for, in order: the file's safetensors metadata key "data_config" (a JSON object with
+    timm's pretrained-config fields: input_size [3, H, W], crop_pct, crop_mode, interpolation,
+    mean, std); then the "pretrained_cfg" of a timm `config.json` beside the file, as timm's hub
+    repos keep it. A file a user converted or fine-tuned at 384 pixels is thus evaluated at 384.
+    """
+    path = os.fspath(path)
+    cfg, source = None, path
+    if path.endswith(".safetensors"):
+        text = read_safetensors_with_metadata(path)[1].get("data_config")
+        if text is not None:
+            try:
+                cfg = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path}: metadata data_config is not valid JSON ({exc})") from None
+    if cfg is None:
+        source = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        try:
+            with open(source, "rb") as f:  # bounded: label names make it large, never this large
+                cfg = json.loads(f.read(64 << 20)).get("pretrained_cfg")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{source}: cannot read timm's pretrained_cfg ({exc})") from None
+    if not isinstance(cfg, dict) or not any(cfg.get(k) is not None for k in TIMM_FIELDS):
+        return None
+    try:
+        return from_timm_cfg(cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
