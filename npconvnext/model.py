@@ -15,7 +15,7 @@ import numpy as np
 
 from . import engine, network
 from .config import ConvNeXtConfig
-from .convention import TIMM, InputConvention
+from .convention import TIMM, Convention
 from .errors import InputError
 from .preprocessing import DataConfig
 from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, to_compute_layout,
@@ -55,22 +55,23 @@ class ConvNeXt:
     name in compute layout; `state_dict()` gives copies in timm's layouts, and
     `load_state_dict` replaces them.
 
-    `input_convention` says what the model takes (layout, channel order, pixel range) and
-    whether it normalises inside, as the framework that wrote its file did (see convention.py);
+    `convention` says what the model takes (layout, channel order, pixel range), whether it
+    normalises inside and whether it ends in a softmax, as the model in its file did (see
+    convention.py);
     `data_config` is the preprocessing that gives exactly that input:
     `model(np.stack([npconvnext.preprocess(path, model.data_config)]))`.
     """
 
     def __init__(self, config: ConvNeXtConfig, state_dict: Mapping[str, np.ndarray],
                  dtype: str | np.dtype = "float32", backend: str = "numba", source: str = "weights",
-                 input_convention: InputConvention = TIMM, data_config: DataConfig | None = None,
+                 convention: Convention = TIMM, data_config: DataConfig | None = None,
                  data_config_source: str = "timm's defaults"):
         self.config = config
         self.dtype = _as_dtype(dtype)
         self.backend = backend
         self.source = source
-        self.input_convention = input_convention
-        self.data_config = _with_convention(data_config or DataConfig(), input_convention)
+        self.convention = convention
+        self.data_config = _with_convention(data_config or DataConfig(), convention)
         self.data_config_source = data_config_source
         self.frozen: set[str] = set()  # timm names an optimizer leaves alone (see requires_grad_)
         self.load_state_dict(state_dict, source)
@@ -138,8 +139,13 @@ class ConvNeXt:
         return self.forward(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Logits. x: (N, 3, H, W) normalised images -> (N, num_classes)"""
-        return self._run(network.forward, self._to_channels_last(x))
+        """Logits (or probabilities, if the model's file ends in a softmax: see `convention`).
+        x: (N, 3, H, W) normalised images, or what `convention` says -> (N, num_classes)"""
+        logits = self._run(network.forward, self._to_channels_last(x))
+        if self.convention.outputs == "probabilities":
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return shifted / shifted.sum(axis=1, keepdims=True)
+        return logits
 
     def forward_features(self, x: np.ndarray) -> np.ndarray:
         """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32) (NCHW, as
@@ -199,7 +205,7 @@ class ConvNeXt:
 
     def describe(self) -> str:
         """Where the weights, the input convention and the preprocessing come from, in a few lines."""
-        conv, data = self.input_convention, self.data_config
+        conv, data = self.convention, self.data_config
         inside = (f"normalised inside the model: (x - {list(conv.mean)}) / {list(conv.std)}" if conv.normalises_inside
                   else f"normalised by the caller: mean {list(data.mean)}, std {list(data.std)} on [0, 1] pixels")
         return "\n".join([
@@ -207,7 +213,7 @@ class ConvNeXt:
             f"{self.dtype.name}, backend {self.backend}",
             f"weights: {self.source}",
             f"input: {conv.layout} {conv.channel_order}, {'0-255' if conv.scale == '255' else '0-1'} pixels, "
-            f"{inside} (convention of {conv.source})",
+            f"{inside}; outputs {conv.outputs} (convention of {conv.source})",
             f"preprocessing: {data.input_size[0]}x{data.input_size[1]}, crop_pct {data.crop_pct}, {data.crop_mode}, "
             f"{data.interpolation} (from {self.data_config_source})",
         ])
@@ -227,7 +233,7 @@ class ConvNeXt:
 
     def _to_channels_last(self, x: np.ndarray) -> np.ndarray:
         """The caller's images as the network takes them: channels last, RGB, normalised."""
-        convention = self.input_convention
+        convention = self.convention
         x = to_channels_last(x, self.config, self.dtype, convention.layout)
         if convention.channel_order == "BGR":
             x = x[..., ::-1]
@@ -255,7 +261,7 @@ def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype, lay
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _with_convention(data_config: DataConfig, convention: InputConvention) -> DataConfig:
+def _with_convention(data_config: DataConfig, convention: Convention) -> DataConfig:
     """The preprocessing that gives a model of this convention its input."""
     inside = convention.normalises_inside
     return replace(data_config, layout=convention.layout, channel_order=convention.channel_order,

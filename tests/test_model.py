@@ -200,11 +200,11 @@ def test_weights_of_a_safetensors_file_are_used_in_place_and_a_callers_arrays_ar
 
 
 def test_nhwc_models_take_channels_last_input_as_it_is(atto_state):
-    from npconvnext.convention import InputConvention
+    from npconvnext.convention import Convention
     from npconvnext.model import ConvNeXt
 
     nchw = npconvnext.create_model("convnext_atto", weights=atto_state)
-    nhwc = ConvNeXt(nchw.config, atto_state, input_convention=InputConvention(layout="NHWC"))
+    nhwc = ConvNeXt(nchw.config, atto_state, convention=Convention(layout="NHWC"))
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 32)).astype(np.float32)
     np.testing.assert_array_equal(nhwc(x.transpose(0, 2, 3, 1)), nchw(x))
     assert nhwc.data_config.layout == "NHWC"
@@ -213,12 +213,12 @@ def test_nhwc_models_take_channels_last_input_as_it_is(atto_state):
 
 
 def test_a_model_that_normalises_inside_takes_what_its_framework_took(atto_state):
-    from npconvnext.convention import InputConvention
+    from npconvnext.convention import Convention
     from npconvnext.model import ConvNeXt
 
     timm_style = npconvnext.create_model("convnext_atto", weights=atto_state)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-    open_model_zoo_style = ConvNeXt(timm_style.config, atto_state, input_convention=InputConvention(
+    open_model_zoo_style = ConvNeXt(timm_style.config, atto_state, convention=Convention(
         channel_order="BGR", scale="255", mean=mean, std=std, source="test"))
     config = open_model_zoo_style.data_config
     assert (config.channel_order, config.scale, config.mean, config.std) == ("BGR", "255", None, None)
