@@ -3,8 +3,8 @@
 What is counted: the multiply-accumulates of the convolutions and linears only. Each costs
 (input values per output element) MACs per output element, plus one per output element for
 its bias; norms, GELU, GRN, layer scale, residual adds and pooling count nothing. GFLOPs are
-2 x MACs. For convnext_tiny at 224 this is 4,468,966,888 MACs, 8.9379 GFLOPs (cards that count
-the norms and activations too, such as Open Model Zoo's 8.9419, come out a little higher).
+2 x MACs. For convnext_tiny at 224 this is 4,468,966,888 MACs, 8.9379 GFLOPs; model cards that
+count other operations too print other figures.
 """
 
 from __future__ import annotations
