@@ -30,10 +30,14 @@ class CommandError(Exception):
     """An error to print as one line on stderr with exit status 1."""
 
 
-def _shown(path: str) -> str:
-    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become
-    backslash escapes such as \\xff, which any output stream can encode."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+def _shown(text: str) -> str:
+    """A file name, or a message holding one, as printable text: bytes of a name that are not
+    UTF-8 (which Python keeps as lone surrogates) become backslash escapes such as \\xff."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _image_paths(inputs: list[str]) -> list[str]:
@@ -45,9 +49,9 @@ def _image_paths(inputs: list[str]) -> list[str]:
         elif os.path.exists(item):
             paths.append(item)
         else:
-            raise CommandError(f"{item}: no such file or directory")
+            raise CommandError(f"{_shown(item)}: no such file or directory")
     if not paths:
-        raise CommandError("no images found in " + ", ".join(inputs))
+        raise CommandError("no images found in " + ", ".join(map(_shown, inputs)))
     return paths
 
 
@@ -93,7 +97,7 @@ def _batches(paths, config, batch_size):
                 arrays.append(preprocessing.preprocess(path, config))
                 good.append(path)
             except (ValueError, OSError, MemoryError) as exc:  # ValueError includes NpConvNeXtError
-                reason = _describe(exc)
+                reason = _shown(_describe(exc))
                 if not reason.startswith(_shown(path)):
                     reason = f"{_shown(path)}: {reason}"
                 print(f"warning: skipped {reason}", file=sys.stderr)
@@ -150,8 +154,6 @@ def cmd_evaluate(args):
 
     model, config = _load_model(args)
     index_of = {c.wnid: c.index for c in imagenet_classes()}
-    if args.limit is not None and args.limit < 1:
-        raise CommandError(f"--limit must be at least 1, not {args.limit}")
     by_class: dict[int, list[str]] = {}
     for wnid in sorted(os.listdir(args.directory)):
         folder = os.path.join(args.directory, wnid)
@@ -195,7 +197,7 @@ def balanced_subset(by_class: dict[int, list[str]], limit: int, seed: int) -> di
     while taken < limit and any(queues.values()):
         for c in order:
             if queues[c] and taken < limit:
-                picked.setdefault(c, []).append(queues[c].pop(0))
+                picked.setdefault(c, []).append(queues[c].pop())
                 taken += 1
     return {c: sorted(picked[c]) for c in classes if c in picked}
 
@@ -332,6 +334,13 @@ def cmd_parity(args):
         raise CommandError(f"parity failed: {sum(not r.ok for r in rows)} tensors past tolerance {tolerance:g}")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npconvnext", description="ConvNeXt in NumPy: classify images, "
                                      "extract embeddings, evaluate, inspect and convert weights.")
@@ -341,13 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help=f"architecture or arch.tag (default {DEFAULT_MODEL}; "
                        "with --weights, read off the file)")
         p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
-        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--batch-size", type=_at_least_one, default=8)
         p.add_argument("--input-size", type=int, default=None, help="override the crop size")
 
     p = sub.add_parser("classify", help="top-k ImageNet classes per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     model_options(p)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_at_least_one, default=5)
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per image")
     p.set_defaults(run=cmd_classify)
 
@@ -360,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 over an ImageNet-style folder (one sub-folder per wnid)")
     p.add_argument("directory")
     model_options(p)
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=_at_least_one, default=None, metavar="N",
                    help="evaluate N images: a random subset drawn with --seed, balanced over the classes "
                    "(as equal a count per class as N allows), not the first N files")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
@@ -417,7 +426,7 @@ def _describe(exc: BaseException) -> str:
     """An error as the text a user needs: for an OS error, the file and the reason."""
     if isinstance(exc, OSError) and exc.strerror:
         named = isinstance(exc.filename, (str, bytes)) and exc.filename
-        return f"{_shown(os.fsdecode(exc.filename))}: {exc.strerror}" if named else exc.strerror
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror}" if named else exc.strerror
     if isinstance(exc, MemoryError):
         return f"out of memory{f' ({exc})' if str(exc) else ''}"
     return str(exc) or type(exc).__name__
@@ -430,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     # NpConvNeXtError is npconvnext's refusal of a bad input; plain ValueError and RuntimeError
     # are still raised for some (an unknown model name, an unreachable hub)
     except (CommandError, NpConvNeXtError, ValueError, RuntimeError, OSError) as exc:
-        print(f"npconvnext {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        print(f"npconvnext {args.command}: error: {_shown(_describe(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"npconvnext {args.command}: interrupted", file=sys.stderr)

@@ -66,7 +66,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = N
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
-    tensors, metadata = _fresh_conversion(src, arch)
+    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch)
     atomic_write(dst, safetensors_chunks(tensors, metadata))
     return metadata
 
@@ -79,7 +79,7 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
     problem (a different source, a file not written by `convert`, tampered tensors).
     """
     converted, source = os.fspath(converted), os.fspath(source)
-    metadata = read_safetensors_with_metadata(converted)[1]
+    metadata = _without_frames(converted, read_safetensors_with_metadata, converted)[1]
     if metadata.get("converted_by") != "npconvnext" or "source_sha256" not in metadata:
         raise CheckpointError(f"{converted}: not written by `npconvnext convert` (its metadata has no "
                               "source_sha256), so there is nothing to verify it against")
@@ -87,10 +87,10 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
     if recorded != actual:
         raise CheckpointError(f"{converted}: was converted from a file with sha256 {recorded}, but "
                               f"{source} has sha256 {actual}: a different file, or changed since")
-    fresh, fresh_metadata = _fresh_conversion(source, metadata.get("architecture"))
+    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, metadata.get("architecture"))
     problems = [f"metadata {k}: {metadata.get(k)!r}, a fresh conversion gives {fresh_metadata[k]!r}"
                 for k in _CONTENT_FIELDS if metadata.get(k) != fresh_metadata[k]]
-    problems += _differences(read_safetensors_with_metadata(converted)[0], fresh)
+    problems += _without_frames(converted, _differences, converted, fresh)
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise CheckpointError(f"{converted}: does not match a fresh conversion of {source}:\n  "
@@ -98,8 +98,9 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
     return metadata
 
 
-def _differences(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray]) -> list[str]:
+def _differences(converted: str, fresh: Mapping[str, np.ndarray]) -> list[str]:
     """What differs between a converted file's tensors and a fresh conversion's, one line each."""
+    stored = read_safetensors_with_metadata(converted)[0]
     problems = [f"missing tensor {name}" for name in fresh if name not in stored]
     problems += [f"unexpected tensor {name}" for name in stored if name not in fresh]
     for name, expected in fresh.items():
@@ -115,18 +116,20 @@ def _differences(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarra
     return problems
 
 
-def _fresh_conversion(src: str, arch: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The tensors and metadata `convert` writes for `src`; errors name `src`."""
+def _without_frames(path: str, fn, *args):
+    """fn(*args), with a CheckpointError raised again as a fresh one that names `path`.
+
+    Raised outside the handler, the new error keeps no link to the failed call's frames, which
+    hold the memory-mapped or open file for as long as the error lives."""
     try:
-        return _convert_in_memory(src, arch)
+        return fn(*args)
     except CheckpointError as exc:
         message = str(exc)
-    # Raised outside the handler, so the error keeps no link to the failed attempt's frames,
-    # which hold the memory-mapped source open for as long as the error lives.
-    raise CheckpointError(message if message.startswith(src) else f"{src}: {message}")
+    raise CheckpointError(message if message.startswith(path) else f"{path}: {message}")
 
 
 def _convert_in_memory(src: str, arch: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata `convert` writes for `src`."""
     raw, container = read_checkpoint(src)
     naming = detect_naming(raw)
     state = to_timm_names(raw, get_config(arch) if arch else None)

@@ -236,7 +236,6 @@ def test_convert_and_errors(weights, tmp_path):
     (["summary", "convnext_huge"], "unknown ConvNeXt architecture 'convnext_huge'"),
     (["features", DATA, "--weights", "{tmp}/garbage.bin", "-o", "{tmp}/x.npy"], "{tmp}/garbage.bin: "),
     (["evaluate", "{tmp}/missing-dir", "--weights", "{weights}"], "{tmp}/missing-dir: No such file or directory"),
-    (["evaluate", DATA, "--weights", "{weights}", "--limit", "0"], "--limit must be at least 1, not 0"),
 ])
 def test_bad_input_is_one_line_and_no_traceback(weights, tmp_path, args, message):
     (tmp_path / "garbage.bin").write_bytes(b"this is not a checkpoint")
@@ -244,3 +243,10 @@ def test_bad_input_is_one_line_and_no_traceback(weights, tmp_path, args, message
     err = run(*args, ok=False).stderr
     assert len(err.splitlines()) == 1 and err.startswith(f"npconvnext {args[0]}: error: "), err
     assert message.format(tmp=tmp_path) in err, err
+
+
+def test_counts_must_be_positive():
+    for option in ("--limit", "--batch-size"):
+        err = run("evaluate", DATA, option, "0", ok=False).stderr
+        assert f"npconvnext evaluate: error: argument {option}: must be at least 1, not 0" in err
+    assert "argument --top-k: must be at least 1, not -1" in run("classify", DATA, "--top-k", "-1", ok=False).stderr

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -188,18 +189,33 @@ def test_cli_write_error_is_one_line(tmp_path, src):
     assert err == f"npconvnext convert: error: cannot write {missing}: No such file or directory\n"
 
 
-def _maps_mention(path) -> bool:
+def _holds(path) -> bool:
+    """Whether this process has `path` memory-mapped or open."""
     with open("/proc/self/maps") as f:
-        return str(path) in f.read()
+        if str(path) in f.read():
+            return True
+    return str(path) in _open_files_in(os.getpid(), os.path.dirname(path))
 
 
-def test_a_failed_conversion_keeps_no_map_of_the_source(tmp_path, src):
-    """The error must not keep the memory-mapped source alive (it would hold the file's pages
-    and, on some systems, stop it from being replaced) for as long as the caller keeps it."""
-    with pytest.raises(CheckpointError, match="wrong shape") as err:
-        convert(src, tmp_path / "out.safetensors", arch="convnext_tiny")
+def _bad_zip(path):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/notes.txt", "a zip, but no data.pkl")
+
+
+@pytest.mark.parametrize("make, arch, message", [
+    (None, "convnext_tiny", "wrong shape"),                                  # a good file, the wrong arch
+    (lambda p: p.write_bytes((5).to_bytes(8, "little") + b"{nope"), None, "not valid JSON"),
+    (_bad_zip, None, "not a PyTorch checkpoint"),
+], ids=["wrong-arch", "bad-safetensors-header", "zip-without-pickle"])
+def test_a_failed_conversion_keeps_nothing_open(tmp_path, src, make, arch, message):
+    """The error must not keep the source mapped or open (holding its pages and, on some
+    systems, stopping it from being replaced) for as long as the caller keeps the error."""
+    if make:
+        make(src)
+    with pytest.raises(CheckpointError, match=message) as err:
+        convert(src, tmp_path / "out.safetensors", arch=arch)
     assert str(err.value).startswith(f"{src}: ")
-    assert not _maps_mention(src)
+    assert not _holds(src)
     assert sorted(os.listdir(tmp_path)) == ["src.safetensors"]
 
 
