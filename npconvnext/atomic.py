@@ -2,9 +2,11 @@
 
 On Linux the data goes into an unnamed file (O_TMPFILE) in the destination's directory, which
 the kernel frees if the process dies before it is named; only a complete, fsynced file is then
-linked in and renamed over the destination. Elsewhere (or where the filesystem has no
-O_TMPFILE) a hidden temporary file is used and removed on any error. Either way the file is
-created with mode 0o666 and the kernel applies the umask: the process umask is never touched.
+given a hidden name and renamed over the destination (a kill in the instant between those two
+system calls is the one way to leave the hidden name behind). Elsewhere, or where the
+filesystem has no O_TMPFILE, a hidden named temporary file is used, removed on any error but
+not on a kill. Either way the file is created with mode 0o666 and the kernel applies the umask:
+the process umask is never read or changed.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 
 def atomic_write(path: str | os.PathLike, payload: bytes | Iterable[bytes]) -> None:
     """Write `payload` (bytes, or an iterable of bytes-like chunks written in order) to `path`
-    atomically and durably: readers see the old file or the whole new one, and a failure or a
-    kill leaves the directory as it was. Errors name `path`, never the temporary file."""
+    atomically and durably: readers see the old file or the whole new one, and a failure (on
+    Linux, a kill too) leaves the directory as it was. Errors name `path`, never a temporary file."""
     path = os.fspath(path)
     chunks = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
     directory = os.path.dirname(os.path.abspath(path))
