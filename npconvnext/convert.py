@@ -19,11 +19,12 @@ from .atomic import atomic_write
 from .config import get_config
 from .errors import CheckpointError
 from .formats import detect_naming, read_checkpoint, read_safetensors_with_metadata, to_timm_names
+from .formats.safetensors import _DTYPES as _READ_DTYPES
 from .model import ConvNeXt
 from .params import detect_architecture
 
-_SAFETENSORS_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                       np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+# the reader's table inverted (NumPy has no bfloat16 to write)
+_SAFETENSORS_DTYPES = {np.dtype(t): name for name, t in _READ_DTYPES.items() if t != "bfloat16"}
 # metadata fields that describe the source's content (its file name may differ between copies)
 _CONTENT_FIELDS = ("architecture", "num_classes", "source_sha256", "source_format", "format", "converted_by")
 
@@ -43,7 +44,7 @@ def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
     are sorted; tensors follow the mapping's order; the header is padded with spaces to a
     multiple of 8 bytes, as safetensors pads it. Yields the header, then each tensor's bytes.
     """
-    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    arrays = {name: np.asarray(a, order="C") for name, a in tensors.items()}  # keeps 0-d arrays 0-d
     header: dict[str, object] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
     offset = 0
     for name, a in arrays.items():
@@ -56,7 +57,7 @@ def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
     raw += b" " * (-len(raw) % 8)
     yield len(raw).to_bytes(8, "little") + raw
     for a in arrays.values():
-        yield memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B")
+        yield memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,

@@ -87,6 +87,29 @@ def test_converting_twice_gives_identical_bytes(tmp_path, src):
     assert a == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
 
 
+def test_safetensors_writer_is_read_back_by_safetensors(tmp_path):
+    """Every dtype the readers know, 0-d, empty and non-contiguous arrays, metadata in any order."""
+    from safetensors.numpy import load
+
+    from npconvnext.convert import safetensors_chunks
+
+    rng = np.random.default_rng(0)
+    tensors = {"scalar": np.float32(3.5).reshape(()), "empty": np.zeros((0, 3)), "strided": np.arange(12.0)[::3],
+               "transposed": rng.standard_normal((3, 4)).T, **{f"t{i}": (rng.standard_normal(5) * 9).astype(t)
+               for i, t in enumerate((np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_))}}
+    metadata = {"zeta": "1", "alpha": "2", "mid": "3"}
+    data = b"".join(bytes(c) for c in safetensors_chunks(tensors, metadata))
+    assert data == b"".join(bytes(c) for c in safetensors_chunks(tensors, dict(reversed(metadata.items()))))
+    loaded = load(data)
+    assert loaded.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape, name
+        np.testing.assert_array_equal(loaded[name], value)
+    (tmp_path / "x.safetensors").write_bytes(data)
+    with safe_open(str(tmp_path / "x.safetensors"), "np") as f:
+        assert f.metadata() == metadata
+
+
 def test_interrupted_write_leaves_nothing(tmp_path, src, write_path, monkeypatch):
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"precious")
