@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,20 @@ def _open_files_in(pid, directory):
         except OSError:
             pass
     return [t for t in targets if os.path.dirname(t) == str(directory)]
+
+
+def test_data_then_directory_are_synced(tmp_path, write_path, monkeypatch):
+    """Durable: the file's data is fsynced before the rename, and the directory after it."""
+    real_fsync, synced = os.fsync, []
+
+    def record(fd):
+        info = os.fstat(fd)
+        synced.append("directory" if stat.S_ISDIR(info.st_mode) else f"file of {info.st_size} bytes")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    atomic.atomic_write(tmp_path / "out.bin", b"abcdefg")
+    assert synced == ["file of 7 bytes", "directory"]
 
 
 def test_killed_conversion_leaves_no_file(tmp_path, src):
