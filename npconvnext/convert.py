@@ -88,7 +88,8 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
     if recorded != actual:
         raise CheckpointError(f"{converted}: was converted from a file with sha256 {recorded}, but "
                               f"{source} has sha256 {actual}: a different file, or changed since")
-    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, metadata.get("architecture"))
+    # the architecture is read off the source, as the recorded one is what is being checked
+    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, None)
     problems = [f"metadata {k}: {metadata.get(k)!r}, a fresh conversion gives {fresh_metadata[k]!r}"
                 for k in _CONTENT_FIELDS if metadata.get(k) != fresh_metadata[k]]
     problems += _without_frames(converted, _differences, converted, fresh)

@@ -308,3 +308,14 @@ def test_verify_a_match_a_different_source_and_a_tampered_file(tmp_path, src):
 
     with pytest.raises(CheckpointError, match="not written by `npconvnext convert`"):
         verify(src, src)  # a file with no record of its source
+
+    # right tensors and hash, but metadata claiming another architecture
+    from npconvnext.convert import safetensors_chunks
+
+    with safe_open(str(dst), "np") as f:
+        metadata = dict(f.metadata(), architecture="convnext_femto")
+    relabelled = tmp_path / "relabelled.safetensors"
+    relabelled.write_bytes(b"".join(bytes(c) for c in safetensors_chunks(load_file(src), metadata)))
+    with pytest.raises(CheckpointError, match="metadata architecture: 'convnext_femto', a fresh conversion "
+                                              "gives 'convnext_atto'"):
+        verify(relabelled, src)
