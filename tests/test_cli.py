@@ -236,7 +236,8 @@ def test_convert_and_errors(weights, tmp_path):
     (["summary", "convnext_huge"], "unknown ConvNeXt architecture 'convnext_huge'"),
     (["features", DATA, "--weights", "{tmp}/garbage.bin", "-o", "{tmp}/x.npy"], "{tmp}/garbage.bin: "),
     (["evaluate", "{tmp}/missing-dir", "--weights", "{weights}"], "{tmp}/missing-dir: No such file or directory"),
-])
+], ids=["classify-garbage-weights", "convert-garbage", "convert-missing", "verify-garbage", "summary-unknown",
+        "features-garbage-weights", "evaluate-missing-dir"])
 def test_bad_input_is_one_line_and_no_traceback(weights, tmp_path, args, message):
     (tmp_path / "garbage.bin").write_bytes(b"this is not a checkpoint")
     args = [a.format(tmp=tmp_path, weights=weights) for a in args]
