@@ -117,7 +117,9 @@ def cmd_classify(args):
 
     model, config = _load_model(args)
     labels = imagenet_labels() if model.config.num_classes == 1000 else None
+    classified = 0
     for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
+        classified += len(paths)
         probs = _softmax(model(x).astype(np.float64))
         for path, p in zip(paths, probs):
             top = np.argsort(-p)[: args.top_k]
@@ -129,6 +131,8 @@ def cmd_classify(args):
                 print(_shown(path))
                 for i, name in zip(top, names):
                     print(f"  {p[i]:7.2%}  {name} ({i})")
+    if not classified:
+        raise CommandError("none of the images could be read (see the warnings above)")
 
 
 def cmd_features(args):
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --weights, read off the file)")
         p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
         p.add_argument("--batch-size", type=_at_least_one, default=8)
-        p.add_argument("--input-size", type=int, default=None, help="override the crop size")
+        p.add_argument("--input-size", type=_at_least_one, default=None, help="override the crop size")
 
     p = sub.add_parser("classify", help="top-k ImageNet classes per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -378,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
     p.add_argument("model")
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--input-size", type=_at_least_one, default=224)
     p.set_defaults(run=cmd_summary)
 
     def trace_options(p):
@@ -387,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weight-seed", type=int, default=None,
                        help="seed of the random weights (default 0, or the golden file's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random input")
-        p.add_argument("--input-size", type=int, default=224)
+        p.add_argument("--input-size", type=_at_least_one, default=224)
         p.add_argument("--float64", action="store_true", help="run and store float64")
 
     p = sub.add_parser("golden", help="write the input and every activation to a safetensors file")

@@ -102,6 +102,9 @@ def test_features_equal_the_library_embeddings_in_file_order(weights, tmp_path):
 def test_no_readable_image_is_a_clear_error(weights, tmp_path):
     (tmp_path / "n01440764").mkdir()
     (tmp_path / "n01440764" / "broken.jpg").write_bytes(b"not a jpeg")
+    err = run("classify", tmp_path, "--weights", weights, ok=False).stderr
+    assert err.splitlines()[-1] == "npconvnext classify: error: none of the images could be read " \
+        "(see the warnings above)"
     err = run("features", tmp_path, "--weights", weights, "-o", tmp_path / "e.npy", ok=False).stderr
     assert err.splitlines()[-1] == "npconvnext features: error: none of the images could be read " \
         "(see the warnings above); nothing written"
