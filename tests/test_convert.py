@@ -127,14 +127,15 @@ def test_interrupted_write_leaves_nothing(tmp_path, src, write_path, monkeypatch
 
 
 def _open_files_in(pid, directory):
-    """Files process `pid` holds open in `directory`, named or not ("#123 (deleted)")."""
-    targets = []
+    """{descriptor: file} of the files process `pid` holds open in `directory`, named or not
+    ("#12 (deleted)" for an unnamed one)."""
+    held = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            held[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             pass
-    return [t for t in targets if os.path.dirname(t) == str(directory)]
+    return {fd: target for fd, target in held.items() if os.path.dirname(target) == str(directory)}
 
 
 def test_data_then_directory_are_synced(tmp_path, write_path, monkeypatch):
@@ -155,7 +156,7 @@ def test_killed_conversion_leaves_no_file(tmp_path, src):
     """SIGKILL while the converted file is being written: the directory is as it was."""
     dst = tmp_path / "out.safetensors"
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import os, time
         from npconvnext.convert import convert
 
         def stall(fd):  # the data is all written; sync never returns
@@ -168,13 +169,17 @@ def test_killed_conversion_leaves_no_file(tmp_path, src):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "written\n"
-        # the child really holds the whole file open, under no name in the directory
-        assert _open_files_in(proc.pid, tmp_path)
+        # the child holds the whole file open, under no name in the directory
+        held = _open_files_in(proc.pid, tmp_path)
+        sizes = [os.stat(f"/proc/{proc.pid}/fd/{fd}").st_size for fd in held]
         assert sorted(os.listdir(tmp_path)) == ["src.safetensors"]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert sorted(os.listdir(tmp_path)) == ["src.safetensors"]
+    (tmp_path / "ref").mkdir()
+    convert(src, tmp_path / "ref" / "out.safetensors")
+    assert sizes == [os.path.getsize(tmp_path / "ref" / "out.safetensors")]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o022, 0o644), (0o002, 0o664)],
@@ -232,7 +237,7 @@ def _holds(path) -> bool:
     with open("/proc/self/maps") as f:
         if str(path) in f.read():
             return True
-    return str(path) in _open_files_in(os.getpid(), os.path.dirname(path))
+    return str(path) in _open_files_in("self", path.parent).values()
 
 
 def _bad_zip(path):
