@@ -66,6 +66,7 @@ def read_golden(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (read-only views of the memory-mapped file) and metadata of a golden file."""
     tensors, metadata = read_safetensors_with_metadata(path)
     if "input" not in tensors:
+        del tensors  # the error must not keep the file mapped
         raise CheckpointError(f"{path}: not a golden file (no 'input' tensor)")
     return tensors, metadata
 
