@@ -1,4 +1,10 @@
-"""The `npconvnext` command: classify, features, evaluate, summary, download, convert."""
+"""The `npconvnext` command: classify, features, evaluate, summary, download, convert, verify,
+golden, parity.
+
+A bad input never shows a traceback: npconvnext's own errors, OS errors and the refusals here
+are printed as one line naming the problem, with exit status 1. File names are printed with
+undecodable bytes as backslash escapes, so any name prints on any terminal.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import replace
@@ -13,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from .atomic import atomic_write
+from .errors import NpConvNeXtError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DEFAULT_MODEL = "convnext_tiny.fb_in1k"
@@ -20,6 +28,16 @@ DEFAULT_MODEL = "convnext_tiny.fb_in1k"
 
 class CommandError(Exception):
     """An error to print as one line on stderr with exit status 1."""
+
+
+def _shown(text: str) -> str:
+    """A file name, or a message holding one, as printable text: bytes of a name that are not
+    UTF-8 (which Python keeps as lone surrogates) become backslash escapes such as \\xff."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _image_paths(inputs: list[str]) -> list[str]:
@@ -31,9 +49,9 @@ def _image_paths(inputs: list[str]) -> list[str]:
         elif os.path.exists(item):
             paths.append(item)
         else:
-            raise CommandError(f"{item}: no such file or directory")
+            raise CommandError(f"{_shown(item)}: no such file or directory")
     if not paths:
-        raise CommandError("no images found in " + ", ".join(inputs))
+        raise CommandError("no images found in " + ", ".join(map(_shown, inputs)))
     return paths
 
 
@@ -68,17 +86,21 @@ def _progress(done: int, total: int) -> None:
 
 
 def _batches(paths, config, batch_size):
-    """(paths, inputs) per batch; unreadable images are warned about and skipped."""
-    from npconvnext.preprocessing import preprocess
+    """(paths, inputs) per batch; an image that cannot be read or preprocessed, for whatever
+    reason (a bad file, an I/O error, too big for memory), is warned about and skipped."""
+    from npconvnext import preprocessing
 
     for start in range(0, len(paths), batch_size):
         good, arrays = [], []
         for path in paths[start : start + batch_size]:
             try:
-                arrays.append(preprocess(path, config))
+                arrays.append(preprocessing.preprocess(path, config))
                 good.append(path)
-            except ValueError as exc:
-                print(f"warning: skipped {exc}", file=sys.stderr)
+            except (ValueError, OSError, MemoryError) as exc:  # ValueError includes NpConvNeXtError
+                reason = _shown(_describe(exc))
+                if not reason.startswith(_shown(path)):
+                    reason = f"{_shown(path)}: {reason}"
+                print(f"warning: skipped {reason}", file=sys.stderr)
         if good:
             yield good, np.stack(arrays)
         _progress(min(start + batch_size, len(paths)), len(paths))
@@ -95,18 +117,22 @@ def cmd_classify(args):
 
     model, config = _load_model(args)
     labels = imagenet_labels() if model.config.num_classes == 1000 else None
+    classified = 0
     for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
+        classified += len(paths)
         probs = _softmax(model(x).astype(np.float64))
         for path, p in zip(paths, probs):
             top = np.argsort(-p)[: args.top_k]
             names = [labels[i] if labels else f"class {i}" for i in top]
             if args.json:
-                print(json.dumps({"file": path, "labels": names, "indices": [int(i) for i in top],
+                print(json.dumps({"file": _shown(path), "labels": names, "indices": [int(i) for i in top],
                                   "probabilities": [round(float(p[i]), 6) for i in top]}))
             else:
-                print(path)
+                print(_shown(path))
                 for i, name in zip(top, names):
                     print(f"  {p[i]:7.2%}  {name} ({i})")
+    if not classified:
+        raise CommandError("none of the images could be read (see the warnings above)")
 
 
 def cmd_features(args):
@@ -115,13 +141,16 @@ def cmd_features(args):
     for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
         chunks.append(model.forward_head(model.forward_features(x), pre_logits=True))
         files += paths
+    if not chunks:
+        raise CommandError("none of the images could be read (see the warnings above); nothing written")
     embeddings = np.concatenate(chunks)
     buffer = io.BytesIO()
     np.save(buffer, embeddings)
     atomic_write(args.output, buffer.getvalue())
     order = os.path.splitext(args.output)[0] + ".files.txt"
-    atomic_write(order, "\n".join(files).encode() + b"\n")
-    print(f"{embeddings.shape[0]} embeddings of size {embeddings.shape[1]} -> {args.output} (file order: {order})")
+    atomic_write(order, b"".join(os.fsencode(f) + b"\n" for f in files))  # the names' exact bytes
+    print(f"{embeddings.shape[0]} embeddings of size {embeddings.shape[1]} -> {_shown(args.output)} "
+          f"(file order: {_shown(order)})")
 
 
 def cmd_evaluate(args):
@@ -129,29 +158,52 @@ def cmd_evaluate(args):
 
     model, config = _load_model(args)
     index_of = {c.wnid: c.index for c in imagenet_classes()}
-    samples = []
+    by_class: dict[int, list[str]] = {}
     for wnid in sorted(os.listdir(args.directory)):
         folder = os.path.join(args.directory, wnid)
         if os.path.isdir(folder):
             if wnid not in index_of:
-                raise CommandError(f"{folder}: folder name is not an ImageNet-1k WordNet id")
-            samples += [(p, index_of[wnid]) for p in _image_paths([folder])]
-    if not samples:
-        raise CommandError(f"{args.directory}: no class folders (one per WordNet id) with images")
-    samples = samples[: args.limit] if args.limit else samples
-    truth = dict(samples)
+                raise CommandError(f"{_shown(folder)}: folder name is not an ImageNet-1k WordNet id")
+            by_class[index_of[wnid]] = _image_paths([folder])
+    if not by_class:
+        raise CommandError(f"{_shown(args.directory)}: no class folders (one per WordNet id) with images")
+    if args.limit:
+        by_class = balanced_subset(by_class, args.limit, args.seed)
+    truth = {path: index for index, paths in by_class.items() for path in paths}
     top1 = top5 = total = 0
-    for paths, x in _batches([p for p, _ in samples], config, args.batch_size):
+    for paths, x in _batches(list(truth), config, args.batch_size):
         ranked = np.argsort(-model(x), axis=-1)[:, :5]
         for path, row in zip(paths, ranked):
             total += 1
             top1 += int(row[0] == truth[path])
             top5 += int(truth[path] in row)
+    if not total:
+        raise CommandError(f"{_shown(args.directory)}: none of the {len(truth)} images could be read "
+                           "(see the warnings above)")
     report = {"model": args.model, "weights": args.weights, "images": total,
               "top1": round(100 * top1 / total, 3), "top5": round(100 * top5 / total, 3)}
     print(f"top-1 {report['top1']:.2f} %  top-5 {report['top5']:.2f} %  over {total} images")
     if args.report:
         atomic_write(args.report, json.dumps(report, indent=2).encode())
+
+
+def balanced_subset(by_class: dict[int, list[str]], limit: int, seed: int) -> dict[int, list[str]]:
+    """`limit` of the files, as evenly spread over the classes as `limit` allows, drawn at
+    random with `seed`: classes are visited in a shuffled order, one file from each per round,
+    each class's files in a shuffled order. Not the first `limit` files, which would be the
+    first classes only."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(by_class)
+    queues = {c: [by_class[c][i] for i in rng.permutation(len(by_class[c]))] for c in classes}
+    order = [classes[i] for i in rng.permutation(len(classes))]
+    picked: dict[int, list[str]] = {}
+    taken = 0
+    while taken < limit and any(queues.values()):
+        for c in order:
+            if queues[c] and taken < limit:
+                picked.setdefault(c, []).append(queues[c].pop())
+                taken += 1
+    return {c: sorted(picked[c]) for c in classes if c in picked}
 
 
 def cmd_summary(args):
@@ -171,7 +223,16 @@ def cmd_convert(args):
     from npconvnext.convert import convert
 
     meta = convert(args.src, args.dst, arch=args.arch, force=args.force)
-    print(f"{args.dst}: {meta['architecture']} from {meta['source_format']} (sha256 {meta['source_sha256'][:12]}...)")
+    print(f"{_shown(args.dst)}: {meta['architecture']} from {meta['source_format']} "
+          f"(source sha256 {meta['source_sha256']})")
+
+
+def cmd_verify(args):
+    from npconvnext.convert import verify
+
+    meta = verify(args.converted, args.source)
+    print(f"{_shown(args.converted)}: OK: {meta['architecture']} converted from {_shown(args.source)} "
+          f"(sha256 {meta['source_sha256']}); every tensor equals a fresh conversion")
 
 
 def _traced_model(args):
@@ -187,10 +248,11 @@ def _traced_model(args):
         model = npconvnext.create_model(arch if args.model else None, weights=args.weights, dtype=dtype)
         meta = {"weights_sha256": sha256_of(args.weights)}
     else:
+        seed = args.weight_seed if args.weight_seed is not None else 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = npconvnext.create_model(arch, dtype=dtype, seed=args.weight_seed)
-        meta = {"weights": f"npconvnext random_state_dict seed {args.weight_seed}"}
+            model = npconvnext.create_model(arch, dtype=dtype, seed=seed)
+        meta = {"weights": f"npconvnext random_state_dict seed {seed}", "weight_seed": str(seed)}
     config = DataConfig()
     if getattr(args, "image", None):
         x = preprocess(args.image, config)[None].astype(dtype)
@@ -212,14 +274,51 @@ def cmd_golden(args):
     print(f"{args.output}: {len(trace)} tensors, {size / 1e6:.1f} MB of {meta['dtype']}, {meta['architecture']}")
 
 
+def _golden_weights(args, meta: dict[str, str]) -> None:
+    """Point `args` at the weights the golden file was made with, as its metadata records them:
+    a weight file's sha256 (then --weights must be that file) or npconvnext's random-weights
+    seed. A golden that records neither needs --weights."""
+    from npconvnext.convert import sha256_of
+
+    golden = _shown(args.against)
+    recorded = meta.get("weights_sha256")
+    seed_text = meta.get("weight_seed")
+    if seed_text is None:  # golden files written before weight_seed was recorded on its own
+        match = re.fullmatch(r"npconvnext random_state_dict seed (\d+)", meta.get("weights", ""))
+        seed_text = match and match.group(1)
+    if recorded:
+        if not args.weights:
+            raise CommandError(f"{golden}: was made with the weight file of sha256 {recorded}; pass that "
+                               "file with --weights")
+        actual = sha256_of(args.weights)
+        if actual != recorded:
+            raise CommandError(f"{_shown(args.weights)}: sha256 {actual} is not that of the weights "
+                               f"{golden} was made with ({recorded})")
+    elif seed_text:
+        seed = int(seed_text)
+        if args.weights:
+            raise CommandError(f"{golden}: was made with npconvnext's random weights (seed {seed}), "
+                               "not a weight file: drop --weights")
+        if args.weight_seed is not None and args.weight_seed != seed:
+            raise CommandError(f"{golden}: was made with random-weights seed {seed}, not "
+                               f"--weight-seed {args.weight_seed}")
+        args.weight_seed = seed
+    elif not args.weights:
+        raise CommandError(f"{golden}: its metadata does not say which weights made it (no weights_sha256 "
+                           "or weight_seed); pass them with --weights")
+
+
 def cmd_parity(args):
     from npconvnext.oracle import TOLERANCE, compare, format_table, read_golden, timm_trace
 
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise CommandError(f"--tolerance must be 0 or more, not {args.tolerance:g}")
     if args.against:
         expected, meta = read_golden(args.against)
         dtype = "float64" if expected["input"].dtype == np.float64 else "float32"
         args.float64 = dtype == "float64"
         args.model = args.model or meta.get("architecture")
+        _golden_weights(args, meta)
         model, _, _ = _traced_model(args)
         actual = model.trace(expected["input"])
         source = args.against
@@ -231,12 +330,19 @@ def cmd_parity(args):
         except ImportError:
             raise CommandError("timm is not installed: install it, or compare with --against FILE") from None
         source, dtype = "timm", model.dtype.name
-    tolerance = args.tolerance or TOLERANCE[dtype]
+    tolerance = TOLERANCE[dtype] if args.tolerance is None else args.tolerance
     rows = compare(actual, expected, tolerance)
     print(f"npconvnext {model.config.name} ({dtype}) against {source}")
     print(format_table(rows, tolerance))
     if not all(r.ok for r in rows):
         raise CommandError(f"parity failed: {sum(not r.ok for r in rows)} tensors past tolerance {tolerance:g}")
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,13 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help=f"architecture or arch.tag (default {DEFAULT_MODEL}; "
                        "with --weights, read off the file)")
         p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--input-size", type=int, default=None, help="override the crop size")
+        p.add_argument("--batch-size", type=_at_least_one, default=8)
+        p.add_argument("--input-size", type=_at_least_one, default=None, help="override the crop size")
 
     p = sub.add_parser("classify", help="top-k ImageNet classes per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     model_options(p)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_at_least_one, default=5)
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per image")
     p.set_defaults(run=cmd_classify)
 
@@ -267,21 +373,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 over an ImageNet-style folder (one sub-folder per wnid)")
     p.add_argument("directory")
     model_options(p)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=_at_least_one, default=None, metavar="N",
+                   help="evaluate N images: a random subset drawn with --seed, balanced over the classes "
+                   "(as equal a count per class as N allows), not the first N files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
     p.add_argument("model")
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--input-size", type=_at_least_one, default=224)
     p.set_defaults(run=cmd_summary)
 
     def trace_options(p):
         p.add_argument("--model", default=None, help="architecture (default convnext_tiny, or the golden file's)")
         p.add_argument("--weights", help="weight file; default: npconvnext's seeded random weights")
-        p.add_argument("--weight-seed", type=int, default=0, help="seed of the random weights")
+        p.add_argument("--weight-seed", type=int, default=None,
+                       help="seed of the random weights (default 0, or the golden file's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random input")
-        p.add_argument("--input-size", type=int, default=224)
+        p.add_argument("--input-size", type=_at_least_one, default=224)
         p.add_argument("--float64", action="store_true", help="run and store float64")
 
     p = sub.add_parser("golden", help="write the input and every activation to a safetensors file")
@@ -293,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="layer-by-layer errors against timm, or against a golden file")
     trace_options(p)
     p.add_argument("--against", default=None, help="a golden file (from `npconvnext golden` or elsewhere)")
-    p.add_argument("--tolerance", type=float, default=None, help="max relative error (default 1e-4 f32, 1e-10 f64)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative error; 0 demands equality (default 1e-4 f32, 1e-10 f64)")
     p.set_defaults(run=cmd_parity)
 
     p = sub.add_parser("download", help="fetch pretrained weights into the huggingface-hub cache")
@@ -306,16 +417,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None)
     p.add_argument("--force", action="store_true", help="overwrite DST")
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("verify", help="check a converted file against its source: the sha256 recorded "
+                       "by convert, and every tensor against a fresh conversion")
+    p.add_argument("converted", help="a file written by `npconvnext convert`")
+    p.add_argument("source", help="the checkpoint it was converted from")
+    p.set_defaults(run=cmd_verify)
     return parser
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as the text a user needs: for an OS error, the file and the reason."""
+    if isinstance(exc, OSError) and exc.strerror:
+        named = isinstance(exc.filename, (str, bytes)) and exc.filename
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror}" if named else exc.strerror
+    if isinstance(exc, MemoryError):
+        return f"out of memory{f' ({exc})' if str(exc) else ''}"
+    return str(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CommandError, ValueError, FileExistsError, RuntimeError, OSError) as exc:
-        print(f"npconvnext {args.command}: error: {exc}", file=sys.stderr)
+    # NpConvNeXtError is npconvnext's refusal of a bad input; plain ValueError and RuntimeError
+    # are still raised for some (an unknown model name, an unreachable hub)
+    except (CommandError, NpConvNeXtError, ValueError, RuntimeError, OSError) as exc:
+        print(f"npconvnext {args.command}: error: {_shown(_describe(exc))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"npconvnext {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

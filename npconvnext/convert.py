@@ -1,26 +1,35 @@
-"""Converting any supported checkpoint to a timm-named float32 safetensors file, safely.
+"""Converting any supported checkpoint to a timm-named float32 safetensors file, and checking one.
 
-The output is written atomically (atomic.py), so an interrupted or failed conversion leaves no
-partial file, and an existing destination is never touched unless `force`.
+`convert` writes atomically (atomic.py): an interrupted, killed or failed conversion leaves no
+file, and an existing destination is never touched unless `force`. The output is a pure
+function of the source: the same source always gives the same bytes. Its metadata records the
+source's sha256, which `verify` checks, together with a fresh conversion's tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Iterator, Mapping
 
 import numpy as np
-from safetensors.numpy import save
 
 from .atomic import atomic_write
-from .errors import CheckpointError
-from .formats import detect_naming, read_checkpoint, to_timm_names
-from .params import detect_architecture
 from .config import get_config
+from .errors import CheckpointError
+from .formats import detect_naming, read_checkpoint, read_safetensors_with_metadata, to_timm_names
+from .formats.safetensors import _DTYPES as _READ_DTYPES
 from .model import ConvNeXt
+from .params import detect_architecture
+
+# the reader's table inverted (NumPy has no bfloat16 to write)
+_SAFETENSORS_DTYPES = {np.dtype(t): name for name, t in _READ_DTYPES.items() if t != "bfloat16"}
+# metadata fields that describe the source's content (its file name may differ between copies)
+_CONTENT_FIELDS = ("architecture", "num_classes", "source_sha256", "source_format", "format", "converted_by")
 
 
-def sha256_of(path: str) -> str:
+def sha256_of(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -28,27 +37,117 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def convert(src: str, dst: str, arch: str | None = None, force: bool = False) -> dict[str, str]:
+def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Iterator[bytes | memoryview]:
+    """A safetensors file, deterministically: the same tensors and metadata give the same bytes.
+
+    (safetensors' own `save` orders the metadata by a randomly seeded hash map.) Metadata keys
+    are sorted; tensors follow the mapping's order; the header is padded with spaces to a
+    multiple of 8 bytes, as safetensors pads it. Yields the header, then each tensor's bytes.
+    """
+    arrays = {name: np.asarray(a, order="C") for name, a in tensors.items()}  # keeps 0-d arrays 0-d
+    header: dict[str, object] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    offset = 0
+    for name, a in arrays.items():
+        if a.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {a.dtype} has no safetensors name here")
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    yield len(raw).to_bytes(8, "little") + raw
+    for a in arrays.values():
+        yield memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,
+            force: bool = False) -> dict[str, str]:
     """Write `src` (any supported format) as timm-named float32 safetensors at `dst`.
     Returns the metadata written into the file."""
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
+    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch)
+    atomic_write(dst, safetensors_chunks(tensors, metadata))
+    return metadata
+
+
+def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str, str]:
+    """Check that `converted` is what `convert(source)` writes: the source sha256 recorded in it
+    is `source`'s, and every tensor equals a fresh conversion's, bit for bit.
+
+    Returns the converted file's metadata; raises CheckpointError naming the file and the
+    problem (a different source, a file not written by `convert`, tampered tensors).
+    """
+    converted, source = os.fspath(converted), os.fspath(source)
+    metadata = _without_frames(converted, read_safetensors_with_metadata, converted)[1]
+    if metadata.get("converted_by") != "npconvnext" or "source_sha256" not in metadata:
+        raise CheckpointError(f"{converted}: not written by `npconvnext convert` (its metadata has no "
+                              "source_sha256), so there is nothing to verify it against")
+    recorded, actual = metadata["source_sha256"], sha256_of(source)
+    if recorded != actual:
+        raise CheckpointError(f"{converted}: was converted from a file with sha256 {recorded}, but "
+                              f"{source} has sha256 {actual}: a different file, or changed since")
+    # the architecture is read off the source, as the recorded one is what is being checked
+    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, None)
+    problems = [f"metadata {k}: {metadata.get(k)!r}, a fresh conversion gives {fresh_metadata[k]!r}"
+                for k in _CONTENT_FIELDS if metadata.get(k) != fresh_metadata[k]]
+    problems += _without_frames(converted, _differences, converted, fresh)
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise CheckpointError(f"{converted}: does not match a fresh conversion of {source}:\n  "
+                              + "\n  ".join(shown))
+    return metadata
+
+
+def _differences(converted: str, fresh: Mapping[str, np.ndarray]) -> list[str]:
+    """What differs between a converted file's tensors and a fresh conversion's, one line each."""
+    stored = read_safetensors_with_metadata(converted)[0]
+    problems = [f"missing tensor {name}" for name in fresh if name not in stored]
+    problems += [f"unexpected tensor {name}" for name in stored if name not in fresh]
+    for name, expected in fresh.items():
+        got = stored.get(name)
+        if got is None:
+            continue
+        if got.dtype != expected.dtype or got.shape != expected.shape:
+            problems.append(f"{name}: {got.dtype}{list(got.shape)}, a fresh conversion gives "
+                            f"{expected.dtype}{list(expected.shape)}")
+        elif not np.array_equal(got, expected):
+            count = int(np.count_nonzero(got != expected))
+            problems.append(f"{name}: {count} of {got.size} values differ from a fresh conversion")
+    return problems
+
+
+def _without_frames(path: str, fn, *args):
+    """fn(*args), with a CheckpointError raised again as a fresh one that names `path`.
+
+    Raised outside the handler, the new error keeps no link to the failed call's frames, which
+    hold the memory-mapped or open file for as long as the error lives."""
+    try:
+        return fn(*args)
+    except CheckpointError as exc:
+        message = str(exc)
+    raise CheckpointError(message if message.startswith(path) else f"{path}: {message}")
+
+
+def _convert_in_memory(src: str, arch: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata `convert` writes for `src`."""
     raw, container = read_checkpoint(src)
     naming = detect_naming(raw)
-    try:
-        state = to_timm_names(raw, get_config(arch) if arch else None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{src}: {exc}") from None
-    config = get_config(arch, num_classes=state["head.fc.weight"].shape[0]) if arch else detect_architecture(state)
+    state = to_timm_names(raw, get_config(arch) if arch else None)
+    if arch:
+        head = state.get("head.fc.weight")
+        num_classes = {"num_classes": int(head.shape[0])} if head is not None and head.ndim == 2 else {}
+        config = get_config(arch, **num_classes)  # no head: the strict check below reports it missing
+    else:
+        config = detect_architecture(state)
     # building the model checks every name and shape before anything is written
     model = ConvNeXt(config, state, dtype="float32", backend="numpy", source=src)
-    tensors = model.state_dict()
+    tensors = model.state_dict()  # copies: the source's mapping can go
     bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{src}: {len(bad)} tensors hold NaN or Inf: {', '.join(bad[:10])}")
     metadata = {"architecture": config.name, "num_classes": str(config.num_classes),
                 "source_sha256": sha256_of(src), "source_format": f"{container}/{naming}",
                 "source_file": os.path.basename(src), "format": "pt", "converted_by": "npconvnext"}
-    atomic_write(dst, save(tensors, metadata=metadata))
-    return metadata
+    return tensors, metadata

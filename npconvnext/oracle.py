@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from safetensors.numpy import save
 
 from .atomic import atomic_write
+from .convert import safetensors_chunks
 from .errors import CheckpointError
 from .formats import read_safetensors_with_metadata
 
@@ -58,15 +58,15 @@ def format_table(rows: list[LayerError], tolerance: float) -> str:
 
 
 def write_golden(trace: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
-    """Write a trace as safetensors, atomically (temporary file, then rename)."""
-    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in trace.items()},
-                            metadata={k: str(v) for k, v in metadata.items()}))
+    """Write a trace as safetensors, atomically (see atomic.py), the same bytes for the same trace."""
+    atomic_write(path, safetensors_chunks(trace, {k: str(v) for k, v in metadata.items()}))
 
 
 def read_golden(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (read-only views of the memory-mapped file) and metadata of a golden file."""
     tensors, metadata = read_safetensors_with_metadata(path)
     if "input" not in tensors:
+        del tensors  # the error must not keep the file mapped
         raise CheckpointError(f"{path}: not a golden file (no 'input' tensor)")
     return tensors, metadata
 

@@ -1,9 +1,10 @@
 """Layer-by-layer table of a ConvNeXt: output shapes, parameters and multiply-accumulates.
 
-Convention: a conv or linear costs one MAC per weight use plus one per output element for its
-bias (as ptflops counts), everything else (norms, GELU, layer scale, residual adds, pooling)
-none. For convnext_tiny at 224 this gives 4.47 GMACs, 8.94 GFLOPs at 2 FLOPs per MAC, the
-figure of timm's card and the Open Model Zoo card (8.9419).
+What is counted: the multiply-accumulates of the convolutions and linears only. Each costs
+(input values per output element) MACs per output element, plus one per output element for
+its bias; norms, GELU, GRN, layer scale, residual adds and pooling count nothing. GFLOPs are
+2 x MACs. For convnext_tiny at 224 this is 4,468,966,888 MACs, 8.9379 GFLOPs; model cards that
+count other operations too print other figures.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .config import ConvNeXtConfig
+from .errors import InputError
 from .params import expected_shapes
 
 
@@ -22,6 +24,10 @@ class Row(NamedTuple):
 
 
 def summarize(config: ConvNeXtConfig, input_size: tuple[int, int] = (224, 224)) -> list[Row]:
+    """One row per layer (a block is one row) for an (H, W) input; MACs as the module docstring says."""
+    if min(input_size) < config.reduction:
+        raise InputError(f"input size {input_size[0]}x{input_size[1]} is smaller than {config.name}'s total "
+                         f"stride {config.reduction}: every side must be at least {config.reduction}")
     shapes = expected_shapes(config)
 
     def params(prefix):
@@ -63,6 +69,6 @@ def format_summary(config: ConvNeXtConfig, input_size: tuple[int, int] = (224, 2
         lines.append(f"{r.name:<26} {str(r.output_shape):>16} {r.params:>12,} {r.macs:>15,}")
     params = sum(r.params for r in rows)
     macs = sum(r.macs for r in rows)
-    lines.append(f"total: {params:,} parameters ({params / 1e6:.4f} M), {macs / 1e9:.2f} GMACs "
-                 f"({2 * macs / 1e9:.4f} GFLOPs)")
+    lines.append(f"total: {params:,} parameters ({params / 1e6:.4f} M), {macs:,} MACs of convolutions "
+                 f"and linears incl. bias ({macs / 1e9:.2f} GMACs, {2 * macs / 1e9:.4f} GFLOPs)")
     return "\n".join(lines)

@@ -123,40 +123,6 @@ def test_transformers_save_pretrained(tmp_path, version, safe):
     assert error < 1e-4, error
 
 
-def test_convert_round_trip_with_metadata(tmp_path, atto, assert_matches):
-    model, state = atto
-    src = tmp_path / "official.pth"
-    torch.save({"model": official_state(state)}, src)
-    dst = tmp_path / "atto.safetensors"
-    meta = convert(src, dst)
-    assert meta["architecture"] == "convnext_atto" and meta["source_format"] == "torch-zip/official"
-    header_len = struct.unpack("<Q", dst.read_bytes()[:8])[0]
-    stored = json.loads(dst.read_bytes()[8 : 8 + header_len])["__metadata__"]
-    import hashlib
-    assert stored["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
-    assert_loads_like_timm(dst, model, assert_matches)
-    with pytest.raises(FileExistsError, match="--force"):
-        convert(src, dst)
-    convert(src, dst, force=True)
-
-
-def test_interrupted_write_leaves_nothing(tmp_path, atto, monkeypatch):
-    _, state = atto
-    src = tmp_path / "src.safetensors"
-    save_file(state, src)
-    dst = tmp_path / "out.safetensors"
-    dst.write_bytes(b"precious")
-
-    def crash(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, dst, force=True)
-    assert dst.read_bytes() == b"precious"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "src.safetensors"]
-
-
 def test_detect_architecture_every_variant():
     from npconvnext.params import expected_shapes
 

@@ -48,7 +48,17 @@ def cli(*args, ok=True):
     return out
 
 
-def test_golden_round_trip_and_parity_against_it(tmp_path):
+def parity(*args, capsys):
+    """`npconvnext parity` in this process (faster than a subprocess): exit status, stdout, stderr."""
+    from npconvnext.cli import main
+
+    status = main(["parity", *map(str, args)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+def test_golden_round_trip_and_parity_against_it(tmp_path, capsys):
     golden = tmp_path / "ref.safetensors"
     out = cli("golden", "--model", "convnext_atto", "--input-size", "64", "--float64", "-o", golden)
     assert "tensors" in out.stdout
@@ -62,12 +72,67 @@ def test_golden_round_trip_and_parity_against_it(tmp_path):
     # one perturbed tensor: the command fails and names that layer
     perturbed = tensors["stages.1.blocks.0.mlp.fc2"].copy()  # read: read-only views of the file
     perturbed[0, 0, 0, 0] += 1.0
-    tensors["stages.1.blocks.0.mlp.fc2"] = perturbed
     bad = tmp_path / "bad.safetensors"
-    write_golden(tensors, str(bad), meta)
-    out = cli("parity", "--against", bad, ok=False)
-    assert "first past it: stages.1.blocks.0.mlp.fc2" in out.stdout
-    assert "parity failed: 1 tensors past tolerance" in out.stderr
+    write_golden(dict(tensors, **{"stages.1.blocks.0.mlp.fc2": perturbed}), str(bad), meta)
+    status, out, err = parity("--against", bad, capsys=capsys)
+    assert status == 1 and "first past it: stages.1.blocks.0.mlp.fc2" in out
+    assert "parity failed: 1 tensors past tolerance" in err
+
+    # a change far below the float64 tolerance passes by default, and fails --tolerance 0
+    nudged = tensors["head.fc"] * (1 + 1e-13)
+    assert not np.array_equal(nudged, tensors["head.fc"])
+    near = tmp_path / "near.safetensors"
+    write_golden(dict(tensors, **{"head.fc": nudged}), str(near), meta)
+    assert parity("--against", near, capsys=capsys)[0] == 0
+    status, out, err = parity("--against", near, "--tolerance", "0", capsys=capsys)
+    assert status == 1 and "first past it: head.fc" in out and "past tolerance 0" in err
+
+
+def test_parity_uses_the_golden_files_weights(tmp_path, capsys):
+    """A golden made with other random weights is compared with those (its metadata says which);
+    one whose tensors come from weights other than its metadata claims fails."""
+    seeded = tmp_path / "seed3.safetensors"
+    cli("golden", "--model", "convnext_atto", "--input-size", "64", "--float64", "--weight-seed", "3", "-o", seeded)
+    tensors, meta = read_golden(str(seeded))
+    assert meta["weight_seed"] == "3"
+    status, out, _ = parity("--against", seeded, capsys=capsys)
+    assert status == 0 and "all within" in out
+    status, _, err = parity("--against", seeded, "--weight-seed", "0", capsys=capsys)
+    assert status == 1 and "was made with random-weights seed 3, not --weight-seed 0" in err
+
+    lying = tmp_path / "claims-seed0.safetensors"
+    write_golden(tensors, str(lying), dict(meta, weights="npconvnext random_state_dict seed 0", weight_seed="0"))
+    status, out, err = parity("--against", lying, capsys=capsys)
+    assert status == 1 and "first past it: stem.0" in out and "parity failed" in err
+
+
+def test_parity_against_a_golden_from_timms_own_trace(tmp_path, capsys):
+    """Written by timm's forward hooks from a weight file: passes with that file, and refuses
+    other weights or none, by the sha256 in the golden's metadata."""
+    from npconvnext.convert import sha256_of
+
+    weights, other = tmp_path / "w.safetensors", tmp_path / "other.safetensors"
+    save_file(numpy_state_dict(random_timm_model("convnext_atto", seed=11)), weights)
+    save_file(numpy_state_dict(random_timm_model("convnext_atto", seed=12)), other)
+    model = npconvnext.create_model(None, weights=weights, dtype="float64")
+    x = random_images((1, 3, 64, 64), np.float64)
+    golden = tmp_path / "timm.safetensors"
+    write_golden(timm_trace(model, x, list(model.trace(x))), str(golden),
+                 {"architecture": "convnext_atto", "dtype": "float64", "weights_sha256": sha256_of(weights)})
+    status, out, _ = parity("--against", golden, "--weights", weights, capsys=capsys)
+    assert status == 0 and "all within" in out and "stages.3.blocks.1.layer_scale" in out
+    status, _, err = parity("--against", golden, "--weights", other, capsys=capsys)
+    assert status == 1 and f"{other}: sha256 {sha256_of(other)} is not that of the weights" in err
+    status, _, err = parity("--against", golden, capsys=capsys)
+    assert status == 1 and "pass that file with --weights" in err
+
+    # the check is not only the hash: timm's tensors for other weights, labelled with these
+    model_other = npconvnext.create_model(None, weights=other, dtype="float64")
+    mislabelled = tmp_path / "mislabelled.safetensors"
+    write_golden(timm_trace(model_other, x, list(model_other.trace(x))), str(mislabelled),
+                 {"architecture": "convnext_atto", "dtype": "float64", "weights_sha256": sha256_of(weights)})
+    status, out, _ = parity("--against", mislabelled, "--weights", weights, capsys=capsys)
+    assert status == 1 and "first past it: stem.0" in out
 
 
 def test_golden_from_a_photo_with_weights(tmp_path):
