@@ -14,9 +14,9 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
                                             thread when small (see _RESIDUAL_SERIAL_BELOW)
 
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
-parallel loop that shares the rows between threads. Each has a twin in `npconvnext/layers.py` (the
-readable reference); `tests/test_kernels.py` checks them against each other, and
-`NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
+parallel loop that shares the rows between threads (see `_rows_or_parallel` for which runs).
+Each has a twin in `npconvnext/layers.py` (the readable reference); `tests/test_kernels.py`
+checks them against each other, and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
 never validate and allocate only scratch space: the public wrappers below validate and
 allocate the outputs.
 No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
@@ -25,6 +25,8 @@ No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changin
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numba
 import numba.extending
@@ -326,6 +328,13 @@ def _apply_response_norm_rows(image, weight, bias, relative, first, last):
             image[px, ch] = v + (bias[ch] + weight[ch] * (v * relative[ch]))
 
 
+@numba.njit(**_JIT)
+def _global_response_norm_rows(x, weight, bias, eps, first, last):
+    # x: (N, P, D) pixels by hidden channels, images first..last-1 in place
+    for img in range(first, last):
+        _apply_response_norm_rows(x[img], weight, bias, _response_energy(x[img], eps), 0, x.shape[1])
+
+
 @numba.njit(**_PARALLEL_JIT)
 def _global_response_norm_(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels, in place
@@ -336,22 +345,36 @@ def _global_response_norm_(x, weight, bias, eps):
 
 
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
-# Each kernel runs as its parallel loop, or as its row body on the calling thread when this
-# thread's Numba thread count is one (`threads.map_over_batch` workers, set_num_threads(1)):
-# no parallel launch at all then, which also keeps workers safe under Numba's workqueue layer,
-# whose parallel loops must not be entered from two threads at once.
+# Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
+# runs when this thread's Numba count is one (`threads.map_over_batch` workers,
+# set_num_threads(1)); when another thread of this process is inside a parallel loop (Numba's
+# workqueue layer aborts the process if two threads enter one at once, and the others would only
+# oversubscribe the cores); and in a process forked from this one (GNU OpenMP kills a forked
+# child that starts a parallel region, and the parent's worker threads do not exist there).
+
+# Held while a parallel loop runs; taken without waiting: whoever does not get it runs serially.
+_parallel_region = threading.Lock()
+_forked_child = False
 
 
-def _on_one_thread() -> bool:
-    return numba.get_num_threads() == 1
+def _serial_after_fork() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_serial_after_fork)
 
 
 def _rows_or_parallel(rows, parallel, args, count):
-    """rows(*args, 0, count) on this thread when it has one Numba thread, else parallel(*args)."""
-    if _on_one_thread():
-        rows(*args, 0, count)
+    """parallel(*args) when this thread may start a parallel loop now (see above), else
+    rows(*args, 0, count) on this thread."""
+    if numba.get_num_threads() > 1 and not _forked_child and _parallel_region.acquire(blocking=False):
+        try:
+            parallel(*args)
+        finally:
+            _parallel_region.release()
     else:
-        parallel(*args)
+        rows(*args, 0, count)
 
 
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
@@ -400,11 +423,7 @@ def linear_scale_residual(x, weight, bias, gamma, shortcut):
 
 def _global_response_norm_in_place(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels
-    if _on_one_thread():
-        for image in x:  # (P, D)
-            _apply_response_norm_rows(image, weight, bias, _response_energy(image, eps), 0, image.shape[0])
-    else:
-        _global_response_norm_(x, weight, bias, eps)
+    _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
 def global_response_norm(x, weight, bias, eps):
