@@ -1,5 +1,9 @@
 """Thread counts, and a batch shared image by image between threads (npconvnext/threads.py)."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -122,3 +126,44 @@ def test_split_batch_gives_the_single_thread_results(two_threads, dtype):
     tol = 1e-5 if dtype == "float32" else 1e-12  # BLAS may sum in another order for other row counts
     np.testing.assert_allclose(split, alone, rtol=0, atol=tol * np.abs(alone).max())
     np.testing.assert_allclose(features, model.forward_features(x), rtol=0, atol=tol * np.abs(features).max())
+
+
+_IMPORT_WITH_WARNINGS = """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import npconvnext
+import numba
+from npconvnext.engine import threads
+print(json.dumps({"threads": numba.get_num_threads(), "blas": [lib.get_num_threads() for lib in threads._blas_libraries()],
+                  "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}))
+"""
+
+
+def import_with(value: str) -> dict:
+    env = dict(os.environ, NPCONVNEXT_NUM_THREADS=value)
+    result = subprocess.run([sys.executable, "-c", _IMPORT_WITH_WARNINGS], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"import npconvnext failed with NPCONVNEXT_NUM_THREADS={value!r}:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-2", "1.5", "2 threads"])
+def test_a_bad_thread_count_in_the_environment_warns_and_keeps_the_default(value):
+    got = import_with(value)
+    assert got["threads"] == numba.config.NUMBA_NUM_THREADS  # Numba's default, untouched
+    assert len(got["warnings"]) == 1 and f"NPCONVNEXT_NUM_THREADS={value!r}" in got["warnings"][0], got
+
+
+def test_too_many_threads_in_the_environment_warns_and_uses_the_most_there_are():
+    most = numba.config.NUMBA_NUM_THREADS
+    got = import_with(str(most + 1))
+    assert got["threads"] == most and set(got["blas"]) == {most}
+    assert len(got["warnings"]) == 1 and f"NPCONVNEXT_NUM_THREADS='{most + 1}'" in got["warnings"][0], got
+
+
+@pytest.mark.parametrize("value", ["1", " 2 "])
+def test_a_good_thread_count_in_the_environment_is_used_without_a_warning(value):
+    got = import_with(value)
+    assert got == {"threads": int(value), "blas": [int(value)] * len(got["blas"]), "warnings": []}
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -39,7 +40,7 @@ def set_num_threads(n: int) -> None:
     count uses the cores without oversubscribing them. Numba's count belongs to the calling
     thread (new threads start at NUMBA_NUM_THREADS); BLAS's is process-wide (set it from
     the main thread: OpenBLAS may ignore other threads).
-    NPCONVNEXT_NUM_THREADS sets the count at import.
+    NPCONVNEXT_NUM_THREADS sets the count at import (see `_threads_from_environment`).
     """
     n = int(n)
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
@@ -93,5 +94,28 @@ def map_over_batch(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.
     return np.concatenate(outputs)
 
 
-if os.environ.get("NPCONVNEXT_NUM_THREADS"):
-    set_num_threads(int(os.environ["NPCONVNEXT_NUM_THREADS"]))
+def _threads_from_environment(value: str | None) -> int | None:
+    """The count NPCONVNEXT_NUM_THREADS asks for, or None to keep the default. A bad value must
+    not make `import npconvnext` fail: it is reported in a warning and ignored, and a count past
+    Numba's maximum is cut down to it."""
+    if value is None or not value.strip():
+        return None
+    maximum = numba.config.NUMBA_NUM_THREADS
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        warnings.warn(f"NPCONVNEXT_NUM_THREADS={value!r} is not a whole number of threads from 1 to "
+                      f"{maximum}; using the default ({numba.get_num_threads()})", RuntimeWarning, stacklevel=2)
+        return None
+    if n > maximum:
+        warnings.warn(f"NPCONVNEXT_NUM_THREADS={value!r} is more than the {maximum} threads Numba has "
+                      f"(NUMBA_NUM_THREADS); using {maximum}", RuntimeWarning, stacklevel=2)
+        return maximum
+    return n
+
+
+_from_environment = _threads_from_environment(os.environ.get("NPCONVNEXT_NUM_THREADS"))
+if _from_environment is not None:
+    set_num_threads(_from_environment)
