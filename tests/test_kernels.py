@@ -15,7 +15,11 @@ from npconvnext.network import block as reference_block
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
-SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40)]
+# (N, H, W, C); channel counts that are not multiples of 4 run the kernels' remainder loops
+SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40),
+          (1, 5, 6, 7), (2, 4, 9, 13), (1, 8, 3, 42), (1, 1, 2, 1)]
+# every kernel's parallel loop, by name in kernels.py
+PARALLEL_LOOPS = [name for name, f in vars(kernels).items() if getattr(f, "targetoptions", {}).get("parallel")]
 
 
 def close(actual, expected, dtype):
@@ -24,16 +28,34 @@ def close(actual, expected, dtype):
     assert np.abs(actual - expected).max() <= TOL[dtype] * scale
 
 
+def test_every_kernel_has_a_parallel_loop_to_test():
+    assert len(PARALLEL_LOOPS) == 6, PARALLEL_LOOPS
+
+
 @pytest.fixture(params=[1, 2], ids=["serial", "parallel"])
-def kernel_threads(request):
+def kernel_threads(request, monkeypatch):
     """One thread: every wrapper takes its kernel's row body on this thread; two: the
-    parallel loops (numba's count is per calling thread, so only this test's thread changes)."""
-    if request.param > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s) here")
+    parallel loops (numba's count is per calling thread, so only this test's thread changes).
+    Yields the names of the parallel loops that ran, filled in as they run."""
+    if request.param > numba.config.NUMBA_NUM_THREADS:  # conftest.py sets two
+        pytest.fail(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s): the parallel kernels cannot run")
+    ran = set()
+
+    def counted(name, loop):
+        def run(*args):
+            ran.add(name)
+            return loop(*args)
+        return run
+
+    for name in PARALLEL_LOOPS:
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "_RESIDUAL_SERIAL_BELOW", 0)  # the residual add's loop too
     before = numba.get_num_threads()
     numba.set_num_threads(request.param)
-    yield request.param
-    numba.set_num_threads(before)
+    try:
+        yield ran
+    finally:
+        numba.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -62,6 +84,8 @@ def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
         weights = BlockWeights(conv_w, conv_b, norm_w, norm_b, fc_w, fc_b, grn_w if grn else None,
                                grn_b if grn else None, fc2_w, fc2_b, gamma if ls else None)
         close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
+    other_gelu = "_bias_gelu_float64_" if dtype == np.float32 else "_bias_gelu_float32_"
+    assert kernel_threads == (set(PARALLEL_LOOPS) - {other_gelu} if numba.get_num_threads() > 1 else set())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

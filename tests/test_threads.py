@@ -1,4 +1,4 @@
-"""Thread counts, and a batch shared image by image between threads (npconvnext/threads.py)."""
+"""Thread counts, and a batch shared image by image between threads (npconvnext/engine/threads.py)."""
 
 import json
 import os
@@ -14,12 +14,10 @@ import pytest
 import npconvnext
 from npconvnext.engine import threads
 
-needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
-                                       reason="numba has one thread on this machine")
-
-
 @pytest.fixture
 def two_threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:  # conftest.py sets two
+        pytest.fail(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s): the batch split cannot run")
     before = numba.get_num_threads()
     npconvnext.set_num_threads(2)
     yield
@@ -48,7 +46,6 @@ def test_numpy_blas_is_under_control():
     assert threads._blas_libraries(), "threadpoolctl finds no BLAS library in this process"
 
 
-@needs_two_threads
 def test_each_worker_runs_its_images_on_one_thread_and_blas_is_restored(two_threads):
     seen = []  # (thread, numba threads, BLAS threads, images) per call
 
@@ -68,7 +65,6 @@ def test_each_worker_runs_its_images_on_one_thread_and_blas_is_restored(two_thre
     assert blas_threads() == blas_before and numba.get_num_threads() == 2
 
 
-@needs_two_threads
 def test_a_failing_worker_raises_here_and_still_restores_blas(two_threads):
     def fn(x):
         if x[0, 0] == 2:
@@ -81,7 +77,6 @@ def test_a_failing_worker_raises_here_and_still_restores_blas(two_threads):
     assert blas_threads() == blas_before and numba.get_num_threads() == 2
 
 
-@needs_two_threads
 def test_from_another_thread_the_batch_runs_as_one_call(two_threads):
     # BLAS's thread count is process-wide and OpenBLAS takes it from the main thread only
     sizes = []
@@ -98,7 +93,6 @@ def test_from_another_thread_the_batch_runs_as_one_call(two_threads):
     assert sizes == [4, 2, 2]
 
 
-@needs_two_threads
 def test_a_blas_that_keeps_its_count_gets_the_batch_as_one_call(two_threads, monkeypatch):
     class Stubborn:  # a controller whose library ignores the new count, as OpenBLAS may
         def get_num_threads(self):
@@ -113,7 +107,6 @@ def test_a_blas_that_keeps_its_count_gets_the_batch_as_one_call(two_threads, mon
     assert sizes == [4]
 
 
-@needs_two_threads
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_split_batch_gives_the_single_thread_results(two_threads, dtype):
     warnings.simplefilter("ignore")
