@@ -131,13 +131,78 @@ def test_kernels_as_plain_python_give_the_same_model():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, NUMBA_DISABLE_JIT="1"))
 
 
+# Run in a fresh process against a copy of the package (argv[1]): the model once, then how many
+# kernel signatures Numba compiled and how many it loaded from its cache, as JSON.
+_CACHE_RUN = """
+import json, os, sys, warnings
+import numba, numpy as np
+import npconvnext
+from npconvnext.engine import kernels
+assert npconvnext.__file__.startswith(sys.argv[1]), npconvnext.__file__
+try:  # this process must not be able to write into the package, as users of an installed one
+    open(os.path.join(os.path.dirname(kernels.__file__), "probe"), "w")
+    sys.exit("the package copy is writable")
+except PermissionError:
+    pass
+warnings.simplefilter("ignore")
+npconvnext.create_model("convnextv2_atto")(np.zeros((1, 3, 32, 32), np.float32))
+stats = [f.stats for f in vars(kernels).values() if isinstance(f, numba.core.dispatcher.Dispatcher)]
+print(json.dumps({"compiled": sum(sum(s.cache_misses.values()) for s in stats),
+                  "loaded": sum(sum(s.cache_hits.values()) for s in stats)}))
+"""
+
+
+def _without_root_write_override():
+    # For root, read-only modes do not hold (CAP_DAC_OVERRIDE): drop that capability from the
+    # bounding set (prctl PR_CAPBSET_DROP) so the process exec'd next meets them as a user does.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE)")
+
+
 def test_jit_cache_works_from_a_read_only_package(tmp_path):
-    """With NUMBA_CACHE_DIR pointing elsewhere a second process loads the compiled kernels."""
-    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
-            "npconvnext.create_model('convnext_atto')(np.zeros((1, 3, 32, 32), np.float32))")
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    assert any(p.suffix == ".nbc" for p in tmp_path.rglob("*")), "nothing cached"
+    """Installed read-only, the package's kernels are compiled once into Numba's per-user cache
+    directory, and a second process loads them from there instead of compiling."""
+    import json
+    import shutil
+
+    import npconvnext
+
+    site = tmp_path / "site"
+    package = site / "npconvnext"
+    shutil.copytree(os.path.dirname(npconvnext.__file__), package, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [package, *package.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)  # read-only, as a system-wide install
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in package.rglob("*"))
+    user_cache = tmp_path / "user-cache"  # where Numba falls back to: $XDG_CACHE_HOME/numba
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(user_cache), PYTHONPATH=str(site))
+    probe = package / "probe"
+    try:
+        probe.touch()
+        probe.unlink()
+        preexec = _without_root_write_override  # we are root: the modes alone do not hold
+    except PermissionError:
+        preexec = None
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", _CACHE_RUN, str(site)], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    try:
+        first = run()
+        assert first["compiled"] > 0 and first["loaded"] == 0, first
+        assert any(user_cache.rglob("*.nbc")) and any(user_cache.rglob("*.nbi")), "nothing cached"
+        second = run()
+        assert second["compiled"] == 0 and second["loaded"] > 0, second
+        assert sorted((str(p), p.stat().st_mtime_ns) for p in package.rglob("*")) == before
+    finally:
+        for path in [package, *package.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)  # so that pytest can remove it
 
 
 def test_float64_erf_is_within_one_ulp_of_the_exact_erf():
