@@ -2,14 +2,14 @@
 
 Within one image the cores share every layer: each kernel's parallel loop and each BLAS call
 splits its rows between the threads, about a hundred hand-overs per forward pass, and every
-hand-over wakes a parked core (about 0.1 ms here). With several images there is a split that
-needs none: each thread runs whole images on its own, kernels and BLAS single-threaded, and
-the threads meet once, at the end (`map_over_batch`).
+hand-over wakes a parked core. With several images there is a split that needs none: each
+thread runs whole images on its own, kernels and BLAS single-threaded, and the threads meet
+once, at the end (`map_over_batch`).
 
 BLAS libraries have one process-wide thread count (OpenBLAS's "thread-local" setter is global
-too, and OpenBLAS 0.3.31 ignores a count set from another thread once the main thread has set
-one), so that split runs from the main thread only, sets the count to one while it runs and
-puts it back afterwards; the count is read and written through threadpoolctl.
+too, and OpenBLAS may ignore a count set from another thread once the main thread has set one),
+so that split runs from the main thread only, sets the count to one while it runs and puts it
+back afterwards; the count is read and written through threadpoolctl.
 """
 
 from __future__ import annotations
