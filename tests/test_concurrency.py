@@ -15,7 +15,7 @@ import pytest
 
 OPENMP_MISSING = 77  # exit status of a script that finds no OpenMP layer in this Numba
 
-# Put first in a script that needs Numba's OpenMP layer.
+# Exits early from a script that needs Numba's OpenMP layer where there is none.
 _REQUIRE_OPENMP = f"""
 import sys
 try:
@@ -25,7 +25,7 @@ except ImportError as error:
     sys.exit({OPENMP_MISSING})
 """
 
-# Run first in each script: the model, inputs and the logits of one thread on its own.
+# Common to the scripts: the model, its inputs, and their logits from one thread on its own.
 _MODEL = """
 import sys, warnings
 import numpy as np
@@ -67,9 +67,10 @@ def work(mine):
         failures.append(error)
 
 
-workers = [threading.Thread(target=work, args=(out,)) for out in outputs]
+workers = [threading.Thread(target=work, args=(out,)) for out in outputs[1:]]
 for worker in workers:
     worker.start()
+work(outputs[0])  # the main thread too: it splits its batches of 2 between threads (map_over_batch)
 for worker in workers:
     worker.join()
 assert not failures, failures
@@ -122,6 +123,6 @@ def test_four_threads_sharing_a_model_get_the_logits_of_one(name, layer):
 def test_a_fork_pool_after_the_model_ran_gets_the_right_logits(torch_first):
     # torch brings its own OpenMP runtime; with or without it, a child forked from a process
     # whose OpenMP threads have run must not start an OpenMP parallel region
-    code = _REQUIRE_OPENMP + ("import torch\n" if torch_first else "") + _MODEL + _FORKED_POOL
+    code = ("import torch\n" if torch_first else "") + _REQUIRE_OPENMP + _MODEL + _FORKED_POOL
     out = run_script(code, ["convnext_atto"], {"NUMBA_THREADING_LAYER": "omp"})
     assert out.split() == ["ok"]
