@@ -160,3 +160,15 @@ def test_a_good_thread_count_in_the_environment_is_used_without_a_warning(value)
     got = import_with(value)
     assert got == {"threads": int(value), "blas": [int(value)] * len(got["blas"]), "warnings": []}
 
+
+def test_import_and_a_forward_pass_leave_the_environment_alone():
+    # a library must not set variables it does not own (thread-wait settings, for one)
+    code = ("import os, warnings, numpy as np; before = dict(os.environ); import npconvnext;"
+            "warnings.simplefilter('ignore'); m = npconvnext.create_model('convnext_atto', seed=1);"
+            "m(np.zeros((2, 3, 32, 32), np.float32)); m.backend = 'numpy'; m(np.zeros((1, 3, 32, 32), np.float32));"
+            "after = dict(os.environ);"
+            "assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() ^ after.keys() | "
+            "{k for k in before.keys() & after.keys() if before[k] != after[k]}}")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -10,6 +10,13 @@ BLAS libraries have one process-wide thread count (OpenBLAS's "thread-local" set
 too, and OpenBLAS may ignore a count set from another thread once the main thread has set one),
 so that split runs from the main thread only, sets the count to one while it runs and puts it
 back afterwards; the count is read and written through threadpoolctl.
+
+Idle threads of Numba's OpenMP layer and of OpenBLAS spin for a while before they park, on the
+cores the other library (or another process) needs next; single images suffer most. Both
+runtimes read how long from the environment once, when they load, and the environment belongs
+to the program, not to npconvnext: to make idle threads park at once, export
+OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 before Python starts
+(`benchmarks/bench_threads.py --wait-settings` measures both ways).
 """
 
 from __future__ import annotations
