@@ -16,11 +16,10 @@ import statistics
 import time
 import warnings
 
-import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS
 import numpy as np
 
-from npconvnext import layers
-from npconvnext import engine
+import npconvnext
+from npconvnext import engine, layers
 from npconvnext.engine import kernels
 
 RUNS = 7

@@ -1,14 +1,5 @@
 """npconvnext: ConvNeXt image classification in NumPy, matching timm, with no deep-learning framework."""
 
-import os
-
-# Numba kernels and BLAS calls alternate many times per forward pass, and each side's idle
-# threads busy-wait on the cores the other needs next. Both settings are read once, when the
-# OpenMP runtime and OpenBLAS start, so they only act if npconvnext is imported before numpy;
-# a value the user set always wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
 from .engine import set_num_threads
 from .errors import CheckpointError, ImageError, InputError, NpConvNeXtError, TrainingError

@@ -4,6 +4,12 @@ import sys
 import numpy as np
 import pytest
 
+# The parallel kernels need Numba to have two threads, and Numba reads NUMBA_NUM_THREADS once,
+# at import: set it here, before any test imports numba, so one-core CI machines run them too.
+# The tests own this process; the library never does this.
+if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
+    os.environ["NUMBA_NUM_THREADS"] = "2"
+
 sys.path.insert(0, os.path.dirname(__file__))  # the helper modules beside the tests
 
 # Parity tolerances, relative to the reference's largest magnitude (the contract):

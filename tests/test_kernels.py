@@ -15,7 +15,11 @@ from npconvnext.network import block as reference_block
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
-SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40)]
+# (N, H, W, C); channel counts that are not multiples of 4 run the kernels' remainder loops
+SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40),
+          (1, 5, 6, 7), (2, 4, 9, 13), (1, 8, 3, 42), (1, 1, 2, 1)]
+# every kernel's parallel loop, by name in kernels.py
+PARALLEL_LOOPS = [name for name, f in vars(kernels).items() if getattr(f, "targetoptions", {}).get("parallel")]
 
 
 def close(actual, expected, dtype):
@@ -24,16 +28,34 @@ def close(actual, expected, dtype):
     assert np.abs(actual - expected).max() <= TOL[dtype] * scale
 
 
+def test_every_kernel_has_a_parallel_loop_to_test():
+    assert len(PARALLEL_LOOPS) == 6, PARALLEL_LOOPS
+
+
 @pytest.fixture(params=[1, 2], ids=["serial", "parallel"])
-def kernel_threads(request):
+def kernel_threads(request, monkeypatch):
     """One thread: every wrapper takes its kernel's row body on this thread; two: the
-    parallel loops (numba's count is per calling thread, so only this test's thread changes)."""
-    if request.param > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s) here")
+    parallel loops (numba's count is per calling thread, so only this test's thread changes).
+    Yields the names of the parallel loops that ran, filled in as they run."""
+    if request.param > numba.config.NUMBA_NUM_THREADS:  # conftest.py sets two
+        pytest.fail(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s): the parallel kernels cannot run")
+    ran = set()
+
+    def counted(name, loop):
+        def run(*args):
+            ran.add(name)
+            return loop(*args)
+        return run
+
+    for name in PARALLEL_LOOPS:
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "_RESIDUAL_SERIAL_BELOW", 0)  # the residual add's loop too
     before = numba.get_num_threads()
     numba.set_num_threads(request.param)
-    yield request.param
-    numba.set_num_threads(before)
+    try:
+        yield ran
+    finally:
+        numba.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -62,6 +84,8 @@ def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
         weights = BlockWeights(conv_w, conv_b, norm_w, norm_b, fc_w, fc_b, grn_w if grn else None,
                                grn_b if grn else None, fc2_w, fc2_b, gamma if ls else None)
         close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
+    other_gelu = "_bias_gelu_float64_" if dtype == np.float32 else "_bias_gelu_float32_"
+    assert kernel_threads == (set(PARALLEL_LOOPS) - {other_gelu} if numba.get_num_threads() > 1 else set())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -107,13 +131,78 @@ def test_kernels_as_plain_python_give_the_same_model():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, NUMBA_DISABLE_JIT="1"))
 
 
+# Run in a fresh process against a copy of the package (argv[1]): the model once, then how many
+# kernel signatures Numba compiled and how many it loaded from its cache, as JSON.
+_CACHE_RUN = """
+import json, os, sys, warnings
+import numba, numpy as np
+import npconvnext
+from npconvnext.engine import kernels
+assert npconvnext.__file__.startswith(sys.argv[1]), npconvnext.__file__
+try:  # this process must not be able to write into the package, as users of an installed one
+    open(os.path.join(os.path.dirname(kernels.__file__), "probe"), "w")
+    sys.exit("the package copy is writable")
+except PermissionError:
+    pass
+warnings.simplefilter("ignore")
+npconvnext.create_model("convnextv2_atto")(np.zeros((1, 3, 32, 32), np.float32))
+stats = [f.stats for f in vars(kernels).values() if isinstance(f, numba.core.dispatcher.Dispatcher)]
+print(json.dumps({"compiled": sum(sum(s.cache_misses.values()) for s in stats),
+                  "loaded": sum(sum(s.cache_hits.values()) for s in stats)}))
+"""
+
+
+def _without_root_write_override():
+    # For root, read-only modes do not hold (CAP_DAC_OVERRIDE): drop that capability from the
+    # bounding set (prctl PR_CAPBSET_DROP) so the process exec'd next meets them as a user does.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE)")
+
+
 def test_jit_cache_works_from_a_read_only_package(tmp_path):
-    """With NUMBA_CACHE_DIR pointing elsewhere a second process loads the compiled kernels."""
-    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
-            "npconvnext.create_model('convnext_atto')(np.zeros((1, 3, 32, 32), np.float32))")
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    assert any(p.suffix == ".nbc" for p in tmp_path.rglob("*")), "nothing cached"
+    """Installed read-only, the package's kernels are compiled once into Numba's per-user cache
+    directory, and a second process loads them from there instead of compiling."""
+    import json
+    import shutil
+
+    import npconvnext
+
+    site = tmp_path / "site"
+    package = site / "npconvnext"
+    shutil.copytree(os.path.dirname(npconvnext.__file__), package, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [package, *package.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)  # read-only, as a system-wide install
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in package.rglob("*"))
+    user_cache = tmp_path / "user-cache"  # where Numba falls back to: $XDG_CACHE_HOME/numba
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(user_cache), PYTHONPATH=str(site))
+    probe = package / "probe"
+    try:
+        probe.touch()
+        probe.unlink()
+        preexec = _without_root_write_override  # we are root: the modes alone do not hold
+    except PermissionError:
+        preexec = None
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", _CACHE_RUN, str(site)], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    try:
+        first = run()
+        assert first["compiled"] > 0 and first["loaded"] == 0, first
+        assert any(user_cache.rglob("*.nbc")) and any(user_cache.rglob("*.nbi")), "nothing cached"
+        second = run()
+        assert second["compiled"] == 0 and second["loaded"] > 0, second
+        assert sorted((str(p), p.stat().st_mtime_ns) for p in package.rglob("*")) == before
+    finally:
+        for path in [package, *package.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)  # so that pytest can remove it
 
 
 def test_float64_erf_is_within_one_ulp_of_the_exact_erf():

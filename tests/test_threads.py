@@ -1,5 +1,9 @@
-"""Thread counts, and a batch shared image by image between threads (npconvnext/threads.py)."""
+"""Thread counts, and a batch shared image by image between threads (npconvnext/engine/threads.py)."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -10,12 +14,10 @@ import pytest
 import npconvnext
 from npconvnext.engine import threads
 
-needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
-                                       reason="numba has one thread on this machine")
-
-
 @pytest.fixture
 def two_threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:  # conftest.py sets two
+        pytest.fail(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s): the batch split cannot run")
     before = numba.get_num_threads()
     npconvnext.set_num_threads(2)
     yield
@@ -44,7 +46,6 @@ def test_numpy_blas_is_under_control():
     assert threads._blas_libraries(), "threadpoolctl finds no BLAS library in this process"
 
 
-@needs_two_threads
 def test_each_worker_runs_its_images_on_one_thread_and_blas_is_restored(two_threads):
     seen = []  # (thread, numba threads, BLAS threads, images) per call
 
@@ -64,7 +65,6 @@ def test_each_worker_runs_its_images_on_one_thread_and_blas_is_restored(two_thre
     assert blas_threads() == blas_before and numba.get_num_threads() == 2
 
 
-@needs_two_threads
 def test_a_failing_worker_raises_here_and_still_restores_blas(two_threads):
     def fn(x):
         if x[0, 0] == 2:
@@ -77,7 +77,6 @@ def test_a_failing_worker_raises_here_and_still_restores_blas(two_threads):
     assert blas_threads() == blas_before and numba.get_num_threads() == 2
 
 
-@needs_two_threads
 def test_from_another_thread_the_batch_runs_as_one_call(two_threads):
     # BLAS's thread count is process-wide and OpenBLAS takes it from the main thread only
     sizes = []
@@ -94,7 +93,6 @@ def test_from_another_thread_the_batch_runs_as_one_call(two_threads):
     assert sizes == [4, 2, 2]
 
 
-@needs_two_threads
 def test_a_blas_that_keeps_its_count_gets_the_batch_as_one_call(two_threads, monkeypatch):
     class Stubborn:  # a controller whose library ignores the new count, as OpenBLAS may
         def get_num_threads(self):
@@ -109,7 +107,6 @@ def test_a_blas_that_keeps_its_count_gets_the_batch_as_one_call(two_threads, mon
     assert sizes == [4]
 
 
-@needs_two_threads
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_split_batch_gives_the_single_thread_results(two_threads, dtype):
     warnings.simplefilter("ignore")
@@ -122,3 +119,56 @@ def test_split_batch_gives_the_single_thread_results(two_threads, dtype):
     tol = 1e-5 if dtype == "float32" else 1e-12  # BLAS may sum in another order for other row counts
     np.testing.assert_allclose(split, alone, rtol=0, atol=tol * np.abs(alone).max())
     np.testing.assert_allclose(features, model.forward_features(x), rtol=0, atol=tol * np.abs(features).max())
+
+
+_IMPORT_WITH_WARNINGS = """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import npconvnext
+import numba
+from npconvnext.engine import threads
+print(json.dumps({"threads": numba.get_num_threads(), "blas": [lib.get_num_threads() for lib in threads._blas_libraries()],
+                  "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}))
+"""
+
+
+def import_with(value: str) -> dict:
+    env = dict(os.environ, NPCONVNEXT_NUM_THREADS=value)
+    result = subprocess.run([sys.executable, "-c", _IMPORT_WITH_WARNINGS], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"import npconvnext failed with NPCONVNEXT_NUM_THREADS={value!r}:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-2", "1.5", "2 threads"])
+def test_a_bad_thread_count_in_the_environment_warns_and_keeps_the_default(value):
+    got = import_with(value)
+    assert got["threads"] == numba.config.NUMBA_NUM_THREADS  # Numba's default, untouched
+    assert len(got["warnings"]) == 1 and f"NPCONVNEXT_NUM_THREADS={value!r}" in got["warnings"][0], got
+
+
+def test_too_many_threads_in_the_environment_warns_and_uses_the_most_there_are():
+    most = numba.config.NUMBA_NUM_THREADS
+    got = import_with(str(most + 1))
+    assert got["threads"] == most and set(got["blas"]) == {most}
+    assert len(got["warnings"]) == 1 and f"NPCONVNEXT_NUM_THREADS='{most + 1}'" in got["warnings"][0], got
+
+
+@pytest.mark.parametrize("value", ["1", " 2 "])
+def test_a_good_thread_count_in_the_environment_is_used_without_a_warning(value):
+    got = import_with(value)
+    assert got == {"threads": int(value), "blas": [int(value)] * len(got["blas"]), "warnings": []}
+
+
+def test_import_and_a_forward_pass_leave_the_environment_alone():
+    # a library must not set variables it does not own (thread-wait settings, for one)
+    code = ("import os, warnings, numpy as np; before = dict(os.environ); import npconvnext;"
+            "warnings.simplefilter('ignore'); m = npconvnext.create_model('convnext_atto', seed=1);"
+            "m(np.zeros((2, 3, 32, 32), np.float32)); m.backend = 'numpy'; m(np.zeros((1, 3, 32, 32), np.float32));"
+            "after = dict(os.environ);"
+            "assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() ^ after.keys() | "
+            "{k for k in before.keys() & after.keys() if before[k] != after[k]}}")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -14,9 +14,9 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
                                             thread when small (see _RESIDUAL_SERIAL_BELOW)
 
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
-parallel loop that shares the rows between threads. Each has a twin in `npconvnext/layers.py` (the
-readable reference); `tests/test_kernels.py` checks them against each other, and
-`NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
+parallel loop that shares the rows between threads (see `_rows_or_parallel` for which runs).
+Each has a twin in `npconvnext/layers.py` (the readable reference); `tests/test_kernels.py`
+checks them against each other, and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
 never validate and allocate only scratch space: the public wrappers below validate and
 allocate the outputs.
 No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
@@ -25,6 +25,8 @@ No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changin
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numba
 import numba.extending
@@ -182,8 +184,8 @@ def _erf32(x):
     t4 = t2 * t2
     p0, p1, p2, p3, p4, p5, p6 = _ERF32_P
     q0, q1, q2, q3, q4, q5 = _ERF32_Q
-    # Estrin's scheme, not Horner's: three dependent multiply-adds instead of six, and the GELU
-    # loop waits on that chain (measured 12 % faster; same float32 results on a 1.2M sample)
+    # Estrin's scheme, not Horner's: three dependent multiply-adds instead of six, for the GELU
+    # loop waits on that chain
     num = (p0 + t * p1) + t2 * (p2 + t * p3) + t4 * ((p4 + t * p5) + t2 * p6)
     den = (q0 + t * q1) + t2 * (q2 + t * q3) + t4 * (q4 + t * q5)
     return x * num / den
@@ -208,9 +210,8 @@ def _bias_gelu_float32_(y, bias):
 
 
 # float64 erf from arithmetic alone, fitted by scripts/fit_erf64.py (see there), so that the GELU
-# loop vectorises. Its polynomials are evaluated with fused multiply-adds: within 1 ulp of the
-# exact erf (tested; 0.91 on the test grid, 1.12 with separate multiplies and adds), and the GELU
-# loop takes 40 % less time.
+# loop vectorises. Its polynomials are evaluated with fused multiply-adds, which keeps it within
+# 1 ulp of the exact erf (tested) and shortens the loop's dependency chains.
 _ERF64_SMALL_P = (0.1283791670955126, -0.3170140210501066, -0.04831000610875467, -0.008812639421024768,
                   -0.0004951455370909747, -2.071155112422161e-05)
 _ERF64_SMALL_Q = (1.0, 0.4604514059337391, 0.09378470115183579, 0.010687519279199436,
@@ -272,10 +273,8 @@ def _bias_gelu_float64_(y, bias):
         _bias_gelu_float64_rows(y, bias, i, i + 1)
 
 
-# Starting a parallel loop wakes the second core, about 0.1 ms on the 2-core machines measured
-# here (Numba's and OpenBLAS's thread pools take turns and park between calls). That is more than
-# the whole residual add takes at batch 1, so below this many elements it runs on the calling
-# thread (measured in the forward pass, 2 threads: 3.6 ms -> 1.2 ms for the 18 adds at batch 1).
+# Below this many elements waking the parked worker threads costs more than the whole residual
+# add, so it runs on the calling thread.
 _RESIDUAL_SERIAL_BELOW = 1 << 20
 
 
@@ -326,6 +325,13 @@ def _apply_response_norm_rows(image, weight, bias, relative, first, last):
             image[px, ch] = v + (bias[ch] + weight[ch] * (v * relative[ch]))
 
 
+@numba.njit(**_JIT)
+def _global_response_norm_rows(x, weight, bias, eps, first, last):
+    # x: (N, P, D) pixels by hidden channels, images first..last-1 in place
+    for img in range(first, last):
+        _apply_response_norm_rows(x[img], weight, bias, _response_energy(x[img], eps), 0, x.shape[1])
+
+
 @numba.njit(**_PARALLEL_JIT)
 def _global_response_norm_(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels, in place
@@ -336,22 +342,36 @@ def _global_response_norm_(x, weight, bias, eps):
 
 
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
-# Each kernel runs as its parallel loop, or as its row body on the calling thread when this
-# thread's Numba thread count is one (`threads.map_over_batch` workers, set_num_threads(1)):
-# no parallel launch at all then, which also keeps workers safe under Numba's workqueue layer,
-# whose parallel loops must not be entered from two threads at once.
+# Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
+# runs when this thread's Numba count is one (`threads.map_over_batch` workers,
+# set_num_threads(1)); when another thread of this process is inside a parallel loop (Numba's
+# workqueue layer aborts the process if two threads enter one at once, and the others would only
+# oversubscribe the cores); and in a process forked from this one (GNU OpenMP kills a forked
+# child that starts a parallel region, and the parent's worker threads do not exist there).
+
+# Held while a parallel loop runs; taken without waiting: whoever does not get it runs serially.
+_parallel_region = threading.Lock()
+_forked_child = False
 
 
-def _on_one_thread() -> bool:
-    return numba.get_num_threads() == 1
+def _serial_after_fork() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_serial_after_fork)
 
 
 def _rows_or_parallel(rows, parallel, args, count):
-    """rows(*args, 0, count) on this thread when it has one Numba thread, else parallel(*args)."""
-    if _on_one_thread():
-        rows(*args, 0, count)
+    """parallel(*args) when this thread may start a parallel loop now (see above), else
+    rows(*args, 0, count) on this thread."""
+    if numba.get_num_threads() > 1 and not _forked_child and _parallel_region.acquire(blocking=False):
+        try:
+            parallel(*args)
+        finally:
+            _parallel_region.release()
     else:
-        parallel(*args)
+        rows(*args, 0, count)
 
 
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
@@ -400,11 +420,7 @@ def linear_scale_residual(x, weight, bias, gamma, shortcut):
 
 def _global_response_norm_in_place(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels
-    if _on_one_thread():
-        for image in x:  # (P, D)
-            _apply_response_norm_rows(image, weight, bias, _response_energy(image, eps), 0, image.shape[0])
-    else:
-        _global_response_norm_(x, weight, bias, eps)
+    _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
 def global_response_norm(x, weight, bias, eps):

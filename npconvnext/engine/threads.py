@@ -2,14 +2,21 @@
 
 Within one image the cores share every layer: each kernel's parallel loop and each BLAS call
 splits its rows between the threads, about a hundred hand-overs per forward pass, and every
-hand-over wakes a parked core (about 0.1 ms here). With several images there is a split that
-needs none: each thread runs whole images on its own, kernels and BLAS single-threaded, and
-the threads meet once, at the end (`map_over_batch`).
+hand-over wakes a parked core. With several images there is a split that needs none: each
+thread runs whole images on its own, kernels and BLAS single-threaded, and the threads meet
+once, at the end (`map_over_batch`).
 
 BLAS libraries have one process-wide thread count (OpenBLAS's "thread-local" setter is global
-too, and OpenBLAS 0.3.31 ignores a count set from another thread once the main thread has set
-one), so that split runs from the main thread only, sets the count to one while it runs and
-puts it back afterwards; the count is read and written through threadpoolctl.
+too, and OpenBLAS may ignore a count set from another thread once the main thread has set one),
+so that split runs from the main thread only, sets the count to one while it runs and puts it
+back afterwards; the count is read and written through threadpoolctl.
+
+Idle threads of Numba's OpenMP layer and of OpenBLAS spin for a while before they park, on the
+cores the other library (or another process) needs next; single images suffer most. Both
+runtimes read how long from the environment once, when they load, and the environment belongs
+to the program, not to npconvnext: to make idle threads park at once, export
+OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 before Python starts
+(`benchmarks/bench_threads.py --wait-settings` measures both ways).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -39,7 +47,7 @@ def set_num_threads(n: int) -> None:
     count uses the cores without oversubscribing them. Numba's count belongs to the calling
     thread (new threads start at NUMBA_NUM_THREADS); BLAS's is process-wide (set it from
     the main thread: OpenBLAS may ignore other threads).
-    NPCONVNEXT_NUM_THREADS sets the count at import.
+    NPCONVNEXT_NUM_THREADS sets the count at import (see `_threads_from_environment`).
     """
     n = int(n)
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
@@ -93,5 +101,28 @@ def map_over_batch(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.
     return np.concatenate(outputs)
 
 
-if os.environ.get("NPCONVNEXT_NUM_THREADS"):
-    set_num_threads(int(os.environ["NPCONVNEXT_NUM_THREADS"]))
+def _threads_from_environment(value: str | None) -> int | None:
+    """The count NPCONVNEXT_NUM_THREADS asks for, or None to keep the default. A bad value must
+    not make `import npconvnext` fail: it is reported in a warning and ignored, and a count past
+    Numba's maximum is cut down to it."""
+    if value is None or not value.strip():
+        return None
+    maximum = numba.config.NUMBA_NUM_THREADS
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        warnings.warn(f"NPCONVNEXT_NUM_THREADS={value!r} is not a whole number of threads from 1 to "
+                      f"{maximum}; using the default ({numba.get_num_threads()})", RuntimeWarning, stacklevel=2)
+        return None
+    if n > maximum:
+        warnings.warn(f"NPCONVNEXT_NUM_THREADS={value!r} is more than the {maximum} threads Numba has "
+                      f"(NUMBA_NUM_THREADS); using {maximum}", RuntimeWarning, stacklevel=2)
+        return maximum
+    return n
+
+
+_from_environment = _threads_from_environment(os.environ.get("NPCONVNEXT_NUM_THREADS"))
+if _from_environment is not None:
+    set_num_threads(_from_environment)
