@@ -56,22 +56,18 @@ def _image_paths(inputs: list[str]) -> list[str]:
 
 
 def _load_model(args):
-    """The model and its evaluation preprocessing: from --weights (architecture read off the file
-    unless --model names it) or downloaded pretrained weights."""
+    """The model and the preprocessing that gives it its input: the model's own data_config,
+    from the weight file, the tag, or the architecture's first published tag (--input-size
+    overrides the size). --weights: the architecture read off the file unless --model names it."""
     import npconvnext
-    from npconvnext.preprocessing import DataConfig, data_config
 
     name = args.model or DEFAULT_MODEL
     arch, _, tag = name.partition(".")
     if args.weights:
-        model = npconvnext.create_model(arch if args.model else None, weights=args.weights)
-        try:
-            config = data_config(name if args.model else model.config.name)
-        except ValueError:  # no published weights for this architecture: timm's defaults
-            config = DataConfig()
+        model = npconvnext.create_model(name if args.model else None, weights=args.weights)
     else:
         model = npconvnext.create_model(arch, pretrained=tag or "fb_in1k")
-        config = data_config(f"{arch}.{tag or 'fb_in1k'}")
+    config = model.data_config
     if args.input_size:
         config = replace(config, input_size=(args.input_size, args.input_size))
     return model, config
@@ -116,11 +112,12 @@ def cmd_classify(args):
     from npconvnext.labels import imagenet_labels
 
     model, config = _load_model(args)
-    labels = imagenet_labels() if model.config.num_classes == 1000 else None
+    labels = model.class_names or (imagenet_labels() if model.config.num_classes == 1000 else None)
     classified = 0
     for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
         classified += len(paths)
-        probs = _softmax(model(x).astype(np.float64))
+        outputs = model(x).astype(np.float64)
+        probs = outputs if model.convention.outputs == "probabilities" else _softmax(outputs)
         for path, p in zip(paths, probs):
             top = np.argsort(-p)[: args.top_k]
             names = [labels[i] if labels else f"class {i}" for i in top]
@@ -204,6 +201,39 @@ def balanced_subset(by_class: dict[int, list[str]], limit: int, seed: int) -> di
                 picked.setdefault(c, []).append(queues[c].pop())
                 taken += 1
     return {c: sorted(picked[c]) for c in classes if c in picked}
+
+
+def cmd_finetune(args):
+    from npconvnext.train.finetune import Recipe, finetune
+
+    if args.val_dir and args.val_split is not None:
+        raise CommandError("give --val-split or --val-dir, not both")
+    name = args.model or "convnext_tiny"
+    arch, _, tag = name.partition(".")
+    if args.pretrained and args.weights:
+        raise CommandError("give --weights or --pretrained, not both")
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size,
+                    weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                    drop_path_rate=args.drop_path, warmup_epochs=args.warmup_epochs, layer_decay=args.layer_decay,
+                    val_split=0.0 if args.val_dir else (0.1 if args.val_split is None else args.val_split),
+                    seed=args.seed)
+    show = sys.stderr.isatty() or os.environ.get("NPCONVNEXT_PROGRESS")
+
+    def progress(message):
+        if message.startswith("epoch") and ": loss" in message:  # an epoch's summary: keep it on screen
+            print(("\r" if show else "") + message, file=sys.stderr, flush=True)
+        elif show:
+            print("\r" + message, end="", file=sys.stderr, flush=True)
+
+    def warn(message):
+        print(f"warning: {_shown(message)}", file=sys.stderr)
+
+    reports = finetune(args.data_dir, args.output, arch, weights=args.weights, pretrained=args.pretrained or (tag or None),
+                       recipe=recipe, val_dir=args.val_dir, resume=args.resume, progress=progress, warn=warn)
+    for r in reports:
+        top1 = f"{100 * r.val_top1:.2f} %" if r.val_top1 is not None else "-"
+        print(f"epoch {r.epoch}: loss {r.loss:.4f}, validation top-1 {top1}, {r.images_per_s:.1f} images/s")
+    print(f"{args.output}: timm-named weights with the class names (checkpoint beside it)")
 
 
 def cmd_summary(args):
@@ -379,6 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="train on a folder of images per class; write timm-named weights")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder of images per class")
+    p.add_argument("--model", default=None, help="architecture or arch.tag (default convnext_tiny)")
+    p.add_argument("--weights", help="start from this weight file (any supported format)")
+    p.add_argument("--pretrained", help="start from these published weights' tag, e.g. fb_in1k "
+                   "(neither --weights nor --pretrained: timm's init, from scratch)")
+    p.add_argument("--epochs", type=_at_least_one, default=1)
+    p.add_argument("--batch-size", type=_at_least_one, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--img-size", type=_at_least_one, default=224)
+    p.add_argument("--val-split", type=float, default=None, help="fraction of each class held out (default 0.1)")
+    p.add_argument("--val-dir", default=None, help="a validation folder with the same class folders")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay, e.g. 0.8")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentation and drop path")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint of an earlier run")
+    p.add_argument("-o", "--output", required=True, help="the weights to write (.safetensors)")
+    p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
     p.add_argument("model")

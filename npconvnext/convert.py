@@ -9,9 +9,8 @@ source's sha256, which `verify` checks, together with a fresh conversion's tenso
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -19,12 +18,10 @@ from .atomic import atomic_write
 from .config import get_config
 from .errors import CheckpointError
 from .formats import detect_naming, read_checkpoint, read_safetensors_with_metadata, to_timm_names
-from .formats.safetensors import _DTYPES as _READ_DTYPES
+from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
 from .params import detect_architecture
 
-# the reader's table inverted (NumPy has no bfloat16 to write)
-_SAFETENSORS_DTYPES = {np.dtype(t): name for name, t in _READ_DTYPES.items() if t != "bfloat16"}
 # metadata fields that describe the source's content (its file name may differ between copies)
 _CONTENT_FIELDS = ("architecture", "num_classes", "source_sha256", "source_format", "format", "converted_by")
 
@@ -35,29 +32,6 @@ def sha256_of(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Iterator[bytes | memoryview]:
-    """A safetensors file, deterministically: the same tensors and metadata give the same bytes.
-
-    (safetensors' own `save` orders the metadata by a randomly seeded hash map.) Metadata keys
-    are sorted; tensors follow the mapping's order; the header is padded with spaces to a
-    multiple of 8 bytes, as safetensors pads it. Yields the header, then each tensor's bytes.
-    """
-    arrays = {name: np.asarray(a, order="C") for name, a in tensors.items()}  # keeps 0-d arrays 0-d
-    header: dict[str, object] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
-    offset = 0
-    for name, a in arrays.items():
-        if a.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {a.dtype} has no safetensors name here")
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    yield len(raw).to_bytes(8, "little") + raw
-    for a in arrays.values():
-        yield memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,

@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import get_config
 from .formats import detect_naming, load_state_dict, to_timm_names
-from .formats.data_config import data_config_for_weights
+from .formats.data_config import class_names_for_weights, data_config_for_weights
 from .model import ConvNeXt
 from .params import detect_architecture, random_state_dict
 from .preprocessing import DataConfig, data_config
@@ -77,5 +77,9 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         weights = random_state_dict(config, seed)
         source = f"random weights (seed {seed})"
     preprocessing, preprocessing_source = _data_config(config.name, tag, path)
-    return ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
-                    data_config_source=preprocessing_source)
+    model = ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
+                     data_config_source=preprocessing_source)
+    names = class_names_for_weights(path) if path is not None else None
+    if names is not None and len(names) == config.num_classes:
+        model.class_names = names
+    return model

@@ -73,6 +73,7 @@ class ConvNeXt:
         self.convention = convention
         self.data_config = _with_convention(data_config or DataConfig(), convention)
         self.data_config_source = data_config_source
+        self.class_names: tuple[str, ...] | None = None  # the classifier's labels, where the weights say
         self.frozen: set[str] = set()  # timm names an optimizer leaves alone (see requires_grad_)
         self.load_state_dict(state_dict, source)
 
@@ -113,6 +114,7 @@ class ConvNeXt:
         state = {name: to_timm_layout(name, self._params[name], shape)
                  for name, shape in expected_shapes(self.config).items()}
         self.config = replace(self.config, num_classes=num_classes)
+        self.class_names = None
         fresh = init_state_dict(self.config, seed)
         state["head.fc.weight"], state["head.fc.bias"] = fresh["head.fc.weight"], fresh["head.fc.bias"]
         self.load_state_dict(state, "reset_classifier")

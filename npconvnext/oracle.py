@@ -13,9 +13,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .atomic import atomic_write
-from .convert import safetensors_chunks
 from .errors import CheckpointError
 from .formats import read_safetensors_with_metadata
+from .formats.safetensors_writer import safetensors_chunks
 
 #: default tolerance by dtype, relative to each tensor's largest magnitude (the parity contract)
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}

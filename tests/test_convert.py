@@ -92,7 +92,7 @@ def test_safetensors_writer_is_read_back_by_safetensors(tmp_path):
     """Every dtype the readers know, 0-d, empty and non-contiguous arrays, metadata in any order."""
     from safetensors.numpy import load
 
-    from npconvnext.convert import safetensors_chunks
+    from npconvnext.formats.safetensors_writer import safetensors_chunks
 
     rng = np.random.default_rng(0)
     tensors = {"scalar": np.float32(3.5).reshape(()), "empty": np.zeros((0, 3)), "strided": np.arange(12.0)[::3],
@@ -315,7 +315,7 @@ def test_verify_a_match_a_different_source_and_a_tampered_file(tmp_path, src):
         verify(src, src)  # a file with no record of its source
 
     # right tensors and hash, but metadata claiming another architecture
-    from npconvnext.convert import safetensors_chunks
+    from npconvnext.formats.safetensors_writer import safetensors_chunks
 
     with safe_open(str(dst), "np") as f:
         metadata = dict(f.metadata(), architecture="convnext_femto")

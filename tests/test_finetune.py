@@ -133,3 +133,25 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_folder, tmp_
     with pytest.raises(TrainingError, match=r"loss is nan at step \d+ \(epoch 2, batch \d+\).*o.checkpoint.safetensors \(epoch 1\)"):
         finetune(str(digits_folder), str(out), "convnext_atto", recipe=exploding, resume=str(checkpoint))
     assert checkpoint.read_bytes() == before
+
+
+def test_finetune_command_then_classify_with_the_class_names(digits_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "digits.safetensors"
+    done = subprocess.run([sys.executable, "-m", "npconvnext", "finetune", str(digits_folder), "--model", "convnext_atto",
+                           "--epochs", "1", "--batch-size", "8", "--img-size", "32", "--val-split", "0.25", "-o", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1: loss" in done.stdout and out.exists()
+    image = digits_folder / "seven" / "0.png"
+    done = subprocess.run([sys.executable, "-m", "npconvnext", "classify", str(image), "--weights", str(out),
+                           "--json", "--top-k", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert sorted(row["labels"]) == ["one", "seven", "zero"]
+    model = npconvnext.create_model(None, weights=str(out))
+    x = npconvnext.preprocess(str(image), model.data_config)[None]
+    assert row["labels"][0] == model.class_names[int(model(x).argmax())]

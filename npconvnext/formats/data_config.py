@@ -1,5 +1,5 @@
-"""The evaluation preprocessing a weight file carries: in its own metadata, or beside it as timm's
-hub repos keep it (`config.json`)."""
+"""What a weight file says beyond its weights: the evaluation preprocessing (in its own metadata,
+or beside it as timm's hub repos keep it, `config.json`) and the class names."""
 
 from __future__ import annotations
 
@@ -43,3 +43,21 @@ def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
         return from_timm_cfg(cfg)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from None
+
+
+def class_names_for_weights(path: str | os.PathLike) -> tuple[str, ...] | None:
+    """The class names in a safetensors file's metadata ("class_names", a JSON list, as
+    `npconvnext finetune` writes them), or None."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        return None
+    text = read_safetensors_with_metadata(path)[1].get("class_names")
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata class_names is not valid JSON ({exc})") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: metadata class_names is not a list of names")
+    return tuple(names)

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-from safetensors.numpy import save
 
 from ..atomic import atomic_write
 from ..config import get_config
 from ..errors import TrainingError
 from ..factory import create_model
 from ..formats import read_safetensors_with_metadata
+from ..formats.safetensors_writer import safetensors_chunks
 from ..model import ConvNeXt
 from ..params import init_state_dict
 from ..preprocessing import DataConfig, data_config
@@ -83,7 +83,7 @@ def _save_checkpoint(path: str, model: ConvNeXt, opt: AdamW, epoch: int, rng: np
     metadata = {"format": CHECKPOINT_FORMAT, "architecture": model.config.name, "epoch": str(epoch),
                 "classes": json.dumps(list(classes)), "optimizer": json.dumps(scalars),
                 "rng": json.dumps(rng.bit_generator.state), "recipe": json.dumps(asdict(recipe))}
-    atomic_write(path, save(tensors, metadata=metadata))
+    atomic_write(path, safetensors_chunks(tensors, metadata))
 
 
 def _load_checkpoint(path: str, model: ConvNeXt, opt: AdamW, classes: tuple[str, ...]) -> tuple[int, np.random.Generator]:
@@ -211,4 +211,4 @@ def write_weights(path: str, model: ConvNeXt, classes: tuple[str, ...], config: 
     metadata = {"architecture": model.config.name, "num_classes": str(model.config.num_classes),
                 "class_names": json.dumps(list(classes)), "data_config": json.dumps(timm_cfg),
                 "format": "pt", "converted_by": "npconvnext finetune"}
-    atomic_write(path, save({k: v.astype(np.float32) for k, v in model.state_dict().items()}, metadata=metadata))
+    atomic_write(path, safetensors_chunks({k: v.astype(np.float32) for k, v in model.state_dict().items()}, metadata))
