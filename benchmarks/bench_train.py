@@ -100,7 +100,8 @@ def split(model: str, batch: int) -> None:
     middle = time.perf_counter()
     opt.step(grads)
     total = time.perf_counter() - start
-    print(f"{model} batch {batch}: step {total:.2f} s (loss and gradients {middle - start:.2f} s, AdamW {total - middle:.2f} s)")
+    print(f"{model} batch {batch}: step {total:.2f} s (loss and gradients {middle - start:.2f} s, "
+          f"AdamW {total - (middle - start):.2f} s)")
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<34} {seconds:8.2f} s  {100 * seconds / total:5.1f} %")
 

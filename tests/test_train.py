@@ -26,13 +26,14 @@ def torch_loss_and_grads(net, x, y, label_smoothing):
     return float(loss.detach()), {name: p.grad.numpy() for name, p in net.named_parameters()}
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name, size", [("convnext_atto", (35, 45)), ("convnextv2_atto", (64, 33)),
                                         ("convnext_tiny", (32, 40))])
-def test_gradients_equal_torch_autograd(name, size, dtype):
+def test_gradients_equal_torch_autograd(name, size, dtype, backend):
     net = random_timm_model(name, seed=11, num_classes=7).to(torch.float64 if dtype == np.float64 else torch.float32)
     net.train()  # timm's ConvNeXt has no batch norm: train mode differs only by drop path, 0 here
-    model = npconvnext.create_model(name, weights=numpy_state_dict(net), dtype=dtype.__name__)
+    model = npconvnext.create_model(name, weights=numpy_state_dict(net), dtype=dtype.__name__, backend=backend)
     x = random_images((3, 3, *size), dtype, seed=2)
     y = np.array([0, 6, 3])
     expected_loss, expected = torch_loss_and_grads(net, x, y, label_smoothing=0.1)
@@ -45,7 +46,7 @@ def test_gradients_equal_torch_autograd(name, size, dtype):
         error = np.abs(grads[key] - g).max() / np.abs(g).max()
         worst = max(worst, error)
         assert error <= GRAD_TOLERANCE[dtype], f"{key}: relative error {error:.3g}"
-    print(f"{name} {dtype.__name__}: worst relative gradient error {worst:.2e}")
+    print(f"{name} {dtype.__name__} {backend}: worst relative gradient error {worst:.2e}")
 
 
 TINY = ConvNeXtConfig("tiny_test", depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)

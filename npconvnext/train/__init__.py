@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine import kernels
 from ..model import ConvNeXt, to_channels_last
 from ..params import expected_shapes, to_timm_layout
 from . import backward
 from .optim import AdamW, cosine_schedule
 
 __all__ = ["AdamW", "cosine_schedule", "loss_and_grads"]
+
+# the numba backend's twins of the layers that cost most in training, checked against layers.py
+_ENGINE = backward.TrainingOps(gelu=kernels.gelu, gelu_backward=kernels.gelu_backward)
 
 
 def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothing: float = 0.0,
@@ -29,6 +33,8 @@ def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothin
 
     drop_path_rate, drop_rate: stochastic depth and head dropout, drawn from `rng` (a seeded
     numpy Generator); both are off without one.
+    The model's backend chooses the layers: "numpy" the readable ones, "numba" (the default)
+    the engine's kernels where it has them.
     """
     images = to_channels_last(x, model.config, model.dtype)                    # (N, H, W, 3)
     labels = np.asarray(y)
@@ -38,9 +44,10 @@ def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothin
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"labels must lie in 0 .. {classes - 1} for this {classes}-class model; "
                          f"got {labels.min()} .. {labels.max()}")
-    logits, cache = backward.forward(images, model.weights, model.config, drop_path_rate, drop_rate, rng)
+    ops = backward.REFERENCE if model.backend == "numpy" else _ENGINE
+    logits, cache = backward.forward(images, model.weights, model.config, drop_path_rate, drop_rate, rng, ops)
     loss, d_logits = backward.cross_entropy(logits, labels, label_smoothing)
-    grads = backward.backward(d_logits, model.weights, model.config, cache).named()
+    grads = backward.backward(d_logits, model.weights, model.config, cache, ops).named()
     shapes = expected_shapes(model.config)
     return loss, {name: np.ascontiguousarray(to_timm_layout(name, grads[name], shape), dtype=model.dtype)
                   for name, shape in shapes.items()}

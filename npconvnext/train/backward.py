@@ -18,6 +18,7 @@ What is kept per block, and what is recomputed in the backward:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +26,16 @@ import numpy as np
 from .. import layers
 from ..config import ConvNeXtConfig
 from ..network import BlockWeights, DownsampleWeights, HeadWeights, NetworkWeights, StageWeights, StemWeights
+
+
+class TrainingOps(NamedTuple):
+    """The layers a faster engine may replace in training; REFERENCE is layers.py's."""
+
+    gelu: Callable[[np.ndarray], np.ndarray]
+    gelu_backward: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+REFERENCE = TrainingOps(layers.gelu, layers.gelu_backward)
 
 
 class BlockCache(NamedTuple):
@@ -36,11 +47,11 @@ class BlockCache(NamedTuple):
 
 
 def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
-                  keep: np.ndarray | None) -> tuple[np.ndarray, BlockCache]:
+                  keep: np.ndarray | None, ops: TrainingOps = REFERENCE) -> tuple[np.ndarray, BlockCache]:
     """network.block, keeping what block_backward needs. x: (N, H, W, C) -> (N, H, W, C)"""
     conv = layers.depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias)
     hidden = layers.linear(layers.layer_norm(conv, w.norm_weight, w.norm_bias, eps), w.fc1_weight, w.fc1_bias)
-    activated = layers.gelu(hidden)
+    activated = ops.gelu(hidden)
     if w.grn_weight is not None:
         activated = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
     branch = layers.linear(activated, w.fc2_weight, w.fc2_bias)
@@ -51,7 +62,7 @@ def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
 
 
 def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: float,
-                   grn_eps: float) -> tuple[np.ndarray, BlockWeights]:
+                   grn_eps: float, ops: TrainingOps = REFERENCE) -> tuple[np.ndarray, BlockWeights]:
     """Gradients of one block: (d input, d weights). dout: (N, H, W, C)"""
     d_scaled = dout * cache.keep if cache.keep is not None else dout
     d_gamma = None
@@ -60,7 +71,7 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: fl
         d_branch = d_scaled * w.gamma
     else:
         d_branch = d_scaled
-    activated = layers.gelu(cache.hidden)
+    activated = ops.gelu(cache.hidden)
     d_grn_weight = d_grn_bias = None
     if w.grn_weight is not None:
         normed = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
@@ -69,7 +80,7 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: fl
             d_normed, activated, w.grn_weight, grn_eps)
     else:
         d_activated, d_fc2_weight, d_fc2_bias = layers.linear_backward(d_branch, activated, w.fc2_weight)
-    d_hidden = layers.gelu_backward(d_activated, cache.hidden)
+    d_hidden = ops.gelu_backward(d_activated, cache.hidden)
     normed_conv = layers.layer_norm(cache.conv, w.norm_weight, w.norm_bias, eps)
     d_normed_conv, d_fc1_weight, d_fc1_bias = layers.linear_backward(d_hidden, normed_conv, w.fc1_weight)
     d_conv, d_norm_weight, d_norm_bias = layers.layer_norm_backward(d_normed_conv, cache.conv, w.norm_weight, eps)
@@ -109,7 +120,8 @@ def _keep_scale(rng: np.random.Generator | None, p: float, shape: tuple[int, ...
 
 
 def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig, drop_path_rate: float = 0.0,
-            drop_rate: float = 0.0, rng: np.random.Generator | None = None) -> tuple[np.ndarray, NetworkCache]:
+            drop_rate: float = 0.0, rng: np.random.Generator | None = None,
+            ops: TrainingOps = REFERENCE) -> tuple[np.ndarray, NetworkCache]:
     """Training forward. x: (N, H, W, 3) -> (N, num_classes) logits and what the backward needs.
     Drop path and dropout need `rng`; without one they are off (evaluation)."""
     eps, n = config.norm_eps, x.shape[0]
@@ -128,7 +140,7 @@ def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig, drop
             ds_normed.append(None)
         caches = []
         for w, rate in zip(stage.blocks, rates):
-            h, cache = block_forward(h, w, eps, config.grn_eps, _keep_scale(rng, rate, (n, 1, 1, 1), x.dtype))
+            h, cache = block_forward(h, w, eps, config.grn_eps, _keep_scale(rng, rate, (n, 1, 1, 1), x.dtype), ops)
             caches.append(cache)
         block_caches.append(tuple(caches))
     pooled = layers.global_avg_pool(h)                                              # (N, C)
@@ -142,7 +154,7 @@ def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig, drop
 
 
 def backward(d_logits: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig,
-             cache: NetworkCache) -> NetworkWeights:
+             cache: NetworkCache, ops: TrainingOps = REFERENCE) -> NetworkWeights:
     """Gradients of every weight, given d loss / d logits (N, num_classes); same structure and
     compute layouts as `weights`."""
     eps = config.norm_eps
@@ -161,7 +173,7 @@ def backward(d_logits: np.ndarray, weights: NetworkWeights, config: ConvNeXtConf
         stage = weights.stages[i]
         block_grads = []
         for w, block_cache in zip(reversed(stage.blocks), reversed(cache.blocks[i])):
-            d_h, grads = block_backward(d_h, w, block_cache, eps, config.grn_eps)
+            d_h, grads = block_backward(d_h, w, block_cache, eps, config.grn_eps, ops)
             block_grads.append(grads)
         ds_grads = None
         if stage.downsample is not None:
