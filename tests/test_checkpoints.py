@@ -239,6 +239,15 @@ def test_wrong_architecture_lists_keys(tmp_path, atto):
         npconvnext.create_model("convnext_tiny", weights=tmp_path / "atto.safetensors")
 
 
+def test_timm_names_missing_the_stem_report_the_missing_key(tmp_path, atto):
+    _, state = atto
+    cut = {k: v for k, v in state.items() if k != "stem.0.weight"}
+    save_file(cut, tmp_path / "no_stem.safetensors")
+    for weights in (cut, tmp_path / "no_stem.safetensors"):
+        with pytest.raises(CheckpointError, match=r"(?s)1 missing:\s+stem\.0\.weight"):
+            npconvnext.create_model(None, weights=weights)
+
+
 def test_nonfinite_weights_are_refused_or_warned(tmp_path, atto):
     _, state = atto
     bad = dict(state, **{"head.fc.bias": np.full(1000, np.nan, np.float32)})
