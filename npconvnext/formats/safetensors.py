@@ -103,6 +103,8 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _metadata(value: object) -> dict[str, str]:
+    if value is None:  # the format allows null
+        return {}
     if not isinstance(value, dict):
         raise CheckpointError(f"safetensors __metadata__ is {describe(value)}, not a JSON object")
     for key, item in value.items():

@@ -48,6 +48,7 @@ _OPCODES = frozenset({
 _MAX_DEPTH = 32     # nesting of the pickle's data; a state dict needs under 10
 _EXPANSION = 16     # how many times its own size a pickle's data may expand to through the memo
 _MAX_DIMS = 64      # NumPy's limit on an array's dimensions
+_MAX_REUSE = 4      # elements all tensors may view, per element stored (views may share storage)
 _MAX_KEY = 64       # characters in a storage key (torch writes decimal numbers)
 
 
@@ -324,7 +325,7 @@ def _state_dict(obj: object) -> dict[str, _Tensor]:
         raise CheckpointError(f"the checkpoint holds {describe(obj)}, not a state dict of tensors")
     for name, value in obj.items():
         if type(name) is not str:
-            raise CheckpointError(f"the state dict has a key that is {describe(name)}, not a name")
+            raise CheckpointError(f"the state dict has a key of type {type(name).__name__}, not a name")
         if not isinstance(value, _Tensor):
             raise CheckpointError(f"the state dict's {describe(name)} is {describe(value)}, not a tensor")
     return obj
@@ -338,9 +339,9 @@ def _read_tensors(archive: zipfile.ZipFile, prefix: str, state: dict[str, _Tenso
     if stored > file_size:
         raise CheckpointError(f"the storages declare {stored} bytes, more than the file's {file_size}")
     viewed = sum(_numel(t.size, limit=t.storage.numel) for t in state.values())
-    if viewed > sum(s.numel for s in storages.values()):
-        raise CheckpointError(f"the tensors view {viewed} elements in all, more than their storages hold "
-                              "(expanded or repeated views)")
+    if viewed > _MAX_REUSE * sum(s.numel for s in storages.values()):
+        raise CheckpointError(f"the tensors view {viewed} elements in all, more than {_MAX_REUSE} times "
+                              "what their storages hold")
     out = {}
     for storage in storages.values():
         data = _read_storage(archive, prefix, storage)
