@@ -171,10 +171,12 @@ _CHILD = textwrap.dedent("""
     from npconvnext.errors import CheckpointError
     from npconvnext.formats import read_checkpoint
 
-    vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
-    budget = vm * 1024 + int(sys.argv[2])  # what the process maps now, plus the test's budget
+    def status_kb(field):  # VmHWM: this image's peak RSS (ru_maxrss would keep the parent's across exec)
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+    budget = status_kb("VmSize") * 1024 + int(sys.argv[2])  # what the process maps now, plus the budget
     resource.setrlimit(resource.RLIMIT_AS, (budget, budget))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = status_kb("VmHWM")
     start = time.perf_counter()
     try:
         read_checkpoint(sys.argv[1])
@@ -184,7 +186,7 @@ _CHILD = textwrap.dedent("""
     except BaseException as exc:
         outcome, message = type(exc).__name__, str(exc)[:300]
     print(json.dumps(dict(outcome=outcome, message=message[:2000], seconds=time.perf_counter() - start,
-                          grew_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)))
+                          grew_mb=(status_kb("VmHWM") - before) / 1024)))
 """)
 
 
@@ -270,6 +272,7 @@ def safetensors_bytes(header_text: str, body: bytes = b"") -> bytes:
     ('{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}', 1, "unsupported dtype"),
     ("{" + '"a": ' * 1 + "[" * 100_000 + "]" * 100_000 + "}", 0, "nests too deeply"),
     ('{"__metadata__": [1], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4, "__metadata__"),
+    ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', 4, r"^\S+: safetensors header names 'a' twice$"),
 ])
 def test_malformed_safetensors_headers(tmp_path, header, body, match):
     path = tmp_path / "bad.safetensors"

@@ -83,6 +83,8 @@ def _read_header(f, size: int) -> tuple[dict, int]:
     raw = f.read(header_len)
     try:
         header = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except CheckpointError:  # a duplicate key (CheckpointError is a ValueError too)
+        raise
     except RecursionError:
         raise CheckpointError("safetensors header nests too deeply to be a header") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to parse
