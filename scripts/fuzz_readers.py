@@ -257,12 +257,11 @@ def make_input(seeds, rng) -> tuple[str, bytes]:
     of_kind = [data for k, data in seeds if k == kind]
     data = of_kind[int(rng.integers(len(of_kind)))]
     for _ in range(int(rng.choice([1, 1, 2, 3]))):
-        if rng.random() < 0.3:
+        structured = mutate_safetensors_header if kind == "safetensors" else mutate_torch_zip
+        try:
+            data = mutate_bytes(data, rng, seeds) if rng.random() < 0.3 else structured(data, rng, seeds)
+        except Exception:  # noqa: BLE001 (an earlier edit left nothing this one can edit)
             data = mutate_bytes(data, rng, seeds)
-        elif kind == "safetensors":
-            data = mutate_safetensors_header(data, rng, seeds)
-        else:
-            data = mutate_torch_zip(data, rng, seeds)
     return kind, data
 
 
