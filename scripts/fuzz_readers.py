@@ -309,19 +309,24 @@ class Worker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), repo])))
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
-        self.baseline = self.answer(120)["ready"]
+        self.baseline = self.answer(120).get("ready")
+        if self.baseline is None:
+            raise RuntimeError("the fuzzing worker did not start (cannot import npconvnext?)")
 
-    def answer(self, timeout: float) -> dict | None:
+    def answer(self, timeout: float) -> dict:
+        """The worker's next answer, or {"outcome": "hang"} / {"outcome": "crash"}."""
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        return json.loads(line) if line else None
+        if not ready:
+            return {"outcome": "hang"}
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else {"outcome": "crash"}
 
-    def read(self, path: str, timeout: float) -> dict | None:
+    def read(self, path: str, timeout: float) -> dict:
         try:
             self.proc.stdin.write(path + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
-            return None
+            return {"outcome": "crash"}
         return self.answer(timeout)
 
     def stop(self) -> int:
@@ -354,14 +359,13 @@ def campaign(n: int, seed: int, timeout: float, log=None) -> dict:
                 f.write(data)
             result = work.read(path, timeout)
             by_kind[kind] += 1
-            if result is None:  # the worker died, or took past the timeout and is killed
-                hung = work.proc.poll() is None
+            if result["outcome"] in ("hang", "crash"):  # keep the input, restart the worker
                 code = work.stop()
                 kept = os.path.join(keep, os.path.basename(path))
                 os.makedirs(keep, exist_ok=True)
                 os.replace(path, kept)
-                (hangs if hung else crashes).append((i, kind, code, kept))
-                outcomes["hang" if hung else "crash"] += 1
+                (hangs if result["outcome"] == "hang" else crashes).append((i, kind, code, kept))
+                outcomes[result["outcome"]] += 1
                 work = Worker(repo)
                 continue
             outcomes[result["outcome"]] += 1

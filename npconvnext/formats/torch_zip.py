@@ -342,10 +342,13 @@ def _read_tensors(archive: zipfile.ZipFile, prefix: str, state: dict[str, _Tenso
     if viewed > _MAX_REUSE * sum(s.numel for s in storages.values()):
         raise CheckpointError(f"the tensors view {viewed} elements in all, more than {_MAX_REUSE} times "
                               "what their storages hold")
+    names_by_storage: dict[int, list[str]] = {}
+    for name, t in state.items():
+        names_by_storage.setdefault(id(t.storage), []).append(name)
     out = {}
-    for storage in storages.values():
-        data = _read_storage(archive, prefix, storage)
-        out.update({name: _copy_view(data, t) for name, t in state.items() if t.storage is storage})
+    for key, names in names_by_storage.items():
+        data = _read_storage(archive, prefix, storages[key])
+        out.update({name: _copy_view(data, state[name]) for name in names})
     return {name: out[name] for name in state}
 
 
