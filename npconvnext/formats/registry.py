@@ -2,6 +2,10 @@
 
 A file is never judged by its name. Readers register themselves when `npconvnext.formats` is
 imported; the first whose `recognises` answers yes reads the file.
+
+What every reader shares when it meets an untrusted file: `open_weight_file` (regular files
+only), `reading` (every failure a CheckpointError naming the file) and `describe` (a value
+from the file in an error message, bounded).
 """
 
 from __future__ import annotations

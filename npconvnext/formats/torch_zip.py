@@ -6,10 +6,12 @@ the state dict whose tensors refer to raw storages stored as `<prefix>/data/<key
 
 A file is untrusted, so reading goes in three steps, each bounded by what the file holds:
   1. the pickle's opcodes are checked before unpickling (`_check_opcodes`): only those that
-     build plain data and call a global, memo indices that exist, bounded nesting;
+     build plain data and call a global, memo indices that exist, and data that neither nests
+     deeply nor, shared through the memo, expands far past the pickle's own size;
   2. unpickling resolves globals through `_GLOBALS`, an allow-list, to fresh objects that refuse
-     attribute setting, so nothing a file does outlives its load; tensors come out as views
-     (`_Tensor`) checked against their storage's length, not yet read;
+     BUILD (only the state dict's own OrderedDict takes one, for its _metadata), so nothing a
+     file does outlives its load; tensors come out as views (`_Tensor`) checked against their
+     storage's length, not yet read;
   3. the storages the state dict uses are read (uncompressed entries of the sizes the pickle
      declares, together no larger than the file) and each view is copied out.
 """
