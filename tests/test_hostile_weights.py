@@ -22,7 +22,6 @@ import torch
 from safetensors.numpy import load_file as safetensors_load_file
 from safetensors.numpy import save_file
 
-import npconvnext
 from npconvnext.errors import CheckpointError
 from npconvnext.formats import read_checkpoint, read_safetensors, read_safetensors_with_metadata
 from timm_reference import numpy_state_dict, random_timm_model
