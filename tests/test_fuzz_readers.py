@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "fuzz_readers.py")
-INPUTS, SEED = 3000, 20261124
+INPUTS, SEED = 8000, 20261124
 MAX_GROWTH_MB = 200   # peak RSS over the worker's after importing npconvnext; the seeds are a few kB
 MAX_SECONDS = 2.0     # per input; each is a few kB
 
