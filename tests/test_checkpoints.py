@@ -96,12 +96,15 @@ def test_official_checkpoint(tmp_path, which, request, assert_matches):
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
-def test_transformers_save_pretrained(tmp_path, version, safe):
+def test_transformers_save_pretrained(tmp_path, version, safe, assert_matches):
     import transformers as tr
 
     cfg_cls, model_cls = ((tr.ConvNextConfig, tr.ConvNextForImageClassification) if version == 1
                           else (tr.ConvNextV2Config, tr.ConvNextV2ForImageClassification))
-    hf = model_cls(cfg_cls(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=1000)).eval()
+    # transformers' final LayerNorm defaults to eps 1e-12 where timm and the paper use 1e-6: set
+    # timm's, so that float64 can hold both to 1e-10
+    config = cfg_cls(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=1000, layer_norm_eps=1e-6)
+    hf = model_cls(config).eval()
     gen = torch.Generator().manual_seed(version)
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -112,15 +115,12 @@ def test_transformers_save_pretrained(tmp_path, version, safe):
     if not safe:  # transformers 5 writes only safetensors; older ones wrote torch.save'd pytorch_model.bin
         weights = tmp_path / "pytorch_model.bin"
         torch.save(hf.state_dict(), weights)
-    x = random_images((2, 3, 64, 64), np.float32)
+    x = random_images((2, 3, 64, 64), np.float64)
     with torch.no_grad():
-        expected = hf(torch.from_numpy(x)).logits.numpy()
-    model = npconvnext.create_model(None, weights=weights)
+        expected = hf.double()(torch.from_numpy(x)).logits.numpy()
+    model = npconvnext.create_model(None, weights=weights, dtype="float64")
     assert model.config.name == ("convnext_atto" if version == 1 else "convnextv2_atto")
-    # transformers' final LayerNorm uses eps 1e-12 where timm and the paper use 1e-6: a
-    # difference of ~1e-7 relative, far inside the float32 tolerance
-    error = np.abs(model(x) - expected).max() / np.abs(expected).max()
-    assert error < 1e-4, error
+    assert_matches(model(x), expected, str(weights))
 
 
 def test_detect_architecture_every_variant():
@@ -141,7 +141,7 @@ def safetensors_bytes(header, body=b""):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\x05\x00", "neither safetensors nor a PyTorch zip"),
+    (b"\x05\x00", "not a weight file npconvnext reads"),
     (struct.pack("<Q", 1 << 40) + b"{}", "header length"),
     (safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "outside the"),
     (safetensors_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16), "needs 12"),
@@ -150,7 +150,7 @@ def safetensors_bytes(header, body=b""):
     (struct.pack("<Q", 5) + b"{nope", "not valid JSON"),
     (b"PK\x03\x04garbage", "corrupted or truncated PyTorch"),
     (b"\x80\x02legacy", "legacy"),
-    (b"hello world", "neither safetensors nor"),
+    (b"hello world", "not a weight file npconvnext reads"),
 ])
 def test_bad_files_name_the_file_and_the_problem(tmp_path, content, message):
     path = tmp_path / "bad.bin"
@@ -167,8 +167,10 @@ def test_truncated_real_files(tmp_path, atto):
     for name in ("full.pth", "full.safetensors"):
         data = (tmp_path / name).read_bytes()
         (tmp_path / "cut").write_bytes(data[: len(data) // 2])
-        with pytest.raises(CheckpointError, match="cut"):
+        # the message must name the problem; the file's name alone would match "cut"
+        with pytest.raises(CheckpointError, match=r"truncated") as err:
             npconvnext.load_state_dict(tmp_path / "cut")
+        assert str(tmp_path / "cut") in str(err.value)
 
 
 class _Evil:
@@ -201,6 +203,15 @@ def test_wrong_architecture_lists_keys(tmp_path, atto):
     save_file(state, tmp_path / "atto.safetensors")
     with pytest.raises(CheckpointError, match=r"(?s)wrong shape.*stem.0.weight: got \(40, 3, 4, 4\), expected \(96, 3, 4, 4\)"):
         npconvnext.create_model("convnext_tiny", weights=tmp_path / "atto.safetensors")
+
+
+def test_timm_names_missing_the_stem_report_the_missing_key(tmp_path, atto):
+    _, state = atto
+    cut = {k: v for k, v in state.items() if k != "stem.0.weight"}
+    save_file(cut, tmp_path / "no_stem.safetensors")
+    for weights in (cut, tmp_path / "no_stem.safetensors"):
+        with pytest.raises(CheckpointError, match=r"(?s)1 missing:\s+stem\.0\.weight"):
+            npconvnext.create_model(None, weights=weights)
 
 
 def test_nonfinite_weights_are_refused_or_warned(tmp_path, atto):

@@ -70,17 +70,24 @@ def _rename(name: str, naming: str) -> str:
     return name
 
 
+_TIMM_BLOCK = re.compile(r"stages\.\d+\.blocks\.\d+\.")
+
+
 def detect_naming(names: Iterable[str]) -> str:
     """Which naming a set of parameter names follows: 'timm', 'official' or 'transformers'."""
     names = set(names)
-    if "stem.0.weight" in names:
+    odd = next((n for n in names if not isinstance(n, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"parameter names must be text; one is a {type(odd).__name__}")
+    # timm's block names alone are enough: strict loading then reports a missing stem by name
+    if "stem.0.weight" in names or any(_TIMM_BLOCK.match(n) for n in names):
         return "timm"
     if any(n.startswith(("convnext.embeddings.", "convnextv2.embeddings.")) for n in names):
         return "transformers"
     if "downsample_layers.0.0.weight" in names:
         return "official"
     raise CheckpointError("parameter names are neither timm's, the official ConvNeXt code's nor "
-                          f"transformers' (first names: {sorted(names)[:5]})")
+                          f"transformers' (first names: {[n[:80] for n in sorted(names)[:5]]})")
 
 
 def _fit_unit_axes(array: np.ndarray, expected: tuple[int, ...] | None) -> np.ndarray:

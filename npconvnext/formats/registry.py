@@ -2,13 +2,18 @@
 
 A file is never judged by its name. Readers register themselves when `npconvnext.formats` is
 imported; the first whose `recognises` answers yes reads the file.
+
+What every reader shares when it meets an untrusted file: `open_weight_file` (regular files
+only), `reading` (every failure a CheckpointError naming the file) and `describe` (a value
+from the file in an error message, bounded).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,21 +42,70 @@ def formats() -> tuple[WeightFormat, ...]:
     return tuple(_FORMATS)
 
 
+def open_weight_file(path: str):
+    """`path` opened for binary reading; refuses anything but a regular file, since a FIFO or a
+    device would block or never end. Every public reader opens its file through this."""
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory; pass the weight file inside it "
+                              "(model.safetensors or pytorch_model.bin)") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise CheckpointError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(f"{path}: is a directory; pass the weight file inside it "
+                                  "(model.safetensors or pytorch_model.bin)")
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); weights must be a file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A bounded description of a value read from a file, for error messages: short text is
+    quoted, anything else is named by its type (a repr could expand a shared structure
+    exponentially)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+    if type(value) is int and value.bit_length() <= 64:
+        return str(value)
+    return f"a {type(value).__name__}"
+
+
+@contextmanager
+def reading(path: str, what: str) -> Iterator[None]:
+    """Every failure inside becomes a CheckpointError naming `path`: the readers' own (raised
+    without it) get it prefixed; anything else a corrupt file makes a library raise is
+    described by its type and bounded text."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 (KeyboardInterrupt and SystemExit pass)
+        raise CheckpointError(f"{path}: corrupted or truncated {what} ({type(exc).__name__}"
+                              f"{_exception_text(exc)})") from None
+
+
+def _exception_text(exc: Exception, limit: int = 200) -> str:
+    if not all(isinstance(a, str) or (type(a) is int and a.bit_length() <= 64) for a in exc.args):
+        return ""  # its text could hold a repr of something the file built
+    text = str(exc)
+    return ": " + (text if len(text) <= limit else text[:limit] + "...")
+
+
 def sniff_format(path: str) -> WeightFormat:
     """The format of the weight file at `path`, from its first bytes; errors name the file."""
     try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise CheckpointError(f"{path}: is a directory; pass the weight file inside it "
-                              "(model.safetensors or pytorch_model.bin)")
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); weights must be a file")
-    try:
-        with open(path, "rb") as f:
+        with open_weight_file(path) as f:
             head = f.read(HEAD_BYTES)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None

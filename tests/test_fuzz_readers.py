@@ -1,0 +1,33 @@
+"""A bounded fuzzing campaign against both weight readers, run on every CI build.
+
+scripts/fuzz_readers.py mutates real safetensors and torch.save files (bytes, JSON header,
+pickle opcodes, zip entries) and reads each in a worker process, so a segfault or a hang is
+counted instead of killing pytest. The campaign is seeded: a failure here reproduces with
+`python scripts/fuzz_readers.py N --seed S`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "fuzz_readers.py")
+INPUTS, SEED = 8000, 20261124
+MAX_GROWTH_MB = 200   # peak RSS over the worker's after importing npconvnext; the seeds are a few kB
+MAX_SECONDS = 2.0     # per input; each is a few kB
+
+
+def test_mutated_weight_files_fail_cleanly_in_bounded_time_and_memory():
+    out = subprocess.run([sys.executable, SCRIPT, str(INPUTS), "--seed", str(SEED), "--timeout", "20", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["crashes"] == [] and summary["hangs"] == [], summary
+    assert set(summary["outcomes"]) <= {"loaded", "CheckpointError"}, summary["others"]
+    assert summary["unnamed_count"] == 0, summary["unnamed"]
+    assert summary["memory"] == [], summary["memory"]
+    assert summary["peak_rss_mb"] - summary["baseline_rss_mb"] < MAX_GROWTH_MB, summary
+    assert summary["slowest_seconds"] < MAX_SECONDS, summary
+    # the campaign reached both readers and both verdicts, so the checks above had something to see
+    assert min(summary["by_kind"].values()) > INPUTS // 4 and len(summary["by_kind"]) == 2, summary["by_kind"]
+    assert summary["outcomes"].get("loaded", 0) > INPUTS // 50 and summary["outcomes"]["CheckpointError"] > INPUTS // 2
