@@ -10,7 +10,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from .config import get_config
-from .formats import detect_naming, load_state_dict, to_timm_names
+from .convention import TIMM, Convention
+from .formats import convention_of, detect_naming, load_state_dict, sniff_format, to_timm_names
 from .formats.data_config import class_names_for_weights, data_config_for_weights
 from .model import ConvNeXt
 from .params import detect_architecture, random_state_dict
@@ -33,7 +34,8 @@ def _data_config(arch: str, tag: str | None, path: str | None) -> tuple[DataConf
 
 def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
                  dtype: str | np.dtype = "float32", backend: str = "numba",
-                 num_classes: int | None = None, seed: int = 0, pretrained: str | None = None) -> ConvNeXt:
+                 num_classes: int | None = None, seed: int = 0, pretrained: str | None = None,
+                 convention_override: Convention | None = None) -> ConvNeXt:
     """Build architecture `name` (see `list_models()`) with `weights`.
 
     weights: a mapping from parameter names to arrays in PyTorch layouts (conv OIHW, linear
@@ -45,6 +47,8 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
     pretrained: a tag such as "fb_in1k": the published weights, through the huggingface-hub
         cache (see hub.py).
     num_classes: taken from the weights' classifier when not given; 1000 without weights.
+    convention_override: what the model takes and gives, where the file cannot tell (a Keras
+        weights-only file of a model built without preprocessing, say); see convention.py.
     """
     tag = pretrained
     if name is not None and "." in name:
@@ -57,10 +61,12 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         from .hub import download_weights
 
         weights = download_weights(f"{name}.{pretrained}")
-    source, path = "a mapping of arrays", None
+    source, path, convention = "a mapping of arrays", None, TIMM
     if isinstance(weights, (str, os.PathLike)):
-        source = path = os.fspath(weights)
-        weights = load_state_dict(weights, arch=name)
+        path = os.fspath(weights)
+        source = f"{path} ({sniff_format(path).name})"
+        weights = load_state_dict(path, arch=name)
+        convention = convention_of(path) or TIMM
     elif weights is not None and detect_naming(weights) != "timm":
         weights = to_timm_names(dict(weights), get_config(name) if name else None)
     if name is None:
@@ -77,8 +83,10 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         weights = random_state_dict(config, seed)
         source = f"random weights (seed {seed})"
     preprocessing, preprocessing_source = _data_config(config.name, tag, path)
+    if convention_override is not None:
+        convention = convention_override
     model = ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
-                     data_config_source=preprocessing_source)
+                     data_config_source=preprocessing_source, convention=convention)
     names = class_names_for_weights(path) if path is not None else None
     if names is not None and len(names) == config.num_classes:
         model.class_names = names

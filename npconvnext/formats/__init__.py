@@ -3,6 +3,7 @@
 One reader per container format, each registered with how it recognises a file's first bytes
 (`registry.py`); a file's name is never trusted:
     safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
+    keras.py         keras.applications ConvNeXt: legacy .h5, .weights.h5, .keras (needs h5py)
     torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
 Names inside the PyTorch-world files follow timm, the official code or transformers and are
 mapped to timm's by `naming.py`.
@@ -16,13 +17,15 @@ import warnings
 import numpy as np
 
 from ..config import get_config
+from ..convention import Convention
 from ..errors import CheckpointError
-from . import safetensors, torch_zip  # noqa: F401  (each registers its format)
+# each registers its format; keras before torch_zip: both read zips, and keras checks the members
+from . import keras, safetensors, torch_zip  # noqa: F401
 from .naming import detect_naming, to_timm_names
 from .registry import formats, sniff_format
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 
-__all__ = ["detect_naming", "formats", "load_state_dict", "read_checkpoint", "read_safetensors",
+__all__ = ["convention_of", "detect_naming", "formats", "load_state_dict", "read_checkpoint", "read_safetensors",
            "read_safetensors_with_metadata", "sniff_format", "to_timm_names"]
 
 
@@ -31,6 +34,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
     path = os.fspath(path)
     fmt = sniff_format(path)
     return fmt.read(path), fmt.name
+
+
+def convention_of(path: str | os.PathLike) -> Convention | None:
+    """What the model in a weight file takes and gives, where its format records it (Keras);
+    None for formats that hold weights only (timm's convention then)."""
+    path = os.fspath(path)
+    fmt = sniff_format(path)
+    return fmt.convention(path) if fmt.convention else None
 
 
 def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
+from .registry import WeightFormat, open_weight_file, reading, register
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_WEIGHTS_MEMBER = 8 << 30  # a .keras member larger than this is refused before reading
@@ -171,31 +172,28 @@ def _convention(config: dict | None, layer_names: list[str]) -> Convention:
     return Convention(layout="NHWC", outputs=outputs, source="the file's model config (no Normalization layer)")
 
 
-def _read_h5(file, path: str, config: dict | None) -> tuple[dict[str, np.ndarray], Convention]:
+def _h5_layers(file, path: str) -> list[tuple[str, str, np.ndarray]]:
     import h5py
 
-    try:
-        with h5py.File(file, "r") as f:
-            if "model_config" in f.attrs and config is None:
-                config = json.loads(f.attrs["model_config"])
-            root = f["model_weights"] if "model_weights" in f else f
-            if "layer_names" in root.attrs:
-                triples = _legacy_layers(root, path)
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs["layer_names"]]
-            elif "layers" in f:
-                triples = _keras3_layers(f["layers"], path)
-                names = [str(g.attrs.get("name", "")) for g in _vars_groups(f["layers"])]
-            else:
-                raise CheckpointError(f"{path}: HDF5 file without Keras weights (no layer_names, no layers/)")
-    except CheckpointError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: unreadable Keras HDF5 file ({type(exc).__name__}: {exc})") from None
-    try:
-        convention = _convention(config, names)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    return _from_layers(triples, path), convention
+    with h5py.File(file, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" in root.attrs:
+            return _legacy_layers(root, path)
+        if "layers" in f:
+            return _keras3_layers(f["layers"], path)
+        raise CheckpointError("HDF5 file without Keras weights (no layer_names, no layers/)")
+
+
+def _h5_config_and_names(file) -> tuple[dict | None, list[str]]:
+    """The model config an .h5 holds (model.save writes one, save_weights does not) and its layer names."""
+    import h5py
+
+    with h5py.File(file, "r") as f:
+        config = json.loads(f.attrs["model_config"]) if "model_config" in f.attrs else None
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" in root.attrs:
+            return config, [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs["layer_names"]]
+        return config, [str(g.attrs.get("name", "")) for g in _vars_groups(f["layers"])] if "layers" in f else []
 
 
 def _vars_groups(root):
@@ -206,28 +204,48 @@ def _vars_groups(root):
     return found
 
 
-def read_keras_h5(path: str) -> tuple[dict[str, np.ndarray], Convention]:
-    """A legacy .h5 or a Keras 3 .weights.h5: timm-named arrays and the input convention."""
-    return _read_h5(path, path, None)
+def _weights_member(archive: zipfile.ZipFile) -> zipfile.ZipInfo:
+    members = {i.filename: i for i in archive.infolist()}
+    if "model.weights.h5" not in members:
+        raise CheckpointError(".keras archive without model.weights.h5")
+    info = members["model.weights.h5"]
+    if info.file_size > _MAX_WEIGHTS_MEMBER:
+        raise CheckpointError(f"model.weights.h5 claims {info.file_size} bytes; refused")
+    return info
 
 
-def read_keras_zip(path: str) -> tuple[dict[str, np.ndarray], Convention]:
-    """A Keras 3 .keras file: the weights of its model.weights.h5, the convention of its config.json."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {i.filename: i for i in archive.infolist()}
-            if "model.weights.h5" not in members:
-                raise CheckpointError(f"{path}: .keras archive without model.weights.h5")
-            info = members["model.weights.h5"]
-            if info.file_size > _MAX_WEIGHTS_MEMBER:
-                raise CheckpointError(f"{path}: model.weights.h5 claims {info.file_size} bytes; refused")
-            config = json.loads(archive.read("config.json")) if "config.json" in members else None
-            weights = archive.read(info)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: unreadable .keras archive ({type(exc).__name__}: {exc})") from None
-    return _read_h5(io.BytesIO(weights), path, config)
+def read_keras_h5(path: str) -> dict[str, np.ndarray]:
+    """A legacy .h5 or a Keras 3 .weights.h5: timm-named arrays."""
+    with reading(path, "Keras HDF5 file"):
+        with open_weight_file(path) as f:
+            return _from_layers(_h5_layers(f, path), path)
+
+
+def read_keras_zip(path: str) -> dict[str, np.ndarray]:
+    """A Keras 3 .keras file: the timm-named arrays of its model.weights.h5."""
+    with reading(path, ".keras archive"):
+        with open_weight_file(path) as f, zipfile.ZipFile(f) as archive:
+            weights = archive.read(_weights_member(archive))
+        return _from_layers(_h5_layers(io.BytesIO(weights), path), path)
+
+
+def keras_h5_convention(path: str) -> Convention:
+    """What the model in a Keras .h5 takes and gives (see the module docstring)."""
+    with reading(path, "Keras HDF5 file"):
+        with open_weight_file(path) as f:
+            return _convention(*_h5_config_and_names(f))
+
+
+def keras_zip_convention(path: str) -> Convention:
+    """What the model in a .keras file takes and gives, from its config.json."""
+    with reading(path, ".keras archive"):
+        with open_weight_file(path) as f, zipfile.ZipFile(f) as archive:
+            if "config.json" not in archive.namelist():
+                raise CheckpointError(".keras archive without config.json")
+            info = archive.getinfo("config.json")
+            if info.file_size > 64 << 20:
+                raise CheckpointError(f"config.json claims {info.file_size} bytes; refused")
+            return _convention(json.loads(archive.read(info)), [])
 
 
 def is_keras_zip(path: str) -> bool:
@@ -235,6 +253,12 @@ def is_keras_zip(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except Exception:  # noqa: BLE001  recognising never fails: the zip reader that takes it will say why
         return False
     return "model.weights.h5" in names and ("config.json" in names or "metadata.json" in names)
+
+
+register(WeightFormat("keras-h5", lambda head, path: head.startswith(HDF5_SIGNATURE), read_keras_h5,
+                      keras_h5_convention))
+register(WeightFormat("keras-zip", lambda head, path: head[:4] == b"PK\x03\x04" and is_keras_zip(path),
+                      read_keras_zip, keras_zip_convention))

@@ -1,7 +1,9 @@
 """Which reader takes a file: each format registers how it recognises its files' first bytes.
 
 A file is never judged by its name. Readers register themselves when `npconvnext.formats` is
-imported; the first whose `recognises` answers yes reads the file.
+imported; the first whose `recognises` answers yes reads the file. A format whose files carry
+the model's input convention (a Keras model's Normalization layer, say) also registers how to
+read that.
 
 What every reader shares when it meets an untrusted file: `open_weight_file` (regular files
 only), `reading` (every failure a CheckpointError naming the file) and `describe` (a value
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..convention import Convention
 from ..errors import CheckpointError
 
 HEAD_BYTES = 16  # how much of a file `recognises` sees
@@ -26,8 +29,9 @@ HEAD_BYTES = 16  # how much of a file `recognises` sees
 @dataclass(frozen=True)
 class WeightFormat:
     name: str
-    recognises: Callable[[bytes], bool]             # the file's first HEAD_BYTES bytes
+    recognises: Callable[[bytes, str], bool]        # (the file's first HEAD_BYTES bytes, its path)
     read: Callable[[str], dict[str, np.ndarray]]    # path -> arrays by the names the file uses
+    convention: Callable[[str], Convention] | None = None  # path -> what the file's model takes and gives
 
 
 _FORMATS: list[WeightFormat] = []
@@ -110,7 +114,7 @@ def sniff_format(path: str) -> WeightFormat:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     for fmt in _FORMATS:
-        if fmt.recognises(head):
+        if fmt.recognises(head, path):
             return fmt
     known = ", ".join(f.name for f in _FORMATS)
     raise CheckpointError(f"{path}: not a weight file npconvnext reads ({known}); it starts {head[:8]!r}")

@@ -183,7 +183,7 @@ def _array(body: memoryview, e: _Entry) -> np.ndarray:
     return (bfloat16_to_float32(raw) if e.dtype == "BF16" else raw).reshape(e.shape)
 
 
-def _recognises(head: bytes) -> bool:
+def _recognises(head: bytes, path: str) -> bool:
     return len(head) >= 9 and head[8:9] == b"{"
 
 

@@ -379,5 +379,5 @@ def _refuse_legacy(path: str) -> dict[str, np.ndarray]:
                           "torch.save in a current PyTorch, or convert it to safetensors")
 
 
-register(WeightFormat("torch-zip", lambda head: head[:4] == b"PK\x03\x04", read_torch_state_dict))
-register(WeightFormat("torch-legacy-pickle", lambda head: head[:1] == b"\x80", _refuse_legacy))
+register(WeightFormat("torch-zip", lambda head, path: head[:4] == b"PK\x03\x04", read_torch_state_dict))
+register(WeightFormat("torch-legacy-pickle", lambda head, path: head[:1] == b"\x80", _refuse_legacy))
