@@ -1,6 +1,7 @@
 """npconvnext: ConvNeXt image classification in NumPy, matching timm, with no deep-learning framework."""
 
 from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
+from .convention import Convention
 from .engine import set_num_threads
 from .errors import CheckpointError, ImageError, InputError, NpConvNeXtError, TrainingError
 from .factory import create_model
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Convention",
     "ConvNeXt",
     "ConvNeXtConfig",
     "DataConfig",

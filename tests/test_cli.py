@@ -254,3 +254,21 @@ def test_counts_must_be_positive():
         err = run("evaluate", DATA, option, "0", ok=False).stderr
         assert f"npconvnext evaluate: error: argument {option}: must be at least 1, not 0" in err
     assert "argument --top-k: must be at least 1, not -1" in run("classify", DATA, "--top-k", "-1", ok=False).stderr
+
+
+def test_weights_with_their_own_preprocessing_are_classified_at_their_size(tmp_path):
+    # a fine-tune at 288 px, squash: the command must preprocess as the file says, not at 224
+    from npconvnext.model import ConvNeXt
+    from npconvnext.train.finetune import write_weights
+
+    path = tmp_path / "ft288.safetensors"
+    config = npconvnext.DataConfig(input_size=(288, 288), crop_pct=1.0, crop_mode="squash")
+    model = ConvNeXt(npconvnext.get_config("convnext_atto"), random_state_dict(npconvnext.get_config("convnext_atto")))
+    write_weights(str(path), model, tuple(f"c{i}" for i in range(1000)), config)
+    photo = os.path.join(DATA, "chelsea.png")
+    row = json.loads(run("classify", photo, "--weights", path, "--json", "--top-k", "1").stdout)
+    x = npconvnext.preprocess(photo, config)[None]
+    assert x.shape[-1] == 288
+    assert row["labels"] == [f"c{int(model(x).argmax())}"]
+    probabilities = np.exp(model(x) - model(x).max())
+    assert row["probabilities"][0] == round(float(probabilities.max() / probabilities.sum()), 6)
