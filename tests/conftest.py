@@ -10,6 +10,11 @@ import pytest
 if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
     os.environ["NUMBA_NUM_THREADS"] = "2"
 
+# The kernels start parallel loops only where Numba's OpenMP workers sleep between them
+# (engine/kernels.py, _WORKERS_SLEEP): ask for that here so the parallel paths are tested;
+# tests/test_threads.py checks the default, where they run serially.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 sys.path.insert(0, os.path.dirname(__file__))  # the helper modules beside the tests
 
 # Parity tolerances, relative to the reference's largest magnitude (the contract):

@@ -172,3 +172,21 @@ def test_import_and_a_forward_pass_leave_the_environment_alone():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("wait_policy, parallel", [(None, False), ("passive", True), ("ACTIVE", False)])
+def test_kernels_start_parallel_loops_only_where_openmp_workers_sleep(wait_policy, parallel):
+    # busy-waiting workers take the cores BLAS needs next: then the kernels run serially
+    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
+            "from npconvnext.engine import kernels;"
+            "ran = [];"
+            "loop = kernels._depthwise_conv7_layer_norm;"
+            "kernels._depthwise_conv7_layer_norm = lambda *a: ran.append(1) or loop(*a);"
+            "m = npconvnext.create_model('convnext_atto'); m(np.zeros((1, 3, 64, 64), np.float32));"
+            "print(kernels._WORKERS_SLEEP, bool(ran))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    env["NUMBA_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(parallel), str(parallel)]
