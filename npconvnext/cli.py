@@ -208,7 +208,7 @@ def cmd_finetune(args):
 
     if args.val_dir and args.val_split is not None:
         raise CommandError("give --val-split or --val-dir, not both")
-    name = args.model or "convnext_tiny"
+    name = args.model or ("" if args.weights else "convnext_tiny")  # with --weights: read off the file
     arch, _, tag = name.partition(".")
     if args.pretrained and args.weights:
         raise CommandError("give --weights or --pretrained, not both")
@@ -228,7 +228,8 @@ def cmd_finetune(args):
     def warn(message):
         print(f"warning: {_shown(message)}", file=sys.stderr)
 
-    reports = finetune(args.data_dir, args.output, arch, weights=args.weights, pretrained=args.pretrained or (tag or None),
+    pretrained = args.pretrained or (tag if tag and not args.weights else None)  # with --weights, a tag only names
+    reports = finetune(args.data_dir, args.output, arch or None, weights=args.weights, pretrained=pretrained,
                        recipe=recipe, val_dir=args.val_dir, resume=args.resume, progress=progress, warn=warn)
     for r in reports:
         top1 = f"{100 * r.val_top1:.2f} %" if r.val_top1 is not None else "-"
@@ -412,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="train on a folder of images per class; write timm-named weights")
     p.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder of images per class")
-    p.add_argument("--model", default=None, help="architecture or arch.tag (default convnext_tiny)")
+    p.add_argument("--model", default=None, help="architecture or arch.tag (default convnext_tiny; "
+                   "with --weights, read off the file)")
     p.add_argument("--weights", help="start from this weight file (any supported format)")
     p.add_argument("--pretrained", help="start from these published weights' tag, e.g. fb_in1k "
                    "(neither --weights nor --pretrained: timm's init, from scratch)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InputError
+
 LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_ORDERS = ("RGB", "BGR")
 PIXEL_SCALES = ("unit", "255")
@@ -44,7 +46,7 @@ class Convention:
         if self.mean is not None and (len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0):
             problems.append(f"mean and std must be 3 values each, std positive; got {self.mean}, {self.std}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InputError("; ".join(problems))
 
     @property
     def normalises_inside(self) -> bool:

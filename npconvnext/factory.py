@@ -11,6 +11,7 @@ import numpy as np
 
 from .config import get_config
 from .convention import TIMM, Convention
+from .errors import InputError
 from .formats import convention_of, detect_naming, load_state_dict, sniff_format, to_timm_names
 from .formats.data_config import class_names_for_weights, data_config_for_weights
 from .model import ConvNeXt
@@ -57,7 +58,7 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
             pretrained = tag
     if pretrained is not None:
         if weights is not None:
-            raise ValueError("pass either weights= or pretrained=, not both")
+            raise InputError("pass either weights= or pretrained=, not both")
         from .hub import download_weights
 
         weights = download_weights(f"{name}.{pretrained}")
@@ -71,7 +72,7 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         weights = to_timm_names(dict(weights), get_config(name) if name else None)
     if name is None:
         if weights is None:
-            raise ValueError("name the architecture, or pass weights to read it from")
+            raise InputError("name the architecture, or pass weights to read it from")
         name = detect_architecture(weights).name
     if num_classes is None:
         fc = weights.get("head.fc.weight") if weights is not None else None

@@ -40,14 +40,10 @@ def patchify_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, patch: in
     dropped, as PyTorch's conv with no padding drops them.
     x: (N, H, W, Cin); weight: (patch * patch * Cin, Cout); bias: (Cout,) -> (N, H//p, W//p, Cout)
     """
-    n, h, w, cin = x.shape
+    n, h, w, _ = x.shape
     ho, wo = h // patch, w // patch
-    x = x[:, : ho * patch, : wo * patch, :]
-    patches = x.reshape(n, ho, patch, wo, patch, cin)      # (N, Ho, kh, Wo, kw, Cin)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5)           # (N, Ho, Wo, kh, kw, Cin)
     # one 2-D matmul: on a 4-D array NumPy would call BLAS once per row of patches
-    patches = patches.reshape(n * ho * wo, patch * patch * cin)  # (N * Ho * Wo, kh * kw * Cin)
-    out = patches @ weight                                  # (N * Ho * Wo, Cout)
+    out = _patches(x, patch) @ weight                       # (N * Ho * Wo, Cout)
     out += bias
     return out.reshape(n, ho, wo, weight.shape[1])          # (N, Ho, Wo, Cout)
 
@@ -56,8 +52,9 @@ def _patches(x: np.ndarray, patch: int) -> np.ndarray:
     """(N, H, W, Cin) -> (N * Ho * Wo, patch * patch * Cin), the rows patchify_conv multiplies."""
     n, h, w, cin = x.shape
     ho, wo = h // patch, w // patch
-    patches = x[:, : ho * patch, : wo * patch, :].reshape(n, ho, patch, wo, patch, cin)
-    return patches.transpose(0, 1, 3, 2, 4, 5).reshape(n * ho * wo, patch * patch * cin)
+    patches = x[:, : ho * patch, : wo * patch, :].reshape(n, ho, patch, wo, patch, cin)  # (N, Ho, kh, Wo, kw, Cin)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5)                                          # (N, Ho, Wo, kh, kw, Cin)
+    return patches.reshape(n * ho * wo, patch * patch * cin)
 
 
 def patchify_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, patch: int):

@@ -104,7 +104,7 @@ class ConvNeXt:
         Returns the model, as torch's method of the same name does."""
         names = [name for name in self._params if name.startswith(prefix)]
         if not names:
-            raise ValueError(f"no weight's name starts with {prefix!r}")
+            raise InputError(f"no weight's name starts with {prefix!r}")
         (self.frozen.difference_update if requires_grad else self.frozen.update)(names)
         return self
 
@@ -132,7 +132,7 @@ class ConvNeXt:
     @backend.setter
     def backend(self, name: str) -> None:
         if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {name!r}")
+            raise InputError(f"backend must be one of {BACKENDS}, not {name!r}")
         self._backend = name
 
     # ---- public API, NCHW like timm -------------------------------------------------------
@@ -143,7 +143,7 @@ class ConvNeXt:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits (or probabilities, if the model's file ends in a softmax: see `convention`).
         x: (N, 3, H, W) normalised images, or what `convention` says -> (N, num_classes)"""
-        logits = self._run(network.forward, self._to_channels_last(x))
+        logits = self._run(network.forward, self.network_input(x))
         if self.convention.outputs == "probabilities":
             shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
             return shifted / shifted.sum(axis=1, keepdims=True)
@@ -152,7 +152,7 @@ class ConvNeXt:
     def forward_features(self, x: np.ndarray) -> np.ndarray:
         """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32) (NCHW, as
         timm's, whatever the input layout)"""
-        features = self._run(network.forward_features, self._to_channels_last(x))  # (N, h, w, C)
+        features = self._run(network.forward_features, self.network_input(x))  # (N, h, w, C)
         return np.ascontiguousarray(features.transpose(0, 3, 1, 2))                 # (N, C, h, w)
 
     def forward_head(self, features: np.ndarray, pre_logits: bool = False) -> np.ndarray:
@@ -182,7 +182,7 @@ class ConvNeXt:
           head.global_pool, head.norm   (N, C, 1, 1);   head.fc   (N, num_classes)
         The input itself is under "input", (N, 3, H, W).
         """
-        x_cl = self._to_channels_last(x)
+        x_cl = self.network_input(x)
         mlp_steps = (".norm", ".mlp.fc1", ".mlp.act", ".mlp.grn", ".mlp.fc2")
         trace = {"input": np.ascontiguousarray(np.asarray(x, dtype=self.dtype))}
 
@@ -233,8 +233,9 @@ class ConvNeXt:
             return fn(x, self._weights, self.config, network.REFERENCE)
         return engine.map_over_batch(lambda images: fn(images, self._weights, self.config, engine.FUSED), x)
 
-    def _to_channels_last(self, x: np.ndarray) -> np.ndarray:
-        """The caller's images as the network takes them: channels last, RGB, normalised."""
+    def network_input(self, x: np.ndarray) -> np.ndarray:
+        """The caller's images, as `convention` says they come, as the network takes them:
+        channels last, RGB, normalised, in the model's dtype. -> (N, H, W, 3)"""
         convention = self.convention
         x = to_channels_last(x, self.config, self.dtype, convention.layout)
         if convention.channel_order == "BGR":

@@ -86,8 +86,9 @@ class NetworkWeights(NamedTuple):
     @classmethod
     def from_params(cls, p: Mapping[str, np.ndarray], config: ConvNeXtConfig) -> NetworkWeights:
         """The typed weights from compute-layout arrays under timm's names."""
-        def typed(kind, prefix):
-            return kind(**{field: p.get(prefix + name) for field, name in _TIMM_NAMES[kind].items()})
+        def typed(kind, prefix):  # KeyError for a missing weight; only V1's gamma and V2's GRN may be absent
+            return kind(**{field: p.get(prefix + name) if field in _OPTIONAL else p[prefix + name]
+                           for field, name in _TIMM_NAMES[kind].items()})
 
         stages = tuple(
             StageWeights(typed(DownsampleWeights, f"stages.{i}.downsample.") if i > 0 else None,
@@ -111,6 +112,7 @@ class NetworkWeights(NamedTuple):
         return out
 
 
+_OPTIONAL = ("grn_weight", "grn_bias", "gamma")
 # each field's timm name, below its module's prefix
 _TIMM_NAMES = {
     StemWeights: {"conv_weight": "0.weight", "conv_bias": "0.bias", "norm_weight": "1.weight", "norm_bias": "1.bias"},

@@ -134,3 +134,22 @@ def _zip(members):
         for name, content in members.items():
             archive.writestr(name, content)
     return buffer.getvalue()
+
+
+def test_fine_tuning_from_a_keras_file_trains_it_as_a_timm_model(keras_files, tmp_path):
+    from PIL import Image
+
+    from npconvnext.train.finetune import Recipe, finetune
+
+    _, files, _, _ = keras_files
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        os.makedirs(tmp_path / "data" / label)
+        for k in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{k}.png")
+    out = tmp_path / "out.safetensors"
+    reports = finetune(str(tmp_path / "data"), str(out), weights=str(files["keras"]), model_name=None,
+                       recipe=Recipe(epochs=1, batch_size=4, img_size=32, val_split=0.25, drop_path_rate=0.0))
+    assert reports[0].val_top1 is not None
+    model = npconvnext.create_model(None, weights=out)
+    assert model.convention == npconvnext.Convention() and model.class_names == ("a", "b")

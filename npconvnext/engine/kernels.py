@@ -1,6 +1,6 @@
 """Numba kernels for the parts of a ConvNeXt block that BLAS does not do.
 
-The two pointwise linears are about 93 % of ConvNeXt's FLOPs and go to NumPy's BLAS. What is
+The two pointwise linears are most of ConvNeXt's FLOPs and go to NumPy's BLAS. What is
 left is cheap in arithmetic but costs passes over memory, so neighbours are fused:
 
     depthwise 7x7 conv + bias + LayerNorm   one pass, a row of pixels at a time, the seven

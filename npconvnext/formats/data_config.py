@@ -8,6 +8,7 @@ import os
 
 from ..errors import CheckpointError
 from ..preprocessing import TIMM_FIELDS, DataConfig, from_timm_cfg
+from .registry import sniff_format
 from .safetensors import read_safetensors_with_metadata
 
 
@@ -21,7 +22,7 @@ def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
     """
     path = os.fspath(path)
     cfg, source = None, path
-    if path.endswith(".safetensors"):
+    if sniff_format(path).name == "safetensors":
         text = read_safetensors_with_metadata(path)[1].get("data_config")
         if text is not None:
             try:
@@ -49,7 +50,7 @@ def class_names_for_weights(path: str | os.PathLike) -> tuple[str, ...] | None:
     """The class names in a safetensors file's metadata ("class_names", a JSON list, as
     `npconvnext finetune` writes them), or None."""
     path = os.fspath(path)
-    if not path.endswith(".safetensors"):
+    if sniff_format(path).name != "safetensors":
         return None
     text = read_safetensors_with_metadata(path)[1].get("class_names")
     if text is None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine import kernels
-from ..model import ConvNeXt, to_channels_last
+from ..errors import InputError
+from ..model import ConvNeXt
 from ..params import expected_shapes, to_timm_layout
 from . import backward
 from .optim import AdamW, cosine_schedule
@@ -27,22 +28,24 @@ _ENGINE = backward.TrainingOps(gelu=kernels.gelu, gelu_backward=kernels.gelu_bac
 def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothing: float = 0.0,
                    drop_path_rate: float = 0.0, drop_rate: float = 0.0,
                    rng: np.random.Generator | None = None) -> tuple[float, dict[str, np.ndarray]]:
-    """Mean cross-entropy of `model` on images x (N, 3, H, W) with integer labels y (N,), and its
+    """Mean cross-entropy of `model` on images x with integer labels y (N,), and its
     gradient for every weight: timm's names and (PyTorch) layouts, the model's dtype, exactly
-    the keys of `model.state_dict()`.
+    the keys of `model.state_dict()`. x comes as `model(x)` takes it (see model.convention:
+    (N, 3, H, W) normalised for timm weights); the loss is on the logits, before any softmax
+    the model's file ends in.
 
     drop_path_rate, drop_rate: stochastic depth and head dropout, drawn from `rng` (a seeded
     numpy Generator); both are off without one.
     The model's backend chooses the layers: "numpy" the readable ones, "numba" (the default)
     the engine's kernels where it has them.
     """
-    images = to_channels_last(x, model.config, model.dtype)                    # (N, H, W, 3)
+    images = model.network_input(x)                                            # (N, H, W, 3)
     labels = np.asarray(y)
     classes = model.config.num_classes
     if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be {images.shape[0]} integers, one per image; got {labels.dtype} {labels.shape}")
+        raise InputError(f"labels must be {images.shape[0]} integers, one per image; got {labels.dtype} {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(f"labels must lie in 0 .. {classes - 1} for this {classes}-class model; "
+        raise InputError(f"labels must lie in 0 .. {classes - 1} for this {classes}-class model; "
                          f"got {labels.min()} .. {labels.max()}")
     ops = backward.REFERENCE if model.backend == "numpy" else _ENGINE
     logits, cache = backward.forward(images, model.weights, model.config, drop_path_rate, drop_rate, rng, ops)

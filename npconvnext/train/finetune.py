@@ -20,6 +20,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..config import get_config
+from ..convention import TIMM
 from ..errors import TrainingError
 from ..factory import create_model
 from ..formats import read_safetensors_with_metadata
@@ -73,6 +74,22 @@ def _data_config(model_name: str, img_size: int) -> DataConfig:
     return replace(base, input_size=(img_size, img_size))
 
 
+def _as_timm_convention(model: ConvNeXt, source: str) -> dict:
+    """Train `model` as timm's convention (NCHW, RGB, normalised by the caller, logits): a file
+    whose model normalised inside (Keras) gives that normalisation to the preprocessing instead,
+    in [0, 1] units. Returns the mean and std the preprocessing then uses."""
+    convention = model.convention
+    if convention.channel_order != "RGB":
+        raise TrainingError(f"{source}: fine-tuning a model that takes BGR input is not supported; "
+                            "convert it to timm's layout first (npconvnext convert)")
+    normalisation = {}
+    if convention.normalises_inside:
+        unit = 255.0 if convention.scale == "255" else 1.0
+        normalisation = {"mean": tuple(m / unit for m in convention.mean), "std": tuple(s / unit for s in convention.std)}
+    model.convention = TIMM
+    return normalisation
+
+
 def _save_checkpoint(path: str, model: ConvNeXt, opt: AdamW, epoch: int, rng: np.random.Generator,
                      classes: tuple[str, ...], recipe: Recipe) -> None:
     state = opt.state_dict()
@@ -86,25 +103,41 @@ def _save_checkpoint(path: str, model: ConvNeXt, opt: AdamW, epoch: int, rng: np
     atomic_write(path, safetensors_chunks(tensors, metadata))
 
 
-def _load_checkpoint(path: str, model: ConvNeXt, opt: AdamW, classes: tuple[str, ...]) -> tuple[int, np.random.Generator]:
+def _load_checkpoint(path: str, model: ConvNeXt, opt: AdamW, classes: tuple[str, ...],
+                     recipe: Recipe, warn) -> tuple[int, np.random.Generator]:
     tensors, metadata = read_safetensors_with_metadata(path)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path}: not an npconvnext fine-tuning checkpoint")
     if metadata.get("architecture") != model.config.name:
         raise TrainingError(f"{path}: a checkpoint of {metadata.get('architecture')}, not of {model.config.name}")
-    if tuple(json.loads(metadata["classes"])) != tuple(classes):
-        raise TrainingError(f"{path}: its classes {json.loads(metadata['classes'])} are not this data's {list(classes)}")
+
     def part(prefix):
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
+        saved_classes = tuple(json.loads(metadata["classes"]))
+        if saved_classes != tuple(classes):
+            raise TrainingError(f"its classes {list(saved_classes)} are not this data's {list(classes)}")
+        saved_recipe = json.loads(metadata["recipe"])
+        changed = {k: (saved_recipe.get(k), v) for k, v in asdict(recipe).items() if saved_recipe.get(k) != v}
+        fixed = [k for k in ("seed", "val_split", "batch_size") if k in changed]
+        if fixed:  # another split or batching: the run would not continue the one it resumes
+            raise TrainingError("the resumed run must keep " + ", ".join(
+                f"{k} ({changed[k][0]}, not {changed[k][1]})" for k in fixed))
+        if changed:
+            warn(f"{path}: resuming with a changed recipe: " + ", ".join(
+                f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
         model.load_state_dict(part("model/"), path)
         opt.load_state_dict(dict(json.loads(metadata["optimizer"]), exp_avg=part("exp_avg/"),
                                  exp_avg_sq=part("exp_avg_sq/")))
-    except (KeyError, ValueError) as exc:
-        raise TrainingError(f"{path}: checkpoint does not fit {model.config.name}: {exc}") from None
-    rng = np.random.default_rng()
-    rng.bit_generator.state = json.loads(metadata["rng"])
-    return int(metadata["epoch"]), rng
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(metadata["rng"])
+        epoch = int(metadata["epoch"])
+    except TrainingError as exc:
+        raise TrainingError(f"{path}: {exc}") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise TrainingError(f"{path}: checkpoint does not fit {model.config.name} or is damaged "
+                            f"({type(exc).__name__}: {exc})") from None
+    return epoch, rng
 
 
 def _batches(samples, batch_size: int, rng: np.random.Generator):
@@ -130,11 +163,12 @@ def _top1(model: ConvNeXt, samples, config: DataConfig, batch_size: int, warn) -
     return correct / total if total else None
 
 
-def finetune(data_dir: str, output: str, model_name: str = "convnext_tiny", weights: str | None = None,
+def finetune(data_dir: str, output: str, model_name: str | None = "convnext_tiny", weights: str | None = None,
              pretrained: str | None = None, recipe: Recipe = Recipe(), val_dir: str | None = None,
              resume: str | None = None, progress: Callable[[str], None] | None = None,
              warn: Callable[[str], None] = warnings.warn) -> list[EpochReport]:
-    """Fine-tune `model_name` (weights from a file, a hub tag, or timm's init if neither) on
+    """Fine-tune `model_name` (None: read off `weights`; weights from a file, a hub tag, or
+    timm's init if neither) on
     `data_dir` (a folder per class); write the result to `output` and a resumable checkpoint
     beside it each epoch. Returns one report per epoch run."""
     rng = np.random.default_rng(recipe.seed)
@@ -147,19 +181,24 @@ def finetune(data_dir: str, output: str, model_name: str = "convnext_tiny", weig
         train_set, val_set = folder, folder._replace(samples=())
     classes = folder.classes
     if weights is None and pretrained is None:  # from scratch
+        if model_name is None:
+            raise TrainingError("name the architecture to train from scratch")
         config = get_config(model_name, num_classes=len(classes))
         model = ConvNeXt(config, init_state_dict(config, recipe.seed))
     else:
         model = create_model(model_name, weights=weights, pretrained=pretrained)
         if model.config.num_classes != len(classes):
             model.reset_classifier(len(classes), recipe.seed)
+        normalisation = _as_timm_convention(model, weights or pretrained)
     scales = layer_decay_scales(model.config, recipe.layer_decay) if recipe.layer_decay else None
     opt = AdamW(model, lr=recipe.lr, weight_decay=recipe.weight_decay, lr_scales=scales)
     checkpoint = _checkpoint_path(output)
     start_epoch = 0
     if resume:
-        start_epoch, rng = _load_checkpoint(resume, model, opt, classes)
-    config = _data_config(model_name, recipe.img_size)
+        start_epoch, rng = _load_checkpoint(resume, model, opt, classes, recipe, warn)
+    config = _data_config(model.config.name, recipe.img_size)
+    if weights is not None or pretrained is not None:
+        config = replace(config, **normalisation)
     steps_per_epoch = -(-len(train_set.samples) // recipe.batch_size)
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = int(recipe.warmup_epochs * steps_per_epoch)

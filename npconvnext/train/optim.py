@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..config import ConvNeXtConfig
+from ..errors import TrainingError
 from ..model import ConvNeXt
 from ..params import expected_shapes, to_compute_layout, to_timm_layout
 
@@ -49,7 +50,11 @@ class AdamW:
         """One update from gradients by timm name in timm's layouts (as `loss_and_grads` gives)."""
         missing = [name for name in self._shapes if name not in grads]
         if missing:
-            raise ValueError(f"no gradient for {len(missing)} weights, e.g. {missing[:3]}")
+            raise TrainingError(f"no gradient for {len(missing)} weights, e.g. {missing[:3]}")
+        misshaped = [f"{name}: {np.shape(grads[name])}, expected {shape}" for name, shape in self._shapes.items()
+                     if tuple(np.shape(grads[name])) != shape]
+        if misshaped:
+            raise TrainingError(f"{len(misshaped)} gradients have the wrong shape: {'; '.join(misshaped[:3])}")
         params = self.model.trainable_params()
         self.steps += 1
         beta1, beta2 = self.betas
@@ -80,14 +85,14 @@ class AdamW:
 
     def load_state_dict(self, state: Mapping) -> None:
         if set(state["exp_avg"]) != set(self._shapes):
-            raise ValueError("optimizer state is for another architecture: its parameter names differ")
+            raise TrainingError("optimizer state is for another architecture: its parameter names differ")
         self.steps, self.lr, self.eps, self.weight_decay = (int(state["steps"]), float(state["lr"]),
                                                             float(state["eps"]), float(state["weight_decay"]))
         self.betas = tuple(state["betas"])
         for moments, saved in ((self._exp_avg, state["exp_avg"]), (self._exp_avg_sq, state["exp_avg_sq"])):
             for name, array in moments.items():
                 if tuple(np.shape(saved[name])) != self._shapes[name]:
-                    raise ValueError(f"optimizer state for {name} has shape {np.shape(saved[name])}, "
+                    raise TrainingError(f"optimizer state for {name} has shape {np.shape(saved[name])}, "
                                      f"expected {self._shapes[name]}")
                 array[...] = to_compute_layout(name, np.asarray(saved[name], dtype=array.dtype))
 
