@@ -167,10 +167,10 @@ def finetune(data_dir: str, output: str, model_name: str | None = "convnext_tiny
              pretrained: str | None = None, recipe: Recipe = Recipe(), val_dir: str | None = None,
              resume: str | None = None, progress: Callable[[str], None] | None = None,
              warn: Callable[[str], None] = warnings.warn) -> list[EpochReport]:
-    """Fine-tune `model_name` (None: read off `weights`; weights from a file, a hub tag, or
-    timm's init if neither) on
-    `data_dir` (a folder per class); write the result to `output` and a resumable checkpoint
-    beside it each epoch. Returns one report per epoch run."""
+    """Fine-tune `model_name` on `data_dir` (a folder per class), starting from `weights` (a file;
+    model_name None reads the architecture off it), `pretrained` (a hub tag), or timm's init if
+    neither; write the result to `output` and a resumable checkpoint beside it each epoch.
+    Returns one report per epoch run."""
     rng = np.random.default_rng(recipe.seed)
     folder = data.image_folder(data_dir)
     if val_dir:
