@@ -12,18 +12,17 @@ import numpy as np
 from .config import get_config
 from .convention import TIMM, Convention
 from .errors import InputError
-from .formats import convention_of, detect_naming, load_state_dict, sniff_format, to_timm_names
-from .formats.data_config import class_names_for_weights, data_config_for_weights
+from .formats import detect_naming, read_weight_file, to_timm_names
 from .model import ConvNeXt
 from .params import detect_architecture, random_state_dict
 from .preprocessing import DataConfig, data_config
 
 
-def _data_config(arch: str, tag: str | None, path: str | None) -> tuple[DataConfig, str]:
-    """The evaluation preprocessing for these weights, and where it comes from: the weight
-    file's own word, the named tag's registry entry, the architecture's first published tag,
-    or timm's defaults."""
-    if path is not None and (carried := data_config_for_weights(path)) is not None:
+def _data_config(arch: str, tag: str | None, path: str | None, carried: DataConfig | None) -> tuple[DataConfig, str]:
+    """The evaluation preprocessing for these weights, and where it comes from: what the weight
+    file at `path` carries, the named tag's registry entry, the architecture's first published
+    tag, or timm's defaults."""
+    if carried is not None:
         return carried, f"{path} (its metadata or the config.json beside it)"
     for name in ([f"{arch}.{tag}"] if tag else []) + [arch]:
         try:
@@ -62,12 +61,11 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         from .hub import download_weights
 
         weights = download_weights(f"{name}.{pretrained}")
-    source, path, convention = "a mapping of arrays", None, TIMM
+    source, path, file = "a mapping of arrays", None, None
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
-        source = f"{path} ({sniff_format(path).name})"
-        weights = load_state_dict(path, arch=name)
-        convention = convention_of(path) or TIMM
+        file = read_weight_file(path, arch=name)
+        source, weights = f"{path} ({file.format})", file.state
     elif weights is not None and detect_naming(weights) != "timm":
         weights = to_timm_names(dict(weights), get_config(name) if name else None)
     if name is None:
@@ -83,12 +81,10 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
                       "its outputs mean nothing", stacklevel=2)
         weights = random_state_dict(config, seed)
         source = f"random weights (seed {seed})"
-    preprocessing, preprocessing_source = _data_config(config.name, tag, path)
-    if convention_override is not None:
-        convention = convention_override
+    preprocessing, preprocessing_source = _data_config(config.name, tag, path, file and file.data_config)
+    convention = convention_override or (file and file.convention) or TIMM
     model = ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
                      data_config_source=preprocessing_source, convention=convention)
-    names = class_names_for_weights(path) if path is not None else None
-    if names is not None and len(names) == config.num_classes:
-        model.class_names = names
+    if file and file.class_names is not None and len(file.class_names) == config.num_classes:
+        model.class_names = file.class_names
     return model

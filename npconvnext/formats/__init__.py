@@ -13,20 +13,34 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
 from ..config import get_config
 from ..convention import Convention
 from ..errors import CheckpointError
+from ..preprocessing import DataConfig
 # each registers its format; keras before torch_zip: both read zips, and keras checks the members
 from . import keras, safetensors, torch_zip  # noqa: F401
+from .data_config import class_names_from, data_config_from
 from .naming import detect_naming, to_timm_names
 from .registry import formats, sniff_format
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 
-__all__ = ["convention_of", "detect_naming", "formats", "load_state_dict", "read_checkpoint", "read_safetensors",
-           "read_safetensors_with_metadata", "sniff_format", "to_timm_names"]
+__all__ = ["WeightFile", "convention_of", "detect_naming", "formats", "load_state_dict", "read_checkpoint",
+           "read_safetensors", "read_safetensors_with_metadata", "read_weight_file", "sniff_format",
+           "to_timm_names"]
+
+
+class WeightFile(NamedTuple):
+    """Everything npconvnext takes from one weight file, read in one pass."""
+
+    state: dict[str, np.ndarray]          # timm names and layouts
+    format: str                           # the registered format's name
+    convention: Convention | None         # what the file's model takes and gives, where recorded
+    data_config: DataConfig | None        # the evaluation preprocessing the file carries
+    class_names: tuple[str, ...] | None   # the classifier's labels the file carries
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
@@ -44,14 +58,15 @@ def convention_of(path: str | os.PathLike) -> Convention | None:
     return fmt.convention(path) if fmt.convention else None
 
 
-def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:
-    """timm-named arrays from a weight file of any supported format and naming.
-
-    nonfinite: what to do with NaN or Inf in the weights: 'error' (default: a model with them
-    gives NaN logits), 'warn', or 'ignore'.
-    """
+def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> WeightFile:
+    """A weight file of any supported format and naming: timm-named arrays and what the file
+    says about its model. See `load_state_dict` for `nonfinite`."""
     path = os.fspath(path)
-    raw, _ = read_checkpoint(path)
+    fmt = sniff_format(path)
+    if fmt.name == "safetensors":  # the arrays and the metadata from one read of the header
+        raw, metadata = read_safetensors_with_metadata(path)
+    else:
+        raw, metadata = fmt.read(path), {}
     try:
         state = to_timm_names(raw, get_config(arch) if arch else None)
     except CheckpointError as exc:
@@ -61,5 +76,15 @@ def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite:
         message = f"{path}: {len(bad)} tensors hold NaN or Inf: {', '.join(bad[:10])}"
         if nonfinite == "error":
             raise CheckpointError(message + " (pass nonfinite='warn' to load them anyway)")
-        warnings.warn(message, stacklevel=2)
-    return state
+        warnings.warn(message, stacklevel=3)
+    return WeightFile(state, fmt.name, fmt.convention(path) if fmt.convention else None,
+                      data_config_from(path, metadata), class_names_from(path, metadata))
+
+
+def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:
+    """timm-named arrays from a weight file of any supported format and naming.
+
+    nonfinite: what to do with NaN or Inf in the weights: 'error' (default: a model with them
+    gives NaN logits), 'warn', or 'ignore'.
+    """
+    return read_weight_file(path, arch, nonfinite).state

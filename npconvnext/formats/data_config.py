@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 from ..errors import CheckpointError
 from ..preprocessing import TIMM_FIELDS, DataConfig, from_timm_cfg
@@ -12,23 +13,33 @@ from .registry import sniff_format
 from .safetensors import read_safetensors_with_metadata
 
 
+def _metadata(path: str) -> Mapping[str, str]:
+    """A safetensors file's metadata; other formats have none."""
+    return read_safetensors_with_metadata(path)[1] if sniff_format(path).name == "safetensors" else {}
+
+
 def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
     """The evaluation preprocessing that a weight file carries, or None when nothing says.
+    See `data_config_from`."""
+    path = os.fspath(path)
+    return data_config_from(path, _metadata(path))
 
-    Looked for, in order: the file's safetensors metadata key "data_config" (a JSON object with
-    timm's pretrained-config fields: input_size [3, H, W], crop_pct, crop_mode, interpolation,
-    mean, std); then the "pretrained_cfg" of a timm `config.json` beside the file, as timm's hub
+
+def data_config_from(path: str, metadata: Mapping[str, str]) -> DataConfig | None:
+    """The preprocessing of the weight file at `path` whose metadata is `metadata`, or None.
+
+    Looked for, in order: the metadata key "data_config" (a JSON object with timm's
+    pretrained-config fields: input_size [3, H, W], crop_pct, crop_mode, interpolation, mean,
+    std); then the "pretrained_cfg" of a timm `config.json` beside the file, as timm's hub
     repos keep it. A file a user converted or fine-tuned at 384 pixels is thus evaluated at 384.
     """
-    path = os.fspath(path)
     cfg, source = None, path
-    if sniff_format(path).name == "safetensors":
-        text = read_safetensors_with_metadata(path)[1].get("data_config")
-        if text is not None:
-            try:
-                cfg = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{path}: metadata data_config is not valid JSON ({exc})") from None
+    text = metadata.get("data_config")
+    if text is not None:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata data_config is not valid JSON ({exc})") from None
     if cfg is None:
         source = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
         try:
@@ -46,13 +57,9 @@ def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:
         raise CheckpointError(f"{source}: {exc}") from None
 
 
-def class_names_for_weights(path: str | os.PathLike) -> tuple[str, ...] | None:
-    """The class names in a safetensors file's metadata ("class_names", a JSON list, as
-    `npconvnext finetune` writes them), or None."""
-    path = os.fspath(path)
-    if sniff_format(path).name != "safetensors":
-        return None
-    text = read_safetensors_with_metadata(path)[1].get("class_names")
+def class_names_from(path: str, metadata: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The metadata's "class_names" (a JSON list, as `npconvnext finetune` writes them), or None."""
+    text = metadata.get("class_names")
     if text is None:
         return None
     try:
