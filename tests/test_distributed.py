@@ -52,7 +52,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    with cluster.local_cluster(2) as local, Client(local) as c:
+    with cluster.local_cluster(2, threads_per_worker=1) as local, Client(local) as c:
         yield c
 
 
@@ -193,13 +193,18 @@ def test_classify_output_in_one_process_and_command_errors(weights, images, tmp_
 
 
 def test_the_command_starts_its_own_local_cluster(weights, images, tmp_path):
+    """local:1 on a machine of C cores: one worker of C task threads sharing one model."""
+    single = tmp_path / "emb.npy"
+    assert cli.main(["features", images, "--weights", weights, "--input-size", SIZE, "-o", str(single)]) == 0
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "npconvnext", "features", images, "--weights", weights,
-                           "--input-size", SIZE, "--scheduler", "local:2", "-o", str(out)],
+                           "--input-size", SIZE, "--scheduler", "local:1", "-o", str(out), "--partition-size", "3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "13 images in 1 partitions" in done.stdout and "Traceback" not in done.stderr
-    assert np.load(out / "part-00000.npy").shape == (12, 320)
+    assert "13 images in 5 partitions" in done.stdout and "Traceback" not in done.stderr
+    embeddings = np.concatenate([np.load(p) for p in sorted(glob.glob(str(out / "part-*.npy")))])
+    expected = np.load(single)
+    np.testing.assert_allclose(embeddings, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_inputs_from_globs_and_urls(images, tmp_path):

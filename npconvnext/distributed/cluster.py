@@ -10,11 +10,13 @@ worker's main thread, and Numba's (which belongs to each thread) at the start of
 The plugin changes only the worker processes that run npconvnext's jobs, which is what
 running a job there asks for; `jobs.run(..., threads=None)` leaves workers alone.
 
-`local:N` starts N worker processes of one task thread each (image-level parallelism across
-processes; each process's model splits its layers between cores // N threads). Those
-processes are ours, so their environment is too: they get OMP_WAIT_POLICY=PASSIVE unless the
-caller's environment says otherwise, which lets the engine's parallel loops run
-(engine/kernels.py reads it and never sets it).
+`local:N` starts N worker processes sharing the cores in task threads, so that each task's model
+has one thread: each image then runs on one core from start to end, as `map_over_batch` runs a
+batch in one process, with no hand-overs between cores inside a layer (which cost most when a
+machine is busy), and the threads of one process share one model. Those processes are ours,
+so their environment is too: they get OMP_WAIT_POLICY=PASSIVE unless the caller's environment
+says otherwise, so that a model given several threads (`threads=`) can run the engine's
+parallel loops (engine/kernels.py reads it and never sets it).
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ def parse_local(scheduler: str) -> int | None:
     return int(count)
 
 
-def local_cluster(n_workers: int, **kwargs) -> LocalCluster:
-    """N worker processes on this machine, one task thread each (see the module's docstring)."""
+def local_cluster(n_workers: int, threads_per_worker: int | None = None, **kwargs) -> LocalCluster:
+    """N worker processes on this machine, sharing its cores in task threads (default
+    cores // N each, at least one; see the module's docstring)."""
     env = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
-    options = dict(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env)
+    threads = threads_per_worker or max(1, available_cores() // n_workers)
+    options = dict(n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=None, env=env)
     return LocalCluster(**(options | kwargs))
 
 
