@@ -20,7 +20,7 @@ import npconvnext
 from npconvnext import cli
 from npconvnext.distributed import Job, ModelSpec, cluster, jobs, list_images, run
 from npconvnext.distributed.remote import fetched
-from npconvnext.errors import ImageError, InputError
+from npconvnext.errors import ImageError, InputError, NpConvNeXtError
 from npconvnext.params import random_state_dict
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -45,7 +45,8 @@ def images(tmp_path_factory):
     for i in range(9):
         h, w = rng.integers(24, 160, size=2)
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).convert("L" if i % 3 == 0 else "RGB").save(folder / f"gen{i}.{'png' if i % 2 else 'jpg'}")
+        image = Image.fromarray(pixels).convert("L" if i % 3 == 0 else "RGB")
+        image.save(folder / f"gen{i}.{'png' if i % 2 else 'jpg'}")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     return str(folder)
 
@@ -69,7 +70,8 @@ def single_process_rows(capsys, *args):
 
 def test_workers_run_this_checkout_with_their_share_of_the_cores(client, weights, images, tmp_path):
     assert set(client.run(lambda: npconvnext.__file__).values()) == {npconvnext.__file__}
-    run(client, list_images([images]), str(tmp_path / "out"), Job("classify", ModelSpec(weights=weights, input_size=64)))
+    job = Job("classify", ModelSpec(weights=weights, input_size=64))
+    run(client, list_images([images]), str(tmp_path / "out"), job)
     expected = min(max(1, cluster.available_cores() // 2), int(os.environ["NUMBA_NUM_THREADS"]))
     assert set(client.run(lambda: jobs._task_threads).values()) == {expected}
 
@@ -139,7 +141,8 @@ def test_a_worker_killed_mid_run_loses_no_result_and_duplicates_none(client, wei
     finally:
         client.unregister_worker_plugin("kill-once")
     assert marker.exists(), "no worker was killed"
-    assert (summary.images, summary.failed, summary.partitions, summary.computed) == (13, 1, 7, 7)
+    # a partition whose worker died after writing it is found written by its second run (skipped)
+    assert (summary.images, summary.failed, summary.partitions, summary.computed + summary.skipped) == (13, 1, 7, 7)
     assert [r["file"] for r in rows_of(tmp_path / "out")] == paths
     assert [r.get("indices") for r in rows_of(tmp_path / "out")] == [r.get("indices") for r in rows_of(expected)]
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed one for the tests after
@@ -161,7 +164,15 @@ def test_a_rerun_computes_only_unfinished_partitions(client, weights, images, tm
         assert (os.stat(path).st_mtime_ns == mtime) == (path != lost), path  # only the lost one rewritten
     # a task sent for a finished partition (a retry after its worker died) does not run it again
     result = jobs.run_partition(0, paths[:4], job, str(out))
-    assert not result.computed and os.stat(out / "part-00000.jsonl").st_mtime_ns == finished[str(out / "part-00000.jsonl")][0]
+    first_part = str(out / "part-00000.jsonl")
+    assert not result.computed and os.stat(first_part).st_mtime_ns == finished[first_part][0]
+
+
+def test_a_partition_that_fails_as_a_whole_is_reported_and_the_job_goes_on(client, weights, images, tmp_path):
+    job = Job("classify", ModelSpec("convnext_tiny", weights, input_size=64), partition_size=8)  # atto's weights
+    with pytest.raises(NpConvNeXtError, match=r"2 of 2 partitions failed \(first part-00000: CheckpointError: "):
+        run(client, list_images([images]), str(tmp_path / "out"), job)
+    assert not glob.glob(str(tmp_path / "out" / "part-*"))
 
 
 def test_another_job_over_the_same_output_is_refused(weights, images, tmp_path):
