@@ -103,9 +103,9 @@ class ThreadsPlugin(WorkerPlugin):
         self.threads = threads              # a fixed count instead of the share
 
     def setup(self, worker) -> None:
-        from ..engine.threads import set_num_threads
-
         import numba
+
+        from ..engine.threads import set_num_threads
 
         slots = self.slots_by_host.get(_host(worker.address), worker.state.nthreads)  # joined later: its own
         n = self.threads or max(1, available_cores() // max(1, slots))
