@@ -67,9 +67,6 @@ def _batches(paths, config, batch_size):
         _progress(min(start + batch_size, len(paths)), len(paths))
 
 
-_softmax = batch.softmax
-
-
 def cmd_classify(args):
     if args.scheduler or args.output:
         return _run_job(args, "classify")
