@@ -20,57 +20,31 @@ from dataclasses import replace
 import numpy as np
 
 from .atomic import atomic_write
+from .distributed import batch
+from .distributed.batch import DEFAULT_MODEL
+from .distributed.jobs import DEFAULT_PARTITION_SIZE
 from .errors import NpConvNeXtError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-DEFAULT_MODEL = "convnext_tiny.fb_in1k"
 
 
 class CommandError(Exception):
     """An error to print as one line on stderr with exit status 1."""
 
 
-def _shown(text: str) -> str:
-    """A file name, or a message holding one, as printable text: bytes of a name that are not
-    UTF-8 (which Python keeps as lone surrogates) become backslash escapes such as \\xff."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
+_shown = batch.shown  # a file name as printable text (see batch.shown)
+_describe = batch.describe  # an error as the text a user needs
 
 
 def _image_paths(inputs: list[str]) -> list[str]:
-    paths = []
-    for item in inputs:
-        if os.path.isdir(item):
-            for root, _, files in sorted(os.walk(item)):
-                paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
-        elif os.path.exists(item):
-            paths.append(item)
-        else:
-            raise CommandError(f"{_shown(item)}: no such file or directory")
-    if not paths:
-        raise CommandError("no images found in " + ", ".join(map(_shown, inputs)))
-    return paths
+    return batch.list_images(inputs)
+
+
+def _model_spec(args) -> batch.ModelSpec:
+    return batch.ModelSpec(args.model, args.weights, input_size=args.input_size)
 
 
 def _load_model(args):
-    """The model and the preprocessing that gives it its input: the model's own data_config,
-    from the weight file, the tag, or the architecture's first published tag (--input-size
-    overrides the size). --weights: the architecture read off the file unless --model names it."""
-    import npconvnext
-
-    name = args.model or DEFAULT_MODEL
-    arch, _, tag = name.partition(".")
-    if args.weights:
-        model = npconvnext.create_model(name if args.model else None, weights=args.weights)
-    else:
-        model = npconvnext.create_model(arch, pretrained=tag or "fb_in1k")
-    config = model.data_config
-    if args.input_size:
-        config = replace(config, input_size=(args.input_size, args.input_size))
-    return model, config
+    """The model and the preprocessing that gives it its input (see batch.load_model)."""
+    return batch.load_model(_model_spec(args))
 
 
 def _progress(done: int, total: int) -> None:
@@ -84,59 +58,68 @@ def _progress(done: int, total: int) -> None:
 def _batches(paths, config, batch_size):
     """(paths, inputs) per batch; an image that cannot be read or preprocessed, for whatever
     reason (a bad file, an I/O error, too big for memory), is warned about and skipped."""
-    from npconvnext import preprocessing
-
     for start in range(0, len(paths), batch_size):
-        good, arrays = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                arrays.append(preprocessing.preprocess(path, config))
-                good.append(path)
-            except (ValueError, OSError, MemoryError) as exc:  # ValueError includes NpConvNeXtError
-                reason = _shown(_describe(exc))
-                if not reason.startswith(_shown(path)):
-                    reason = f"{_shown(path)}: {reason}"
-                print(f"warning: skipped {reason}", file=sys.stderr)
+        good, x, failed = batch.read_batch(paths[start : start + batch_size], config)
+        for reason in failed.values():
+            print(f"warning: skipped {reason}", file=sys.stderr)
         if good:
-            yield good, np.stack(arrays)
+            yield good, x
         _progress(min(start + batch_size, len(paths)), len(paths))
 
 
-def _softmax(logits):
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def cmd_classify(args):
-    from npconvnext.labels import imagenet_labels
-
+    if args.scheduler or args.output:
+        return _run_job(args, "classify")
     model, config = _load_model(args)
-    labels = model.class_names or (imagenet_labels() if model.config.num_classes == 1000 else None)
     classified = 0
     for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
         classified += len(paths)
-        outputs = model(x).astype(np.float64)
-        probs = outputs if model.convention.outputs == "probabilities" else _softmax(outputs)
-        for path, p in zip(paths, probs):
-            top = np.argsort(-p)[: args.top_k]
-            names = [labels[i] if labels else f"class {i}" for i in top]
+        for path, prediction in zip(paths, batch.classify(model, x, args.top_k)):
             if args.json:
-                print(json.dumps({"file": _shown(path), "labels": names, "indices": [int(i) for i in top],
-                                  "probabilities": [round(float(p[i]), 6) for i in top]}))
+                print(json.dumps(batch.classified_row(path, prediction)))
             else:
                 print(_shown(path))
-                for i, name in zip(top, names):
-                    print(f"  {p[i]:7.2%}  {name} ({i})")
+                for i, name, p in zip(prediction.indices, prediction.names, prediction.probabilities):
+                    print(f"  {p:7.2%}  {name} ({i})")
     if not classified:
         raise CommandError("none of the images could be read (see the warnings above)")
 
 
+def _run_job(args, task: str) -> None:
+    """classify/features --scheduler ... --output OUT: a partitioned, resumable job
+    (npconvnext/distributed); classify --output without --scheduler runs it in this process."""
+    from npconvnext.distributed import Job, run
+
+    if not args.output:
+        raise CommandError("--scheduler needs --output OUT, the directory the results go to")
+    weights = os.path.abspath(args.weights) if args.weights else None  # the workers read it at this path
+    job = Job(task, replace(_model_spec(args), weights=weights), top_k=getattr(args, "top_k", 5),
+              batch_size=args.batch_size, partition_size=args.partition_size)
+    paths = _image_paths(args.inputs)
+    if args.scheduler:
+        try:
+            from npconvnext.distributed import cluster
+        except ImportError as exc:
+            raise CommandError(f"--scheduler needs Dask ({exc}): pip install \"npconvnext[dask]\"") from None
+        with cluster.connect(args.scheduler) as client:
+            summary = run(client, paths, args.output, job, progress=_progress)
+    else:
+        summary = run(None, paths, args.output, job, progress=_progress)
+    print(f"{summary.images} images in {summary.partitions} partitions -> {_shown(summary.output)} "
+          f"({summary.computed} run now, {summary.skipped} finished before); "
+          f"{summary.failed} could not be read (their rows hold the error)")
+    if summary.failed == summary.images:
+        raise CommandError(f"none of the {summary.images} images could be read (see the errors in "
+                           f"{_shown(summary.output)}/part-*.jsonl)")
+
+
 def cmd_features(args):
+    if args.scheduler:
+        return _run_job(args, "features")
     model, config = _load_model(args)
     files, chunks = [], []
     for paths, x in _batches(_image_paths(args.inputs), config, args.batch_size):
-        chunks.append(model.forward_head(model.forward_features(x), pre_logits=True))
+        chunks.append(batch.embed(model, x))
         files += paths
     if not chunks:
         raise CommandError("none of the images could be read (see the warnings above); nothing written")
@@ -388,17 +371,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_at_least_one, default=8)
         p.add_argument("--input-size", type=_at_least_one, default=None, help="override the crop size")
 
+    def job_options(p):
+        p.add_argument("--scheduler", default=None, metavar="ADDRESS|local[:N]",
+                       help="run on a Dask cluster: a scheduler's address (or scheduler file), or N local "
+                       "worker processes (local: one per core); the results go to the --output directory")
+        p.add_argument("--partition-size", type=_at_least_one, default=DEFAULT_PARTITION_SIZE, metavar="N",
+                       help=f"with --output: images per task and per output file (default {DEFAULT_PARTITION_SIZE})")
+
     p = sub.add_parser("classify", help="top-k ImageNet classes per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     model_options(p)
     p.add_argument("--top-k", type=_at_least_one, default=5)
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per image")
+    p.add_argument("--output", default=None, metavar="OUT",
+                   help="write JSON Lines partitions to the directory OUT, resumably (with or without --scheduler)")
+    job_options(p)
     p.set_defaults(run=cmd_classify)
 
     p = sub.add_parser("features", help="pooled pre-logits embeddings to a .npy file")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     model_options(p)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True,
+                   help="the .npy file; with --scheduler, the directory of .npy partitions")
+    job_options(p)
     p.set_defaults(run=cmd_features)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 over an ImageNet-style folder (one sub-folder per wnid)")
@@ -478,16 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="the checkpoint it was converted from")
     p.set_defaults(run=cmd_verify)
     return parser
-
-
-def _describe(exc: BaseException) -> str:
-    """An error as the text a user needs: for an OS error, the file and the reason."""
-    if isinstance(exc, OSError) and exc.strerror:
-        named = isinstance(exc.filename, (str, bytes)) and exc.filename
-        return f"{os.fsdecode(exc.filename)}: {exc.strerror}" if named else exc.strerror
-    if isinstance(exc, MemoryError):
-        return f"out of memory{f' ({exc})' if str(exc) else ''}"
-    return str(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

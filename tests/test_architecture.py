@@ -17,6 +17,7 @@ LAYERS = {
     "model": 4,
     "factory": 5,
     "convert": 6, "summary": 6, "oracle": 6, "train": 6, "__init__": 6,
+    "distributed": 6,  # many images on a Dask cluster: over the factory and preprocessing, under the cli
     "cli": 7, "__main__": 8,
 }
 ALLOWED_SIDEWAYS = {("engine", "network"), ("preprocessing", "hub"), ("__init__", "train")}
