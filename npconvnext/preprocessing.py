@@ -143,6 +143,8 @@ def open_image(path: str | os.PathLike, exif_transpose: bool = False, config: Da
             raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
         except MemoryError:
             raise ImageError(f"{path}: too large to decode in the memory available") from None
+        except Image.UnidentifiedImageError:  # Pillow's own text names a file descriptor, not the file
+            raise ImageError(f"{path}: cannot read image (not an image format Pillow recognises)") from None
         except Exception as exc:  # Pillow's decoders raise many types on corrupt files; all mean the same
             raise ImageError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
