@@ -17,7 +17,9 @@ import numpy as np
 from .atomic import atomic_write
 from .config import get_config
 from .errors import CheckpointError
-from .formats import detect_naming, read_checkpoint, read_safetensors_with_metadata, to_timm_names
+from .convention import Convention
+from .formats import (convention_of, detect_naming, openvino_ir, read_checkpoint, read_safetensors_with_metadata,
+                      to_timm_names)
 from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
 from .params import detect_architecture
@@ -35,13 +37,19 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,
-            force: bool = False) -> dict[str, str]:
+            force: bool = False, convention: Convention | None = None) -> dict[str, str]:
     """Write `src` (any supported format) as timm-named float32 safetensors at `dst`.
-    Returns the metadata written into the file."""
+    Returns the metadata written into the file.
+
+    The file holds the network: preprocessing and a softmax that the source's model carries
+    are left to the caller, as timm's users do them. For an OpenVINO IR whose preprocessing is
+    folded into its first convolution, `convention` says what the IR takes (as create_model's
+    convention_override); the stem is unfolded for it, so that timm's model computes the IR's
+    logits from images normalised by that convention's mean and std."""
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
-    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch)
+    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch, convention)
     atomic_write(dst, safetensors_chunks(tensors, metadata))
     return metadata
 
@@ -104,9 +112,12 @@ def _without_frames(path: str, fn, *args):
     raise CheckpointError(message if message.startswith(path) else f"{path}: {message}")
 
 
-def _convert_in_memory(src: str, arch: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _convert_in_memory(src: str, arch: str | None,
+                       convention: Convention | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata `convert` writes for `src`."""
     raw, container = read_checkpoint(src)
+    if convention is not None and container == openvino_ir.FORMAT:
+        raw = openvino_ir.restate_stem(raw, convention_of(src), convention)
     naming = detect_naming(raw)
     state = to_timm_names(raw, get_config(arch) if arch else None)
     if arch:
