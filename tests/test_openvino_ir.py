@@ -71,13 +71,17 @@ def with_preprocessing(model: ov.Model, layout: str = "NCHW") -> ov.Model:
     return ov.Model([ov.opset13.result(probs)], model.get_parameters(), "convnext")
 
 
-def explicit_preprocessing(model: ov.Model) -> ov.Model:
-    """The reversal (a Gather), the mean (Subtract) and the scale (Divide) as separate
-    operations before the network's own input."""
+def explicit_preprocessing(model: ov.Model, reversal: str = "gather") -> ov.Model:
+    """The reversal (a Gather, or a Split and a Concat), the mean (Subtract) and the scale
+    (Divide) as separate operations before the network's own input."""
     ops = ov.opset13
     param = model.get_parameters()[0]
     x = ops.parameter([-1, 3, -1, -1], np.float32, name="image")
-    bgr = ops.gather(x, ops.constant(np.array([2, 1, 0], np.int64)), ops.constant(np.int64(1)))
+    if reversal == "gather":
+        bgr = ops.gather(x, ops.constant(np.array([2, 1, 0], np.int64)), ops.constant(np.int64(1)))
+    else:
+        b, g, r = ops.split(x, ops.constant(np.int64(1)), 3).outputs()
+        bgr = ops.concat([r, g, b], 1)
     mean = ops.constant(np.array(IMAGENET_MEAN_255, np.float32).reshape(1, 3, 1, 1))
     std = ops.constant(np.array(IMAGENET_STD_255, np.float32).reshape(1, 3, 1, 1))
     normalised = ops.divide(ops.subtract(bgr, mean), std)
@@ -99,7 +103,8 @@ def fold_into_stem(net: torch.nn.Module) -> None:
         conv.bias.copy_(bias.float())
 
 
-ARCHS = {"convnext_atto": 0, "convnextv2_atto": 1, "convnext_tiny": 2}  # conv MLP, + GRN, linear MLP
+ARCHS = {"convnext_atto": 0, "convnextv2_atto": 1, "convnext_tiny": 2, "convnextv2_tiny": 3}  # conv MLP, + GRN;
+# linear MLP, + GRN on channels last
 EVERY_PATH = "convnext_atto"  # the paths beyond plain and omz are built for this one only
 _BUILT = {}
 
@@ -139,6 +144,8 @@ def _build(arch, tmp_path_factory):
                       compress_to_fp16=False)
         files["explicit"] = folder / "explicit.xml"
         ov.serialize(explicit_preprocessing(ov.convert_model(onnx_path)), files["explicit"])
+        files["explicit-split"] = folder / "explicit-split.xml"
+        ov.serialize(explicit_preprocessing(ov.convert_model(onnx_path), "split"), files["explicit-split"])
         folded = randomise(timm.create_model(arch, pretrained=False, num_classes=7), ARCHS[arch])
         fold_into_stem(folded)
         files["folded"] = folder / "folded.xml"
@@ -159,6 +166,7 @@ EXPECTED = {  # path -> (layout, channel order, normalises inside, outputs)
     "plain": ("NCHW", "RGB", False, "logits"), "plain-fp16": ("NCHW", "RGB", False, "logits"),
     "omz": ("NCHW", "BGR", True, "probabilities"), "omz-fp16": ("NCHW", "BGR", True, "probabilities"),
     "omz-nhwc": ("NHWC", "BGR", True, "probabilities"), "explicit": ("NCHW", "BGR", True, "logits"),
+    "explicit-split": ("NCHW", "BGR", True, "logits"),
     "folded": ("NCHW", "RGB", False, "logits"),
 }
 
@@ -234,6 +242,7 @@ def test_a_folded_ir_takes_the_callers_convention(build, tmp_path):
     # converted for that convention, the file is timm's network again, for normalised RGB input
     out = tmp_path / "unfolded.safetensors"
     npconvnext.convert.convert(path, out, convention=replace_outputs(OMZ, "logits"))
+    npconvnext.convert.verify(out, path)  # converted again for the convention recorded in the file
     timm_net = timm.create_model(arch, pretrained=True, num_classes=7,
                                  pretrained_cfg_overlay=dict(file=str(out), num_classes=7)).eval()
     rgb = (x[:, ::-1] - np.float32(IMAGENET_MEAN_255)[:, None, None]) / np.float32(IMAGENET_STD_255)[:, None, None]
@@ -275,6 +284,10 @@ def test_the_command_classifies_with_an_ir(build, tmp_path):
     probs = openvino_outputs(files["omz"], x)[0]
     assert line["indices"] == [int(i) for i in np.argsort(-probs)[:3]]
     np.testing.assert_allclose(line["probabilities"], np.sort(probs)[::-1][:3], atol=1e-4)
+    converted = tmp_path / "converted.safetensors"
+    for command in (["convert", files["omz"], converted], ["verify", converted, files["omz"]]):
+        out = subprocess.run([sys.executable, "-m", "npconvnext", *map(str, command)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
 
 
 # ---- hostile files -------------------------------------------------------------------------------

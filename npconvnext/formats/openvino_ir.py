@@ -57,7 +57,7 @@ from ..params import detect_architecture, expected_shapes
 from .registry import WeightFormat, open_weight_file, reading, register
 
 FORMAT = "openvino-ir"
-_MAX_XML = 256 << 20          # an IR's graph description; a ConvNeXt's is well under a megabyte
+_MAX_XML = 64 << 20           # an IR's graph description; a ConvNeXt's is a few megabytes at most
 _MAX_ELEMENTS = 1 << 31       # a constant larger than this is refused before reading
 _ELEMENT_TYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i64": np.dtype("<i8"),
                   "i32": np.dtype("<i4"), "f64": np.dtype("<f8")}
@@ -161,8 +161,8 @@ def _dims(text: str, what: str, allow_dynamic: bool = True) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     dims = []
     for p in parts:
-        if allow_dynamic and p in ("?", "-1"):
-            dims.append(-1)
+        if allow_dynamic and (p in ("?", "-1") or re.fullmatch(r"\d{0,12}\.\.\d{0,12}", p)):
+            dims.append(-1)  # dynamic, or an interval "1..8"
         elif p.isdigit() and len(p) <= 12:
             dims.append(int(p))
         else:
