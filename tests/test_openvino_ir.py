@@ -4,6 +4,7 @@ imported by it.
 
 The paths (what each leaves in the IR is in npconvnext/formats/openvino_ir.py):
     plain      openvino.convert_model(timm model) -> save_model, FP32 and FP16-compressed
+    neutral    the same with zero biases and unit norm scales and layer scales, which OpenVINO drops
     omz        the Open Model Zoo's: torch.onnx.export -> convert_model -> PrePostProcessor
                (reverse the input channels, mean, scale: BGR 0-255 in) + SoftMax -> save_model,
                FP32 and FP16 (save_model folds the reversal and the scale into the stem)
@@ -148,6 +149,13 @@ def _build(arch, tmp_path_factory):
         ov.serialize(explicit_preprocessing(ov.convert_model(onnx_path), "split"), files["explicit-split"])
         folded = randomise(timm.create_model(arch, pretrained=False, num_classes=7), ARCHS[arch])
         fold_into_stem(folded)
+        neutral = randomise(timm.create_model(arch, pretrained=False, num_classes=7), ARCHS[arch])
+        with torch.no_grad():  # OpenVINO drops an Add of zeros and a Multiply by ones: none are left
+            for name, p in neutral.named_parameters():
+                if p.ndim == 1:
+                    p.fill_(1.0 if name.endswith(("gamma", "norm.weight", "stem.1.weight", "downsample.0.weight")) else 0.0)
+        files["neutral"] = folder / "neutral.xml"
+        ov.save_model(ov.convert_model(neutral, example_input=example), files["neutral"], compress_to_fp16=False)
         files["folded"] = folder / "folded.xml"
         ov.save_model(ov.convert_model(folded, example_input=example), files["folded"], compress_to_fp16=False)
     return arch, net, files
@@ -156,7 +164,7 @@ def _build(arch, tmp_path_factory):
 def inputs(kind: str, seed: int = 0) -> np.ndarray:
     """What the IR of each path takes: normalised RGB (plain), BGR 0-255 (the others)."""
     rng = np.random.default_rng(seed)
-    if kind.startswith("plain"):
+    if kind.startswith("plain") or kind == "neutral":
         return rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     x = rng.uniform(0, 255, (2, 3, SIZE, SIZE)).astype(np.float32)
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if kind.endswith("nhwc") else x
@@ -167,7 +175,7 @@ EXPECTED = {  # path -> (layout, channel order, normalises inside, outputs)
     "omz": ("NCHW", "BGR", True, "probabilities"), "omz-fp16": ("NCHW", "BGR", True, "probabilities"),
     "omz-nhwc": ("NHWC", "BGR", True, "probabilities"), "explicit": ("NCHW", "BGR", True, "logits"),
     "explicit-split": ("NCHW", "BGR", True, "logits"),
-    "folded": ("NCHW", "RGB", False, "logits"),
+    "folded": ("NCHW", "RGB", False, "logits"), "neutral": ("NCHW", "RGB", False, "logits"),
 }
 
 

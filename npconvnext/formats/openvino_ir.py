@@ -386,8 +386,18 @@ def _conv(w: _Walk, kernel: int, stride: int, pad: int, what: str, group: bool =
     return weight
 
 
+def _affine(w: _Walk, op: str, channels: int, what: str, neutral: float) -> np.ndarray:
+    """The per-channel constant of the `op` (Add or Multiply) right after the activation, or
+    `neutral` for each channel when there is none: OpenVINO drops an Add of zeros and a
+    Multiply by ones."""
+    users = w.g.users(w.at)
+    if len(users) == 1 and users[0].type == op and any(w.g.value(s) is not None for s in users[0].inputs):
+        return w.per_channel(w.take(op, skip_layout=False), channels, what)
+    return np.full(channels, neutral, np.float32)
+
+
 def _bias(w: _Walk, channels: int, what: str) -> np.ndarray:
-    return w.per_channel(w.take("Add"), channels, f"the {what} bias")
+    return _affine(w, "Add", channels, f"the {what} bias", 0.0)
 
 
 def _layer_norm(w: _Walk, channels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -402,8 +412,8 @@ def _layer_norm(w: _Walk, channels: int, what: str) -> tuple[np.ndarray, np.ndar
     eps = float(mvn.data.get("eps", "nan"))
     if not any(math.isclose(eps, e, rel_tol=1e-5) for e in _EPS):
         raise CheckpointError(f"layer {mvn.id}: LayerNorm eps {eps}, ConvNeXt's is one of {sorted(_EPS)}")
-    weight = w.per_channel(w.take("Multiply", skip_layout=False), channels, f"the {what} LayerNorm weight")
-    bias = w.per_channel(w.take("Add", skip_layout=False), channels, f"the {what} LayerNorm bias")
+    weight = _affine(w, "Multiply", channels, f"the {what} LayerNorm weight", 1.0)
+    bias = _affine(w, "Add", channels, f"the {what} LayerNorm bias", 0.0)
     return weight, bias
 
 
