@@ -358,7 +358,7 @@ class _Walk:
         value = self.g.value(node.inputs[port]) if len(node.inputs) > port else None
         if value is None:
             raise CheckpointError(f"layer {node.id} ({node.type}): {what} is not a constant")
-        return value.astype(np.float32)
+        return value.astype(np.float32, copy=False)
 
 
 def _attr(node: _Node, name: str, expected: str, what: str) -> None:
