@@ -387,11 +387,23 @@ def _case(name, small_ir, folder):
     if name == "edge loop":
         xml.write_text(text.replace("</edges>", '<edge from-layer="0" from-port="0" to-layer="0" to-port="0"/></edges>'))
         return xml, "not a ConvNeXt graph|two edges|expected"
+    if name == "stray operation":
+        # a dead-end ReLU on a block's input: the walk passes it by, and the final check sees it
+        root = ET.fromstring(text)
+        dw = next(l for l in root.find("layers") if l.get("type") == "GroupConvolution")
+        edge = next(e for e in root.find("edges") if e.get("to-layer") == dw.get("id") and e.get("to-port") == "0")
+        layer = ('<layer id="99999" name="stray" type="ReLU" version="opset1"><input><port id="0" precision="FP32">'
+                 '<dim>1</dim></port></input><output><port id="1" precision="FP32"><dim>1</dim></port></output></layer>')
+        xml.write_text(text.replace("</layers>", layer + "</layers>").replace(
+            "</edges>", f'<edge from-layer="{edge.get("from-layer")}" from-port="{edge.get("from-port")}" '
+                        'to-layer="99999" to-port="0"/></edges>'))
+        return xml, "operations outside the network"
     raise AssertionError(name)
 
 
 HOSTILE = ["not a ConvNeXt", "truncated bin", "const outside the bin", "fp16 inf", "fp16 nan", "doctype",
-           "external entity", "missing bin", "huge dims", "not xml", "utf-16", "edge loop"]
+           "external entity", "missing bin", "huge dims", "not xml", "utf-16", "edge loop",
+           "stray operation"]
 
 
 @pytest.mark.parametrize("name", HOSTILE)

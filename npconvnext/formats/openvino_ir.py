@@ -57,7 +57,7 @@ from ..params import detect_architecture, expected_shapes
 from .registry import WeightFormat, open_weight_file, reading, register
 
 FORMAT = "openvino-ir"
-_MAX_XML = 64 << 20           # an IR's graph description; a ConvNeXt's is a few megabytes at most
+_MAX_XML = 16 << 20           # an IR's graph description; a ConvNeXt's is a few megabytes at most
 _MAX_ELEMENTS = 1 << 31       # a constant larger than this is refused before reading
 _ELEMENT_TYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i64": np.dtype("<i8"),
                   "i32": np.dtype("<i4"), "f64": np.dtype("<f8")}
@@ -87,6 +87,7 @@ class _Graph:
         self._bin = None
         self._bin_size = 0
         self._values: dict[tuple[str, str], np.ndarray | None] = {}
+        self.visited: set[str] = set()  # the operations the walk has taken as part of the network
 
     def __enter__(self):
         try:
@@ -121,6 +122,7 @@ class _Graph:
             if args[-1] is None:
                 return None
         try:
+            _check_growth(node, args)
             return _CONST_OPS[node.type](node, *args)
         except (ValueError, IndexError, TypeError, KeyError) as exc:
             raise CheckpointError(f"layer {node.id} ({node.type}) does not compute on its constants: {exc}") from None
@@ -170,6 +172,20 @@ def _dims(text: str, what: str, allow_dynamic: bool = True) -> tuple[int, ...]:
     if len(dims) > 8:
         raise CheckpointError(f"{what}: {len(dims)} dimensions")
     return tuple(dims)
+
+
+def _check_growth(node: _Node, args: list[np.ndarray]) -> None:
+    """Folding never makes a constant larger than its largest input in a real IR; a hostile one
+    could broadcast two long vectors into an enormous matrix."""
+    if node.type in ("Multiply", "Divide", "Add", "Subtract"):
+        size = math.prod(np.broadcast_shapes(*(a.shape for a in args)))
+    elif node.type == "Gather":
+        size = args[0].size // max(1, args[0].shape[int(np.ravel(args[2])[0])]) * args[1].size
+    else:
+        return
+    if size > max(a.size for a in args):
+        raise CheckpointError(f"layer {node.id} ({node.type}) would make a constant of {size} values from "
+                              "smaller ones; refused")
 
 
 def _reshape(node, data, shape):
@@ -302,7 +318,7 @@ class _Walk:
                 self.axes = tuple(perm.index(a) for a in self.axes)
             elif not (self.pooled and self._pooled_reshape(node)):
                 return
-            self.at = _out(node)
+            self.move(node)
 
     def _pooled_reshape(self, node: _Node) -> bool:
         """A Reshape of a pooled (N, C, 1, 1)-like tensor: the channel axis is the one of size C
@@ -324,8 +340,13 @@ class _Walk:
         found = [n for n in self.g.users(self.at) if n.type in types]
         if len(found) != 1:
             raise self.fail(" or ".join(types))
-        self.at = _out(found[0])
+        self.move(found[0])
         return found[0]
+
+    def move(self, node: _Node) -> None:
+        """The cursor onto `node`'s output, `node` taken as part of the network."""
+        self.at = _out(node)
+        self.g.visited.add(node.id)
 
     def other(self, node: _Node) -> tuple[str, str]:
         """The input of a two-input `node` that is not the activation it was reached from."""
@@ -446,16 +467,16 @@ def _grn(w: _Walk, hidden: int) -> tuple[np.ndarray, np.ndarray] | None:
     if l2_axes is None or sorted(int(a) % len(w.axes) for a in np.ravel(l2_axes)) != spatial:
         raise CheckpointError(f"layer {l2.id}: GRN's ReduceL2 is not over H and W")
     step = _Walk(w.g, _out(l2), w.axes)
-    mean = step.take("ReduceMean", skip_layout=False)
+    step.take("ReduceMean", skip_layout=False)                                      # mean_c(g)
     eps = step.g.value(step.other(step.take("Add", skip_layout=False)))
     divide = step.take("Divide", skip_layout=False)
     if eps is None or eps.size != 1 or divide.inputs[0] != _out(l2) or not math.isclose(float(eps.ravel()[0]), 1e-6, rel_tol=1e-4):
         raise CheckpointError(f"layer {divide.id}: not ConvNeXt-V2's GRN (g / (mean(g) + 1e-6))")
-    del mean
     scaled = step.take("Multiply", skip_layout=False)
     if x not in scaled.inputs:
         raise CheckpointError(f"layer {scaled.id}: GRN does not multiply its input")
-    step.at = _out(scaled)
+    step.move(scaled)
+    w.g.visited.add(l2.id)
     weight = step.per_channel(step.take("Multiply", skip_layout=False), hidden, "GRN's weight")
     bias = step.per_channel(step.take("Add", skip_layout=False), hidden, "GRN's bias")
     residual = step.take("Add", skip_layout=False)
@@ -496,7 +517,7 @@ def _preprocessing(w: _Walk) -> _Stem:
             w.follow_layout()
             continue
         if node.type == "Convert":
-            w.at = _out(node)
+            w.move(node)
             continue
         if node.type == "Gather":
             indices, axis = w.g.value(node.inputs[1]), w.g.value(node.inputs[2]) if len(node.inputs) > 2 else None
@@ -506,10 +527,11 @@ def _preprocessing(w: _Walk) -> _Stem:
             order = [int(i) % 3 for i in np.ravel(indices)]
             stem.source = tuple(stem.source[i] for i in order)
             stem.scale, stem.shift = stem.scale[order], stem.shift[order]
-            w.at = _out(node)
+            w.move(node)
             continue
         if node.type in ("Split", "VariadicSplit"):
             w.at = _split_concat(w, node, stem)
+            w.g.visited.add(w.at[0])
             continue
         if node.type in ("Subtract", "Add", "Multiply", "Divide"):
             if w.g.value(node.inputs[0]) is not None and node.type in ("Subtract", "Divide"):
@@ -524,7 +546,7 @@ def _preprocessing(w: _Walk) -> _Stem:
                 stem.scale, stem.shift = stem.scale * factor, stem.shift * factor
             stem.had_shift |= node.type in ("Subtract", "Add")
             stem.had_scale |= node.type in ("Multiply", "Divide")
-            w.at = _out(node)
+            w.move(node)
             continue
         raise w.fail("the stem Convolution or input preprocessing (Gather, Subtract, Multiply, Divide, Transpose)")
     raise w.fail("the stem Convolution within 32 operations of the input")
@@ -547,6 +569,7 @@ def _split_concat(w: _Walk, split: _Node, stem: _Stem) -> tuple[str, str]:
         raise CheckpointError(f"layer {concat.id}: the input's channels are not a permutation")
     stem.source = tuple(stem.source[i] for i in order)
     stem.scale, stem.shift = stem.scale[order], stem.shift[order]
+    w.g.visited.add(split.id)
     return _out(concat)
 
 
@@ -656,12 +679,25 @@ def _walk(graph: _Graph) -> tuple[dict[str, np.ndarray], _Stem, bool]:
         if axis % 2 != 1:
             raise CheckpointError(f"layer {users[0].id}: a SoftMax not over the classes")
         softmax = True
-        w.at = _out(users[0])
+        w.move(users[0])
         w.follow_layout()
         users = graph.users(w.at)
     if len(users) != 1 or users[0].type != "Result":
         raise w.fail("the output (Result) after the classifier")
+    graph.visited.update((parameters[0].id, results[0].id))
+    _check_nothing_else(graph)
     return state, stem, softmax
+
+
+def _check_nothing_else(graph: _Graph) -> None:
+    """Every operation on the input is one the walk took: a graph that computes anything more
+    (a side branch merged back where the walk does not look) is not read as a ConvNeXt."""
+    stray = [n for n in graph.nodes.values() if n.id not in graph.visited and n.type != "Const"
+             and not (n.out_dims and graph.value((n.id, next(iter(n.out_dims)))) is not None)]
+    if stray:
+        shown = ", ".join(f"{n.type} (layer {n.id})" for n in stray[:5])
+        raise CheckpointError(f"not a ConvNeXt graph npconvnext reads: {len(stray)} operations outside the "
+                              f"network it found, e.g. {shown}")
 
 
 # ---- conventions and the stem -------------------------------------------------------------------
