@@ -415,3 +415,78 @@ def test_broken_irs_name_the_file_and_the_problem(small_ir, tmp_path, name):
             load()
         assert re.search(problem, str(caught.value)), str(caught.value)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_folding_that_would_grow_a_constant_is_refused(small_ir, tmp_path):
+    """Two constants of 100000 values each, multiplied into the stem's LayerNorm weight, would
+    broadcast to 10**10 values: refused before anything is allocated."""
+    xml, _ = _copy(small_ir, tmp_path)
+    text = xml.read_text()
+    root = ET.fromstring(text)
+    mvn = next(l for l in root.find("layers") if l.get("type") == "MVN")
+    edges = root.find("edges")
+    multiply = next(e.get("to-layer") for e in edges if e.get("from-layer") == mvn.get("id"))
+    weight = next(e for e in edges if e.get("to-layer") == multiply and e.get("to-port") == "1")
+    big = next(l.find("data") for l in root.find("layers") if l.get("type") == "Const"
+               and l.find("data").get("element_type") == "f16" and int(l.find("data").get("size")) >= 200000)
+    const = ('<layer id="{id}" name="c{id}" type="Const" version="opset1"><data element_type="f16" shape="{shape}" '
+             f'offset="{big.get("offset")}" size="200000"/>'
+             '<output><port id="0" precision="FP16">{dims}</port></output></layer>')
+    layers = (const.format(id=90001, shape="1, 100000", dims="<dim>1</dim><dim>100000</dim>")
+              + const.format(id=90002, shape="100000, 1", dims="<dim>100000</dim><dim>1</dim>")
+              + '<layer id="90003" name="grow" type="Multiply" version="opset1"><input><port id="0"/><port id="1"/>'
+                '</input><output><port id="2" precision="FP16"><dim>100000</dim><dim>100000</dim></port></output></layer>')
+    old_edge = (f'<edge from-layer="{weight.get("from-layer")}" from-port="{weight.get("from-port")}" '
+                f'to-layer="{multiply}" to-port="1"')
+    assert old_edge in text
+    text = text.replace(old_edge, f'<edge from-layer="90003" from-port="2" to-layer="{multiply}" to-port="1"')
+    text = text.replace("</layers>", layers + "</layers>").replace("</edges>", (
+        '<edge from-layer="90001" from-port="0" to-layer="90003" to-port="0"/>'
+        '<edge from-layer="90002" from-port="0" to-layer="90003" to-port="1"/></edges>'))
+    xml.write_text(text)
+    with pytest.raises(npconvnext.CheckpointError, match=re.escape(str(xml)) + ".*refused"):
+        npconvnext.load_state_dict(xml)
+
+
+def test_mutated_irs_load_or_fail_cleanly(small_ir, tmp_path):
+    """A seeded campaign of small mutations of a real IR (numbers in its attributes and dims,
+    operation types, bytes, a shorter .bin): each loads or raises a CheckpointError naming the
+    file, in bounded time."""
+    import time
+    from collections import Counter
+
+    rng = np.random.default_rng(20261124)
+    text, weights = small_ir.read_text(), small_ir.with_suffix(".bin").read_bytes()
+    numbers = [m.span() for m in re.finditer(r"\d+", text)]
+    types = [m.span(1) for m in re.finditer(r'type="(\w+)"', text)]
+    values = ["0", "1", "3", "7", "65535", str(2**31), str(2**63), str(10**30), "-1", "?", "", "1.5", "x"]
+    op_types = ["Const", "Add", "Multiply", "MVN", "Convolution", "GroupConvolution", "MatMul", "Gelu",
+                "Transpose", "Result", "Parameter", "Concat", "Split", "Gather", "Subtract", "Unknown"]
+    xml, bin_ = tmp_path / "m.xml", tmp_path / "m.bin"
+    outcomes = Counter()
+    for k in range(200):
+        mutated, data = text, weights
+        kind = k % 4
+        if kind == 0:
+            start, end = numbers[rng.integers(len(numbers))]
+            mutated = text[:start] + values[rng.integers(len(values))] + text[end:]
+        elif kind == 1:
+            start, end = types[rng.integers(len(types))]
+            mutated = text[:start] + op_types[rng.integers(len(op_types))] + text[end:]
+        elif kind == 2:
+            at = int(rng.integers(len(text)))
+            mutated = text[:at] + chr(int(rng.integers(32, 127))) + text[at + 1:]
+        else:
+            data = weights[: int(rng.integers(len(weights)))]
+        xml.write_text(mutated)
+        bin_.write_bytes(data)
+        start = time.perf_counter()
+        try:
+            npconvnext.load_state_dict(xml)
+            outcomes["loaded"] += 1
+        except npconvnext.CheckpointError as exc:
+            assert str(xml) in str(exc), str(exc)
+            outcomes["CheckpointError"] += 1
+        assert time.perf_counter() - start < 5.0
+    print(dict(outcomes))
+    assert outcomes["loaded"] > 10 and outcomes["CheckpointError"] > 60  # both verdicts were reached
