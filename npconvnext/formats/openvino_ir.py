@@ -46,7 +46,7 @@ import os
 import re
 import stat
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -93,7 +93,7 @@ class _Graph:
         try:
             self._bin = open_weight_file(self.bin_path)
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc} (the weights of {self.xml_path}, a .bin beside it of the same name)") from None
+            raise CheckpointError(f"{exc} (the weights of {self.xml_path}: a .bin beside it, same name)") from None
         self._bin_size = os.fstat(self._bin.fileno()).st_size
         return self
 
@@ -385,7 +385,8 @@ class _Walk:
 def _attr(node: _Node, name: str, expected: str, what: str) -> None:
     got = node.data.get(name, "").replace(" ", "")
     if got != expected:
-        raise CheckpointError(f"layer {node.id} ({node.type}): {name} is {got[:30]!r}, a ConvNeXt {what} has {expected!r}")
+        raise CheckpointError(f"layer {node.id} ({node.type}): {name} is {got[:30]!r}, "
+                              f"a ConvNeXt {what} has {expected!r}")
 
 
 def _conv(w: _Walk, kernel: int, stride: int, pad: int, what: str, group: bool = False) -> np.ndarray:
@@ -470,7 +471,8 @@ def _grn(w: _Walk, hidden: int) -> tuple[np.ndarray, np.ndarray] | None:
     step.take("ReduceMean", skip_layout=False)                                      # mean_c(g)
     eps = step.g.value(step.other(step.take("Add", skip_layout=False)))
     divide = step.take("Divide", skip_layout=False)
-    if eps is None or eps.size != 1 or divide.inputs[0] != _out(l2) or not math.isclose(float(eps.ravel()[0]), 1e-6, rel_tol=1e-4):
+    if eps is None or eps.size != 1 or divide.inputs[0] != _out(l2) \
+            or not math.isclose(float(eps.ravel()[0]), 1e-6, rel_tol=1e-4):
         raise CheckpointError(f"layer {divide.id}: not ConvNeXt-V2's GRN (g / (mean(g) + 1e-6))")
     scaled = step.take("Multiply", skip_layout=False)
     if x not in scaled.inputs:
@@ -503,8 +505,6 @@ def _preprocessing(w: _Walk) -> _Stem:
     stem = _Stem(layout="NCHW" if w.axes == (0, 1, 2, 3) else "NHWC")
     for _ in range(32):
         users = w.g.users(w.at)
-        if len(users) == 2 and sorted(n.type for n in users) == ["Split", "Split"]:
-            raise w.fail("one Split")
         if len(users) != 1:
             raise w.fail("one operation on the input")
         node = users[0]
@@ -521,10 +521,10 @@ def _preprocessing(w: _Walk) -> _Stem:
             continue
         if node.type == "Gather":
             indices, axis = w.g.value(node.inputs[1]), w.g.value(node.inputs[2]) if len(node.inputs) > 2 else None
-            if indices is None or axis is None or int(np.ravel(axis)[0]) % 4 != w.channel_axis \
-                    or sorted(int(i) % 3 for i in np.ravel(indices)) != [0, 1, 2]:
+            order = [int(i) % 3 for i in np.ravel(indices) if -3 <= i < 3] if indices is not None else []
+            if axis is None or int(np.ravel(axis)[0]) % 4 != w.channel_axis or sorted(order) != [0, 1, 2] \
+                    or len(order) != np.size(indices):
                 raise CheckpointError(f"layer {node.id}: a Gather on the input that is not a channel permutation")
-            order = [int(i) % 3 for i in np.ravel(indices)]
             stem.source = tuple(stem.source[i] for i in order)
             stem.scale, stem.shift = stem.scale[order], stem.shift[order]
             w.move(node)
@@ -537,6 +537,8 @@ def _preprocessing(w: _Walk) -> _Stem:
             if w.g.value(node.inputs[0]) is not None and node.type in ("Subtract", "Divide"):
                 raise CheckpointError(f"layer {node.id}: {node.type} of the input from a constant")
             value = w.per_channel(node, 3, f"the input's {node.type.lower()} value").astype(np.float64)
+            if node.type in ("Multiply", "Divide") and not (value > 0).all():
+                raise CheckpointError(f"layer {node.id}: the input is scaled by {value.tolist()}, not positive values")
             if node.type == "Subtract":
                 stem.shift = stem.shift - value
             elif node.type == "Add":
