@@ -1,5 +1,7 @@
 """OpenVINO IR (`model.xml` + `model.bin`, IR v10 and v11), read without OpenVINO.
 
+Tested on IR v11 as OpenVINO 2026 writes it; v10 files are taken when they use the same operations.
+
 The `.xml` is the graph: `<layers>` of typed operations (Parameter, Const, Convolution, MVN,
 MatMul, ...) joined by `<edges>` from an output port to an input port; a Const's values lie in
 the `.bin` beside it (same stem), at the byte `offset` and `size` its `<data>` gives. FP16
@@ -16,8 +18,11 @@ constant from the place it feeds, as `openvino.convert_model` writes them from a
     downsample    LayerNorm, Convolution 2x2 stride 2, Add bias
     head          ReduceMean over H, W, LayerNorm, MatMul + Add, [SoftMax]
 A LayerNorm is MVN (normalize_variance, eps inside the sqrt, over the channel axis), Multiply
-weight, Add bias; Transposes and Reshapes between operations only move axes, and are followed.
-`openvino.save_model` folds the layer scale into fc2 (gamma then reads as 1: the same numbers).
+weight, Add bias: what OpenVINO makes of timm's LayerNorm on both paths (through ONNX at
+opsets 11, 14 and the exporter's default alike). Transposes and Reshapes between operations only move axes, and are followed.
+OpenVINO folds the layer scale into fc2 where no Transpose is between (gamma then reads as 1:
+the same numbers), and drops an Add of zeros or a Multiply by ones (read as zeros and ones).
+Every operation on the input must be one the walk took, so nothing the graph computes is left out.
 
 Preprocessing built into the IR stays part of the model. Operations between the input and the
 stem (Gather or Split + Concat reversing the channels, Subtract / Add a mean, Multiply / Divide a
@@ -26,12 +31,16 @@ folded into the stem convolution, which is exact (the stem has no padding); the 
 unfolded again for the input convention (convention.py) the model reports, so that timm-layout
 weights see timm-style normalised RGB input. The convention is:
     - read off those operations when they are there (reversal: BGR; mean and scale inside);
-    - when they were folded into the stem, as `openvino.save_model` does with a channel reversal
-      and a scale (it keeps only a Subtract of the mean), the file cannot tell: a mean equal to
-      ImageNet's times 255, in either channel order, is taken to mean 0-255 input in that order
-      with ImageNet's std (what the Open Model Zoo converter adds); anything else is taken as it
-      stands, and the caller says otherwise with create_model(convention_override=...), which
-      re-expresses the stem for that convention without changing a single output (`restate_stem`).
+    - when some were folded, the file cannot tell all: OpenVINO's PrePostProcessor folds a
+      channel reversal into the constants around it (the mean and scale come out reversed, the
+      stem's input channels too) and save_model folds a scale into an NCHW stem, keeping only a
+      Subtract of the mean. A mean (and scale) equal to ImageNet's times 255 in either channel
+      order is taken to mean 0-255 input in that order with ImageNet's std (what the Open Model
+      Zoo converter adds); anything else is taken as it stands. With nothing before the stem,
+      the input is taken to be timm's (normalised by the caller).
+    - the caller says otherwise with create_model(convention_override=...), which re-expresses
+      the stem for that convention without changing a single output (`restate_stem`); so does
+      `npconvnext.convert.convert(..., convention=...)` for the timm file it writes.
     - probabilities when the graph ends in a SoftMax (the Open Model Zoo's "probs").
 
 Hostile files: the XML is bounded in size before parsing and refused if it declares a DOCTYPE
