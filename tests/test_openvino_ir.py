@@ -522,3 +522,11 @@ def test_mutated_irs_load_or_fail_cleanly(small_ir, tmp_path):
         assert time.perf_counter() - start < 5.0
     print(dict(outcomes))
     assert outcomes["loaded"] > 10 and outcomes["CheckpointError"] > 60  # both verdicts were reached
+
+
+def test_tensorflow_stays_out_of_this_process():
+    """OpenVINO and TensorFlow crash when both are loaded in one process (other tests run
+    TensorFlow in subprocesses): nothing here may bring it in."""
+    import sys
+
+    assert "tensorflow" not in sys.modules
