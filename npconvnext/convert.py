@@ -8,7 +8,9 @@ source's sha256, which `verify` checks, together with a fresh conversion's tenso
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 
@@ -16,8 +18,10 @@ import numpy as np
 
 from .atomic import atomic_write
 from .config import get_config
-from .errors import CheckpointError
-from .formats import detect_naming, read_checkpoint, read_safetensors_with_metadata, to_timm_names
+from .errors import CheckpointError, InputError, NpConvNeXtError
+from .convention import Convention
+from .formats import (convention_of, detect_naming, openvino_ir, read_checkpoint, read_safetensors_with_metadata,
+                      to_timm_names)
 from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
 from .params import detect_architecture
@@ -35,13 +39,19 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,
-            force: bool = False) -> dict[str, str]:
+            force: bool = False, convention: Convention | None = None) -> dict[str, str]:
     """Write `src` (any supported format) as timm-named float32 safetensors at `dst`.
-    Returns the metadata written into the file."""
+    Returns the metadata written into the file.
+
+    The file holds the network: preprocessing and a softmax that the source's model carries
+    are left to the caller, as timm's users do them. For an OpenVINO IR whose preprocessing is
+    folded into its first convolution, `convention` says what the IR takes (as create_model's
+    convention_override); the stem is unfolded for it, so that timm's model computes the IR's
+    logits from images normalised by that convention's mean and std."""
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
-    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch)
+    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch, convention)
     atomic_write(dst, safetensors_chunks(tensors, metadata))
     return metadata
 
@@ -63,7 +73,8 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
         raise CheckpointError(f"{converted}: was converted from a file with sha256 {recorded}, but "
                               f"{source} has sha256 {actual}: a different file, or changed since")
     # the architecture is read off the source, as the recorded one is what is being checked
-    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, None)
+    convention = _recorded_convention(converted, metadata)
+    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, None, convention)
     problems = [f"metadata {k}: {metadata.get(k)!r}, a fresh conversion gives {fresh_metadata[k]!r}"
                 for k in _CONTENT_FIELDS if metadata.get(k) != fresh_metadata[k]]
     problems += _without_frames(converted, _differences, converted, fresh)
@@ -72,6 +83,17 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
         raise CheckpointError(f"{converted}: does not match a fresh conversion of {source}:\n  "
                               + "\n  ".join(shown))
     return metadata
+
+
+def _recorded_convention(path: str, metadata: Mapping[str, str]) -> Convention | None:
+    """The input convention an IR was converted for (see `convert`), or None."""
+    text = metadata.get("input_convention")
+    if text is None:
+        return None
+    try:
+        return Convention(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
+    except (ValueError, TypeError, NpConvNeXtError) as exc:
+        raise CheckpointError(f"{path}: metadata input_convention is not a convention ({exc})") from None
 
 
 def _differences(converted: str, fresh: Mapping[str, np.ndarray]) -> list[str]:
@@ -104,9 +126,15 @@ def _without_frames(path: str, fn, *args):
     raise CheckpointError(message if message.startswith(path) else f"{path}: {message}")
 
 
-def _convert_in_memory(src: str, arch: str | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _convert_in_memory(src: str, arch: str | None,
+                       convention: Convention | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata `convert` writes for `src`."""
     raw, container = read_checkpoint(src)
+    if convention is not None:
+        if container != openvino_ir.FORMAT:
+            raise InputError(f"{src}: a convention re-expresses an OpenVINO IR's stem; a {container} file "
+                             "holds no preprocessing in its weights")
+        raw = openvino_ir.restate_stem(raw, convention_of(src), convention)
     naming = detect_naming(raw)
     state = to_timm_names(raw, get_config(arch) if arch else None)
     if arch:
@@ -124,4 +152,6 @@ def _convert_in_memory(src: str, arch: str | None) -> tuple[dict[str, np.ndarray
     metadata = {"architecture": config.name, "num_classes": str(config.num_classes),
                 "source_sha256": sha256_of(src), "source_format": f"{container}/{naming}",
                 "source_file": os.path.basename(src), "format": "pt", "converted_by": "npconvnext"}
+    if convention is not None:  # what the stem was unfolded for: `verify` does it again
+        metadata["input_convention"] = json.dumps(dataclasses.asdict(convention))
     return tensors, metadata

@@ -5,6 +5,7 @@ One reader per container format, each registered with how it recognises a file's
     safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
     keras.py         keras.applications ConvNeXt: legacy .h5, .weights.h5, .keras (needs h5py)
     torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
+    openvino_ir.py   OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
 Names inside the PyTorch-world files follow timm, the official code or transformers and are
 mapped to timm's by `naming.py`.
 """
@@ -23,6 +24,7 @@ from ..errors import CheckpointError
 from ..preprocessing import DataConfig
 # each registers its format; keras before torch_zip: both read zips, and keras checks the members
 from . import keras, safetensors, torch_zip  # noqa: F401
+from . import openvino_ir  # noqa: F401  after the others: it takes a .bin none of them recognises
 from .data_config import class_names_from, data_config_from
 from .naming import detect_naming, to_timm_names
 from .registry import formats, sniff_format
