@@ -1,0 +1,290 @@
+"""TensorFlow SavedModel directories of a ConvNeXt (as TF-Hub serves them), read without TensorFlow.
+
+A SavedModel is a directory: saved_model.pb (the graph) and variables/variables.index with its
+data shards (a tensor bundle, read by `tf_bundle.py`). The bundle names each variable by its
+path in the object graph (`variables/0/.ATTRIBUTES/VARIABLE_VALUE`,
+`_operations/8/_layers/3/pw_conv_2/bias/...`); the bundle's own `_CHECKPOINTABLE_OBJECT_GRAPH`
+entry gives each variable's full name as well (`convnext_tiny_stem/convnext_tiny_stem_conv/kernel`,
+`convnext_stage_0/convnext_block_0_0/bias`). Both are used: the full name names the layer, the
+object path names a block's sub-layer where the full name does not.
+
+Two layouts, each with its table below:
+    keras.applications   ConvNeXtTiny ... XLarge written by TensorFlow (Keras 3 `model.export`
+                         or `tf.saved_model.save`): layer names as in `keras.py`, whose table
+                         this reuses. Its Normalization layer and softmax stay part of the model:
+                         keras.applications' values (the graph holds them as constants, not
+                         variables), present when the graph has the layer (NHWC, 0-255 RGB).
+    TF-Hub port          sayakpaul/ConvNeXt-TF (tfhub.dev/sayakpaul/convnext_*): `stem`,
+                         `downsampling_block_{i}`, `convnext_stage_{i}` of `convnext_block_{i}_{j}`
+                         (attributes dw_conv_1, layer_norm, pw_conv_1, pw_conv_2 and a raw
+                         variable gamma), an unnamed head LayerNormalization, `classification_head`.
+                         It takes NHWC images normalised outside the model with the ImageNet
+                         mean and std, and gives logits.
+Layouts as in Keras: conv kernels (kh, kw, in, out), depthwise ones (kh, kw, 1, C), dense (in, out).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import numpy as np
+
+from ..convention import Convention
+from ..errors import CheckpointError
+from .keras import _KERAS_ROLES, KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, _timm_name, _to_timm_layout
+from .registry import WeightFormat, open_weight_file, reading, register
+from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
+
+GRAPH_FILE = "saved_model.pb"
+VARIABLES_PREFIX = os.path.join("variables", "variables")
+_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_MAX_GRAPH_BYTES = 1 << 30  # saved_model.pb is searched for layer names; far smaller in practice
+
+# the TF-Hub port: group of layers -> timm module; {i} stage, {j} block, {k} downsampling block
+_PORT_GROUPS = [
+    (re.compile(r"(?:^|/)stem(?:/|$)"), "stem"),
+    (re.compile(r"(?:^|/)downsampling_block_(?P<k>\d+)(?:/|$)"), "downsample"),
+    (re.compile(r"(?:^|/)convnext_block_(?P<i>\d+)_(?P<j>\d+)(?:/|$)"), "block"),
+    (re.compile(r"(?:^|/)classification_head(?:/|$)"), "head.fc"),
+]
+# a block's sub-layers, by the port's attribute names (in object paths) or Keras' default layer names
+_PORT_SUBLAYERS = {"dw_conv_1": "conv_dw", "layer_norm": "norm", "pw_conv_1": "mlp.fc1", "pw_conv_2": "mlp.fc2"}
+_DEFAULT_NAMES = [(re.compile(r"(depthwise_)?conv2d(_\d+)?$"), "conv"), (re.compile(r"layer_normalization(_\d+)?$"), "norm")]
+
+
+def _role(leaf: str) -> str | None:
+    """weight / bias / '' (a raw variable such as layer scale) of a variable's last name part."""
+    return _KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
+
+
+class _Variable:
+    def __init__(self, full_name: str, key: str, shape: tuple[int, ...]):
+        self.full_name = re.sub(r":\d+$", "", full_name)
+        self.key = key
+        self.path = key[: -len(_SUFFIX)].split("/") if key.endswith(_SUFFIX) else key.split("/")
+        self.shape = shape
+
+    def __repr__(self):
+        return f"{self.full_name or '?'} ({'/'.join(self.path)})"
+
+
+def _variables(bundle: Bundle) -> list[_Variable]:
+    """Every variable the object graph lists, once. Keras 3's `model.export` lists each twice (under
+    `variables/` in creation order and `_all_variables/`): the second copy of a name is dropped."""
+    if OBJECT_GRAPH_KEY not in bundle.entries:
+        raise CheckpointError(f"no {OBJECT_GRAPH_KEY} entry: the variables cannot be named")
+    nodes = parse_object_graph(bundle.read_string(OBJECT_GRAPH_KEY))
+    found = []
+    for node in nodes:
+        for name, full_name, key in node.attributes:
+            if name == "VARIABLE_VALUE" and key in bundle.entries:
+                found.append(_Variable(full_name, key, bundle.entries[key].shape))
+    ordered = [v for v in found if v.path[0] == "variables"]
+    if ordered:
+        seen = {v.full_name for v in ordered}
+        extra = [v for v in found if v.path[0] != "variables" and v.full_name not in seen]
+        found = ordered + [v for v in extra if v.path[0] != "trainable_variables"]
+    return found
+
+
+def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
+    """timm name -> variable for keras.applications' layer names (keras.py's table)."""
+    out = {}
+    for v in variables:
+        parts = v.full_name.split("/")
+        found = _timm_name(parts[-2]) if len(parts) >= 2 else None
+        role = _role(parts[-1])
+        if found is None or role is None:
+            continue
+        name = found[0] if role == "" else f"{found[0]}.{role}"
+        if name in out:
+            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+        out[name] = v
+    return out
+
+
+def _port(variables: list[_Variable]) -> dict[str, _Variable]:
+    """timm name -> variable for the TF-Hub port's layout."""
+    out: dict[str, _Variable] = {}
+    loose = []  # outside every named group: the head's layer norm
+
+    def put(name, v):
+        if name in out:
+            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+        out[name] = v
+
+    blocks: dict[str, list[_Variable]] = {}
+    for v in variables:
+        text = v.full_name + " " + "/".join(v.path)
+        for pattern, kind in _PORT_GROUPS:
+            match = pattern.search(text)
+            if match:
+                break
+        else:
+            loose.append(v)
+            continue
+        role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
+        if kind == "block":
+            blocks.setdefault(f"stages.{match['i']}.blocks.{match['j']}", []).append(v)
+        elif kind == "head.fc":
+            put(f"head.fc.{role}", v)
+        else:
+            module = "stem" if kind == "stem" else f"stages.{int(match['k']) + 1}.downsample"
+            is_conv = len(v.shape) == 4 or _sublayer_kind(v) == "conv"
+            # stem: conv, then norm; downsampling blocks: norm, then conv
+            index = (0 if is_conv else 1) if kind == "stem" else (1 if is_conv else 0)
+            put(f"{module}.{index}.{role}", v)
+    # a block's raw gamma has no name of its own ("Variable"): it is the block object's child
+    # named gamma, and the block object is the parent of the sub-layers that are named
+    owners = {}
+    for block, members in blocks.items():
+        for v in members:
+            at = next((n for n, p in enumerate(v.path) if p in _PORT_SUBLAYERS), None)
+            if at is not None:
+                owners[tuple(v.path[:at])] = block
+    unplaced = []
+    for v in loose:
+        owner = owners.get(tuple(v.path[:-1]))
+        if owner is not None and v.path[-1] == "gamma":
+            blocks[owner].append(v)
+        elif len(v.shape) == 1 and _role(v.path[-1]) in ("weight", "bias"):
+            put(f"head.norm.{_role(v.path[-1])}", v)
+        else:
+            unplaced.append(v)
+    for block, members in blocks.items():
+        for name, v in _block_roles(block, members).items():
+            put(name, v)
+    if unplaced and blocks:
+        raise CheckpointError(f"{len(unplaced)} variables belong to no layer of the TF-Hub ConvNeXt layout "
+                              f"({', '.join(map(repr, unplaced[:3]))}): their object paths do not say which "
+                              "block holds them (a Keras 3 model.export of a model with raw tf.Variables?)")
+    return out
+
+
+def _sublayer_kind(v: _Variable) -> str | None:
+    parts = v.full_name.split("/")
+    for pattern, kind in _DEFAULT_NAMES:
+        if len(parts) >= 2 and pattern.match(parts[-2]):
+            return kind
+    return None
+
+
+def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
+    """A port block's variables by role: the object path's attribute name where it has one
+    (dw_conv_1, layer_norm, pw_conv_1, pw_conv_2, gamma), else kernels by shape; a vector the
+    path cannot place is refused rather than guessed."""
+    out = {}
+    for v in members:
+        sub = next((_PORT_SUBLAYERS[p] for p in v.path if p in _PORT_SUBLAYERS), None)
+        role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
+        if sub is None and len(v.shape) == 4:
+            sub = "conv_dw"
+        elif sub is None and len(v.shape) == 2:
+            sub = "mlp.fc1" if v.shape[1] > v.shape[0] else "mlp.fc2"
+        if sub is None and v.path[-1] == "gamma" and not v.full_name.endswith("/gamma"):
+            out[f"{block}.gamma"] = v  # the block's own raw variable (full name "Variable")
+            continue
+        if sub is None or role in (None, ""):
+            raise CheckpointError(f"cannot tell which part of block {block} the variable {v} is: the "
+                                  "SavedModel's object graph does not name its sub-layers")
+        name = f"{block}.{sub}.{role}"
+        if name in out:
+            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+        out[name] = v
+    return out
+
+
+def _layout(name: str, variable: _Variable) -> str:
+    if len(variable.shape) == 4:
+        return "conv"
+    return "dense" if len(variable.shape) == 2 else "vector"
+
+
+class _SavedModel:
+    """A SavedModel directory's bundle and which variable is which timm parameter."""
+
+    def __init__(self, path: str):
+        self.directory = _directory(path)
+        self.bundle = Bundle(os.path.join(self.directory, VARIABLES_PREFIX))
+        variables = _variables(self.bundle)
+        self.layout, self.mapping = "keras.applications", _keras_applications(variables)
+        if "stem.0.weight" not in self.mapping:
+            self.layout, self.mapping = "TF-Hub ConvNeXt port", _port(variables)
+        if "stem.0.weight" not in self.mapping:
+            shown = ", ".join(sorted({v.full_name or "/".join(v.path) for v in variables})[:6])
+            raise CheckpointError(f"not a ConvNeXt SavedModel: no stem convolution among its {len(variables)} "
+                                  f"variables ({shown or 'none'})")
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(name, v)) if name.endswith("weight")
+                and len(v.shape) >= 2 else self.bundle.read(v.key) for name, v in self.mapping.items()}
+
+
+def _directory(path: str) -> str:
+    """The SavedModel directory of `path` (the directory itself, or its saved_model.pb)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(os.path.join(directory, "variables")):
+        raise CheckpointError("a SavedModel without variables/ (its weights are not in this directory)")
+    if not os.path.exists(os.path.join(directory, VARIABLES_PREFIX + ".index")):
+        raise CheckpointError("a SavedModel without variables/variables.index (its weights are missing)")
+    return directory
+
+
+def _graph_mentions(directory: str, *patterns: bytes) -> list[bool]:
+    """Whether saved_model.pb holds a match of each pattern (op names hold the Keras layers' names)."""
+    with open_weight_file(os.path.join(directory, GRAPH_FILE)) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > _MAX_GRAPH_BYTES:
+            raise CheckpointError(f"{GRAPH_FILE} of {size} bytes; refused")
+        graph = f.read(size)
+    return [re.search(pattern, graph) is not None for pattern in patterns]
+
+
+def read_saved_model(path: str) -> dict[str, np.ndarray]:
+    """A SavedModel directory (or its saved_model.pb): timm-named arrays."""
+    with reading(path, "TensorFlow SavedModel"):
+        return _SavedModel(path).state()
+
+
+def saved_model_convention(path: str) -> Convention:
+    """What the SavedModel's model takes and gives (see the module docstring)."""
+    with reading(path, "TensorFlow SavedModel"):
+        model = _SavedModel(path)
+        if model.layout != "keras.applications":
+            return Convention(layout="NHWC", outputs="logits", source="the TF-Hub ConvNeXt port's "
+                              "(normalised NHWC input, logits; tfhub.dev/sayakpaul/convnext_*)")
+        normalises, softmax = _graph_mentions(model.directory, rb"prestem_normalization", rb"head_dense(_\d+)?/Softmax")
+        outputs = "probabilities" if softmax else "logits"
+        source = "keras.applications' ConvNeXt, its Normalization and softmax as found in saved_model.pb"
+        if normalises:
+            return Convention(layout="NHWC", scale="255", mean=KERAS_APPLICATIONS_MEAN, std=KERAS_APPLICATIONS_STD,
+                              outputs=outputs, source=source)
+        return Convention(layout="NHWC", outputs=outputs, source=source)
+
+
+def saved_model_files(path: str) -> list[str]:
+    """The files that make up a SavedModel's weights, for hashing: the graph, the index, the shards."""
+    with reading(path, "TensorFlow SavedModel"):
+        directory = _directory(path)
+        bundle = Bundle(os.path.join(directory, VARIABLES_PREFIX))
+        return [os.path.join(directory, GRAPH_FILE)] + bundle.files()
+
+
+def is_saved_model_dir(path: str) -> bool:
+    """A directory holding saved_model.pb: a SavedModel, whatever it lacks (the reader says what)."""
+    try:
+        return stat.S_ISREG(os.stat(os.path.join(path, GRAPH_FILE)).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _is_saved_model_graph(head: bytes, path: str) -> bool:
+    """saved_model.pb itself: a SavedModel proto (schema version 1, then a MetaGraphDef) with a
+    variables/ directory beside it."""
+    return head[:3] == b"\x08\x01\x12" and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), "variables"))
+
+
+register(WeightFormat("tf-savedmodel", _is_saved_model_graph, read_saved_model, saved_model_convention,
+                      recognises_directory=is_saved_model_dir, files=saved_model_files))
