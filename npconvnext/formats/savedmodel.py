@@ -40,7 +40,7 @@ from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
 GRAPH_FILE = "saved_model.pb"
 VARIABLES_PREFIX = os.path.join("variables", "variables")
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-_MAX_GRAPH_BYTES = 1 << 30  # saved_model.pb is searched for layer names; far smaller in practice
+_GRAPH_CHUNK, _GRAPH_OVERLAP = 1 << 22, 256  # saved_model.pb is searched for layer names in chunks
 
 # the TF-Hub port: group of layers -> timm module; {i} stage, {j} block, {k} downsampling block
 _PORT_GROUPS = [
@@ -233,13 +233,19 @@ def _directory(path: str) -> str:
 
 
 def _graph_mentions(directory: str, *patterns: bytes) -> list[bool]:
-    """Whether saved_model.pb holds a match of each pattern (op names hold the Keras layers' names)."""
+    """Whether saved_model.pb holds a match of each pattern (op names hold the Keras layers'
+    names), read in chunks that overlap by more than a match's length."""
+    found = [False] * len(patterns)
     with open_weight_file(os.path.join(directory, GRAPH_FILE)) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > _MAX_GRAPH_BYTES:
-            raise CheckpointError(f"{GRAPH_FILE} of {size} bytes; refused")
-        graph = f.read(size)
-    return [re.search(pattern, graph) is not None for pattern in patterns]
+        tail = b""
+        while not all(found):
+            chunk = f.read(_GRAPH_CHUNK)
+            if not chunk:
+                break
+            window = tail + chunk
+            found = [done or re.search(p, window) is not None for done, p in zip(found, patterns)]
+            tail = window[-_GRAPH_OVERLAP:]
+    return found
 
 
 def read_saved_model(path: str) -> dict[str, np.ndarray]:
@@ -253,11 +259,12 @@ def saved_model_convention(path: str) -> Convention:
     with reading(path, "TensorFlow SavedModel"):
         model = _SavedModel(path)
         if model.layout != "keras.applications":
-            return Convention(layout="NHWC", outputs="logits", source="the TF-Hub ConvNeXt port's "
-                              "(normalised NHWC input, logits; tfhub.dev/sayakpaul/convnext_*)")
+            return Convention(layout="NHWC", outputs="logits", source="the TF-Hub ConvNeXt port "
+                              "(tfhub.dev/sayakpaul/convnext_*: NHWC input normalised by the caller, logits)")
         normalises, softmax = _graph_mentions(model.directory, rb"prestem_normalization", rb"head_dense(_\d+)?/Softmax")
         outputs = "probabilities" if softmax else "logits"
-        source = "keras.applications' ConvNeXt, its Normalization and softmax as found in saved_model.pb"
+        source = (f"keras.applications' ConvNeXt: saved_model.pb has {'a' if normalises else 'no'} Normalization "
+                  f"layer{' (keras.applications mean and std)' if normalises else ''} and {'a' if softmax else 'no'} softmax")
         if normalises:
             return Convention(layout="NHWC", scale="255", mean=KERAS_APPLICATIONS_MEAN, std=KERAS_APPLICATIONS_STD,
                               outputs=outputs, source=source)

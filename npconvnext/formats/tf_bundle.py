@@ -17,7 +17,7 @@ Values are decoded by hand from the protobuf wire format, for the three messages
 
 Every offset, length, varint and shape read from the files is checked before it is used: a
 hostile bundle gets a CheckpointError, never a crash, a hang or an allocation its files do not
-back. Each tensor's crc32c is checked (`crc32c`, vectorised over NumPy lanes).
+back. Each tensor's crc32c is checked (`crc32c`: a compiled loop; its Python twin `crc32c_naive`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..errors import CheckpointError
@@ -81,13 +82,12 @@ def _zeros_operator(n: int) -> np.ndarray:
 _ZEROS_LANE = None
 
 
-def crc32c(data) -> int:
-    """crc32c of a bytes-like `data`. The bytes are cut into lanes of _LANE_BYTES whose raw CRC
-    states advance together, one NumPy step per byte position; the lanes' states are then
-    chained in order with a precomputed 'append a lane of zeros' operator (CRC is affine, so
-    crc(A + B) = zeros_op(crc_state(A)) ^ raw(B))."""
+def _crc32c_lanes(view: np.ndarray) -> int:
+    """crc32c in NumPy, for runs without the JIT (NUMBA_DISABLE_JIT=1). The bytes are cut into
+    lanes of _LANE_BYTES whose raw CRC states advance together, one NumPy step per byte
+    position; the lanes' states are then chained in order with a precomputed 'append a lane of
+    zeros' operator (CRC is affine: crc(A + B) = zeros_op(state after A) ^ raw(B))."""
     global _ZEROS_LANE
-    view = np.frombuffer(data, np.uint8)
     lanes = len(view) // _LANE_BYTES
     if lanes < 4:
         return crc32c_naive(bytes(view))
@@ -102,8 +102,41 @@ def crc32c(data) -> int:
     for lane_state in states.tolist():
         crc = (zeros[0][crc & 0xFF] ^ zeros[1][(crc >> 8) & 0xFF] ^ zeros[2][(crc >> 16) & 0xFF]
                ^ zeros[3][crc >> 24] ^ lane_state)
-    crc ^= 0xFFFFFFFF
-    return crc32c_naive(bytes(view[lanes * _LANE_BYTES:]), crc)
+    return crc32c_naive(bytes(view[lanes * _LANE_BYTES:]), crc ^ 0xFFFFFFFF)
+
+
+def _slicing_tables() -> np.ndarray:
+    """(4, 256): T[k][b] is the state after byte b followed by k zero bytes, for 4 bytes a step."""
+    tables = np.empty((4, 256), np.uint32)
+    tables[0] = _CRC_TABLE
+    for k in range(1, 4):
+        tables[k] = (tables[k - 1] >> 8) ^ _CRC_TABLE[tables[k - 1] & 0xFF]
+    return tables
+
+
+_SLICING_TABLES = _slicing_tables()
+
+
+@numba.njit(cache=True, nogil=True)
+def _crc32c_kernel(data, tables):  # (bytes,) uint8, (4, 256) uint32 -> the crc32c
+    crc = np.uint32(0xFFFFFFFF)
+    n4 = len(data) // 4 * 4
+    for i in range(0, n4, 4):  # four bytes a step ("slicing by 4")
+        crc ^= (np.uint32(data[i]) | (np.uint32(data[i + 1]) << 8) | (np.uint32(data[i + 2]) << 16)
+                | (np.uint32(data[i + 3]) << 24))
+        crc = (tables[3, crc & 0xFF] ^ tables[2, (crc >> 8) & 0xFF] ^ tables[1, (crc >> 16) & 0xFF]
+               ^ tables[0, crc >> 24])
+    for i in range(n4, len(data)):
+        crc = tables[0, (crc ^ data[i]) & 0xFF] ^ (crc >> 8)
+    return crc ^ np.uint32(0xFFFFFFFF)
+
+
+def crc32c(data) -> int:
+    """crc32c of a bytes-like `data`: the compiled loop, or the NumPy lanes without the JIT."""
+    view = np.frombuffer(data, np.uint8)
+    if numba.config.DISABLE_JIT:
+        return _crc32c_lanes(view)
+    return int(_crc32c_kernel(view, _SLICING_TABLES))
 
 
 def unmask_crc(masked: int) -> int:
@@ -354,7 +387,7 @@ class Bundle:
         return raw
 
     def read(self, key: str) -> np.ndarray:
-        """A float tensor, native byte order; bfloat16 widened to float32, float16 kept."""
+        """A float tensor, native byte order, read-only; bfloat16 widened to float32, float16 kept."""
         entry = self.entries[key]
         if entry.sliced:
             raise CheckpointError(f"tensor {key!r} is stored in slices (a partitioned variable); not supported")
@@ -370,7 +403,7 @@ class Bundle:
                                   f"needs {count * dtype.itemsize} bytes, the entry says {entry.size}")
         raw = self._raw(key, entry)
         self._check_crc(key, entry, raw)
-        array = np.frombuffer(raw, dtype).reshape(entry.shape).astype(dtype.newbyteorder("="))
+        array = np.frombuffer(raw, dtype).reshape(entry.shape).astype(dtype.newbyteorder("="), copy=False)
         if entry.dtype == DT_BFLOAT16:
             array = (array.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is a float32's top half
         return array
