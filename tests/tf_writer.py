@@ -21,9 +21,12 @@ import sys
 os.environ["KERAS_BACKEND"] = "tensorflow"  # this process's Keras runs on TensorFlow
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+try:
+    import tensorflow as tf
+except ImportError:
+    sys.exit(3)  # tests/test_savedmodel.py skips: tensorflow-cpu is not installed
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
 SIZE = 64  # input pixels: small, to keep the test fast

@@ -83,10 +83,22 @@ def _variables(bundle: Bundle) -> list[_Variable]:
                 found.append(_Variable(full_name, key, bundle.entries[key].shape))
     ordered = [v for v in found if v.path[0] == "variables"]
     if ordered:
-        seen = {v.full_name for v in ordered}
-        extra = [v for v in found if v.path[0] != "variables" and v.full_name not in seen]
-        found = ordered + [v for v in extra if v.path[0] != "trainable_variables"]
+        by_name: dict[str, list[_Variable]] = {}
+        for v in ordered:
+            by_name.setdefault(v.full_name, []).append(v)
+        for v in found:
+            twins = by_name.get(v.full_name, []) if v.path[0] != "variables" else []
+            if len(twins) == 1 and _stored_as(bundle, twins[0]) != _stored_as(bundle, v):
+                raise CheckpointError(f"two copies of variable {v.full_name!r} hold different values "
+                                      f"({twins[0].key} and {v.key})")
+        found = ordered + [v for v in found if v.path[0] != "variables" and v.full_name not in by_name]
     return found
+
+
+def _stored_as(bundle: Bundle, v: _Variable) -> tuple:
+    """What the index records of a variable's bytes: equal for two copies of one value."""
+    entry = bundle.entries[v.key]
+    return entry.dtype, entry.shape, entry.size, entry.crc32c
 
 
 def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
@@ -196,10 +208,9 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
     return out
 
 
-def _layout(name: str, variable: _Variable) -> str:
-    if len(variable.shape) == 4:
-        return "conv"
-    return "dense" if len(variable.shape) == 2 else "vector"
+def _layout(variable: _Variable) -> str:
+    """keras.py's layout name of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
+    return "conv" if len(variable.shape) == 4 else "dense"
 
 
 class _SavedModel:
@@ -218,8 +229,9 @@ class _SavedModel:
                                   f"variables ({shown or 'none'})")
 
     def state(self) -> dict[str, np.ndarray]:
-        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(name, v)) if name.endswith("weight")
-                and len(v.shape) >= 2 else self.bundle.read(v.key) for name, v in self.mapping.items()}
+        """timm-named arrays in timm's layouts (vectors as stored, kernels transposed)."""
+        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
+                else self.bundle.read(v.key) for name, v in self.mapping.items()}
 
 
 def _directory(path: str) -> str:
