@@ -35,8 +35,8 @@ MODELS = {  # name in tf_writer.py -> (architecture, outputs, convention source 
 def saved_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("savedmodels")
     env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, WRITER, str(folder), *MODELS, "other"], capture_output=True,
-                         text=True, env=env, timeout=900)
+    out = subprocess.run([sys.executable, WRITER, str(folder), *MODELS, "other", "hub_export"],
+                         capture_output=True, text=True, env=env, timeout=900)
     if out.returncode == NO_TENSORFLOW:  # in the test extra, so CI runs these: a skip here is no pass there
         pytest.skip("tensorflow-cpu is not installed (pip install -e '.[test]')")
     assert out.returncode == 0, out.stderr[-4000:]
@@ -226,6 +226,12 @@ def _sized(payload):
 
 def test_a_saved_model_of_another_network_is_refused(saved_models):
     _refused(saved_models / "other", "not a ConvNeXt SavedModel")
+
+
+def test_a_port_whose_variables_cannot_be_placed_is_refused(saved_models):
+    # Keras 3's model.export of the port's layout: a block's two biases share one full name and
+    # the object graph names no sub-layer, so the reader refuses rather than guess
+    _refused(saved_models / "hub_export", "does not name its sub-layers|belong to no layer")
 
 
 def test_snappy_blocks_are_refused_clearly(saved_models, tmp_path):

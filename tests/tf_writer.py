@@ -78,6 +78,8 @@ MODELS = {  # name -> (builder, how TensorFlow writes it)
     "hub_tiny": (lambda: hub_port([3, 3, 9, 3], [96, 192, 384, 768], 6, "convnext_tiny_1k"), "tf.saved_model.save"),
     "hub_small": (lambda: hub_port([3, 3, 27, 3], [96, 192, 384, 768], 4, "convnext_small_1k"),
                   "tf.saved_model.save"),
+    # Keras 3's export lists the port's raw gamma variables apart from their blocks: refused
+    "hub_export": (lambda: hub_port([1, 1, 1, 1], [8, 16, 32, 64], 3, "convnext_port_export"), "export"),
     "other": (lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense_a")]),
               "tf.saved_model.save"),
     "keras_tiny_1000": (lambda: keras.applications.ConvNeXtTiny(weights=None, input_shape=(224, 224, 3)), "export"),
