@@ -22,7 +22,7 @@ from npconvnext.formats import tf_bundle
 from npconvnext.formats.tf_bundle import crc32c, crc32c_naive, read_table, unmask_crc
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_writer.py")
-NO_TENSORFLOW = 3  # tf_writer.py's exit status without TensorFlow
+NO_TENSORFLOW, NO_TF_KERAS = 3, 4  # tf_writer.py's exit status without TensorFlow, without tf_keras
 MODELS = {  # name in tf_writer.py -> (architecture, outputs, convention source mentions)
     "keras_tiny": ("convnext_tiny", "probabilities", "keras.applications"),
     "keras_small_logits": ("convnext_small", "logits", "keras.applications"),
@@ -59,6 +59,36 @@ def test_npconvnext_gives_tensorflows_outputs(saved_models, name):
     actual = model(x)
     error = np.abs(actual - expected).max() / np.abs(expected).max()
     print(f"{name}: max relative error {error:.2e} ({outputs})")
+    assert error <= 1e-4
+
+
+KERAS2_MODELS = {"hub_tiny_keras2": ("TF-Hub", "logits"), "keras_tiny_keras2": ("keras.applications", "probabilities")}
+
+
+@pytest.fixture(scope="module")
+def keras2_saved_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras2")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, WRITER, str(folder), *KERAS2_MODELS], capture_output=True, text=True,
+                         env=env, timeout=900)
+    if out.returncode in (NO_TENSORFLOW, NO_TF_KERAS):
+        pytest.skip("needs tensorflow-cpu and tf-keras (tf-keras is not in the test extra: it requires the "
+                    "full tensorflow package)")
+    assert out.returncode == 0, out.stderr[-4000:]
+    return folder
+
+
+@pytest.mark.parametrize("name", list(KERAS2_MODELS))
+def test_saved_models_written_by_keras_2(keras2_saved_models, name):
+    # The TF-Hub ConvNeXt modules were written by Keras 2's model.save: the port's variables
+    # name no stem or downsampling block there, so the reader places them by layer order
+    source, outputs = KERAS2_MODELS[name]
+    x, expected = _outputs(keras2_saved_models, name)
+    model = npconvnext.create_model(None, weights=keras2_saved_models / name)
+    assert model.config.name == "convnext_tiny" and source in model.convention.source
+    assert model.convention.outputs == outputs
+    error = np.abs(model(x) - expected).max() / np.abs(expected).max()
+    print(f"{name}: max relative error {error:.2e}")
     assert error <= 1e-4
 
 

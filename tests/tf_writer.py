@@ -27,48 +27,59 @@ except ImportError:
     sys.exit(3)  # tests/test_savedmodel.py skips: tensorflow-cpu is not installed
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import layers  # noqa: E402
 
 SIZE = 64  # input pixels: small, to keep the test fast
 
 
-class Block(keras.Model):
-    """The port's ConvNeXt block: depthwise conv, layer norm, two dense layers, gamma."""
+def hub_port(depths, dims, num_classes, name, k=keras):
+    """The TF-Hub port's layout (see the module docstring), built with Keras module `k`: Keras 3,
+    or tf_keras (Keras 2, with which the TF-Hub modules were written)."""
 
-    def __init__(self, dim, **kwargs):
-        super().__init__(**kwargs)
-        self.gamma = tf.Variable(1e-6 * tf.ones((dim,)))  # the port's raw variable, no Keras name
-        self.dw_conv_1 = layers.Conv2D(filters=dim, kernel_size=7, padding="same", groups=dim)
-        self.layer_norm = layers.LayerNormalization(epsilon=1e-6)
-        self.pw_conv_1 = layers.Dense(4 * dim)
-        self.act_fn = layers.Activation("gelu")
-        self.pw_conv_2 = layers.Dense(dim)
+    class Block(k.Model):
+        """The port's ConvNeXt block: depthwise conv, layer norm, two dense layers, gamma."""
 
-    def call(self, inputs):
-        x = self.pw_conv_2(self.act_fn(self.pw_conv_1(self.layer_norm(self.dw_conv_1(inputs)))))
-        return inputs + self.gamma * x
+        def __init__(self, dim, **kwargs):
+            super().__init__(**kwargs)
+            self.gamma = tf.Variable(1e-6 * tf.ones((dim,)))  # the port's raw variable, no Keras name
+            self.dw_conv_1 = k.layers.Conv2D(filters=dim, kernel_size=7, padding="same", groups=dim)
+            self.layer_norm = k.layers.LayerNormalization(epsilon=1e-6)
+            self.pw_conv_1 = k.layers.Dense(4 * dim)
+            self.act_fn = k.layers.Activation("gelu")
+            self.pw_conv_2 = k.layers.Dense(dim)
 
+        def call(self, inputs):
+            x = self.pw_conv_2(self.act_fn(self.pw_conv_1(self.layer_norm(self.dw_conv_1(inputs)))))
+            return inputs + self.gamma * x
 
-def hub_port(depths, dims, num_classes, name):
-    """The TF-Hub ConvNeXt port's layout (see the module docstring)."""
-    inputs = layers.Input((SIZE, SIZE, 3))
-    downsample = [keras.Sequential([layers.Conv2D(dims[0], kernel_size=4, strides=4),
-                                    layers.LayerNormalization(epsilon=1e-6)], name="stem")]
+    inputs = k.layers.Input((SIZE, SIZE, 3))
+    downsample = [k.Sequential([k.layers.Conv2D(dims[0], kernel_size=4, strides=4),
+                                k.layers.LayerNormalization(epsilon=1e-6)], name="stem")]
     for i in range(3):
-        downsample.append(keras.Sequential([layers.LayerNormalization(epsilon=1e-6),
-                                            layers.Conv2D(dims[i + 1], kernel_size=2, strides=2)],
-                                           name=f"downsampling_block_{i}"))
+        downsample.append(k.Sequential([k.layers.LayerNormalization(epsilon=1e-6),
+                                        k.layers.Conv2D(dims[i + 1], kernel_size=2, strides=2)],
+                                       name=f"downsampling_block_{i}"))
     x = inputs
     for i in range(4):
         x = downsample[i](x)
-        x = keras.Sequential([Block(dims[i], name=f"convnext_block_{i}_{j}") for j in range(depths[i])],
-                             name=f"convnext_stage_{i}")(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.LayerNormalization(epsilon=1e-6)(x)
-    outputs = layers.Dense(num_classes, name="classification_head")(x)
-    return keras.Model(inputs, outputs, name=name)
+        x = k.Sequential([Block(dims[i], name=f"convnext_block_{i}_{j}") for j in range(depths[i])],
+                         name=f"convnext_stage_{i}")(x)
+    x = k.layers.GlobalAveragePooling2D()(x)
+    x = k.layers.LayerNormalization(epsilon=1e-6)(x)
+    outputs = k.layers.Dense(num_classes, name="classification_head")(x)
+    return k.Model(inputs, outputs, name=name)
 
 
+def keras2():
+    """tf_keras (Keras 2), or exit NO_TF_KERAS: it is not in the test extra (it requires the
+    `tensorflow` package, which tensorflow-cpu would then be installed beside)."""
+    try:
+        import tf_keras
+    except ImportError:
+        sys.exit(NO_TF_KERAS)
+    return tf_keras
+
+
+NO_TF_KERAS = 4
 MODELS = {  # name -> (builder, how TensorFlow writes it)
     "keras_tiny": (lambda: keras.applications.ConvNeXtTiny(weights=None, input_shape=(SIZE, SIZE, 3), classes=7),
                    "export"),
@@ -78,6 +89,11 @@ MODELS = {  # name -> (builder, how TensorFlow writes it)
     "hub_tiny": (lambda: hub_port([3, 3, 9, 3], [96, 192, 384, 768], 6, "convnext_tiny_1k"), "tf.saved_model.save"),
     "hub_small": (lambda: hub_port([3, 3, 27, 3], [96, 192, 384, 768], 4, "convnext_small_1k"),
                   "tf.saved_model.save"),
+    # as the TF-Hub modules were written: Keras 2's model.save to a directory
+    "hub_tiny_keras2": (lambda: hub_port([3, 3, 9, 3], [96, 192, 384, 768], 5, "convnext_tiny_1k_224", keras2()),
+                        "keras2 model.save"),
+    "keras_tiny_keras2": (lambda: keras2().applications.ConvNeXtTiny(weights=None, input_shape=(SIZE, SIZE, 3),
+                                                                      classes=7), "keras2 model.save"),
     # Keras 3's export lists the port's raw gamma variables apart from their blocks: refused
     "hub_export": (lambda: hub_port([1, 1, 1, 1], [8, 16, 32, 64], 3, "convnext_port_export"), "export"),
     "other": (lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense_a")]),
@@ -92,7 +108,7 @@ def randomise(model, seed):
     rng = np.random.default_rng(seed)
     variables = {id(v): v for v in model.weights}
     for layer in model._flatten_layers():
-        if isinstance(getattr(layer, "gamma", None), tf.Variable) and not isinstance(layer, layers.LayerNormalization):
+        if isinstance(getattr(layer, "gamma", None), tf.Variable) and "Block" in type(layer).__name__:
             variables[id(layer.gamma)] = layer.gamma
     for v in variables.values():
         shape, name = tuple(v.shape), getattr(v, "path", v.name)
@@ -115,10 +131,12 @@ def write(out_dir, name):
     x = np.random.default_rng(1).uniform(0, 255, (2, *shape)).astype(np.float32)
     if not name.startswith("keras_tiny"):
         x = (x - 128) / 64  # no Normalization layer inside: the caller normalises
-    y = keras.ops.convert_to_numpy(model(x, training=False))
+    y = np.asarray(model(x, training=False))
     path = os.path.join(out_dir, name)
     if how == "export":
         model.export(path, verbose=False)
+    elif how == "keras2 model.save":
+        model.save(path)  # a path without an extension: Keras 2 writes a SavedModel
     else:
         tf.saved_model.save(model, path)
     np.savez(os.path.join(out_dir, name + ".npz"), x=x, y=y)
@@ -126,5 +144,5 @@ def write(out_dir, name):
 
 if __name__ == "__main__":
     out_dir, names = sys.argv[1], sys.argv[2:] or [n for n in MODELS if not n.endswith("1000")]
-    for name in names:
+    for name in names:  # tf_keras last: without it, the others are written before the exit
         write(out_dir, name)

@@ -5,8 +5,11 @@ data shards (a tensor bundle, read by `tf_bundle.py`). The bundle names each var
 path in the object graph (`variables/0/.ATTRIBUTES/VARIABLE_VALUE`,
 `_operations/8/_layers/3/pw_conv_2/bias/...`); the bundle's own `_CHECKPOINTABLE_OBJECT_GRAPH`
 entry gives each variable's full name as well (`convnext_tiny_stem/convnext_tiny_stem_conv/kernel`,
-`convnext_stage_0/convnext_block_0_0/bias`). Both are used: the full name names the layer, the
-object path names a block's sub-layer where the full name does not.
+`convnext_stage_0/convnext_block_0_0/bias`), and the graph itself: which object holds which
+(a block holds `dw_conv_1`, which holds `kernel`). The full name names the layer; the graph
+names a block's sub-layer and finds the block of its unnamed `gamma`; Keras 2, which names
+neither the stem nor the downsampling blocks in its variables, lists its layers in order as
+the root's `layer_with_weights-K`, and those are placed by that order.
 
 Two layouts, each with its table below:
     keras.applications   ConvNeXtTiny ... XLarge written by TensorFlow (Keras 3 `model.export`
@@ -17,7 +20,10 @@ Two layouts, each with its table below:
     TF-Hub port          sayakpaul/ConvNeXt-TF (tfhub.dev/sayakpaul/convnext_*): `stem`,
                          `downsampling_block_{i}`, `convnext_stage_{i}` of `convnext_block_{i}_{j}`
                          (attributes dw_conv_1, layer_norm, pw_conv_1, pw_conv_2 and a raw
-                         variable gamma), an unnamed head LayerNormalization, `classification_head`.
+                         variable gamma), an unnamed head LayerNormalization, `classification_head`;
+                         written by Keras 2's `model.save` (as the TF-Hub modules were) or by
+                         `tf.saved_model.save` (Keras 3's `model.export` loses which block holds
+                         each gamma, and is refused).
                          It takes NHWC images normalised outside the model with the ImageNet
                          mean and std, and gives logits.
 Layouts as in Keras: conv kernels (kh, kw, in, out), depthwise ones (kh, kw, 1, C), dense (in, out).
@@ -60,11 +66,20 @@ def _role(leaf: str) -> str | None:
 
 
 class _Variable:
-    def __init__(self, full_name: str, key: str, shape: tuple[int, ...]):
+    """A variable of the bundle and where the object graph holds it."""
+
+    def __init__(self, full_name: str, key: str, shape: tuple[int, ...], node: int = -1,
+                 parents: tuple[tuple[int, str], ...] = (), grandparents: tuple[tuple[int, str], ...] = (),
+                 top: int | None = None):
         self.full_name = re.sub(r":\d+$", "", full_name)
         self.key = key
         self.path = key[: -len(_SUFFIX)].split("/") if key.endswith(_SUFFIX) else key.split("/")
         self.shape = shape
+        self.node = node          # its node in the object graph
+        self.parents = parents            # (node, local name) of every object holding it: (layer, "kernel")
+        self.grandparents = grandparents  # the same for the objects holding those: (block, "dw_conv_1")
+        self.names = frozenset(n for _, n in parents + grandparents)
+        self.top = top            # K of the root's `layer_with_weights-K` / `layer-K` it lies under (Keras 2)
 
     def __repr__(self):
         return f"{self.full_name or '?'} ({'/'.join(self.path)})"
@@ -76,11 +91,20 @@ def _variables(bundle: Bundle) -> list[_Variable]:
     if OBJECT_GRAPH_KEY not in bundle.entries:
         raise CheckpointError(f"no {OBJECT_GRAPH_KEY} entry: the variables cannot be named")
     nodes = parse_object_graph(bundle.read_string(OBJECT_GRAPH_KEY))
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for at, node in enumerate(nodes):
+        for child, name in node.children:
+            if not 0 <= child < len(nodes):
+                raise CheckpointError(f"object graph node {at} names a child {child} of {len(nodes)} nodes")
+            parents.setdefault(child, []).append((at, name))
+    tops = _tops(nodes)
     found = []
-    for node in nodes:
+    for at, node in enumerate(nodes):
         for name, full_name, key in node.attributes:
             if name == "VARIABLE_VALUE" and key in bundle.entries:
-                found.append(_Variable(full_name, key, bundle.entries[key].shape))
+                up = tuple(parents.get(at, []))
+                grand = tuple(g for p, _ in up for g in parents.get(p, []))
+                found.append(_Variable(full_name, key, bundle.entries[key].shape, at, up, grand, tops.get(at)))
     ordered = [v for v in found if v.path[0] == "variables"]
     if ordered:
         by_name: dict[str, list[_Variable]] = {}
@@ -95,6 +119,23 @@ def _variables(bundle: Bundle) -> list[_Variable]:
     return found
 
 
+def _tops(nodes) -> dict[int, int]:
+    """node -> K of the root's child `layer_with_weights-K` or `layer-K` above it (a Keras 2
+    functional model's layers, in order), the lowest K where several are."""
+    top_layers = sorted((int(m["k"]), child) for child, name in nodes[0].children if nodes
+                        for m in [re.fullmatch(r"layer(_with_weights)?-(?P<k>\d+)", name)] if m)
+    tops: dict[int, int] = {}
+    for k, child in top_layers:
+        stack = [child]
+        while stack:  # every node is entered once: marked before its children are pushed
+            node = stack.pop()
+            if node in tops:
+                continue
+            tops[node] = k
+            stack.extend(c for c, _ in nodes[node].children if c not in tops)
+    return tops
+
+
 def _stored_as(bundle: Bundle, v: _Variable) -> tuple:
     """What the index records of a variable's bytes: equal for two copies of one value."""
     entry = bundle.entries[v.key]
@@ -107,8 +148,10 @@ def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
     for v in variables:
         parts = v.full_name.split("/")
         found = _timm_name(parts[-2]) if len(parts) >= 2 else None
-        role = _role(parts[-1])
-        if found is None or role is None:
+        if found is None:
+            continue
+        role = "" if found[1] == "scale" else _role(parts[-1])  # layer scale: "variable" (Keras 3), "gamma" (Keras 2)
+        if role is None:
             continue
         name = found[0] if role == "" else f"{found[0]}.{role}"
         if name in out:
@@ -149,22 +192,23 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
             index = (0 if is_conv else 1) if kind == "stem" else (1 if is_conv else 0)
             put(f"{module}.{index}.{role}", v)
     # a block's raw gamma has no name of its own ("Variable"): it is the block object's child
-    # named gamma, and the block object is the parent of the sub-layers that are named
+    # named gamma, and the block object holds the sub-layers whose variables are named
     owners = {}
     for block, members in blocks.items():
-        for v in members:
-            at = next((n for n, p in enumerate(v.path) if p in _PORT_SUBLAYERS), None)
-            if at is not None:
-                owners[tuple(v.path[:at])] = block
-    unplaced = []
+        owners.update((holder, block) for v in members for holder, name in v.grandparents if name in _PORT_SUBLAYERS)
+    unplaced, groups = [], {}
     for v in loose:
-        owner = owners.get(tuple(v.path[:-1]))
-        if owner is not None and v.path[-1] == "gamma":
+        owner = next((owners[p] for p, name in v.parents if name == "gamma" and p in owners), None)
+        if owner is not None:
             blocks[owner].append(v)
+        elif v.top is not None:  # Keras 2 names no stem or downsampling block: placed by layer order
+            groups.setdefault(v.top, []).append(v)
         elif len(v.shape) == 1 and _role(v.path[-1]) in ("weight", "bias"):
             put(f"head.norm.{_role(v.path[-1])}", v)
         else:
             unplaced.append(v)
+    for name, v in _by_layer_order(groups).items():
+        put(name, v)
     for block, members in blocks.items():
         for name, v in _block_roles(block, members).items():
             put(name, v)
@@ -172,6 +216,34 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
         raise CheckpointError(f"{len(unplaced)} variables belong to no layer of the TF-Hub ConvNeXt layout "
                               f"({', '.join(map(repr, unplaced[:3]))}): their object paths do not say which "
                               "block holds them (a Keras 3 model.export of a model with raw tf.Variables?)")
+    return out
+
+
+def _by_layer_order(groups: dict[int, list[_Variable]]) -> dict[str, _Variable]:
+    """The unnamed layers of a Keras 2 port, by their place in the model: the stem (the conv
+    taking 3 channels, and its norm), the downsampling blocks in order (a norm, then a conv),
+    and the head's norm (a norm alone)."""
+    out, downsample = {}, 0
+    for k in sorted(groups):
+        members = groups[k]
+        kernels = [v for v in members if len(v.shape) == 4]
+        if not kernels:
+            module, conv, norm = "head.norm", None, ""
+        elif kernels[0].shape[2] == 3 and downsample == 0 and not any(n.startswith("stem.") for n in out):
+            module, conv, norm = "stem", ".0", ".1"
+        else:
+            downsample += 1
+            module, conv, norm = f"stages.{downsample}.downsample", ".1", ".0"
+        for v in members:
+            leaf = v.full_name.split("/")[-1]
+            role = _role(leaf)
+            part = conv if leaf in ("kernel", "bias") else norm
+            if role in (None, "") or part is None:
+                raise CheckpointError(f"variable {v} in layer {k} of the model is not a conv's or a norm's")
+            name = f"{module}{part}.{role}"
+            if name in out:
+                raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+            out[name] = v
     return out
 
 
@@ -189,13 +261,13 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
     path cannot place is refused rather than guessed."""
     out = {}
     for v in members:
-        sub = next((_PORT_SUBLAYERS[p] for p in v.path if p in _PORT_SUBLAYERS), None)
+        sub = next((_PORT_SUBLAYERS[p] for p in [*v.path, *sorted(v.names)] if p in _PORT_SUBLAYERS), None)
         role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
         if sub is None and len(v.shape) == 4:
             sub = "conv_dw"
         elif sub is None and len(v.shape) == 2:
             sub = "mlp.fc1" if v.shape[1] > v.shape[0] else "mlp.fc2"
-        if sub is None and v.path[-1] == "gamma" and not v.full_name.endswith("/gamma"):
+        if sub is None and (v.path[-1] == "gamma" or "gamma" in v.names) and not v.full_name.endswith("/gamma"):
             out[f"{block}.gamma"] = v  # the block's own raw variable (full name "Variable")
             continue
         if sub is None or role in (None, ""):
