@@ -55,9 +55,8 @@ _PORT_GROUPS = [
     (re.compile(r"(?:^|/)convnext_block_(?P<i>\d+)_(?P<j>\d+)(?:/|$)"), "block"),
     (re.compile(r"(?:^|/)classification_head(?:/|$)"), "head.fc"),
 ]
-# a block's sub-layers, by the port's attribute names (in object paths) or Keras' default layer names
+# a block's sub-layers, by the port's attribute names (in the object graph)
 _PORT_SUBLAYERS = {"dw_conv_1": "conv_dw", "layer_norm": "norm", "pw_conv_1": "mlp.fc1", "pw_conv_2": "mlp.fc2"}
-_DEFAULT_NAMES = [(re.compile(r"(depthwise_)?conv2d(_\d+)?$"), "conv"), (re.compile(r"layer_normalization(_\d+)?$"), "norm")]
 
 
 def _role(leaf: str) -> str | None:
@@ -187,7 +186,7 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
             put(f"head.fc.{role}", v)
         else:
             module = "stem" if kind == "stem" else f"stages.{int(match['k']) + 1}.downsample"
-            is_conv = len(v.shape) == 4 or _sublayer_kind(v) == "conv"
+            is_conv = _leaf(v) in ("kernel", "bias")  # a layer norm's are gamma and beta
             # stem: conv, then norm; downsampling blocks: norm, then conv
             index = (0 if is_conv else 1) if kind == "stem" else (1 if is_conv else 0)
             put(f"{module}.{index}.{role}", v)
@@ -235,7 +234,7 @@ def _by_layer_order(groups: dict[int, list[_Variable]]) -> dict[str, _Variable]:
             downsample += 1
             module, conv, norm = f"stages.{downsample}.downsample", ".1", ".0"
         for v in members:
-            leaf = v.full_name.split("/")[-1]
+            leaf = _leaf(v)
             role = _role(leaf)
             part = conv if leaf in ("kernel", "bias") else norm
             if role in (None, "") or part is None:
@@ -247,12 +246,9 @@ def _by_layer_order(groups: dict[int, list[_Variable]]) -> dict[str, _Variable]:
     return out
 
 
-def _sublayer_kind(v: _Variable) -> str | None:
-    parts = v.full_name.split("/")
-    for pattern, kind in _DEFAULT_NAMES:
-        if len(parts) >= 2 and pattern.match(parts[-2]):
-            return kind
-    return None
+def _leaf(v: _Variable) -> str:
+    """The variable's own name: kernel, bias, gamma, beta, Variable."""
+    return re.sub(r"_\d+$", "", v.full_name.split("/")[-1] if v.full_name else v.path[-1].lstrip("_"))
 
 
 def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
