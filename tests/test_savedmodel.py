@@ -40,7 +40,8 @@ def saved_models(tmp_path_factory):
     if out.returncode == NO_TENSORFLOW:  # in the test extra, so CI runs these: a skip here is no pass there
         pytest.skip("tensorflow-cpu is not installed (pip install -e '.[test]')")
     assert out.returncode == 0, out.stderr[-4000:]
-    return folder
+    yield folder
+    shutil.rmtree(folder)  # about a gigabyte: pytest would keep it for three runs
 
 
 def _outputs(folder, name):
@@ -75,7 +76,8 @@ def keras2_saved_models(tmp_path_factory):
         pytest.skip("needs tensorflow-cpu and tf-keras (tf-keras is not in the test extra: it requires the "
                     "full tensorflow package)")
     assert out.returncode == 0, out.stderr[-4000:]
-    return folder
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize("name", list(KERAS2_MODELS))
@@ -133,9 +135,16 @@ def test_cli_takes_a_saved_model_directory(saved_models, tmp_path, capsys):
 
 # ---- broken and hostile SavedModels ---------------------------------------------------------------
 
-def _copy(saved_models, tmp_path, name="keras_small_logits"):
+def _copy(saved_models, tmp_path, name="keras_small_logits", shard=False):
+    """A copy to break; the data shard is linked to the original unless `shard` (it is large)."""
     dst = tmp_path / "model"
-    shutil.copytree(saved_models / name, dst)
+
+    def copy(src, dst):
+        if shard or ".data-" not in os.path.basename(src):
+            return shutil.copy2(src, dst)
+        os.symlink(src, dst)
+
+    shutil.copytree(saved_models / name, dst, copy_function=copy)
     return dst
 
 
@@ -157,7 +166,7 @@ def test_a_directory_that_is_no_saved_model_keeps_the_old_message(tmp_path):
 
 
 def test_truncated_index_and_shard_are_refused(saved_models, tmp_path):
-    model = _copy(saved_models, tmp_path)
+    model = _copy(saved_models, tmp_path, shard=True)
     index = model / "variables" / "variables.index"
     data = index.read_bytes()
     index.write_bytes(data[: len(data) // 2])
@@ -166,15 +175,17 @@ def test_truncated_index_and_shard_are_refused(saved_models, tmp_path):
     shard = model / "variables" / "variables.data-00000-of-00001"
     shard.write_bytes(shard.read_bytes()[:-1000])
     _refused(model, "beyond")
+    shutil.rmtree(model)  # a large copy
 
 
 def test_a_flipped_byte_in_a_shard_fails_its_crc(saved_models, tmp_path):
-    model = _copy(saved_models, tmp_path)
+    model = _copy(saved_models, tmp_path, shard=True)
     shard = model / "variables" / "variables.data-00000-of-00001"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x40
     shard.write_bytes(bytes(data))
     _refused(model, "crc32c")
+    shutil.rmtree(model)  # a large copy
 
 
 def _encode_varint(value):
