@@ -18,10 +18,10 @@ import numpy as np
 
 from .atomic import atomic_write
 from .config import get_config
-from .errors import CheckpointError, InputError, NpConvNeXtError
 from .convention import Convention
+from .errors import CheckpointError, InputError, NpConvNeXtError
 from .formats import (convention_of, detect_naming, openvino_ir, read_checkpoint, read_safetensors_with_metadata,
-                      to_timm_names)
+                      to_timm_names, weight_files)
 from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
 from .params import detect_architecture
@@ -31,10 +31,13 @@ _CONTENT_FIELDS = ("architecture", "num_classes", "source_sha256", "source_forma
 
 
 def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a weight file; of a SavedModel directory, of its weight files' bytes in order."""
+    path = os.fspath(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name in weight_files(path) if os.path.isdir(path) else [path]:
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

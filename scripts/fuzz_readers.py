@@ -1,6 +1,6 @@
 """Fuzz npconvnext's weight readers with mutated safetensors and PyTorch zip files.
 
-    python scripts/fuzz_readers.py N [--seed S] [--timeout SECONDS] [--json]
+    python scripts/fuzz_readers.py N [--seed S] [--timeout SECONDS] [--json] [--savedmodel]
 
 Seeds are real files: `safetensors.numpy.save_file` and `torch.save` (protocols 2 and 4, the
 official {"model": ...} wrapper, a module's state dict with its _metadata, views sharing a
@@ -8,6 +8,9 @@ storage) of small random state dicts. Each input is a seed mutated one to three 
 flips, truncation, splices, inserted or deleted chunks; for safetensors, edits of the JSON
 header; for PyTorch zips, edits of the pickle's opcodes (integer arguments, memo indices,
 globals, BUILD, nesting), of the storage entries and of the zip's compression and flags.
+With --savedmodel, TensorFlow SavedModel directories join them: seeds written by
+`tf.saved_model.save` in a subprocess (tensorflow-cpu), mutated in their index's bytes, in a
+bundle entry's fields (re-encoded into a valid table), in the data shard, or by losing files.
 
 Each input is read by `npconvnext.formats.read_checkpoint` in a worker process with a bounded
 address space, so a crash or a hang costs only the worker, which is restarted and the input
@@ -25,6 +28,7 @@ import pickle
 import pickletools
 import re
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -66,6 +70,40 @@ def seed_files(rng: np.random.Generator) -> list[tuple[str, bytes]]:
     return seeds
 
 
+_SAVEDMODEL_WRITER = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+out = sys.argv[1]
+for k, dtypes in enumerate([(tf.float32, tf.float32), (tf.float16, tf.float64), (tf.bfloat16, tf.float32)]):
+    m = tf.Module()
+    names = ["convnext_tiny_stem/convnext_tiny_stem_conv/kernel", "convnext_tiny_stem/convnext_tiny_stem_conv/bias",
+             "convnext_tiny_head_dense/kernel", "convnext_tiny_stage_0_block_0_layer_scale/variable"]
+    shapes = [(4, 4, 3, 8), (8,), (8, 3), (8,)]
+    m.v = [tf.Variable(tf.cast(tf.random.normal(s, seed=k), dtypes[n % 2]), name=name)
+           for n, (name, s) in enumerate(zip(names, shapes))]
+    tf.saved_model.save(m, os.path.join(out, str(k)))
+"""
+
+
+def savedmodel_seeds() -> list[tuple[str, dict[str, bytes]]]:
+    """Small SavedModels written by TensorFlow (in a subprocess: it must not share this process
+    with torch), their variables named as keras.applications' ConvNeXt names them."""
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+        subprocess.run([sys.executable, "-c", _SAVEDMODEL_WRITER, out], check=True, env=env, capture_output=True)
+        seeds = []
+        for k in sorted(os.listdir(out)):
+            files = {}
+            for root, _, names in os.walk(os.path.join(out, k)):
+                for name in names:
+                    full = os.path.join(root, name)
+                    with open(full, "rb") as f:
+                        files[os.path.relpath(full, os.path.join(out, k))] = f.read()
+            seeds.append(("savedmodel", files))
+    return seeds
+
+
 # ---- mutations ------------------------------------------------------------------------------------
 
 
@@ -88,6 +126,8 @@ def mutate_bytes(data: bytes, rng, seeds) -> bytes:
         data[at:at] = data[at : at + int(rng.integers(1, 64))]
     elif action == 5:  # splice in part of another seed
         other = seeds[int(rng.integers(len(seeds)))][1]
+        if isinstance(other, dict):  # a SavedModel seed: one of its files
+            other = next(iter(other.values()))
         start = int(rng.integers(len(other)))
         data[at : at + int(rng.integers(1, 256))] = other[start : start + int(rng.integers(1, 256))]
     else:  # overwrite 4 bytes with an interesting little-endian integer
@@ -252,10 +292,80 @@ def mutate_torch_zip(data: bytes, rng, seeds) -> bytes:
     return bytes(result)
 
 
-def make_input(seeds, rng) -> tuple[str, bytes]:
-    kind = ("safetensors", "torch")[int(rng.integers(2))]
+_INDEX = os.path.join("variables", "variables.index")
+_SHARD = os.path.join("variables", "variables.data-00000-of-00001")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _table(entries: dict[bytes, bytes]) -> bytes:
+    """An SSTable as TensorFlow's table builder lays it out: one data block, one index block."""
+    from npconvnext.formats.tf_bundle import TABLE_MAGIC, crc32c_naive
+
+    def block(pairs):
+        body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in pairs)
+        return body + struct.pack("<II", 0, 1)
+
+    def trailer(contents):
+        crc = crc32c_naive(contents + b"\x00")
+        return contents + b"\x00" + struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    data = trailer(block(sorted(entries.items())))
+    index = block([(max(entries), _varint(0) + _varint(len(data) - 5))])
+    footer = _varint(len(data)) + _varint(0) + _varint(len(data)) + _varint(len(index))
+    return data + trailer(index) + footer.ljust(40, b"\x00") + struct.pack("<Q", TABLE_MAGIC)
+
+
+def mutate_savedmodel(files: dict[str, bytes], rng, seeds) -> dict[str, bytes]:
+    files = dict(files)
+    action = rng.integers(6)
+    if action == 0 and _INDEX in files:  # the index's bytes
+        files[_INDEX] = mutate_bytes(files[_INDEX], rng, seeds)
+    elif action == 1 and _SHARD in files:  # the shard's bytes
+        files[_SHARD] = mutate_bytes(files[_SHARD], rng, seeds)
+    elif action == 2:  # lose a file
+        names = sorted(files)
+        del files[names[int(rng.integers(len(names)))]]
+    elif action in (3, 4) and _INDEX in files:  # a bundle entry's field, in a valid table
+        from npconvnext.formats.tf_bundle import read_table
+
+        try:
+            table = {k.encode(): v for k, v in read_table(files[_INDEX]).items()}
+        except Exception:  # noqa: BLE001 (an earlier mutation broke the table)
+            return {**files, _INDEX: mutate_bytes(files[_INDEX], rng, seeds)}
+        keys = sorted(table)
+        key = keys[int(rng.integers(len(keys)))]
+        field = int(rng.choice([1, 2, 3, 4, 5, 6, 7, 9]))
+        if action == 3:  # an interesting varint (a later field overrides an earlier one)
+            value = int(rng.choice([v for v in INTERESTING_INTS if 0 <= v < 2**64])) + int(rng.integers(0, 3))
+            payload = _varint(value % 2**64) if field != 2 else (
+                lambda dim: _varint(len(dim)) + dim)(b"\x12" + (lambda d: _varint(len(d)) + d)(b"\x08" + _varint(value % 2**64)))
+            table[key] = table[key] + _varint(field << 3 | (2 if field == 2 else 0)) + payload
+        else:  # truncate or extend the entry's protobuf
+            entry = table[key]
+            table[key] = entry[: int(rng.integers(len(entry) + 1))] if rng.random() < 0.5 else entry + bytes(
+                rng.integers(0, 256, int(rng.integers(1, 12)), dtype=np.uint8))
+        files[_INDEX] = _table(table)
+    elif _SHARD in files:  # truncate the shard
+        files[_SHARD] = files[_SHARD][: int(rng.integers(len(files[_SHARD]) + 1))]
+    return files
+
+
+def make_input(seeds, rng, kinds=("safetensors", "torch")) -> tuple[str, bytes]:
+    kind = kinds[int(rng.integers(len(kinds)))]
     of_kind = [data for k, data in seeds if k == kind]
     data = of_kind[int(rng.integers(len(of_kind)))]
+    if kind == "savedmodel":
+        for _ in range(int(rng.choice([1, 1, 2, 3]))):
+            data = mutate_savedmodel(data, rng, seeds)
+        return kind, data
     for _ in range(int(rng.choice([1, 1, 2, 3]))):
         structured = mutate_safetensors_header if kind == "safetensors" else mutate_torch_zip
         try:
@@ -340,9 +450,28 @@ def _reason(message: str, path: str) -> str:
     return message.strip(": ")[:80]
 
 
-def campaign(n: int, seed: int, timeout: float, log=None) -> dict:
+def _write_input(path: str, kind: str, data) -> str:
+    """The input on disk: a file, or a SavedModel directory."""
+    if kind != "savedmodel":
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+    os.makedirs(path)
+    for name, content in data.items():
+        os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(content)
+    return path
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def campaign(n: int, seed: int, timeout: float, log=None, savedmodel: bool = False) -> dict:
     rng = np.random.default_rng(seed)
-    seeds = seed_files(rng)
+    seeds = seed_files(rng) + (savedmodel_seeds() if savedmodel else [])
+    kinds = ("safetensors", "torch", "savedmodel") if savedmodel else ("safetensors", "torch")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outcomes, by_kind, reasons = Counter(), Counter(), Counter()
     crashes, hangs, unnamed, memory, others = [], [], [], [], []
@@ -353,10 +482,9 @@ def campaign(n: int, seed: int, timeout: float, log=None) -> dict:
         work = Worker(repo)
         baseline_kb = work.baseline
         for i in range(n):
-            kind, data = make_input(seeds, rng)
-            path = os.path.join(tmp, f"input{i}.{'safetensors' if kind == 'safetensors' else 'pth'}")
-            with open(path, "wb") as f:
-                f.write(data)
+            kind, data = make_input(seeds, rng, kinds)
+            suffix = {"safetensors": ".safetensors", "torch": ".pth", "savedmodel": ""}[kind]
+            path = _write_input(os.path.join(tmp, f"input{i}{suffix}"), kind, data)
             result = work.read(path, timeout)
             by_kind[kind] += 1
             if result["outcome"] in ("hang", "crash"):  # keep the input, restart the worker
@@ -382,7 +510,7 @@ def campaign(n: int, seed: int, timeout: float, log=None) -> dict:
                 others.append((i, result["outcome"], result["message"]))
             if result["seconds"] > slowest[0]:
                 slowest = (result["seconds"], f"input {i} ({kind})", result["outcome"])
-            os.remove(path)
+            _remove(path)
         work.stop()
     return {"inputs": n, "by_kind": dict(by_kind), "outcomes": dict(outcomes), "crashes": crashes,
             "hangs": hangs, "unnamed": unnamed[:10], "unnamed_count": len(unnamed), "memory": memory[:10],
@@ -397,13 +525,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before an input counts as a hang")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--log", help="write each input's outcome to this file, one JSON line each")
+    parser.add_argument("--savedmodel", action="store_true",
+                        help="fuzz TensorFlow SavedModel directories too (needs tensorflow-cpu for the seeds)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker()
     start = time.perf_counter()
     with open(args.log or os.devnull, "w") as log:
-        summary = campaign(args.n, args.seed, args.timeout, log)
+        summary = campaign(args.n, args.seed, args.timeout, log, args.savedmodel)
     summary["wall_seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(summary))

@@ -1,3 +1,5 @@
+import importlib.abc
+import importlib.machinery
 import os
 import sys
 
@@ -16,6 +18,28 @@ if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helper modules beside the tests
+
+
+
+class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """TensorFlow crashes beside OpenVINO in one process, and Keras 3 imports it whenever it is
+    installed (model.save reaches for tf.io.gfile): this process never imports it, so Keras
+    takes its paths without it. Tests that need TensorFlow run it in a subprocess
+    (tests/tf_writer.py). Finding the module still works (torch asks); importing it fails."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def create_module(self, spec):
+        raise ImportError(f"{spec.name} is not imported by the test process: run it in a subprocess")
+
+    def exec_module(self, module):
+        raise ImportError(module.__name__)
+
+
+sys.meta_path.insert(0, _NoTensorFlow())
 
 # Parity tolerances, relative to the reference's largest magnitude (the issue's contract):
 # float64 must agree to 1e-10 of the logits' scale, float32 to 1e-4.

@@ -6,6 +6,8 @@ One reader per container format, each registered with how it recognises a file's
     keras.py         keras.applications ConvNeXt: legacy .h5, .weights.h5, .keras (needs h5py)
     torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
     openvino_ir.py   OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
+    savedmodel.py    TensorFlow SavedModel directories (keras.applications, the TF-Hub port),
+                     their variables read by tf_bundle.py
 Names inside the PyTorch-world files follow timm, the official code or transformers and are
 mapped to timm's by `naming.py`.
 """
@@ -23,16 +25,16 @@ from ..convention import Convention
 from ..errors import CheckpointError
 from ..preprocessing import DataConfig
 # each registers its format; keras before torch_zip: both read zips, and keras checks the members
-from . import keras, safetensors, torch_zip  # noqa: F401
+from . import keras, safetensors, savedmodel, torch_zip  # noqa: F401
 from . import openvino_ir  # noqa: F401  after the others: it takes a .bin none of them recognises
 from .data_config import class_names_from, data_config_from
 from .naming import detect_naming, to_timm_names
-from .registry import formats, sniff_format
+from .registry import formats, sniff_format, weight_files
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 
 __all__ = ["WeightFile", "convention_of", "detect_naming", "formats", "load_state_dict", "read_checkpoint",
            "read_safetensors", "read_safetensors_with_metadata", "read_weight_file", "sniff_format",
-           "to_timm_names"]
+           "to_timm_names", "weight_files"]
 
 
 class WeightFile(NamedTuple):

@@ -1,6 +1,7 @@
 """Which reader takes a file: each format registers how it recognises its files' first bytes.
 
-A file is never judged by its name. Readers register themselves when `npconvnext.formats` is
+A file is never judged by its name. A format whose weights are a directory (a TensorFlow
+SavedModel) registers how it recognises one; any other directory is refused. Readers register themselves when `npconvnext.formats` is
 imported; the first whose `recognises` answers yes reads the file. A format whose files carry
 the model's input convention (a Keras model's Normalization layer, say) also registers how to
 read that.
@@ -32,6 +33,8 @@ class WeightFormat:
     recognises: Callable[[bytes, str], bool]        # (the file's first HEAD_BYTES bytes, its path)
     read: Callable[[str], dict[str, np.ndarray]]    # path -> arrays by the names the file uses
     convention: Callable[[str], Convention] | None = None  # path -> what the file's model takes and gives
+    recognises_directory: Callable[[str], bool] | None = None  # (a directory's path): its weights are this format's
+    files: Callable[[str], list[str]] | None = None  # path -> the files holding the weights (default: the path)
 
 
 _FORMATS: list[WeightFormat] = []
@@ -106,8 +109,20 @@ def _exception_text(exc: Exception, limit: int = 200) -> str:
     return ": " + (text if len(text) <= limit else text[:limit] + "...")
 
 
+def weight_files(path: str) -> list[str]:
+    """The files that make up the weights at `path` (to hash them): the file itself, or the files
+    a directory format or a multi-file format names."""
+    fmt = sniff_format(path)
+    return fmt.files(path) if fmt.files else [path]
+
+
 def sniff_format(path: str) -> WeightFormat:
-    """The format of the weight file at `path`, from its first bytes; errors name the file."""
+    """The format of the weight file at `path`, from its first bytes (or, for a directory, from
+    what it holds); errors name the file."""
+    if os.path.isdir(path):
+        for fmt in _FORMATS:
+            if fmt.recognises_directory and fmt.recognises_directory(path):
+                return fmt
     try:
         with open_weight_file(path) as f:
             head = f.read(HEAD_BYTES)

@@ -1,0 +1,377 @@
+"""TensorFlow SavedModel directories of a ConvNeXt (as TF-Hub serves them), read without TensorFlow.
+
+A SavedModel is a directory: saved_model.pb (the graph) and variables/variables.index with its
+data shards (a tensor bundle, read by `tf_bundle.py`). The bundle names each variable by its
+path in the object graph (`variables/0/.ATTRIBUTES/VARIABLE_VALUE`,
+`_operations/8/_layers/3/pw_conv_2/bias/...`); the bundle's own `_CHECKPOINTABLE_OBJECT_GRAPH`
+entry gives each variable's full name as well (`convnext_tiny_stem/convnext_tiny_stem_conv/kernel`,
+`convnext_stage_0/convnext_block_0_0/bias`), and the graph itself: which object holds which
+(a block holds `dw_conv_1`, which holds `kernel`). The full name names the layer; the graph
+names a block's sub-layer and finds the block of its unnamed `gamma`; Keras 2, which names
+neither the stem nor the downsampling blocks in its variables, lists its layers in order as
+the root's `layer_with_weights-K`, and those are placed by that order.
+
+Two layouts, each with its table below:
+    keras.applications   ConvNeXtTiny ... XLarge written by TensorFlow (Keras 3 `model.export`
+                         or `tf.saved_model.save`): layer names as in `keras.py`, whose table
+                         this reuses. Its Normalization layer and softmax stay part of the model:
+                         keras.applications' values (the graph holds them as constants, not
+                         variables), present when the graph has the layer (NHWC, 0-255 RGB).
+    TF-Hub port          sayakpaul/ConvNeXt-TF (tfhub.dev/sayakpaul/convnext_*): `stem`,
+                         `downsampling_block_{i}`, `convnext_stage_{i}` of `convnext_block_{i}_{j}`
+                         (attributes dw_conv_1, layer_norm, pw_conv_1, pw_conv_2 and a raw
+                         variable gamma), an unnamed head LayerNormalization, `classification_head`;
+                         written by Keras 2's `model.save` (as the TF-Hub modules were) or by
+                         `tf.saved_model.save` (Keras 3's `model.export` loses which block holds
+                         each gamma, and is refused).
+                         It takes NHWC images normalised outside the model with the ImageNet
+                         mean and std, and gives logits.
+Layouts as in Keras: conv kernels (kh, kw, in, out), depthwise ones (kh, kw, 1, C), dense (in, out).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import numpy as np
+
+from ..convention import Convention
+from ..errors import CheckpointError
+from .keras import _KERAS_ROLES, KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, _timm_name, _to_timm_layout
+from .registry import WeightFormat, open_weight_file, reading, register
+from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
+
+GRAPH_FILE = "saved_model.pb"
+VARIABLES_PREFIX = os.path.join("variables", "variables")
+_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_GRAPH_CHUNK, _GRAPH_OVERLAP = 1 << 22, 256  # saved_model.pb is searched for layer names in chunks
+
+# the TF-Hub port: group of layers -> timm module; {i} stage, {j} block, {k} downsampling block
+_PORT_GROUPS = [
+    (re.compile(r"(?:^|/)stem(?:/|$)"), "stem"),
+    (re.compile(r"(?:^|/)downsampling_block_(?P<k>\d+)(?:/|$)"), "downsample"),
+    (re.compile(r"(?:^|/)convnext_block_(?P<i>\d+)_(?P<j>\d+)(?:/|$)"), "block"),
+    (re.compile(r"(?:^|/)classification_head(?:/|$)"), "head.fc"),
+]
+# a block's sub-layers, by the port's attribute names (in the object graph)
+_PORT_SUBLAYERS = {"dw_conv_1": "conv_dw", "layer_norm": "norm", "pw_conv_1": "mlp.fc1", "pw_conv_2": "mlp.fc2"}
+
+
+def _role(leaf: str) -> str | None:
+    """weight / bias / '' (a raw variable such as layer scale) of a variable's last name part."""
+    return _KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
+
+
+class _Variable:
+    """A variable of the bundle and where the object graph holds it."""
+
+    def __init__(self, full_name: str, key: str, shape: tuple[int, ...], node: int = -1,
+                 parents: tuple[tuple[int, str], ...] = (), grandparents: tuple[tuple[int, str], ...] = (),
+                 top: int | None = None):
+        self.full_name = re.sub(r":\d+$", "", full_name)
+        self.key = key
+        self.path = key[: -len(_SUFFIX)].split("/") if key.endswith(_SUFFIX) else key.split("/")
+        self.shape = shape
+        self.node = node          # its node in the object graph
+        self.parents = parents            # (node, local name) of every object holding it: (layer, "kernel")
+        self.grandparents = grandparents  # the same for the objects holding those: (block, "dw_conv_1")
+        self.names = frozenset(n for _, n in parents + grandparents)
+        self.top = top            # K of the root's `layer_with_weights-K` / `layer-K` it lies under (Keras 2)
+
+    def __repr__(self):
+        return f"{self.full_name or '?'} ({'/'.join(self.path)})"
+
+
+def _variables(bundle: Bundle) -> list[_Variable]:
+    """Every variable the object graph lists, once. Keras 3's `model.export` lists each twice (under
+    `variables/` in creation order and `_all_variables/`): the second copy of a name is dropped."""
+    if OBJECT_GRAPH_KEY not in bundle.entries:
+        raise CheckpointError(f"no {OBJECT_GRAPH_KEY} entry: the variables cannot be named")
+    nodes = parse_object_graph(bundle.read_string(OBJECT_GRAPH_KEY))
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for at, node in enumerate(nodes):
+        for child, name in node.children:
+            if not 0 <= child < len(nodes):
+                raise CheckpointError(f"object graph node {at} names a child {child} of {len(nodes)} nodes")
+            parents.setdefault(child, []).append((at, name))
+    tops = _tops(nodes)
+    found = []
+    for at, node in enumerate(nodes):
+        for name, full_name, key in node.attributes:
+            if name == "VARIABLE_VALUE" and key in bundle.entries:
+                up = tuple(parents.get(at, []))
+                grand = tuple(g for p, _ in up for g in parents.get(p, []))
+                found.append(_Variable(full_name, key, bundle.entries[key].shape, at, up, grand, tops.get(at)))
+    ordered = [v for v in found if v.path[0] == "variables"]
+    if ordered:
+        by_name: dict[str, list[_Variable]] = {}
+        for v in ordered:
+            by_name.setdefault(v.full_name, []).append(v)
+        for v in found:
+            twins = by_name.get(v.full_name, []) if v.path[0] != "variables" else []
+            if len(twins) == 1 and _stored_as(bundle, twins[0]) != _stored_as(bundle, v):
+                raise CheckpointError(f"two copies of variable {v.full_name!r} hold different values "
+                                      f"({twins[0].key} and {v.key})")
+        found = ordered + [v for v in found if v.path[0] != "variables" and v.full_name not in by_name]
+    return found
+
+
+def _tops(nodes) -> dict[int, int]:
+    """node -> K of the root's child `layer_with_weights-K` or `layer-K` above it (a Keras 2
+    functional model's layers, in order), the lowest K where several are."""
+    top_layers = sorted((int(m["k"]), child) for child, name in nodes[0].children if nodes
+                        for m in [re.fullmatch(r"layer(_with_weights)?-(?P<k>\d+)", name)] if m)
+    tops: dict[int, int] = {}
+    for k, child in top_layers:
+        stack = [child]
+        while stack:  # every node is entered once: marked before its children are pushed
+            node = stack.pop()
+            if node in tops:
+                continue
+            tops[node] = k
+            stack.extend(c for c, _ in nodes[node].children if c not in tops)
+    return tops
+
+
+def _stored_as(bundle: Bundle, v: _Variable) -> tuple:
+    """What the index records of a variable's bytes: equal for two copies of one value."""
+    entry = bundle.entries[v.key]
+    return entry.dtype, entry.shape, entry.size, entry.crc32c
+
+
+def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
+    """timm name -> variable for keras.applications' layer names (keras.py's table)."""
+    out = {}
+    for v in variables:
+        parts = v.full_name.split("/")
+        found = _timm_name(parts[-2]) if len(parts) >= 2 else None
+        if found is None:
+            continue
+        role = "" if found[1] == "scale" else _role(parts[-1])  # layer scale: "variable" (Keras 3), "gamma" (Keras 2)
+        if role is None:
+            continue
+        name = found[0] if role == "" else f"{found[0]}.{role}"
+        if name in out:
+            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+        out[name] = v
+    return out
+
+
+def _port(variables: list[_Variable]) -> dict[str, _Variable]:
+    """timm name -> variable for the TF-Hub port's layout."""
+    out: dict[str, _Variable] = {}
+    loose = []  # outside every named group: the head's layer norm
+
+    def put(name, v):
+        if name in out:
+            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+        out[name] = v
+
+    blocks: dict[str, list[_Variable]] = {}
+    for v in variables:
+        text = v.full_name + " " + "/".join(v.path)
+        for pattern, kind in _PORT_GROUPS:
+            match = pattern.search(text)
+            if match:
+                break
+        else:
+            loose.append(v)
+            continue
+        role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
+        if kind == "block":
+            blocks.setdefault(f"stages.{match['i']}.blocks.{match['j']}", []).append(v)
+        elif kind == "head.fc":
+            put(f"head.fc.{role}", v)
+        else:
+            module = "stem" if kind == "stem" else f"stages.{int(match['k']) + 1}.downsample"
+            is_conv = _leaf(v) in ("kernel", "bias")  # a layer norm's are gamma and beta
+            # stem: conv, then norm; downsampling blocks: norm, then conv
+            index = (0 if is_conv else 1) if kind == "stem" else (1 if is_conv else 0)
+            put(f"{module}.{index}.{role}", v)
+    # a block's raw gamma has no name of its own ("Variable"): it is the block object's child
+    # named gamma, and the block object holds the sub-layers whose variables are named
+    owners = {}
+    for block, members in blocks.items():
+        owners.update((holder, block) for v in members for holder, name in v.grandparents if name in _PORT_SUBLAYERS)
+    unplaced, groups = [], {}
+    for v in loose:
+        owner = next((owners[p] for p, name in v.parents if name == "gamma" and p in owners), None)
+        if owner is not None:
+            blocks[owner].append(v)
+        elif v.top is not None:  # Keras 2 names no stem or downsampling block: placed by layer order
+            groups.setdefault(v.top, []).append(v)
+        elif len(v.shape) == 1 and _role(v.path[-1]) in ("weight", "bias"):
+            put(f"head.norm.{_role(v.path[-1])}", v)
+        else:
+            unplaced.append(v)
+    for name, v in _by_layer_order(groups).items():
+        put(name, v)
+    for block, members in blocks.items():
+        for name, v in _block_roles(block, members).items():
+            put(name, v)
+    if unplaced and blocks:
+        raise CheckpointError(f"{len(unplaced)} variables belong to no layer of the TF-Hub ConvNeXt layout "
+                              f"({', '.join(map(repr, unplaced[:3]))}): their object paths do not say which "
+                              "block holds them (a Keras 3 model.export of a model with raw tf.Variables?)")
+    return out
+
+
+def _by_layer_order(groups: dict[int, list[_Variable]]) -> dict[str, _Variable]:
+    """The unnamed layers of a Keras 2 port, by their place in the model: the stem (the conv
+    taking 3 channels, and its norm), the downsampling blocks in order (a norm, then a conv),
+    and the head's norm (a norm alone)."""
+    out, downsample = {}, 0
+    for k in sorted(groups):
+        members = groups[k]
+        kernels = [v for v in members if len(v.shape) == 4]
+        if not kernels:
+            module, conv, norm = "head.norm", None, ""
+        elif kernels[0].shape[2] == 3 and downsample == 0 and not any(n.startswith("stem.") for n in out):
+            module, conv, norm = "stem", ".0", ".1"
+        else:
+            downsample += 1
+            module, conv, norm = f"stages.{downsample}.downsample", ".1", ".0"
+        for v in members:
+            leaf = _leaf(v)
+            role = _role(leaf)
+            part = conv if leaf in ("kernel", "bias") else norm
+            if role in (None, "") or part is None:
+                raise CheckpointError(f"variable {v} in layer {k} of the model is not a conv's or a norm's")
+            name = f"{module}{part}.{role}"
+            if name in out:
+                raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+            out[name] = v
+    return out
+
+
+def _leaf(v: _Variable) -> str:
+    """The variable's own name: kernel, bias, gamma, beta, Variable."""
+    return re.sub(r"_\d+$", "", v.full_name.split("/")[-1] if v.full_name else v.path[-1].lstrip("_"))
+
+
+def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
+    """A port block's variables by role: the object path's attribute name where it has one
+    (dw_conv_1, layer_norm, pw_conv_1, pw_conv_2, gamma), else kernels by shape; a vector the
+    path cannot place is refused rather than guessed."""
+    out = {}
+    for v in members:
+        sub = next((_PORT_SUBLAYERS[p] for p in [*v.path, *sorted(v.names)] if p in _PORT_SUBLAYERS), None)
+        role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
+        if sub is None and len(v.shape) == 4:
+            sub = "conv_dw"
+        elif sub is None and len(v.shape) == 2:
+            sub = "mlp.fc1" if v.shape[1] > v.shape[0] else "mlp.fc2"
+        if sub is None and (v.path[-1] == "gamma" or "gamma" in v.names) and not v.full_name.endswith("/gamma"):
+            out[f"{block}.gamma"] = v  # the block's own raw variable (full name "Variable")
+            continue
+        if sub is None or role in (None, ""):
+            raise CheckpointError(f"cannot tell which part of block {block} the variable {v} is: the "
+                                  "SavedModel's object graph does not name its sub-layers")
+        name = f"{block}.{sub}.{role}"
+        if name in out:
+            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+        out[name] = v
+    return out
+
+
+def _layout(variable: _Variable) -> str:
+    """keras.py's layout name of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
+    return "conv" if len(variable.shape) == 4 else "dense"
+
+
+class _SavedModel:
+    """A SavedModel directory's bundle and which variable is which timm parameter."""
+
+    def __init__(self, path: str):
+        self.directory = _directory(path)
+        self.bundle = Bundle(os.path.join(self.directory, VARIABLES_PREFIX))
+        variables = _variables(self.bundle)
+        self.layout, self.mapping = "keras.applications", _keras_applications(variables)
+        if "stem.0.weight" not in self.mapping:
+            self.layout, self.mapping = "TF-Hub ConvNeXt port", _port(variables)
+        if "stem.0.weight" not in self.mapping:
+            shown = ", ".join(sorted({v.full_name or "/".join(v.path) for v in variables})[:6])
+            raise CheckpointError(f"not a ConvNeXt SavedModel: no stem convolution among its {len(variables)} "
+                                  f"variables ({shown or 'none'})")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """timm-named arrays in timm's layouts (vectors as stored, kernels transposed)."""
+        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
+                else self.bundle.read(v.key) for name, v in self.mapping.items()}
+
+
+def _directory(path: str) -> str:
+    """The SavedModel directory of `path` (the directory itself, or its saved_model.pb)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(os.path.join(directory, "variables")):
+        raise CheckpointError("a SavedModel without variables/ (its weights are not in this directory)")
+    if not os.path.exists(os.path.join(directory, VARIABLES_PREFIX + ".index")):
+        raise CheckpointError("a SavedModel without variables/variables.index (its weights are missing)")
+    return directory
+
+
+def _graph_mentions(directory: str, *patterns: bytes) -> list[bool]:
+    """Whether saved_model.pb holds a match of each pattern (op names hold the Keras layers'
+    names), read in chunks that overlap by more than a match's length."""
+    found = [False] * len(patterns)
+    with open_weight_file(os.path.join(directory, GRAPH_FILE)) as f:
+        tail = b""
+        while not all(found):
+            chunk = f.read(_GRAPH_CHUNK)
+            if not chunk:
+                break
+            window = tail + chunk
+            found = [done or re.search(p, window) is not None for done, p in zip(found, patterns)]
+            tail = window[-_GRAPH_OVERLAP:]
+    return found
+
+
+def read_saved_model(path: str) -> dict[str, np.ndarray]:
+    """A SavedModel directory (or its saved_model.pb): timm-named arrays."""
+    with reading(path, "TensorFlow SavedModel"):
+        return _SavedModel(path).state()
+
+
+def saved_model_convention(path: str) -> Convention:
+    """What the SavedModel's model takes and gives (see the module docstring)."""
+    with reading(path, "TensorFlow SavedModel"):
+        model = _SavedModel(path)
+        if model.layout != "keras.applications":
+            return Convention(layout="NHWC", outputs="logits", source="the TF-Hub ConvNeXt port "
+                              "(tfhub.dev/sayakpaul/convnext_*: NHWC input normalised by the caller, logits)")
+        normalises, softmax = _graph_mentions(model.directory, rb"prestem_normalization", rb"head_dense(_\d+)?/Softmax")
+        outputs = "probabilities" if softmax else "logits"
+        source = (f"keras.applications' ConvNeXt: saved_model.pb has {'a' if normalises else 'no'} Normalization "
+                  f"layer{' (keras.applications mean and std)' if normalises else ''} and {'a' if softmax else 'no'} softmax")
+        if normalises:
+            return Convention(layout="NHWC", scale="255", mean=KERAS_APPLICATIONS_MEAN, std=KERAS_APPLICATIONS_STD,
+                              outputs=outputs, source=source)
+        return Convention(layout="NHWC", outputs=outputs, source=source)
+
+
+def saved_model_files(path: str) -> list[str]:
+    """The files that make up a SavedModel's weights, for hashing: the graph, the index, the shards."""
+    with reading(path, "TensorFlow SavedModel"):
+        directory = _directory(path)
+        bundle = Bundle(os.path.join(directory, VARIABLES_PREFIX))
+        return [os.path.join(directory, GRAPH_FILE)] + bundle.files()
+
+
+def is_saved_model_dir(path: str) -> bool:
+    """A directory holding saved_model.pb: a SavedModel, whatever it lacks (the reader says what)."""
+    try:
+        return stat.S_ISREG(os.stat(os.path.join(path, GRAPH_FILE)).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _is_saved_model_graph(head: bytes, path: str) -> bool:
+    """saved_model.pb itself: a SavedModel proto (schema version 1, then a MetaGraphDef) with a
+    variables/ directory beside it."""
+    return head[:3] == b"\x08\x01\x12" and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), "variables"))
+
+
+register(WeightFormat("tf-savedmodel", _is_saved_model_graph, read_saved_model, saved_model_convention,
+                      recognises_directory=is_saved_model_dir, files=saved_model_files))

@@ -1,0 +1,463 @@
+"""TensorFlow's tensor bundle (a checkpoint, or a SavedModel's variables/), read without TensorFlow.
+
+A bundle is a prefix `P` and files beside it:
+    P.index                      a LevelDB-style table (an SSTable): sorted keys, each a tensor's
+                                 name, whose values are protobufs; the key "" holds the header
+    P.data-00000-of-0000N        the tensors' bytes, one file per shard, at the entries' offsets
+
+The table (TensorFlow's lib/io/table, after LevelDB): data blocks, an index block mapping each
+data block's last key to its (offset, size), and a 48-byte footer (two block handles, padding,
+magic). Each block ends in a restart array and is followed by a 5-byte trailer: a compression
+type and a masked crc32c. Keys inside a block share a prefix with the previous key. TensorFlow's
+bundle writer never compresses (tensor_bundle.cc sets kNoCompression), so a snappy block is
+refused rather than decoded.
+
+Values are decoded by hand from the protobuf wire format, for the three messages read here
+(tensor_bundle.proto, tensor_shape.proto, trackable_object_graph.proto); no protobuf library.
+
+Every offset, length, varint and shape read from the files is checked before it is used: a
+hostile bundle gets a CheckpointError, never a crash, a hang or an allocation its files do not
+back. Each tensor's crc32c is checked (`crc32c`: a compiled loop; its Python twin `crc32c_naive`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ..errors import CheckpointError
+from .registry import open_weight_file
+
+TABLE_MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48        # two block handles of up to 20 bytes each, padded, then 8 bytes of magic
+BLOCK_TRAILER = 5       # compression type (1 byte) + masked crc32c (4 bytes)
+MAX_INDEX_BYTES = 1 << 28  # an index holds names and offsets: kilobytes for any real model
+MAX_RANK = 8
+
+# DataType enum values (types.proto) read here: float tensors, and the object graph's string
+DT_FLOAT, DT_DOUBLE, DT_STRING, DT_BFLOAT16, DT_HALF = 1, 2, 7, 14, 19
+_FLOAT_DTYPES = {DT_FLOAT: "f4", DT_DOUBLE: "f8", DT_HALF: "f2", DT_BFLOAT16: "u2"}  # bfloat16: raw bits
+_DTYPE_NAMES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 7: "string", 9: "int64", 10: "bool",
+                14: "bfloat16", 19: "float16"}
+
+
+# ---- crc32c (Castagnoli), as LevelDB and TensorFlow use it ------------------------------------------
+
+def _crc_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+_CRC_LIST = _CRC_TABLE.tolist()
+_LANE_BYTES = 4096  # bytes per lane in the vectorised crc32c
+
+
+def crc32c_naive(data: bytes, crc: int = 0) -> int:
+    """crc32c of `data`, one byte at a time: the slow twin `crc32c` is tested against."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_LIST[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _zeros_operator(n: int) -> np.ndarray:
+    """(4, 256) tables T with raw(state followed by n zero bytes) = T[0][s0] ^ T[1][s1] ^ T[2][s2] ^ T[3][s3],
+    s0..s3 the state's bytes: appending zeros is linear over GF(2) in the (un-inverted) state."""
+    tables = np.zeros((4, 256), np.uint32)
+    for k in range(4):
+        state = np.arange(256, dtype=np.uint32) << np.uint32(8 * k)  # every value of byte k, others 0
+        for _ in range(n):
+            state = _CRC_TABLE[state & 0xFF] ^ (state >> 8)
+        tables[k] = state
+    return tables
+
+
+_ZEROS_LANE = None
+
+
+def _crc32c_lanes(view: np.ndarray) -> int:
+    """crc32c in NumPy, for runs without the JIT (NUMBA_DISABLE_JIT=1). The bytes are cut into
+    lanes of _LANE_BYTES whose raw CRC states advance together, one NumPy step per byte
+    position; the lanes' states are then chained in order with a precomputed 'append a lane of
+    zeros' operator (CRC is affine: crc(A + B) = zeros_op(state after A) ^ raw(B))."""
+    global _ZEROS_LANE
+    lanes = len(view) // _LANE_BYTES
+    if lanes < 4:
+        return crc32c_naive(bytes(view))
+    if _ZEROS_LANE is None:
+        _ZEROS_LANE = _zeros_operator(_LANE_BYTES)
+    block = view[: lanes * _LANE_BYTES].reshape(lanes, _LANE_BYTES)  # (lanes, bytes)
+    states = np.zeros(lanes, np.uint32)  # raw states from 0: each lane's own contribution
+    for i in range(_LANE_BYTES):
+        states = _CRC_TABLE[(states ^ block[:, i]) & 0xFF] ^ (states >> 8)
+    zeros = _ZEROS_LANE.tolist()
+    crc = 0xFFFFFFFF  # the initial inversion, carried through as the first lane's starting state
+    for lane_state in states.tolist():
+        crc = (zeros[0][crc & 0xFF] ^ zeros[1][(crc >> 8) & 0xFF] ^ zeros[2][(crc >> 16) & 0xFF]
+               ^ zeros[3][crc >> 24] ^ lane_state)
+    return crc32c_naive(bytes(view[lanes * _LANE_BYTES:]), crc ^ 0xFFFFFFFF)
+
+
+def _slicing_tables() -> np.ndarray:
+    """(4, 256): T[k][b] is the state after byte b followed by k zero bytes, for 4 bytes a step."""
+    tables = np.empty((4, 256), np.uint32)
+    tables[0] = _CRC_TABLE
+    for k in range(1, 4):
+        tables[k] = (tables[k - 1] >> 8) ^ _CRC_TABLE[tables[k - 1] & 0xFF]
+    return tables
+
+
+_SLICING_TABLES = _slicing_tables()
+
+
+@numba.njit(cache=True, nogil=True)
+def _crc32c_kernel(data, tables):  # (bytes,) uint8, (4, 256) uint32 -> the crc32c
+    crc = np.uint32(0xFFFFFFFF)
+    n4 = len(data) // 4 * 4
+    for i in range(0, n4, 4):  # four bytes a step ("slicing by 4")
+        crc ^= (np.uint32(data[i]) | (np.uint32(data[i + 1]) << 8) | (np.uint32(data[i + 2]) << 16)
+                | (np.uint32(data[i + 3]) << 24))
+        crc = (tables[3, crc & 0xFF] ^ tables[2, (crc >> 8) & 0xFF] ^ tables[1, (crc >> 16) & 0xFF]
+               ^ tables[0, crc >> 24])
+    for i in range(n4, len(data)):
+        crc = tables[0, (crc ^ data[i]) & 0xFF] ^ (crc >> 8)
+    return crc ^ np.uint32(0xFFFFFFFF)
+
+
+def crc32c(data) -> int:
+    """crc32c of a bytes-like `data`: the compiled loop, or the NumPy lanes without the JIT."""
+    view = np.frombuffer(data, np.uint8)
+    if numba.config.DISABLE_JIT:
+        return _crc32c_lanes(view)
+    return int(_crc32c_kernel(view, _SLICING_TABLES))
+
+
+def unmask_crc(masked: int) -> int:
+    """LevelDB stores crc32c 'masked' (rotated and offset) so that CRCs of CRCs stay strong."""
+    rotated = (masked - 0xA282EAD8) & 0xFFFFFFFF
+    return ((rotated >> 17) | (rotated << 15)) & 0xFFFFFFFF
+
+
+# ---- protobuf wire format ----------------------------------------------------------------------------
+
+def varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A base-128 varint at buf[pos:end] (at most 10 bytes, below 2**64): (value, next position)."""
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise CheckpointError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift >= 70:
+            raise CheckpointError("varint longer than 10 bytes")
+    if value >= 1 << 64:
+        raise CheckpointError("varint beyond 64 bits")
+    return value, pos
+
+
+def fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of a protobuf message: ints for varint and fixed fields, bytes for
+    length-delimited ones. Groups (wire types 3, 4) are refused: none of the messages read has one."""
+    out, pos, end = [], 0, len(buf)
+    while pos < end:
+        key, pos = varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise CheckpointError("protobuf field number 0")
+        if wire == 0:
+            value, pos = varint(buf, pos, end)
+        elif wire == 1 or wire == 5:
+            width = 8 if wire == 1 else 4
+            if pos + width > end:
+                raise CheckpointError("truncated protobuf fixed field")
+            value = int.from_bytes(buf[pos : pos + width], "little")
+            pos += width
+        elif wire == 2:
+            length, pos = varint(buf, pos, end)
+            if length > end - pos:
+                raise CheckpointError(f"protobuf field of {length} bytes overruns its message")
+            value = bytes(buf[pos : pos + length])
+            pos += length
+        else:
+            raise CheckpointError(f"protobuf wire type {wire} not expected here")
+        out.append((number, value))
+    return out
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _int(value, what: str) -> int:
+    if not isinstance(value, int):
+        raise CheckpointError(f"{what} is not an integer field")
+    return value
+
+
+def _bytes(value, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise CheckpointError(f"{what} is not a length-delimited field")
+    return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A BundleEntryProto: where one tensor's bytes are and what they are."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    shard_id: int
+    offset: int
+    size: int
+    crc32c: int | None  # masked, as stored
+    sliced: bool        # a partitioned variable, stored as slices under other keys
+
+
+def parse_entry(buf: bytes, key: str) -> Entry:
+    dtype, shape, shard, offset, size, crc, sliced = 0, None, 0, 0, 0, None, False
+    for number, value in fields(buf):
+        if number == 1:
+            dtype = _int(value, "dtype")
+        elif number == 2:
+            shape = _parse_shape(_bytes(value, "shape"), key)
+        elif number == 3:
+            shard = _int(value, "shard_id")
+        elif number == 4:
+            offset = _signed64(_int(value, "offset"))
+        elif number == 5:
+            size = _signed64(_int(value, "size"))
+        elif number == 6:
+            crc = _int(value, "crc32c")
+        elif number == 7:
+            sliced = True
+    if offset < 0 or size < 0:
+        raise CheckpointError(f"tensor {key!r}: negative offset or size ({offset}, {size})")
+    return Entry(dtype, shape or (), shard, offset, size, crc, sliced)
+
+
+def _parse_shape(buf: bytes, key: str) -> tuple[int, ...]:
+    dims = []
+    for number, value in fields(buf):
+        if number == 2:
+            size = 0
+            for n, v in fields(_bytes(value, "dim")):
+                if n == 1:
+                    size = _signed64(_int(v, "dim size"))
+            if size < 0 or size >= 1 << 40:
+                raise CheckpointError(f"tensor {key!r}: dimension {size} out of range")
+            dims.append(size)
+            if len(dims) > MAX_RANK:
+                raise CheckpointError(f"tensor {key!r}: more than {MAX_RANK} dimensions")
+        elif number == 3 and value:
+            raise CheckpointError(f"tensor {key!r}: unknown rank")
+    return tuple(dims)
+
+
+# ---- the table -------------------------------------------------------------------------------------
+
+def _block(data: bytes, handle: tuple[int, int], check_crc: bool = True) -> bytes:
+    offset, size = handle
+    if offset + size + BLOCK_TRAILER > len(data) - FOOTER_SIZE:
+        raise CheckpointError(f"table block at {offset} of {size} bytes overruns the index file")
+    contents = data[offset : offset + size]
+    kind = data[offset + size]
+    if kind == 1:
+        raise CheckpointError("index block is snappy-compressed; TensorFlow's bundle writer never "
+                              "compresses, and npconvnext does not decode snappy")
+    if kind != 0:
+        raise CheckpointError(f"index block of unknown compression type {kind}")
+    if check_crc:
+        stored = int.from_bytes(data[offset + size + 1 : offset + size + 5], "little")
+        if crc32c_naive(data[offset : offset + size + 1]) != unmask_crc(stored):
+            raise CheckpointError(f"table block at {offset}: checksum mismatch (corrupted index)")
+    return contents
+
+
+def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs of a table block, keys restored from their shared prefixes."""
+    if len(block) < 4:
+        raise CheckpointError("table block shorter than its restart count")
+    restarts = int.from_bytes(block[-4:], "little")
+    if restarts == 0 or restarts > (len(block) - 4) // 4:
+        raise CheckpointError(f"table block with {restarts} restart points in {len(block)} bytes")
+    end = len(block) - 4 - 4 * restarts
+    out, pos, key = [], 0, b""
+    while pos < end:
+        shared, pos = varint(block, pos, end)
+        unshared, pos = varint(block, pos, end)
+        length, pos = varint(block, pos, end)
+        if shared > len(key) or unshared > end - pos or length > end - pos - unshared:
+            raise CheckpointError("table entry overruns its block")
+        key = key[:shared] + block[pos : pos + unshared]
+        pos += unshared
+        out.append((key, block[pos : pos + length]))
+        pos += length
+    return out
+
+
+def _handle(buf: bytes, pos: int, end: int) -> tuple[tuple[int, int], int]:
+    offset, pos = varint(buf, pos, end)
+    size, pos = varint(buf, pos, end)
+    return (offset, size), pos
+
+
+def read_table(data: bytes) -> dict[str, bytes]:
+    """Every (key, value) of an SSTable held in `data`; keys must be strictly increasing."""
+    if len(data) < FOOTER_SIZE:
+        raise CheckpointError(f"index file of {len(data)} bytes is shorter than a table footer")
+    footer = len(data) - FOOTER_SIZE
+    if int.from_bytes(data[-8:], "little") != TABLE_MAGIC:
+        raise CheckpointError("index file does not end in the table magic number (not a tensor bundle index)")
+    _, pos = _handle(data, footer, footer + 40)  # the metaindex: empty in bundles, not needed
+    index_handle, _ = _handle(data, pos, footer + 40)
+    table, last = {}, None
+    for _, value in _block_entries(_block(data, index_handle)):
+        handle, used = _handle(value, 0, len(value))
+        for key, entry in _block_entries(_block(data, handle)):
+            if last is not None and key <= last:
+                raise CheckpointError("index keys out of order")
+            last = key
+            table[key.decode("utf-8", "replace")] = entry
+    return table
+
+
+# ---- the bundle --------------------------------------------------------------------------------------
+
+def _parse_index(data: bytes) -> tuple[int, str, dict[str, Entry]]:
+    """(number of shards, byte order, entries by key) of an index file's bytes."""
+    table = read_table(data)
+    if "" not in table:
+        raise CheckpointError("no bundle header (the empty key)")
+    num_shards, big_endian = 1, False
+    for number, value in fields(table.pop("")):
+        if number == 1:
+            num_shards = _int(value, "num_shards")
+        elif number == 2:
+            big_endian = _int(value, "endianness") == 1
+    if not 1 <= num_shards <= 100_000:
+        raise CheckpointError(f"{num_shards} shards")
+    return num_shards, ">" if big_endian else "<", {key: parse_entry(value, key) for key, value in table.items()}
+
+
+class Bundle:
+    """A tensor bundle's index, parsed and checked; tensors are read from the shards on request."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        with open_weight_file(prefix + ".index") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"{prefix}.index: {size} bytes; a bundle index is far smaller. Refused")
+            data = f.read(size)
+        try:
+            self.num_shards, self.byte_order, self.entries = _parse_index(data)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{prefix}.index: {exc}") from None
+
+    def shard_path(self, shard: int) -> str:
+        return f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}"
+
+    def files(self) -> list[str]:
+        return [self.prefix + ".index"] + [self.shard_path(k) for k in range(self.num_shards)]
+
+    def _raw(self, key: str, entry: Entry) -> bytes:
+        if not 0 <= entry.shard_id < self.num_shards:
+            raise CheckpointError(f"tensor {key!r}: shard {entry.shard_id} of {self.num_shards}")
+        path = self.shard_path(entry.shard_id)
+        with open_weight_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if entry.offset + entry.size > size:
+                raise CheckpointError(f"{path}: tensor {key!r} at {entry.offset}+{entry.size} lies beyond "
+                                      f"the shard's {size} bytes (truncated shard?)")
+            f.seek(entry.offset)
+            raw = f.read(entry.size)
+        if len(raw) != entry.size:
+            raise CheckpointError(f"{path}: shard ended while reading tensor {key!r}")
+        return raw
+
+    def read(self, key: str) -> np.ndarray:
+        """A float tensor, native byte order, read-only; bfloat16 widened to float32, float16 kept."""
+        entry = self.entries[key]
+        if entry.sliced:
+            raise CheckpointError(f"tensor {key!r} is stored in slices (a partitioned variable); not supported")
+        if entry.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} is {_DTYPE_NAMES.get(entry.dtype, f'dtype {entry.dtype}')}, "
+                                  "not a float tensor")
+        dtype = np.dtype(self.byte_order + _FLOAT_DTYPES[entry.dtype])
+        count = 1
+        for d in entry.shape:
+            count *= d
+        if count * dtype.itemsize != entry.size:
+            raise CheckpointError(f"tensor {key!r}: shape {list(entry.shape)} of {dtype.itemsize}-byte values "
+                                  f"needs {count * dtype.itemsize} bytes, the entry says {entry.size}")
+        raw = self._raw(key, entry)
+        self._check_crc(key, entry, raw)
+        array = np.frombuffer(raw, dtype).reshape(entry.shape).astype(dtype.newbyteorder("="), copy=False)
+        if entry.dtype == DT_BFLOAT16:
+            array = (array.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is a float32's top half
+        return array
+
+    def read_string(self, key: str) -> bytes:
+        """A scalar string tensor (the object graph): [varint64 length][masked crc of it][bytes]."""
+        entry = self.entries[key]
+        if entry.dtype != DT_STRING or entry.shape != ():
+            raise CheckpointError(f"tensor {key!r} is not a scalar string")
+        raw = self._raw(key, entry)
+        length, pos = varint(raw, 0, len(raw))
+        if pos + 4 + length != len(raw):
+            raise CheckpointError(f"string tensor {key!r}: length {length} does not fill its {len(raw)} bytes")
+        self._check_crc(key, entry, raw)
+        return raw[pos + 4 :]
+
+    def _check_crc(self, key: str, entry: Entry, raw: bytes) -> None:
+        if entry.crc32c is None:
+            return
+        if entry.dtype == DT_STRING:  # the writer checksums lengths as uint32, not as varints
+            length, pos = varint(raw, 0, len(raw))
+            raw = struct.pack(self.byte_order + ("I" if length < 1 << 32 else "Q"), length) + raw[pos:]
+        if crc32c(raw) != unmask_crc(entry.crc32c):
+            raise CheckpointError(f"{self.shard_path(entry.shard_id)}: tensor {key!r} fails its crc32c "
+                                  "(corrupted shard)")
+
+
+# ---- the object graph (trackable_object_graph.proto) ------------------------------------------------
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+@dataclass(frozen=True)
+class TrackedObject:
+    children: tuple[tuple[int, str], ...]      # (node id, local name)
+    attributes: tuple[tuple[str, str, str], ...]  # (name, full name, checkpoint key)
+
+
+def parse_object_graph(buf: bytes) -> list[TrackedObject]:
+    nodes = []
+    for number, value in fields(buf):
+        if number != 1:
+            continue
+        children, attributes = [], []
+        for n, v in fields(_bytes(value, "node")):
+            if n == 1:
+                ref = dict(fields(_bytes(v, "child")))
+                children.append((_int(ref.get(1, 0), "node_id"), _text(ref.get(2, b""))))
+            elif n == 2:
+                tensor = dict(fields(_bytes(v, "attribute")))
+                attributes.append(tuple(_text(tensor.get(k, b"")) for k in (1, 2, 3)))
+        nodes.append(TrackedObject(tuple(children), tuple(attributes)))
+    return nodes
+
+
+def _text(value) -> str:
+    return _bytes(value, "name").decode("utf-8", "replace")
