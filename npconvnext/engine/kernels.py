@@ -24,6 +24,7 @@ No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changin
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -383,17 +384,26 @@ def _gelu_backward_float64_(dout, x, dx):
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
 # Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
 # runs when this thread's Numba count is one (`threads.map_over_batch` workers,
-# set_num_threads(1)); when Numba's workers would busy-wait (below); when another thread of this
-# process is inside a parallel loop (Numba's workqueue layer aborts the process if two threads
+# set_num_threads(1)); when Numba's workers would busy-wait (`_workers_sleep`); when another
+# thread of this process is inside a parallel loop (Numba's workqueue layer aborts the process if two threads
 # enter one at once, and the others would only oversubscribe the cores); and in a process
 # forked from this one (GNU OpenMP kills a forked child that starts a parallel region, and the
 # parent's worker threads do not exist there).
 
-# GNU OpenMP's workers busy-wait after each parallel loop unless the user exported
-# OMP_WAIT_POLICY=PASSIVE; between a kernel and the next BLAS call they take the cores BLAS
-# needs. The kernels then run serially and BLAS keeps the threads (read here, never set).
-_WORKERS_SLEEP = (os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-                  or numba.config.THREADING_LAYER in ("workqueue", "tbb"))
+# OpenMP's workers busy-wait after each parallel loop unless the user exported
+# OMP_WAIT_POLICY=PASSIVE (GNU's and LLVM's runtimes both read it when they load); between a
+# kernel and the next BLAS call they take the cores BLAS needs. Then the kernels run serially
+# and BLAS keeps the threads. The variable is read, never set.
+_SLEEPING_LAYERS = ("workqueue", "tbb")  # their idle workers wait on a condition or yield
+
+
+@functools.cache
+def _workers_sleep() -> bool:
+    """Whether the threading layer in use parks its idle workers (call after Numba launched its
+    threads, as numba.get_num_threads does): the layer Numba picked, not the one requested."""
+    layer = numba.threading_layer()
+    return layer in _SLEEPING_LAYERS or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
 
 # Held while a parallel loop runs; taken without waiting: whoever does not get it runs serially.
 _parallel_region = threading.Lock()
@@ -411,7 +421,8 @@ os.register_at_fork(after_in_child=_serial_after_fork)
 def _rows_or_parallel(rows, parallel, args, count):
     """parallel(*args) when this thread may start a parallel loop now (see above), else
     rows(*args, 0, count) on this thread."""
-    if (_WORKERS_SLEEP and numba.get_num_threads() > 1 and not _forked_child
+    # get_num_threads first: it launches Numba's threading layer, which _workers_sleep inspects
+    if (numba.get_num_threads() > 1 and not _forked_child and _workers_sleep()
             and _parallel_region.acquire(blocking=False)):
         try:
             parallel(*args)
