@@ -25,11 +25,13 @@ No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changin
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import threading
 
 import numba
+import numba.core.event
 import numba.extending
 import numpy as np
 
@@ -65,6 +67,35 @@ def _llvm_fma(typingctx, a, b, c):
 def _fma_compiled(a, b, c):
     if isinstance(a, numba.types.Float) and a == b == c:
         return lambda a, b, c: _llvm_fma(a, b, c)
+
+
+# A kernel not in Numba's cache (the first run after installing or upgrading, or a new dtype) is
+# compiled before it runs, which takes seconds: say so, once per process, as the compile starts.
+# A library does not print: this is an INFO record on the "npconvnext" logger, which the
+# command line shows on stderr (`logging.basicConfig(level=logging.INFO)` shows it elsewhere).
+_log = logging.getLogger("npconvnext")
+COMPILE_NOTICE = ("compiling the Numba kernels for this machine; this happens once, later runs load them "
+                  "from Numba's cache")
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """Numba announces a compile ("numba:compile") only after its cache had no machine code for
+    the kernel: an exact and free test of a cold cache."""
+
+    def __init__(self):
+        self.told = False
+
+    def on_start(self, event):
+        dispatcher = event.data.get("dispatcher") if isinstance(event.data, dict) else None
+        if not self.told and getattr(getattr(dispatcher, "py_func", None), "__module__", None) == __name__:
+            self.told = True
+            _log.info(COMPILE_NOTICE)
+
+    def on_end(self, event):
+        pass
+
+
+numba.core.event.register("numba:compile", _CompileNotice())
 
 
 _TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a constant lets LLVM unroll
