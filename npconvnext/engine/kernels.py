@@ -430,8 +430,9 @@ _SLEEPING_LAYERS = ("workqueue", "tbb")  # their idle workers wait on a conditio
 
 @functools.cache
 def _workers_sleep() -> bool:
-    """Whether the threading layer in use parks its idle workers (call after Numba launched its
-    threads, as numba.get_num_threads does): the layer Numba picked, not the one requested."""
+    """Whether the threading layer in use parks its idle workers: the layer Numba picked, not
+    the one requested."""
+    numba.get_num_threads()  # launches Numba's threading layer, if nothing has yet
     layer = numba.threading_layer()
     return layer in _SLEEPING_LAYERS or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
@@ -452,7 +453,6 @@ os.register_at_fork(after_in_child=_serial_after_fork)
 def _rows_or_parallel(rows, parallel, args, count):
     """parallel(*args) when this thread may start a parallel loop now (see above), else
     rows(*args, 0, count) on this thread."""
-    # get_num_threads first: it launches Numba's threading layer, which _workers_sleep inspects
     if (numba.get_num_threads() > 1 and not _forked_child and _workers_sleep()
             and _parallel_region.acquire(blocking=False)):
         try:
