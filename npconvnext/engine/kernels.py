@@ -416,10 +416,10 @@ def _gelu_backward_float64_(dout, x, dx):
 # Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
 # runs when this thread's Numba count is one (`threads.map_over_batch` workers,
 # set_num_threads(1)); when Numba's workers would busy-wait (`_workers_sleep`); when another
-# thread of this process is inside a parallel loop (Numba's workqueue layer aborts the process if two threads
-# enter one at once, and the others would only oversubscribe the cores); and in a process
-# forked from this one (GNU OpenMP kills a forked child that starts a parallel region, and the
-# parent's worker threads do not exist there).
+# thread of this process is inside a parallel loop (Numba's workqueue layer aborts the process
+# if two threads enter one at once, and the others would only oversubscribe the cores); and in
+# a process forked from this one (GNU OpenMP kills a forked child that starts a parallel
+# region, and the parent's worker threads do not exist there).
 
 # OpenMP's workers busy-wait after each parallel loop unless the user exported
 # OMP_WAIT_POLICY=PASSIVE (GNU's and LLVM's runtimes both read it when they load); between a
