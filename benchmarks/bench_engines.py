@@ -63,7 +63,6 @@ def files_of(model, directory):
 
 def prepare(model, directory):
     """Seeded random weights as timm safetensors, and the ONNX file timm exports from them."""
-    import numpy as np  # noqa: F401
     import npconvnext
     from npconvnext.params import random_state_dict
     from safetensors.numpy import save_file
@@ -92,7 +91,6 @@ def load_timm(model, safetensors_path):
 def build(engine, model, files, threads):
     """run(x) for x (N, 3, SIZE, SIZE) float32, with `threads` threads (None: the engine's default)."""
     if engine.startswith("npconvnext"):
-        import numpy as np
         import npconvnext
 
         _, backend, dtype = engine.split()
@@ -296,7 +294,8 @@ def beside(args, directory):
     result = {first: {key: statistics.median(ms) for key, ms in by_key.items()} for first, by_key in samples.items()}
     print(f"\nnpconvnext {args.model} in a fresh process alone, and after another engine was imported and "
           f"ran a forward in it; ms per image, median of {args.rounds} processes (each a median of {args.runs})")
-    print(" | ".join(["threads batch", "alone"] + [f"after {f}" for f in firsts[1:]] + [f"/alone after {f}" for f in firsts[1:]]))
+    after_names = [f"after {f}" for f in firsts[1:]]
+    print(" | ".join(["threads batch", "alone"] + after_names + [f"{name} / alone" for name in after_names]))
     for key, alone in result["alone"].items():
         after = [result[f].get(key) for f in firsts[1:]]
         print(" | ".join([key, f"{alone:.1f}"] + [f"{a:.1f}" if a else "-" for a in after]
