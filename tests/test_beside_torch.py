@@ -98,12 +98,13 @@ def check_left_alone(got: dict) -> None:
 
 def test_after_torch_the_model_is_right_and_leaves_settings_alone():
     # the default: OpenMP's workers spin after each loop, so the kernels run serially
-    got = run({"OMP_WAIT_POLICY": None, "NUMBA_THREADING_LAYER": None, "NPCONVNEXT_NUM_THREADS": None})
+    got = run({"OMP_WAIT_POLICY": None, "NUMBA_THREADING_LAYER": "omp", "NPCONVNEXT_NUM_THREADS": None})
     check_left_alone(got)
     assert got["threading_layer"] == "omp"
 
 
 def test_after_torch_with_sleeping_openmp_workers_and_parallel_kernels():
     # OMP_WAIT_POLICY=PASSIVE exported: the kernels' parallel loops run in torch's OpenMP runtime
-    got = run({"OMP_WAIT_POLICY": "PASSIVE", "NUMBA_THREADING_LAYER": None, "NPCONVNEXT_NUM_THREADS": None})
+    got = run({"OMP_WAIT_POLICY": "PASSIVE", "NUMBA_THREADING_LAYER": "omp", "NPCONVNEXT_NUM_THREADS": None})
     check_left_alone(got)
+    assert got["threading_layer"] == "omp"
