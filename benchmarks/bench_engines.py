@@ -370,19 +370,21 @@ def main():
         args.runs, args.rounds, memory_cases = min(args.runs, 3), 1, QUICK_MEMORY_CASES
     results = dict(model=args.model, threads=args.threads, batches=args.batches, runs=args.runs, rounds=args.rounds,
                    openvino=OPENVINO_CONFIG)
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as tmp:
         models = {args.model} | ({model for model, _ in memory_cases} if "memory" in parts else set())
-        for model in sorted(models):  # in a child, so that this process never holds a large model
-            run_child("prepare", dict(model=model, dir=directory))
-        files = files_of(args.model, directory)
+        directories = {model: os.path.join(tmp, model) for model in models}  # ONNX files past 2 GB put
+        for model, directory in sorted(directories.items()):                   # each weight beside them
+            os.mkdir(directory)
+            run_child("prepare", dict(model=model, dir=directory))  # in a child: this process never holds it
+        directory = directories[args.model]
         if "beside" in parts:
             results["beside"] = beside(args, directory)
         if "memory" in parts:
-            results["memory"] = memory(args, memory_cases, dict.fromkeys(models, directory))
+            results["memory"] = memory(args, memory_cases, directories)
         if "cold" in parts:
             results["cold_start"] = cold(args, directory)
         if "main" in parts:  # last: it imports every engine into this process
-            results["rows"] = main_table(args, files)
+            results["rows"] = main_table(args, files_of(args.model, directory))
             print_main(results["rows"], args.model)
     if args.json:
         with open(args.json, "w") as f:
