@@ -1,62 +1,212 @@
-"""convnext_tiny forward time: npconvnext against every peer engine installed, in one run.
+"""npconvnext against every peer engine installed: speed, threads, memory, cold start, and speed
+in a process where torch ran first.
 
-    python benchmarks/bench_engines.py [--model convnext_tiny] [--runs 15] [--json out.json]
+    python benchmarks/bench_engines.py [--parts main,beside,memory,cold] [--threads 1,2]
+        [--batches 1,8] [--runs 15] [--rounds 3] [--json out.json] [--quick]
 
-For each batch size and thread count the engines take turns, one call each per round, RUNS
-rounds after warm-up, and each engine's median is reported: the machines this runs on drift by
-tens of percent within minutes, and taking turns spreads a slow spell over every engine rather
-than one. A numpy 4096^3 sgemm probe on as many BLAS threads opens each round (the table shows
-the median), and the sgemm floor (the model's FLOPs at that rate) is the last column's reference.
-Peers: timm eager (needs the test extra), ONNX Runtime and OpenVINO (the bench extra); the
-ONNX file is exported here from the timm model. Never run as a test.
+main    the engines take turns call by call in one process, RUNS rounds after warm-up, for each
+        thread count and batch size (--threads 1,2,...,N is the thread sweep); each engine's
+        median, in ms per image and images/s. The machines this runs on drift by tens of
+        percent within minutes: taking turns spreads a slow spell over every engine. A numpy
+        4096^3 sgemm probe on as many BLAS threads opens each round; the sgemm floor is the
+        model's FLOPs at the probe's median rate.
+beside  npconvnext alone in a fresh process, against fresh processes where torch and timm (or
+        ONNX Runtime, or OpenVINO) were imported and ran a forward first; the processes take
+        turns, ROUNDS rounds, and each reports its median.
+memory  peak RSS (VmHWM) of a fresh process that loads one engine and runs one forward:
+        convnext_tiny at batch 1 and 32, convnext_xxlarge at batch 1.
+cold    a fresh process: import, load the weights, one batch-1 forward (time and peak RSS);
+        npconvnext with its JIT cache cold (an empty NUMBA_CACHE_DIR) and warm; ROUNDS rounds.
+
+Peers: timm eager (the test extra), ONNX Runtime and OpenVINO (the bench extra), from an ONNX
+file exported here from timm. OpenVINO runs with INFERENCE_PRECISION_HINT f32: on CPUs with
+AMX or AVX512-BF16 its CPU plugin otherwise runs float32 models in bfloat16. timm loads as a
+user does (create_model, then load_state_dict). --quick checks every part in a few minutes with
+small models. Never run as a test.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import warnings
 
-import npconvnext  # noqa: I001  before numpy, so its thread-wait settings reach OpenBLAS (see __init__)
-import numpy as np
-from threadpoolctl import threadpool_limits
+_STARTED = time.perf_counter()  # cold-start children count from here (before any heavy import)
 
-BATCHES = (1, 8)
-THREADS = (1, 2)
-WARMUP = 2
-PAUSE = 0.05  # seconds between two engines' calls
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
 SIZE = 224
-MACS = {"convnext_tiny": 4.47e9}  # per 224x224 image, from `npconvnext summary`
+WARMUP = 2
+PAUSE = 0.05  # seconds between two engines' calls, so the previous engine's threads park
+OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+OURS = "npconvnext numba float32"
+PEERS = ("timm eager", "onnxruntime", "openvino f32")
+MAIN_ENGINES = ("npconvnext numba float32", "npconvnext numba float64", "npconvnext numpy float32",
+                "timm eager", "onnxruntime", "openvino f32")
+MEMORY_CASES = (("convnext_tiny", 1), ("convnext_tiny", 32), ("convnext_xxlarge", 1))
+QUICK_MEMORY_CASES = (("convnext_atto", 1), ("convnext_atto", 4))
+FIRST = ("torch", "onnxruntime", "openvino")  # what the `beside` part runs before npconvnext
 
 
-def interleaved_ms(runners, x, runs, threads):
-    """Median ms per call of each engine, the engines taking turns call by call (so a slow
-    spell of the machine hits them all), and the median sgemm probe of the rounds."""
-    for run in runners.values():
-        for _ in range(WARMUP):
-            run(x)
-    times = {engine: [] for engine in runners}
-    probes = []
-    for round_ in range(runs):
-        with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
-            probes.append(sgemm_gflops())
-        for engine, run in runners.items():
-            if "numpy" in engine and round_ >= 3:  # the reference backend is slow: 3 calls
-                continue
-            time.sleep(PAUSE)  # the previous engine's threads park, as between two requests
-            start = time.perf_counter()
-            run(x)
-            times[engine].append(time.perf_counter() - start)
-    return {engine: 1000 * statistics.median(t) for engine, t in times.items()}, statistics.median(probes)
+# ---- the engines: each one built from the files `prepare` wrote --------------------------------
+
+
+def files_of(model, directory):
+    return dict(safetensors=os.path.join(directory, f"{model}.safetensors"),
+                onnx=os.path.join(directory, f"{model}.onnx"))
+
+
+def prepare(model, directory):
+    """Seeded random weights as timm safetensors, and the ONNX file timm exports from them."""
+    import npconvnext
+    from npconvnext.params import random_state_dict
+    from safetensors.numpy import save_file
+
+    files = files_of(model, directory)
+    save_file(random_state_dict(npconvnext.get_config(model)), files["safetensors"])
+    try:
+        import torch
+
+        timm_model = load_timm(model, files["safetensors"])
+        torch.onnx.export(timm_model, torch.zeros(1, 3, SIZE, SIZE), files["onnx"], input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, dynamo=False)  # weights past 2 GB go beside it
+    except Exception as exc:  # no timm or no exporter: the ONNX peers are left out
+        print(f"# no ONNX file for {model}: {exc}", file=sys.stderr)
+
+
+def load_timm(model, safetensors_path):
+    import timm
+    from safetensors.torch import load_file
+
+    timm_model = timm.create_model(model, pretrained=False).eval()
+    timm_model.load_state_dict(load_file(safetensors_path))
+    return timm_model
+
+
+def build(engine, model, files, threads):
+    """run(x) for x (N, 3, SIZE, SIZE) float32, with `threads` threads (None: the engine's default)."""
+    if engine.startswith("npconvnext"):
+        import npconvnext
+
+        _, backend, dtype = engine.split()
+        if threads:
+            npconvnext.set_num_threads(threads)
+        net = npconvnext.create_model(model, weights=files["safetensors"], dtype=dtype, backend=backend)
+        return lambda x: net(x.astype(dtype))
+    if engine == "timm eager":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        timm_model = load_timm(model, files["safetensors"])
+
+        def run(x):
+            with torch.no_grad():
+                return timm_model(torch.from_numpy(x)).numpy()
+        return run
+    if not os.path.exists(files["onnx"]):
+        raise RuntimeError("no ONNX file")
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"x": x})[0]
+    if engine == "openvino f32":
+        import openvino as ov
+
+        config = dict(OPENVINO_CONFIG, **({"INFERENCE_NUM_THREADS": threads} if threads else {}))
+        compiled = ov.Core().compile_model(files["onnx"], "CPU", config)
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        if precision != ov.Type.f32:  # read back: the hint is a request
+            raise RuntimeError(f"OpenVINO runs in {precision}, not f32")
+        return lambda x: compiled(x)[0]
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def images(batch, seed=0):
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def median_ms_per_image(run, x, runs):
+    for _ in range(WARMUP):
+        run(x)
+    times = []
+    for _ in range(runs):
+        time.sleep(PAUSE)
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / len(x)
+
+
+def peak_rss_mb():
+    # VmHWM, not ru_maxrss: ru_maxrss keeps the high-water mark of the parent this child was
+    # forked from before it exec'd
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+# ---- children: each prints one JSON line --------------------------------------------------------
+
+
+def child(args):
+    kind, payload = args.child, json.loads(args.payload)
+    warnings.simplefilter("ignore")
+    files = files_of(payload["model"], payload["dir"])
+    if kind == "prepare":
+        prepare(payload["model"], payload["dir"])
+        result = {}
+    elif kind == "cold":  # import, load, one batch-1 forward, counted from this process's start
+        build(payload["engine"], payload["model"], files, None)(images(1))
+        result = dict(seconds=time.perf_counter() - _STARTED, peak_rss_mb=peak_rss_mb())
+    elif kind == "memory":
+        run = build(payload["engine"], payload["model"], files, None)
+        x = images(payload["batch"])
+        run(x)
+        run(x)
+        result = dict(peak_rss_mb=peak_rss_mb())
+    elif kind == "beside":
+        first = payload["first"]
+        if first:  # as a notebook would: the peer loads and runs first, at its default threads
+            build({"torch": "timm eager", "onnxruntime": "onnxruntime", "openvino": "openvino f32"}[first],
+                  payload["model"], files, None)(images(1))
+        result = {}
+        for threads in payload["threads"]:
+            run = build(OURS, payload["model"], files, threads)
+            for batch in payload["batches"]:
+                result[f"{threads} {batch}"] = median_ms_per_image(run, images(batch), payload["runs"])
+    else:
+        raise ValueError(kind)
+    print(json.dumps(result))
+
+
+def run_child(kind, payload, env=None):
+    """A child's JSON result, or None (with the reason on stderr) if it failed."""
+    process = subprocess.run([sys.executable, __file__, "--child", kind, "--payload", json.dumps(payload)],
+                             env=env or dict(os.environ), capture_output=True, text=True)
+    if process.returncode:
+        last_line = (process.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"# {kind} {payload.get('engine') or payload.get('first') or ''} failed: {last_line}", file=sys.stderr)
+        return None
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+# ---- the parts --------------------------------------------------------------------------------
 
 
 def sgemm_gflops():
+    import numpy as np
+
     a = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
     a @ a
     start = time.perf_counter()
@@ -64,153 +214,181 @@ def sgemm_gflops():
     return 2 * 4096**3 / (time.perf_counter() - start) / 1e9
 
 
-def engines(name, state, tmp):
-    """name -> (setup(threads) -> run(x)) for every engine that can be imported."""
-    def ours(backend, dtype):
-        def setup(threads):
-            npconvnext.set_num_threads(threads)
-            model = npconvnext.create_model(name, weights=state, dtype=dtype, backend=backend)
-            return lambda x: model(x.astype(dtype))
-        return setup
+def main_table(args, files):
+    """Rows (engine, threads, batch, ms per image, sgemm GF/s), the engines taking turns."""
+    from threadpoolctl import threadpool_limits
 
-    found = {f"npconvnext {b} {d}": ours(b, d) for b in ("numba", "numpy") for d in ("float32", "float64")}
-    try:
-        import timm
-        import torch
+    chosen = [e for e in MAIN_ENGINES if not args.engines or any(w in e for w in args.engines.split(","))]
+    rows = []
+    for threads in args.threads:
+        runners = {}
+        for engine in chosen:
+            try:
+                runners[engine] = build(engine, args.model, files, threads)
+            except Exception as exc:  # a peer that is not installed is left out
+                print(f"# {engine} unavailable: {exc}", file=sys.stderr)
+        for batch in args.batches:
+            x = images(batch)
+            for run in runners.values():
+                for _ in range(WARMUP):
+                    run(x)
+            times, probes = {engine: [] for engine in runners}, []
+            for round_ in range(args.runs):
+                with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
+                    probes.append(sgemm_gflops())
+                for engine, run in runners.items():
+                    if "numpy" in engine and round_ >= 3:  # the reference backend is slow: 3 calls
+                        continue
+                    time.sleep(PAUSE)
+                    start = time.perf_counter()
+                    run(x)
+                    times[engine].append(time.perf_counter() - start)
+            for engine, t in times.items():
+                ms = 1000 * statistics.median(t) / batch
+                rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms,
+                                 images_per_s=1000 / ms, sgemm_gflops=statistics.median(probes)))
+                print(f"# {engine} threads={threads} batch={batch}: {ms:.1f} ms/image", file=sys.stderr)
+    return rows
 
-        model = timm.create_model(name, pretrained=False).eval()
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
 
-        def timm_setup(threads):
-            torch.set_num_threads(threads)
+def print_main(rows, model):
+    import npconvnext
+    from npconvnext.summary import summarize
 
-            def run(x):
-                with torch.no_grad():
-                    return model(torch.from_numpy(x)).numpy()
-            return run
-        found["timm eager"] = timm_setup
-        onnx_path = os.path.join(tmp, f"{name}.onnx")
-        torch.onnx.export(model, torch.zeros(1, 3, SIZE, SIZE), onnx_path, input_names=["x"],
-                          dynamic_axes={"x": {0: "n"}}, dynamo=False)
-    except Exception as exc:  # a peer that is not installed or fails to export is left out
-        print(f"# timm/onnx export unavailable: {exc}", file=sys.stderr)
-        onnx_path = None
-    if onnx_path:
-        try:
-            import onnxruntime as ort
+    macs = sum(row.macs for row in summarize(npconvnext.get_config(model), (SIZE, SIZE)))  # per image
+    peers = [p for p in PEERS if any(r["engine"] == p for r in rows)]
+    print(f"\n{model}, {SIZE}x{SIZE}, float32 input; engines taking turns call by call in one process; "
+          "median ms per image; ratio = this / peer; floor = the model's FLOPs at numpy's sgemm rate. "
+          f"OpenVINO: {OPENVINO_CONFIG}")
+    print(" | ".join(["engine", "threads", "batch", "ms/image", "images/s", "sgemm GF/s"]
+                     + [f"/{p}" for p in peers] + ["/floor"]))
+    for r in sorted(rows, key=lambda r: (MAIN_ENGINES.index(r["engine"]), r["threads"], r["batch"])):
+        same = {q["engine"]: q for q in rows if (q["threads"], q["batch"]) == (r["threads"], r["batch"])}
+        floor_ms = 2 * macs / (r["sgemm_gflops"] * 1e9) * 1000
+        print(" | ".join([r["engine"], str(r["threads"]), str(r["batch"]), f"{r['ms_per_image']:.1f}",
+                          f"{r['images_per_s']:.1f}", f"{r['sgemm_gflops']:.0f}"]
+                         + [f"{r['ms_per_image'] / same[p]['ms_per_image']:.2f}" if p in same else "-" for p in peers]
+                         + [f"{r['ms_per_image'] / floor_ms:.2f}"]))
+    print("\nthread sweep, images/s (ours / the fastest float32 peer: below 1 is slower)")
+    sweep = [e for e in (OURS, "onnxruntime", "openvino f32") if any(r["engine"] == e for r in rows)]
+    print(" | ".join(["threads", "batch"] + sweep + ["ours / best peer"]))
+    for threads in sorted({r["threads"] for r in rows}):
+        for batch in sorted({r["batch"] for r in rows}):
+            rate = {r["engine"]: r["images_per_s"] for r in rows if (r["threads"], r["batch"]) == (threads, batch)}
+            best = max((rate[e] for e in sweep[1:] if e in rate), default=None)
+            ratio = f"{rate[OURS] / best:.2f}" if best and OURS in rate else "-"
+            print(" | ".join([str(threads), str(batch)] + [f"{rate[e]:.1f}" if e in rate else "-" for e in sweep]
+                             + [ratio]))
 
-            def ort_setup(threads):
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = threads
-                sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-                return lambda x: sess.run(None, {"x": x})[0]
-            found["onnxruntime"] = ort_setup
-        except ImportError:
-            pass
-        try:
-            import openvino as ov
 
-            def ov_setup(threads):
-                core = ov.Core()
-                compiled = core.compile_model(onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                                 "INFERENCE_NUM_THREADS": threads})
-                return lambda x: compiled(x)[0]
-            found["openvino f32"] = ov_setup
-        except ImportError:
-            pass
-    return found
+def beside(args, directory):
+    """{first or 'alone': {'threads batch': median of the processes' medians}}, the processes taking turns."""
+    firsts = [None] + [f for f in FIRST if f in args.first]
+    samples = {f or "alone": {} for f in firsts}
+    for _ in range(args.rounds):
+        for first in firsts:
+            got = run_child("beside", dict(model=args.model, dir=directory, first=first, threads=args.threads,
+                                           batches=args.batches, runs=args.runs))
+            for key, ms in (got or {}).items():
+                samples[first or "alone"].setdefault(key, []).append(ms)
+    result = {first: {key: statistics.median(ms) for key, ms in by_key.items()} for first, by_key in samples.items()}
+    print(f"\nnpconvnext {args.model} in a fresh process alone, and after another engine was imported and "
+          f"ran a forward in it; ms per image, median of {args.rounds} processes (each a median of {args.runs})")
+    after_names = [f"after {f}" for f in firsts[1:]]
+    print(" | ".join(["threads batch", "alone"] + after_names + [f"{name} / alone" for name in after_names]))
+    for key, alone in result["alone"].items():
+        after = [result[f].get(key) for f in firsts[1:]]
+        print(" | ".join([key, f"{alone:.1f}"] + [f"{a:.1f}" if a else "-" for a in after]
+                         + [f"{a / alone:.2f}" if a else "-" for a in after]))
+    return result
+
+
+def memory(args, cases, directories):
+    """{model batch: {engine: peak RSS MB}}, each engine alone in a fresh process."""
+    engines = [OURS] + list(PEERS)
+    result = {}
+    for model, batch in cases:
+        row = result[f"{model} {batch}"] = {}
+        for engine in engines:
+            got = run_child("memory", dict(model=model, dir=directories[model], engine=engine, batch=batch))
+            if got:
+                row[engine] = got["peak_rss_mb"]
+    print("\npeak RSS (MB) of a fresh process that loads the model and runs two forwards, one engine each")
+    print(" | ".join(["model", "batch"] + engines))
+    for key, row in result.items():
+        print(" | ".join(key.split() + [f"{row[e]:.0f}" if e in row else "-" for e in engines]))
+    return result
+
+
+def cold(args, directory):
+    """{label: {seconds, peak_rss_mb}} medians over ROUNDS fresh processes, taking turns."""
+    jit = os.path.join(directory, "jit")
+    warm_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, "warm"))
+    run_child("cold", dict(model=args.model, dir=directory, engine=OURS), warm_env)  # fills the warm cache
+    cases = [("npconvnext, JIT cache cold", OURS, None), ("npconvnext, JIT cache warm", OURS, warm_env)]
+    cases += [(engine, engine, None) for engine in PEERS]
+    samples = {label: [] for label, _, _ in cases}
+    for round_ in range(args.rounds):
+        for label, engine, env in cases:
+            cold_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, f"cold{round_}"))  # empty
+            got = run_child("cold", dict(model=args.model, dir=directory, engine=engine), env or cold_env)
+            if got:
+                samples[label].append(got)
+    result = {label: dict(seconds=statistics.median(s["seconds"] for s in got),
+                          peak_rss_mb=statistics.median(s["peak_rss_mb"] for s in got))
+              for label, got in samples.items() if got}
+    print(f"\ncold start of {args.model}: a fresh process imports, loads the weights and runs one batch-1 "
+          f"forward; medians of {args.rounds} processes")
+    for label, r in result.items():
+        print(f"{label}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="main,beside,memory,cold")
     parser.add_argument("--model", default="convnext_tiny")
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2,4,8,16 for a sweep")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--runs", type=int, default=15, help="calls per engine and case (main, beside)")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per case (beside, cold)")
+    parser.add_argument("--engines", default=None, help="main: comma-separated substrings of the engines to run")
+    parser.add_argument("--first", default=",".join(FIRST), help="beside: what runs before npconvnext")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--engines", default=None, help="comma-separated substrings: run only matching engines")
-    parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="check every part in minutes: small models, few runs")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--payload", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
     warnings.simplefilter("ignore")
-    from npconvnext.params import random_state_dict
-
-    state = random_state_dict(npconvnext.get_config(args.model))
-    rows = []
+    parts = args.parts.split(",")
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    memory_cases = MEMORY_CASES
+    if args.quick:
+        args.runs, args.rounds, memory_cases = min(args.runs, 3), 1, QUICK_MEMORY_CASES
+    results = dict(model=args.model, threads=args.threads, batches=args.batches, runs=args.runs, rounds=args.rounds,
+                   openvino=OPENVINO_CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
-        found = engines(args.model, state, tmp)
-        onnx_path = os.path.join(tmp, f"{args.model}.onnx")
-        cold = {} if args.no_cold_start else cold_start(args.model, onnx_path if os.path.exists(onnx_path) else None)
-        chosen = {engine: setup for engine, setup in found.items()
-                  if not args.engines or any(word in engine for word in args.engines.split(","))}
-        for threads in THREADS:
-            runners = {engine: setup(threads) for engine, setup in chosen.items()}
-            for batch in BATCHES:
-                x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
-                ms, probe = interleaved_ms(runners, x, args.runs, threads)
-                for engine in runners:
-                    rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms[engine] / batch,
-                                     sgemm_gflops=probe))
-                    print(f"# {engine} threads={threads} batch={batch}: {ms[engine] / batch:.1f} ms/image",
-                          file=sys.stderr)
-    rows.sort(key=lambda r: list(chosen).index(r["engine"]))  # stable: by engine, then threads and batch
-    macs = MACS.get(args.model)
-    print(f"\n{args.model}, {SIZE}x{SIZE}, float32 input; ms per image (median); ratio = this / peer")
-    peers = sorted({r["engine"] for r in rows if not r["engine"].startswith("npconvnext")})
-    header = ["engine", "thr", "batch", "ms/img", "sgemm GF/s"] + [f"/{p}" for p in peers] + (["/floor"] if macs else [])
-    print(" | ".join(header))
-    for r in rows:
-        cells = [r["engine"], str(r["threads"]), str(r["batch"]), f"{r['ms_per_image']:.1f}", f"{r['sgemm_gflops']:.0f}"]
-        for p in peers:
-            peer = next(q for q in rows if q["engine"] == p and q["threads"] == r["threads"] and q["batch"] == r["batch"])
-            cells.append(f"{r['ms_per_image'] / peer['ms_per_image']:.2f}")
-        if macs:
-            floor_ms = 2 * macs / (r["sgemm_gflops"] * 1e9) * 1000
-            cells.append(f"{r['ms_per_image'] / floor_ms:.2f}")
-        print(" | ".join(cells))
-    print("\ncold start (new process: import, load the weights, one batch-1 forward):")
-    for label, result in cold.items():
-        print(f"{label}: {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']} MB")
+        models = {args.model} | ({model for model, _ in memory_cases} if "memory" in parts else set())
+        directories = {model: os.path.join(tmp, model) for model in models}  # ONNX files past 2 GB put
+        for model, directory in sorted(directories.items()):                   # each weight beside them
+            os.mkdir(directory)
+            run_child("prepare", dict(model=model, dir=directory))  # in a child: this process never holds it
+        directory = directories[args.model]
+        if "beside" in parts:
+            results["beside"] = beside(args, directory)
+        if "memory" in parts:
+            results["memory"] = memory(args, memory_cases, directories)
+        if "cold" in parts:
+            results["cold_start"] = cold(args, directory)
+        if "main" in parts:  # last: it imports every engine into this process
+            results["rows"] = main_table(args, files_of(args.model, directory))
+            print_main(results["rows"], args.model)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(model=args.model, rows=rows, cold_start=cold), f, indent=2)
-
-
-def cold_start(name, onnx_path=None):
-    """Seconds and peak RSS of a fresh process (import, load weights, one batch-1 forward):
-    npconvnext with its JIT cache cold and warm, and each peer that is installed."""
-    from npconvnext.params import random_state_dict
-    from safetensors.numpy import save_file
-
-    # peak RSS from VmHWM: ru_maxrss would carry over this (large) parent's high-water mark,
-    # since the child is forked from it before it execs
-    start = "import time; t = time.perf_counter();"
-    finish = ("s = time.perf_counter() - t;"
-              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
-              "print(s, int(hwm) / 1024)")
-    ours = (f"import npconvnext, numpy as np; m = npconvnext.create_model({name!r}, weights={{path!r}});"
-            f"m(np.zeros((1, 3, {SIZE}, {SIZE}), np.float32));")
-    timm = (f"import torch, timm; from safetensors.torch import load_file;"
-            f"m = timm.create_model({name!r}, pretrained=False).eval(); m.load_state_dict(load_file({{path!r}}));"
-            f"torch.set_grad_enabled(False); m(torch.zeros(1, 3, {SIZE}, {SIZE}));")
-    ort = ("import onnxruntime as ort, numpy as np;"
-           "s = ort.InferenceSession({onnx!r}, providers=['CPUExecutionProvider']);"
-           f"s.run(None, {{{{'x': np.zeros((1, 3, {SIZE}, {SIZE}), np.float32)}}}});")
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.safetensors")
-        save_file(random_state_dict(npconvnext.get_config(name)), path)
-        runs = [("npconvnext, cold JIT", ours), ("npconvnext, warm JIT", ours), ("timm eager", timm)]
-        if onnx_path:
-            runs.append(("onnxruntime", ort))
-        for label, code in runs:
-            env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "jit"))
-            result = subprocess.run([sys.executable, "-c", (start + code + finish).format(path=path, onnx=onnx_path)],
-                                    env=env, capture_output=True, text=True)
-            if result.returncode:  # a peer that is not installed is left out
-                last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"# cold start of {label} failed: {last_line}", file=sys.stderr)
-                continue
-            seconds, rss = map(float, result.stdout.split())
-            out[label] = dict(seconds=round(seconds, 2), peak_rss_mb=round(rss))
-    return out
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def forward_ms(model, x, runs):
 
 
 def split_against_shared(args):
+    npconvnext.set_num_threads(numba.get_num_threads())  # hands BLAS's count over: the split may run
     split_over_batch = engine.map_over_batch
 
     def layers_shared(fn, x):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -475,8 +476,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NotesOnStderr(logging.Handler):
+    """The library's INFO notes (Numba compiling the kernels on a cold cache) as lines on stderr:
+    the command is the program, so it chooses where they go."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"npconvnext: {record.getMessage()}", file=sys.stderr, flush=True)  # whatever stderr is now
+
+
+def _show_library_notes() -> None:
+    logger = logging.getLogger("npconvnext")
+    if not any(isinstance(handler, _NotesOnStderr) for handler in logger.handlers):
+        logger.addHandler(_NotesOnStderr())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_notes()
     try:
         args.run(args)
     # NpConvNeXtError is npconvnext's refusal of a bad input; plain ValueError and RuntimeError

@@ -241,3 +241,50 @@ def test_gelu_kernels_for_training_match_the_reference(shape, dtype, kernel_thre
     gelu = "_bias_gelu_float32_" if dtype == np.float32 else "_bias_gelu_float64_"
     backward = "_gelu_backward_float32_" if dtype == np.float32 else "_gelu_backward_float64_"
     assert kernel_threads == ({gelu, backward} if numba.get_num_threads() > 1 else set())
+
+
+_LIBRARY_RUN = """
+import json, logging, sys, warnings
+import numpy as np
+import npconvnext
+from npconvnext.engine import kernels
+
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger().addHandler(handler)  # collects, prints nothing
+logging.getLogger().setLevel(logging.INFO)
+warnings.simplefilter("ignore")
+npconvnext.create_model("convnext_atto", weights=sys.argv[1])(np.zeros((2, 3, 32, 32), np.float32))
+print(json.dumps([[r.name, r.levelname, r.getMessage()] for r in records]))
+"""
+
+
+def test_a_cold_jit_cache_is_told_once_by_the_cli_and_logged_by_the_library(tmp_path):
+    """Compiling the kernels takes seconds: the first run on a cold cache says so (the CLI on
+    stderr; the library as an INFO record, never printed), and a warm run says nothing."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    import npconvnext
+    from npconvnext.engine.kernels import COMPILE_NOTICE
+    from npconvnext.params import random_state_dict
+
+    weights = tmp_path / "atto.safetensors"
+    save_file(random_state_dict(npconvnext.get_config("convnext_atto")), weights)
+    image = os.path.join(os.path.dirname(__file__), "data", "chelsea.png")
+
+    def run(args, cache):
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / cache))
+        result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    cold = run(["-m", "npconvnext", "classify", image, "--weights", str(weights)], "cli-cache")
+    assert cold.stderr.count(f"npconvnext: {COMPILE_NOTICE}") == 1, cold.stderr
+    warm = run(["-m", "npconvnext", "classify", image, "--weights", str(weights)], "cli-cache")
+    assert COMPILE_NOTICE not in warm.stderr and warm.stdout == cold.stdout
+    library = run(["-c", _LIBRARY_RUN, str(weights)], "library-cache")
+    assert json.loads(library.stdout) == [["npconvnext", "INFO", COMPILE_NOTICE]]
+    assert COMPILE_NOTICE not in library.stderr

@@ -174,19 +174,39 @@ def test_import_and_a_forward_pass_leave_the_environment_alone():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("wait_policy, parallel", [(None, False), ("passive", True), ("ACTIVE", False)])
-def test_kernels_start_parallel_loops_only_where_openmp_workers_sleep(wait_policy, parallel):
+@pytest.mark.parametrize("wait_policy, layer_settings, layer, parallel", [
+    (None, {}, "omp", False), ("passive", {}, "omp", True), ("ACTIVE", {}, "omp", False),
+    (None, {"NUMBA_THREADING_LAYER": "workqueue"}, "workqueue", True),
+    # the layer Numba picks, not the one asked for: "default" here, and workqueue picked
+    (None, {"NUMBA_THREADING_LAYER_PRIORITY": "workqueue omp tbb"}, "workqueue", True),
+], ids=["omp", "omp-passive", "omp-active", "workqueue", "workqueue-by-priority"])
+def test_kernels_start_parallel_loops_only_where_idle_workers_sleep(wait_policy, layer_settings, layer, parallel):
     # busy-waiting workers take the cores BLAS needs next: then the kernels run serially
-    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
+    code = ("import warnings, numpy as np, numba, npconvnext; warnings.simplefilter('ignore');"
             "from npconvnext.engine import kernels;"
             "ran = [];"
             "loop = kernels._depthwise_conv7_layer_norm;"
             "kernels._depthwise_conv7_layer_norm = lambda *a: ran.append(1) or loop(*a);"
             "m = npconvnext.create_model('convnext_atto'); m(np.zeros((1, 3, 64, 64), np.float32));"
-            "print(kernels._WORKERS_SLEEP, bool(ran))")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
+            "print(numba.config.THREADING_LAYER, numba.threading_layer(), kernels._workers_sleep(), bool(ran))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")}
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
-    env["NUMBA_NUM_THREADS"] = "2"
+    env.update(layer_settings, NUMBA_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(parallel), str(parallel)]
+    requested, used, sleep, ran = out.stdout.split()
+    assert (used, sleep, ran) == (layer, str(parallel), str(parallel)), out.stdout
+
+
+def test_until_set_num_threads_a_batch_leaves_blas_alone(two_threads, monkeypatch):
+    # BLAS's count is the program's until it hands it over by calling set_num_threads
+    monkeypatch.setattr(threads, "_blas_handed_over", False)
+    seen = []
+    blas_before = blas_threads()
+    threads.map_over_batch(lambda x: seen.append((len(x), blas_threads())) or x, np.zeros((4, 1)))
+    assert seen == [(4, blas_before)]
+    npconvnext.set_num_threads(2)
+    seen.clear()
+    threads.map_over_batch(lambda x: seen.append((len(x), blas_threads())) or x, np.zeros((4, 1)))
+    assert [n for n, _ in seen] == [2, 2] and all(set(b) == {1} for _, b in seen)

@@ -24,11 +24,14 @@ No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changin
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 import threading
 
 import numba
+import numba.core.event
 import numba.extending
 import numpy as np
 
@@ -64,6 +67,35 @@ def _llvm_fma(typingctx, a, b, c):
 def _fma_compiled(a, b, c):
     if isinstance(a, numba.types.Float) and a == b == c:
         return lambda a, b, c: _llvm_fma(a, b, c)
+
+
+# A kernel not in Numba's cache (the first run after installing or upgrading, or a new dtype) is
+# compiled before it runs, which takes seconds: say so, once per process, as the compile starts.
+# A library does not print: this is an INFO record on the "npconvnext" logger, which the
+# command line shows on stderr (`logging.basicConfig(level=logging.INFO)` shows it elsewhere).
+_log = logging.getLogger("npconvnext")
+COMPILE_NOTICE = ("compiling the Numba kernels for this machine; this happens once, later runs load them "
+                  "from Numba's cache")
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """Numba announces a compile ("numba:compile") only after its cache had no machine code for
+    the kernel: an exact and free test of a cold cache."""
+
+    def __init__(self):
+        self.told = False
+
+    def on_start(self, event):
+        dispatcher = event.data.get("dispatcher") if isinstance(event.data, dict) else None
+        if not self.told and getattr(getattr(dispatcher, "py_func", None), "__module__", None) == __name__:
+            self.told = True
+            _log.info(COMPILE_NOTICE)
+
+    def on_end(self, event):
+        pass
+
+
+numba.core.event.register("numba:compile", _CompileNotice())
 
 
 _TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a constant lets LLVM unroll
@@ -383,17 +415,27 @@ def _gelu_backward_float64_(dout, x, dx):
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
 # Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
 # runs when this thread's Numba count is one (`threads.map_over_batch` workers,
-# set_num_threads(1)); when Numba's workers would busy-wait (below); when another thread of this
-# process is inside a parallel loop (Numba's workqueue layer aborts the process if two threads
-# enter one at once, and the others would only oversubscribe the cores); and in a process
-# forked from this one (GNU OpenMP kills a forked child that starts a parallel region, and the
-# parent's worker threads do not exist there).
+# set_num_threads(1)); when Numba's workers would busy-wait (`_workers_sleep`); when another
+# thread of this process is inside a parallel loop (Numba's workqueue layer aborts the process
+# if two threads enter one at once, and the others would only oversubscribe the cores); and in
+# a process forked from this one (GNU OpenMP kills a forked child that starts a parallel
+# region, and the parent's worker threads do not exist there).
 
-# GNU OpenMP's workers busy-wait after each parallel loop unless the user exported
-# OMP_WAIT_POLICY=PASSIVE; between a kernel and the next BLAS call they take the cores BLAS
-# needs. The kernels then run serially and BLAS keeps the threads (read here, never set).
-_WORKERS_SLEEP = (os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-                  or numba.config.THREADING_LAYER in ("workqueue", "tbb"))
+# OpenMP's workers busy-wait after each parallel loop unless the user exported
+# OMP_WAIT_POLICY=PASSIVE (GNU's and LLVM's runtimes both read it when they load); between a
+# kernel and the next BLAS call they take the cores BLAS needs. Then the kernels run serially
+# and BLAS keeps the threads. The variable is read, never set.
+_SLEEPING_LAYERS = ("workqueue", "tbb")  # their idle workers wait on a condition or yield
+
+
+@functools.cache
+def _workers_sleep() -> bool:
+    """Whether the threading layer in use parks its idle workers: the layer Numba picked, not
+    the one requested."""
+    numba.get_num_threads()  # launches Numba's threading layer, if nothing has yet
+    layer = numba.threading_layer()
+    return layer in _SLEEPING_LAYERS or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
 
 # Held while a parallel loop runs; taken without waiting: whoever does not get it runs serially.
 _parallel_region = threading.Lock()
@@ -411,7 +453,7 @@ os.register_at_fork(after_in_child=_serial_after_fork)
 def _rows_or_parallel(rows, parallel, args, count):
     """parallel(*args) when this thread may start a parallel loop now (see above), else
     rows(*args, 0, count) on this thread."""
-    if (_WORKERS_SLEEP and numba.get_num_threads() > 1 and not _forked_child
+    if (numba.get_num_threads() > 1 and not _forked_child and _workers_sleep()
             and _parallel_region.acquire(blocking=False)):
         try:
             parallel(*args)

@@ -8,8 +8,11 @@ once, at the end (`map_over_batch`).
 
 BLAS libraries have one process-wide thread count (OpenBLAS's "thread-local" setter is global
 too, and OpenBLAS may ignore a count set from another thread once the main thread has set one),
-so that split runs from the main thread only, sets the count to one while it runs and puts it
-back afterwards; the count is read and written through threadpoolctl.
+so that split needs the count set to one while it runs, for the whole process. That count is
+the program's: npconvnext changes it only after the program handed it over, by calling
+`set_num_threads` (or exporting NPCONVNEXT_NUM_THREADS), whose docstring says so. Until then a
+batch runs with every layer shared, and BLAS's count is only read. The split runs from the main
+thread only, and puts the count back afterwards; it is read and written through threadpoolctl.
 
 Idle threads of Numba's OpenMP layer and of OpenBLAS spin for a while before they park, on the
 cores the other library (or another process) needs next; single images suffer most. Both
@@ -41,12 +44,15 @@ def _blas_libraries():
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for the Numba kernels and NumPy's BLAS.
+    """Threads for the Numba kernels and NumPy's BLAS, and leave BLAS's count to npconvnext.
 
     Kernels and BLAS calls run one after the other, never nested, so giving both the same
     count uses the cores without oversubscribing them. Numba's count belongs to the calling
     thread (new threads start at NUMBA_NUM_THREADS); BLAS's is process-wide (set it from
-    the main thread: OpenBLAS may ignore other threads).
+    the main thread: OpenBLAS may ignore other threads). After this call a batch of several
+    images is shared between the threads image by image (`map_over_batch`), which sets BLAS's
+    count to one, process-wide, while the batch runs, and puts it back afterwards: a matmul of
+    another thread meanwhile runs on one thread.
     NPCONVNEXT_NUM_THREADS sets the count at import (see `_threads_from_environment`).
     """
     n = int(n)
@@ -54,6 +60,11 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
     numba.set_num_threads(n)
     _set_blas_threads([n] * len(_blas_libraries()))
+    global _blas_handed_over
+    _blas_handed_over = True
+
+
+_blas_handed_over = False  # set_num_threads was called: BLAS's count is npconvnext's to change
 
 
 def _set_blas_threads(counts: list[int]) -> bool:
@@ -77,12 +88,13 @@ def map_over_batch(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.
 
     With T threads (this thread's Numba count) and N >= 2 images, T workers (this thread and
     T - 1 others) each run N // T images on one thread; the N % T left over then run on all T
-    threads. Only from the main thread, and only with a BLAS library whose thread count
-    threadpoolctl can set: otherwise fn(x) as it is.
+    threads. Only after `set_num_threads` handed BLAS's count over, from the main thread, and
+    with a BLAS library whose thread count threadpoolctl can set: otherwise fn(x) as it is.
     """
     n = x.shape[0]
     workers = min(numba.get_num_threads(), n)
-    if workers < 2 or threading.current_thread() is not threading.main_thread() or not _blas_libraries():
+    if (workers < 2 or not _blas_handed_over or threading.current_thread() is not threading.main_thread()
+            or not _blas_libraries()):
         return fn(x)
     saved = [library.get_num_threads() for library in _blas_libraries()]
     if not _set_blas_threads([1] * len(saved)):
