@@ -491,9 +491,20 @@ def _show_library_notes() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _take_the_threads() -> None:
+    """The command is the program, so it hands NumPy's BLAS thread count to npconvnext: a batch
+    is then shared out image by image (engine/threads.py), which a library may not do unasked."""
+    import numba
+
+    from .engine.threads import set_num_threads
+
+    set_num_threads(numba.get_num_threads())  # NPCONVNEXT_NUM_THREADS, if set, is already in it
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_notes()
+    _take_the_threads()
     try:
         args.run(args)
     # NpConvNeXtError is npconvnext's refusal of a bad input; plain ValueError and RuntimeError

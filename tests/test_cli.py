@@ -43,6 +43,16 @@ def test_classify_json_matches_the_library(weights):
     assert rows[0]["labels"][0] == npconvnext.imagenet_labels()[rows[0]["indices"][0]]
 
 
+def test_the_command_shares_a_batch_out_image_by_image(weights):
+    # a library leaves BLAS's thread count alone unless handed it; the command is the program and does
+    code = ("import sys; from npconvnext import cli; from npconvnext.engine import threads; "
+            f"cli.main(['classify', {DATA!r}, '--weights', {str(weights)!r}, '--batch-size', '3']); "
+            "print(threads._blas_handed_over)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "True"
+
+
 def test_classify_skips_unreadable_files(weights, tmp_path):
     shutil.copy(os.path.join(DATA, "chelsea.png"), tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
