@@ -11,9 +11,18 @@ Training additions, as timm has them:
                                   p_b grows linearly from 0 to drop_path_rate over the blocks
     head dropout                  elementwise on the pooled, normed features before the fc
 
-What is kept per block, and what is recomputed in the backward:
+What is kept per block, and what is recomputed in the backward (C channels a pixel; PyTorch's
+autograd keeps about 12C for the same block: the inputs of conv, LayerNorm, fc1, GELU and fc2,
+and fc2's output):
     kept        block input x (C), depthwise-conv output (C), fc1 output (4C), fc2 output (C)
-    recomputed  LayerNorm output (from the conv output), GELU output (from fc1's), GRN output
+    recomputed  LayerNorm output and its statistics (from the conv output), GELU output (from
+                fc1's), GRN output (from GELU's)
+Both backends keep and recompute the same things. The numba backend (`fused.py`, the
+`TrainingOps` it supplies) runs the block with the engine's kernels: the fc1 and fc2 outputs
+it keeps include their biases, its GELU recompute gives GELU's slope from the same erf, and it
+reuses the memory of what it recomputes (the GELU slope goes where the fc1 output was, fc2's
+input gradient where the GELU output was). `backward` lets go of each block's cache once that
+block is done, so the memory held shrinks as the backward walks back to the stem.
 """
 
 from __future__ import annotations
