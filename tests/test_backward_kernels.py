@@ -50,7 +50,7 @@ def kernel_threads(request, monkeypatch):
 
 
 def test_every_parallel_loop_is_tested():
-    assert len(PARALLEL_LOOPS) == 11, PARALLEL_LOOPS
+    assert len(PARALLEL_LOOPS) == 13, PARALLEL_LOOPS
 
 
 def random(rng, dtype, *shape, scale=1.0):
@@ -77,7 +77,18 @@ def test_depthwise_conv_and_layer_norm_backward_match_the_reference(shape, dtype
     for what, a, e in zip(("dx", "dweight", "dbias"), bk.layer_norm_backward(dout, conv, norm_w, eps),
                           layers.layer_norm_backward(dout, conv, norm_w, eps)):
         close(a, e, dtype, f"LayerNorm backward {what}")
-    expected_loops = {"_depthwise_conv7", "_depthwise_conv7_weight_grad", "_layer_norm_backward"}
+    normed, xhat, rstd = bk.depthwise_conv_layer_norm_keep(x, weight, bias, norm_w, bias, eps)
+    conv = layers.depthwise_conv(x, weight, bias)
+    close(normed, layers.layer_norm(conv, norm_w, bias, eps), dtype, "conv + LayerNorm")
+    mean = conv.mean(axis=-1, keepdims=True)
+    expected_rstd = 1 / np.sqrt(((conv - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+    close(rstd, expected_rstd[..., 0], dtype, "rstd")
+    close(xhat, (conv - mean) * expected_rstd, dtype, "xhat")
+    for what, a, e in zip(("dx", "dweight", "dbias"), bk.layer_norm_backward_kept(dout, xhat, rstd, norm_w),
+                          layers.layer_norm_backward(dout, conv, norm_w, eps)):
+        close(a, e, dtype, f"LayerNorm backward from xhat {what}")
+    expected_loops = {"_depthwise_conv7", "_depthwise_conv7_weight_grad", "_layer_norm_backward",
+                      "_depthwise_conv7_layer_norm_keep", "_layer_norm_backward_kept"}
     assert kernel_threads == (expected_loops if numba.get_num_threads() > 1 else set())
 
 

@@ -212,6 +212,68 @@ def _layer_norm_backward(dout, x, weight, eps, dx, d_weight, d_bias):
         _layer_norm_backward_rows(dout, x, weight, eps, dx, d_weight, d_bias, chunk, chunk + 1)
 
 
+@numba.njit(**_JIT)
+def _depthwise_conv7_layer_norm_keep_rows(x, conv_w, conv_b, norm_w, norm_b, eps, xhat, rstd, normed, first, last):
+    # x, xhat, normed: (N, H, W, C); rstd: (N, H, W); output rows first..last-1 of the N * H:
+    # the conv into xhat, then per pixel xhat = (conv - mean) * rstd and normed = xhat * w + b,
+    # with the statistics summed as kernels._normalize_pixel sums them
+    n, h, w, c = x.shape
+    for job in range(first, last):
+        img = job // h
+        row = job % h
+        _depthwise_conv7_rows(x, conv_w, conv_b, None, xhat, job, job + 1)
+        for j in range(w):
+            pixel = xhat[img, row, j]        # (C,) the conv output, in cache
+            mean, inv_std = _statistics(pixel, eps)
+            rstd[img, row, j] = inv_std
+            out = normed[img, row, j]
+            for ch in range(c):
+                v = (pixel[ch] - mean) * inv_std
+                pixel[ch] = v
+                out[ch] = v * norm_w[ch] + norm_b[ch]
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _depthwise_conv7_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps, xhat, rstd, normed):
+    n, h = x.shape[:2]
+    for job in numba.prange(n * h):
+        _depthwise_conv7_layer_norm_keep_rows(x, conv_w, conv_b, norm_w, norm_b, eps, xhat, rstd, normed, job, job + 1)
+
+
+@numba.njit(**_JIT)
+def _layer_norm_backward_kept_rows(dout, xhat, rstd, weight, dx, d_weight, d_bias, first, last):
+    # as _layer_norm_backward_rows, from the forward's xhat (M, C) and rstd (M,) instead of x
+    m, c = xhat.shape
+    for chunk in range(first, last):
+        dw = d_weight[chunk]
+        db = d_bias[chunk]
+        dw[...] = 0.0
+        db[...] = 0.0
+        for i in range(chunk * _CHUNK_PIXELS, min(m, (chunk + 1) * _CHUNK_PIXELS)):
+            xi = xhat[i]
+            di = dout[i]
+            sum_g = sum_gx = 0.0
+            for ch in range(c):
+                d = np.float64(di[ch])
+                g = d * weight[ch]
+                sum_g += g
+                sum_gx += g * xi[ch]
+                dw[ch] += d * xi[ch]
+                db[ch] += d
+            mean_g = sum_g / c
+            mean_gx = sum_gx / c
+            scale = np.float64(rstd[i])
+            out = dx[i]
+            for ch in range(c):
+                out[ch] = scale * ((np.float64(di[ch]) * weight[ch] - mean_g) - xi[ch] * mean_gx)
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _layer_norm_backward_kept(dout, xhat, rstd, weight, dx, d_weight, d_bias):
+    for chunk in numba.prange(d_weight.shape[0]):
+        _layer_norm_backward_kept_rows(dout, xhat, rstd, weight, dx, d_weight, d_bias, chunk, chunk + 1)
+
+
 # ---- GELU: forward keeping its input, and the slope for the backward --------------------------------
 
 
@@ -512,6 +574,41 @@ def layer_norm_backward(dout, x, weight, eps):
     _rows_or_parallel(_layer_norm_backward_rows, _layer_norm_backward,
                       (flat_d, flat_x, np.ascontiguousarray(weight, dtype=x.dtype), eps, dx, d_weight, d_bias), chunks)
     return dx.reshape(x.shape), _sum_chunks(d_weight, x.dtype), _sum_chunks(d_bias, x.dtype)
+
+
+def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
+    """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps) in one
+    pass, with what the LayerNorm's backward needs: the normalised conv output before the affine
+    step, xhat = (conv - mean) * rstd, and rstd = 1 / sqrt(var + eps) per pixel.
+    x: (N, H, W, C) -> normed (N, H, W, C), xhat (N, H, W, C), rstd (N, H, W)"""
+    if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path
+        conv = layers.depthwise_conv(x, conv_w, conv_b)
+        mean = conv.mean(axis=-1, keepdims=True)
+        rstd = 1.0 / np.sqrt(((conv - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+        xhat = (conv - mean) * rstd
+        return xhat * norm_w + norm_b, xhat, rstd[..., 0]
+    x = np.ascontiguousarray(x)
+    xhat, normed = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty(x.shape[:3], x.dtype)
+    args = (x, *(np.ascontiguousarray(a, dtype=x.dtype) for a in (conv_w, conv_b, norm_w, norm_b)), eps, xhat, rstd,
+            normed)
+    _rows_or_parallel(_depthwise_conv7_layer_norm_keep_rows, _depthwise_conv7_layer_norm_keep, args,
+                      x.shape[0] * x.shape[1])
+    return normed, xhat, rstd
+
+
+def layer_norm_backward_kept(dout, xhat, rstd, weight):
+    """layers.layer_norm_backward from what depthwise_conv_layer_norm_keep kept.
+    dout, xhat: (..., C); rstd: (...) -> dx (..., C), dweight (C,), dbias (C,)"""
+    flat_x = np.ascontiguousarray(xhat).reshape(-1, xhat.shape[-1])         # (M, C)
+    flat_d = np.ascontiguousarray(dout, dtype=xhat.dtype).reshape(flat_x.shape)
+    dx = np.empty_like(flat_x)
+    chunks = _chunks(flat_x.shape[0], _CHUNK_PIXELS)
+    d_weight, d_bias = np.empty((chunks, flat_x.shape[1])), np.empty((chunks, flat_x.shape[1]))
+    _rows_or_parallel(_layer_norm_backward_kept_rows, _layer_norm_backward_kept,
+                      (flat_d, flat_x, np.ascontiguousarray(rstd).reshape(-1), np.ascontiguousarray(weight, dtype=xhat.dtype),
+                       dx, d_weight, d_bias), chunks)
+    return dx.reshape(xhat.shape), _sum_chunks(d_weight, xhat.dtype), _sum_chunks(d_bias, xhat.dtype)
 
 
 def bias_gelu_keep(hidden, bias):

@@ -17,12 +17,18 @@ and fc2's output):
     kept        block input x (C), depthwise-conv output (C), fc1 output (4C), fc2 output (C)
     recomputed  LayerNorm output and its statistics (from the conv output), GELU output (from
                 fc1's), GRN output (from GELU's)
-Both backends keep and recompute the same things. The numba backend (`fused.py`, the
-`TrainingOps` it supplies) runs the block with the engine's kernels: the fc1 and fc2 outputs
-it keeps include their biases, its GELU recompute gives GELU's slope from the same erf, and it
-reuses the memory of what it recomputes (the GELU slope goes where the fc1 output was, fc2's
-input gradient where the GELU output was). `backward` lets go of each block's cache once that
-block is done, so the memory held shrinks as the backward walks back to the stem.
+The numba backend (`fused.py`, the `TrainingOps` it supplies) runs the block with the engine's
+kernels and keeps about as much, differently split:
+    kept        block input x (C); from one fused pass of the conv and the LayerNorm, the
+                normalised conv output xhat (C) and 1 / std per pixel (1); fc1 output with its
+                bias (4C); fc2 output with its bias (C)
+    recomputed  GELU output and GELU's slope, from one erf; GRN output; nothing of the
+                LayerNorm: its backward works from xhat and 1 / std, and fc1's weight
+                gradient, normed^T dy, is w * (xhat^T dy) + b (x) (sum of dy)
+It reuses the memory of what it recomputes: the slope goes where the fc1 output was, fc2's
+input gradient where the GELU output was.
+`backward` lets go of each block's cache once that block is done, so the memory held shrinks
+as the backward walks back to the stem.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The numba backend's training block: `backward.block_forward` and `backward.block_backward`
-with the engine's kernels (engine/kernels.py for the forward LayerNorm and GRN,
-engine/backward_kernels.py for the rest) and BLAS for the four matrix products.
+with the engine's kernels (engine/backward_kernels.py; engine/kernels.py's GRN and, for the
+stem and downsampling, its LayerNorm) and BLAS for the six matrix products. What it keeps and
+recomputes is in backward.py's docstring.
 
 Each linear is one 2-D product over all pixels, (N * H * W, C_in) @ (C_in, C_out), on
 C-contiguous activations; a weight's gradient is computed as dy^T @ x, which comes out in the
@@ -25,7 +26,8 @@ _matmul = np.matmul  # the block's BLAS calls, by one name (benchmarks/bench_tra
 
 class FusedBlockCache(NamedTuple):
     x: np.ndarray            # (N, H, W, C) block input
-    conv: np.ndarray         # (N, H, W, C) depthwise conv output, before LayerNorm
+    xhat: np.ndarray         # (N, H, W, C) depthwise conv output normalised, before LayerNorm's affine step
+    rstd: np.ndarray         # (N, H, W) 1 / sqrt(var + eps) of each pixel's conv output
     hidden: np.ndarray       # (N * H * W, 4C) fc1 output with its bias, before GELU
     branch: np.ndarray       # (N, H, W, C) fc2 output with its bias, before layer scale
     keep: np.ndarray | None  # (N,) drop-path scale per image; None: no drop path
@@ -35,8 +37,8 @@ def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
                   keep: np.ndarray | None) -> tuple[np.ndarray, FusedBlockCache]:
     """backward.block_forward with the kernels. x: (N, H, W, C) -> (N, H, W, C)"""
     n, h, wd, c = x.shape
-    conv = bk.depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias)                  # (N, H, W, C)
-    normed = kernels.layer_norm(conv, w.norm_weight, w.norm_bias, eps)              # (N, H, W, C)
+    normed, xhat, rstd = bk.depthwise_conv_layer_norm_keep(x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight,
+                                                           w.norm_bias, eps)       # (N, H, W, C) twice, (N, H, W)
     hidden = _matmul(normed.reshape(-1, c), w.fc1_weight)                                  # (M, 4C) BLAS
     del normed
     activated = bk.bias_gelu_keep(hidden, w.fc1_bias)                               # hidden += bias
@@ -45,7 +47,7 @@ def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
     branch = _matmul(activated, w.fc2_weight).reshape(x.shape)                          # (N, H, W, C) BLAS
     del activated
     out = bk.bias_scale_residual_keep(branch, w.fc2_bias, w.gamma, keep, x)         # branch += bias
-    return out, FusedBlockCache(x, conv, hidden, branch, keep)
+    return out, FusedBlockCache(x, xhat, rstd, hidden, branch, keep)
 
 
 def block_backward(dout: np.ndarray, w: BlockWeights, cache: FusedBlockCache, eps: float,
@@ -73,12 +75,14 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: FusedBlockCache, ep
     del activated
     d_hidden, d_fc1_bias = bk.gelu_backward_with_bias(d_activated, slope)           # in place
     del slope, d_activated
-    normed = kernels.layer_norm(cache.conv, w.norm_weight, w.norm_bias, eps).reshape(-1, c)  # recomputed
-    d_fc1_weight = _matmul(d_hidden.T, normed).T                                        # (C, 4C) BLAS
-    del normed
+    # fc1's input was xhat * w + b, so its weight gradient is w * (xhat^T d_hidden) + b (x) d_fc1_bias
+    d_fc1_weight = _matmul(d_hidden.T, cache.xhat.reshape(-1, c))                       # (4C, C) BLAS
+    d_fc1_weight *= w.norm_weight
+    d_fc1_weight += np.outer(d_fc1_bias, w.norm_bias)
+    d_fc1_weight = d_fc1_weight.T                                                       # (C, 4C)
     d_normed = _matmul(d_hidden, w.fc1_weight.T)                                         # (M, C) BLAS
     del d_hidden
-    d_conv, d_norm_weight, d_norm_bias = bk.layer_norm_backward(d_normed, cache.conv, w.norm_weight, eps)
+    d_conv, d_norm_weight, d_norm_bias = bk.layer_norm_backward_kept(d_normed, cache.xhat, cache.rstd, w.norm_weight)
     d_x, d_conv_weight, d_conv_bias = bk.depthwise_conv_backward(
         d_conv.reshape(dout.shape), cache.x, w.conv_dw_weight, shortcut=dout)       # + the shortcut's dout
     return d_x, BlockWeights(d_conv_weight, d_conv_bias, d_norm_weight, d_norm_bias, d_fc1_weight, d_fc1_bias,
