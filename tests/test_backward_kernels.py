@@ -207,3 +207,24 @@ def test_adamw_kernel_equals_the_numpy_steps_to_the_bit(dtype, beta1, kernel_thr
         for name, value in opts["numpy"].state_dict()[which].items():
             np.testing.assert_array_equal(opts["numba"].state_dict()[which][name], value, err_msg=name)
     assert kernel_threads == ({"_adamw"} if numba.get_num_threads() > 1 else set())
+
+
+def test_training_kernels_as_plain_python_give_the_same_gradients():
+    """NUMBA_DISABLE_JIT=1 runs the kernel bodies as Python (so coverage sees them): the numba
+    backend's gradients must still equal the readable backend's."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import dataclasses, numpy as np; from npconvnext import train;"
+            "from npconvnext.config import ConvNeXtConfig; from npconvnext.model import ConvNeXt;"
+            "from npconvnext.params import random_state_dict;"
+            "c = ConvNeXtConfig('t', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=3);"
+            "x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)); y = np.array([0, 2]);"
+            "r = [train.loss_and_grads(ConvNeXt(k, random_state_dict(k, seed=1), dtype='float64', backend=b), x, y,"
+            " drop_path_rate=0.3, rng=np.random.default_rng(3))"
+            " for k in (c, dataclasses.replace(c, use_grn=True, layer_scale=False)) for b in ('numpy', 'numba')];"
+            "assert all(abs(a[0] - b[0]) < 1e-12 for a, b in (r[:2], r[2:]));"
+            "assert all(np.abs(a[1][k] - b[1][k]).max() <= 1e-12 * np.abs(a[1][k]).max() for a, b in (r[:2], r[2:])"
+            " for k in a[1])")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=600)

@@ -1,11 +1,13 @@
 """Numba kernels for training: the backward passes BLAS does not do, and the forward steps
 whose intermediate results the backward keeps.
 
-    depthwise 7x7 conv            forward (keeping its output for the LayerNorm's backward);
-                                  input gradient, which is the same conv with the kernel turned
-                                  180 degrees, the block's shortcut gradient added in the same pass;
-                                  weight and bias gradients
-    LayerNorm backward            per pixel, its statistics recomputed from the input
+    depthwise 7x7 conv            forward fused with the LayerNorm after it, keeping what the
+      + LayerNorm                 LayerNorm's backward needs (xhat and 1 / std per pixel)
+    depthwise 7x7 conv backward   input gradient, which is the same conv with the kernel turned
+                                  180 degrees, with the block's shortcut gradient added in the
+                                  same pass; weight and bias gradients
+    LayerNorm backward            per pixel, from the kept xhat and 1 / std, or (stem,
+                                  downsampling) with the statistics recomputed from the input
     bias + GELU                   keeping the pre-activation; recomputed in the backward with
                                   GELU's slope, so erf is evaluated once per element there
     GELU backward + fc1 bias      d hidden = d activated * slope, summed over pixels on the way

@@ -25,10 +25,12 @@ _matmul = np.matmul  # the block's BLAS calls, by one name (benchmarks/bench_tra
 
 
 class FusedBlockCache(NamedTuple):
+    """What block_forward keeps; block_backward uses it up (hidden becomes GELU's slope)."""
+
     x: np.ndarray            # (N, H, W, C) block input
-    xhat: np.ndarray         # (N, H, W, C) depthwise conv output normalised, before LayerNorm's affine step
+    xhat: np.ndarray         # (N, H, W, C) conv output normalised, before the LayerNorm's w and b
     rstd: np.ndarray         # (N, H, W) 1 / sqrt(var + eps) of each pixel's conv output
-    hidden: np.ndarray       # (N * H * W, 4C) fc1 output with its bias, before GELU
+    hidden: np.ndarray       # (M, 4C) fc1 output with its bias, before GELU; M = N * H * W
     branch: np.ndarray       # (N, H, W, C) fc2 output with its bias, before layer scale
     keep: np.ndarray | None  # (N,) drop-path scale per image; None: no drop path
 
@@ -37,16 +39,16 @@ def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
                   keep: np.ndarray | None) -> tuple[np.ndarray, FusedBlockCache]:
     """backward.block_forward with the kernels. x: (N, H, W, C) -> (N, H, W, C)"""
     n, h, wd, c = x.shape
-    normed, xhat, rstd = bk.depthwise_conv_layer_norm_keep(x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight,
-                                                           w.norm_bias, eps)       # (N, H, W, C) twice, (N, H, W)
-    hidden = _matmul(normed.reshape(-1, c), w.fc1_weight)                                  # (M, 4C) BLAS
+    normed, xhat, rstd = bk.depthwise_conv_layer_norm_keep(
+        x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight, w.norm_bias, eps)   # (N, H, W, C) x 2, (N, H, W)
+    hidden = _matmul(normed.reshape(-1, c), w.fc1_weight)                     # (M, 4C) BLAS
     del normed
-    activated = bk.bias_gelu_keep(hidden, w.fc1_bias)                               # hidden += bias
+    activated = bk.bias_gelu_keep(hidden, w.fc1_bias)                         # (M, 4C); hidden += bias
     if w.grn_weight is not None:
         kernels._global_response_norm_in_place(activated.reshape(n, h * wd, -1), w.grn_weight, w.grn_bias, grn_eps)
-    branch = _matmul(activated, w.fc2_weight).reshape(x.shape)                          # (N, H, W, C) BLAS
+    branch = _matmul(activated, w.fc2_weight).reshape(x.shape)                # (N, H, W, C) BLAS
     del activated
-    out = bk.bias_scale_residual_keep(branch, w.fc2_bias, w.gamma, keep, x)         # branch += bias
+    out = bk.bias_scale_residual_keep(branch, w.fc2_bias, w.gamma, keep, x)   # branch += bias
     return out, FusedBlockCache(x, xhat, rstd, hidden, branch, keep)
 
 
@@ -55,37 +57,32 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: FusedBlockCache, ep
     """backward.block_backward with the kernels. dout: (N, H, W, C) -> d input, d weights"""
     n, h, wd, c = dout.shape
     d_branch, d_gamma, d_fc2_bias = bk.layer_scale_backward(dout, cache.branch, w.gamma, cache.keep)
-    d_branch = d_branch.reshape(-1, c)                                              # (M, C)
-    activated = bk.gelu_and_slope_in_place(cache.hidden)                            # (M, 4C)
-    slope = cache.hidden                                                            # now GELU's slope
+    d_branch = d_branch.reshape(-1, c)                                        # (M, C)
+    activated = bk.gelu_and_slope_in_place(cache.hidden)                      # (M, 4C)
+    slope = cache.hidden                                                      # (M, 4C) GELU's slope now
     d_grn_weight = d_grn_bias = None
-    if w.grn_weight is not None:
-        fc2_input = kernels.global_response_norm(activated.reshape(n, h, wd, -1), w.grn_weight, w.grn_bias,
-                                                 grn_eps).reshape(activated.shape)
+    if w.grn_weight is None:
+        d_fc2_weight = _matmul(d_branch.T, activated).T                       # (4C, C) BLAS
+        # into activated's memory: fc2's weight gradient was its last use
+        d_activated = _matmul(d_branch, w.fc2_weight.T, out=activated)        # (M, 4C) BLAS
     else:
-        fc2_input = activated
-    d_fc2_weight = _matmul(d_branch.T, fc2_input).T                                     # (4C, C) BLAS
-    del fc2_input
-    if w.grn_weight is not None:
-        d_activated = _matmul(d_branch, w.fc2_weight.T)                                  # (M, 4C) BLAS
+        grn_out = kernels.global_response_norm(activated.reshape(n, h, wd, -1), w.grn_weight, w.grn_bias, grn_eps)
+        d_fc2_weight = _matmul(d_branch.T, grn_out.reshape(activated.shape)).T  # (4C, C) BLAS
+        del grn_out
+        d_grn_out = _matmul(d_branch, w.fc2_weight.T)                          # (M, 4C) BLAS
         d_activated, d_grn_weight, d_grn_bias = bk.global_response_norm_backward(
-            d_activated.reshape(n, h, wd, -1), activated.reshape(n, h, wd, -1), w.grn_weight, grn_eps)
-    else:  # into activated's memory: fc2's weight gradient was its last use
-        d_activated = _matmul(d_branch, w.fc2_weight.T, out=activated)                   # (M, 4C) BLAS
-    del activated
-    d_hidden, d_fc1_bias = bk.gelu_backward_with_bias(d_activated, slope)           # in place
-    del slope, d_activated
-    # fc1's input was xhat * w + b, so its weight gradient is w * (xhat^T d_hidden) + b (x) d_fc1_bias
-    d_fc1_weight = _matmul(d_hidden.T, cache.xhat.reshape(-1, c))                       # (4C, C) BLAS
+            d_grn_out.reshape(n, h, wd, -1), activated.reshape(n, h, wd, -1), w.grn_weight, grn_eps)
+        del d_grn_out, activated
+    d_hidden, d_fc1_bias = bk.gelu_backward_with_bias(d_activated, slope)     # (M, 4C), in place
+    # fc1's input was xhat * w + b: its weight gradient w * (xhat^T d_hidden) + b (x) d_fc1_bias
+    d_fc1_weight = _matmul(d_hidden.T, cache.xhat.reshape(-1, c))             # (4C, C) BLAS
     d_fc1_weight *= w.norm_weight
     d_fc1_weight += np.outer(d_fc1_bias, w.norm_bias)
-    d_fc1_weight = d_fc1_weight.T                                                       # (C, 4C)
-    d_normed = _matmul(d_hidden, w.fc1_weight.T)                                         # (M, C) BLAS
-    del d_hidden
+    d_normed = _matmul(d_hidden, w.fc1_weight.T)                              # (M, C) BLAS
     d_conv, d_norm_weight, d_norm_bias = bk.layer_norm_backward_kept(d_normed, cache.xhat, cache.rstd, w.norm_weight)
-    d_x, d_conv_weight, d_conv_bias = bk.depthwise_conv_backward(
-        d_conv.reshape(dout.shape), cache.x, w.conv_dw_weight, shortcut=dout)       # + the shortcut's dout
-    return d_x, BlockWeights(d_conv_weight, d_conv_bias, d_norm_weight, d_norm_bias, d_fc1_weight, d_fc1_bias,
+    d_x, d_conv_weight, d_conv_bias = bk.depthwise_conv_backward(             # dx plus the shortcut's dout
+        d_conv.reshape(dout.shape), cache.x, w.conv_dw_weight, shortcut=dout)
+    return d_x, BlockWeights(d_conv_weight, d_conv_bias, d_norm_weight, d_norm_bias, d_fc1_weight.T, d_fc1_bias,
                              d_grn_weight, d_grn_bias, d_fc2_weight, d_fc2_bias, d_gamma)
 
 
