@@ -108,8 +108,11 @@ def _depthwise_conv7_weight_grad_rows(x, dout, d_weight, d_bias, first, last):
     # x, dout: (N, H, W, C); d_weight: (chunks, 7, 7, C), d_bias: (chunks, C), both float64: the
     # partial sums of chunks first..last-1, chunk k summing image rows k * _CHUNK_ROWS onwards
     #   d_weight[di, dj, ch] += x[row + di - 3, j + dj - 3, ch] * dout[row, j, ch]
+    # One row's products are summed in the arrays' dtype first (at most W terms; it keeps the
+    # loop in the dtype's SIMD width), then added to the chunk's float64 sums.
     n, h, w, c = x.shape
     pad = _TAPS // 2
+    row_sum = np.empty(c, dtype=x.dtype)     # (C,)
     for chunk in range(first, last):
         dw = d_weight[chunk]                 # (7, 7, C)
         db = d_bias[chunk]                   # (C,)
@@ -128,12 +131,15 @@ def _depthwise_conv7_weight_grad_rows(x, dout, d_weight, d_bias, first, last):
                     continue
                 x_row = x[img, src_row]      # (W, C)
                 for dj in range(_TAPS):
-                    acc = dw[di, dj]         # (C,)
+                    row_sum[:] = 0
                     for j in range(max(0, pad - dj), min(w, w + pad - dj)):
                         src = x_row[j + dj - pad]
                         d = d_row[j]
                         for ch in range(c):
-                            acc[ch] += np.float64(src[ch]) * d[ch]  # a float32 product is exact in float64
+                            row_sum[ch] += src[ch] * d[ch]
+                    acc = dw[di, dj]         # (C,)
+                    for ch in range(c):
+                        acc[ch] += row_sum[ch]
 
 
 @numba.njit(**_PARALLEL_JIT)
