@@ -84,9 +84,17 @@ def test_depthwise_conv_and_layer_norm_backward_match_the_reference(shape, dtype
     expected_rstd = 1 / np.sqrt(((conv - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
     close(rstd, expected_rstd[..., 0], dtype, "rstd")
     close(xhat, (conv - mean) * expected_rstd, dtype, "xhat")
-    for what, a, e in zip(("dx", "dweight", "dbias"), bk.layer_norm_backward_kept(dout, xhat, rstd, norm_w),
-                          layers.layer_norm_backward(dout, conv, norm_w, eps)):
+    expected = layers.layer_norm_backward(dout, conv, norm_w, eps)
+    for what, a, e in zip(("dx", "dweight", "dbias"), bk.layer_norm_backward_kept(dout, xhat, rstd, norm_w), expected):
         close(a, e, dtype, f"LayerNorm backward from xhat {what}")
+    overwritten = dout.copy()
+    dx_in_place = bk.layer_norm_backward_kept(overwritten, xhat, rstd, norm_w, in_place=True)[0]
+    np.testing.assert_array_equal(overwritten, dx_in_place)
+    close(dx_in_place, expected[0], dtype, "LayerNorm backward in place")
+    into = np.empty_like(x)
+    dx_into = bk.depthwise_conv_backward(dout, x, weight, shortcut, out=into)[0]
+    assert dx_into is into
+    close(into, layers.depthwise_conv_backward(dout, x, weight)[0] + shortcut, dtype, "conv backward into out")
     expected_loops = {"_depthwise_conv7", "_depthwise_conv7_weight_grad", "_layer_norm_backward",
                       "_depthwise_conv7_layer_norm_keep", "_layer_norm_backward_kept"}
     assert kernel_threads == (expected_loops if numba.get_num_threads() > 1 else set())

@@ -536,23 +536,27 @@ def _sum_chunks(partial: np.ndarray, dtype) -> np.ndarray:
     return partial.sum(axis=0).astype(dtype)
 
 
-def depthwise_conv(x, weight, bias, shortcut=None):
-    """layers.depthwise_conv, plus shortcut if given. x, shortcut: (N, H, W, C) -> (N, H, W, C)"""
+def depthwise_conv(x, weight, bias, shortcut=None, out=None):
+    """layers.depthwise_conv, plus shortcut if given, into out if given (C-contiguous, neither
+    x nor shortcut). x, shortcut: (N, H, W, C) -> (N, H, W, C)"""
     if weight.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path
         out = layers.depthwise_conv(x, weight, bias)
         return out if shortcut is None else out + shortcut
     x = np.ascontiguousarray(x)
     if shortcut is not None:
         shortcut = np.ascontiguousarray(shortcut, dtype=x.dtype)
-    out = np.empty_like(x)
+    if out is None:
+        out = np.empty_like(x)
+    else:
+        _check_in_place(out, 4)
     _rows_or_parallel(_depthwise_conv7_rows, _depthwise_conv7, (x, np.ascontiguousarray(weight, dtype=x.dtype),
                       np.ascontiguousarray(bias, dtype=x.dtype), shortcut, out), x.shape[0] * x.shape[1])
     return out
 
 
-def depthwise_conv_backward(dout, x, weight, shortcut=None):
+def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     """layers.depthwise_conv_backward, with shortcut (the gradient reaching the block's input
-    the other way) added to dx if given.
+    the other way) added to dx if given, and dx written into out if given.
     dout, x: (N, H, W, C); weight: (7, 7, C) -> dx (N, H, W, C), dweight (7, 7, C), dbias (C,)"""
     if weight.shape[:2] != (_TAPS, _TAPS):
         dx, dweight, dbias = layers.depthwise_conv_backward(dout, x, weight)
@@ -561,7 +565,7 @@ def depthwise_conv_backward(dout, x, weight, shortcut=None):
     x = np.ascontiguousarray(x)
     # dx[u, v] = sum_ij w[i, j] dout[u - i + 3, v - j + 3]: the same conv of dout with w turned 180 degrees
     turned = np.ascontiguousarray(weight[::-1, ::-1], dtype=x.dtype)
-    dx = depthwise_conv(dout, turned, np.zeros(x.shape[-1], x.dtype), shortcut)
+    dx = depthwise_conv(dout, turned, np.zeros(x.shape[-1], x.dtype), shortcut, out)
     n, h, w, c = x.shape
     chunks = _chunks(n * h, _CHUNK_ROWS)
     d_weight = np.empty((chunks, _TAPS, _TAPS, c))
@@ -605,12 +609,15 @@ def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     return normed, xhat, rstd
 
 
-def layer_norm_backward_kept(dout, xhat, rstd, weight):
-    """layers.layer_norm_backward from what depthwise_conv_layer_norm_keep kept.
+def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
+    """layers.layer_norm_backward from what depthwise_conv_layer_norm_keep kept; with
+    in_place, dx is written over dout (each pixel's dout is read before its dx is written).
     dout, xhat: (..., C); rstd: (...) -> dx (..., C), dweight (C,), dbias (C,)"""
     flat_x = np.ascontiguousarray(xhat).reshape(-1, xhat.shape[-1])         # (M, C)
+    if in_place:
+        _check_in_place(dout, dout.ndim)
     flat_d = np.ascontiguousarray(dout, dtype=xhat.dtype).reshape(flat_x.shape)
-    dx = np.empty_like(flat_x)
+    dx = flat_d if in_place else np.empty_like(flat_x)
     chunks = _chunks(flat_x.shape[0], _CHUNK_PIXELS)
     d_weight, d_bias = np.empty((chunks, flat_x.shape[1])), np.empty((chunks, flat_x.shape[1]))
     _rows_or_parallel(_layer_norm_backward_kept_rows, _layer_norm_backward_kept,

@@ -79,9 +79,11 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: FusedBlockCache, ep
     d_fc1_weight *= w.norm_weight
     d_fc1_weight += np.outer(d_fc1_bias, w.norm_bias)
     d_normed = _matmul(d_hidden, w.fc1_weight.T)                              # (M, C) BLAS
-    d_conv, d_norm_weight, d_norm_bias = bk.layer_norm_backward_kept(d_normed, cache.xhat, cache.rstd, w.norm_weight)
-    d_x, d_conv_weight, d_conv_bias = bk.depthwise_conv_backward(             # dx plus the shortcut's dout
-        d_conv.reshape(dout.shape), cache.x, w.conv_dw_weight, shortcut=dout)
+    d_conv, d_norm_weight, d_norm_bias = bk.layer_norm_backward_kept(         # (M, C) over d_normed
+        d_normed, cache.xhat, cache.rstd, w.norm_weight, in_place=True)
+    d_x, d_conv_weight, d_conv_bias = bk.depthwise_conv_backward(             # dx plus the shortcut's dout,
+        d_conv.reshape(dout.shape), cache.x, w.conv_dw_weight, shortcut=dout,  # into d_branch's memory
+        out=d_branch.reshape(dout.shape))
     return d_x, BlockWeights(d_conv_weight, d_conv_bias, d_norm_weight, d_norm_bias, d_fc1_weight.T, d_fc1_bias,
                              d_grn_weight, d_grn_bias, d_fc2_weight, d_fc2_bias, d_gamma)
 
