@@ -80,14 +80,23 @@ def main():
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--engines", default="npconvnext,timm")
+    parser.add_argument("--threads", type=int, default=None, help="for both engines (default: their own)")
     args = parser.parse_args()
+    if args.threads:
+        import npconvnext
+        import torch
+
+        npconvnext.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     train, val = digits()
     print(f"digits: {len(train[0])} training, {len(val[0])} validation images, 32x32; batch {args.batch}")
-    print(f"{'engine':<12} {'epoch':>5} {'val top-1':>10} {'epoch s':>9}")
+    print(f"{'engine':<12} {'epoch':>5} {'val top-1':>10} {'epoch s':>9} {'CPU s':>7}")
     runners = {"npconvnext": run_npconvnext, "timm": run_timm}
     for engine in args.engines.split(","):
+        cpu = time.process_time()
         for epoch, top1, seconds in runners[engine](train, val, args.epochs, args.batch):
-            print(f"{engine:<12} {epoch:>5} {top1:>10.4f} {seconds:>9.1f}", flush=True)
+            cpu, spent = time.process_time(), time.process_time() - cpu
+            print(f"{engine:<12} {epoch:>5} {top1:>10.4f} {seconds:>9.1f} {spent:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,24 @@ def test_gradients_equal_finite_differences_with_drop_path_and_dropout(config):
     assert checked == 2 * len(state) and params is not None
 
 
+@pytest.mark.parametrize("config", [TINY, dataclasses.replace(TINY, use_grn=True, layer_scale=False, conv_mlp=True)],
+                         ids=["v1", "v2"])
+def test_both_backends_agree_with_drop_path_and_dropout(config):
+    # the numba backend's fused training block (train/fused.py) against the readable one, with
+    # the drop-path and dropout masks drawn from one seed
+    x = random_images((4, 3, 35, 39), np.float64, seed=5)
+    y = np.array([1, 4, 0, 2])
+    results = {}
+    for backend in ("numpy", "numba"):
+        model = ConvNeXt(config, random_state_dict(config, seed=4), dtype="float64", backend=backend)
+        results[backend] = train.loss_and_grads(model, x, y, label_smoothing=0.1, drop_path_rate=0.5,
+                                                drop_rate=0.3, rng=np.random.default_rng(8))
+    (loss, grads), (expected_loss, expected) = results["numba"], results["numpy"]
+    assert abs(loss - expected_loss) <= 1e-12 * abs(expected_loss)
+    for name, g in expected.items():
+        assert np.abs(grads[name] - g).max() <= 1e-12 * np.abs(g).max(), name
+
+
 def test_drop_path_drops_whole_images_and_is_seeded():
     model = ConvNeXt(TINY, random_state_dict(TINY, seed=4), dtype="float64")
     x = random_images((8, 3, 32, 32), np.float64, seed=5)

@@ -2,6 +2,7 @@
 between threads image by image.
 
     kernels.py   Numba kernels for what BLAS does not do, each checked against its twin in layers.py
+    backward_kernels.py   the same for training (the backward passes, AdamW), used by train/fused.py
     threads.py   one thread count for Numba and BLAS; the batch split (`map_over_batch`)
 The reference network never imports this package.
 """

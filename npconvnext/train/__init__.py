@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import kernels
 from ..errors import InputError
 from ..model import ConvNeXt
 from ..params import expected_shapes, to_timm_layout
-from . import backward
+from . import backward, fused
 from .optim import AdamW, cosine_schedule
 
 __all__ = ["AdamW", "cosine_schedule", "loss_and_grads"]
-
-# the numba backend's twins of the layers that cost most in training, checked against layers.py
-_ENGINE = backward.TrainingOps(gelu=kernels.gelu, gelu_backward=kernels.gelu_backward)
 
 
 def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothing: float = 0.0,
@@ -47,7 +43,7 @@ def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothin
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
         raise InputError(f"labels must lie in 0 .. {classes - 1} for this {classes}-class model; "
                          f"got {labels.min()} .. {labels.max()}")
-    ops = backward.REFERENCE if model.backend == "numpy" else _ENGINE
+    ops = backward.REFERENCE if model.backend == "numpy" else fused.ENGINE
     logits, cache = backward.forward(images, model.weights, model.config, drop_path_rate, drop_rate, rng, ops)
     loss, d_logits = backward.cross_entropy(logits, labels, label_smoothing)
     grads = backward.backward(d_logits, model.weights, model.config, cache, ops).named()

@@ -11,9 +11,24 @@ Training additions, as timm has them:
                                   p_b grows linearly from 0 to drop_path_rate over the blocks
     head dropout                  elementwise on the pooled, normed features before the fc
 
-What is kept per block, and what is recomputed in the backward:
+What is kept per block, and what is recomputed in the backward (C channels a pixel; PyTorch's
+autograd keeps about 12C for the same block: the inputs of conv, LayerNorm, fc1, GELU and fc2,
+and fc2's output):
     kept        block input x (C), depthwise-conv output (C), fc1 output (4C), fc2 output (C)
-    recomputed  LayerNorm output (from the conv output), GELU output (from fc1's), GRN output
+    recomputed  LayerNorm output and its statistics (from the conv output), GELU output (from
+                fc1's), GRN output (from GELU's)
+The numba backend (`fused.py`, the `TrainingOps` it supplies) runs the block with the engine's
+kernels and keeps about as much, differently split:
+    kept        block input x (C); from one fused pass of the conv and the LayerNorm, the
+                normalised conv output xhat (C) and 1 / std per pixel (1); fc1 output with its
+                bias (4C); fc2 output with its bias (C)
+    recomputed  GELU output and GELU's slope, from one erf; GRN output; nothing of the
+                LayerNorm: its backward works from xhat and 1 / std, and fc1's weight
+                gradient, normed^T dy, is w * (xhat^T dy) + b (x) (sum of dy)
+It reuses the memory of what it recomputes: the slope goes where the fc1 output was, fc2's
+input gradient where the GELU output was.
+`backward` lets go of each block's cache once that block is done, so the memory held shrinks
+as the backward walks back to the stem.
 """
 
 from __future__ import annotations
@@ -28,50 +43,40 @@ from ..config import ConvNeXtConfig
 from ..network import BlockWeights, DownsampleWeights, HeadWeights, NetworkWeights, StageWeights, StemWeights
 
 
-class TrainingOps(NamedTuple):
-    """The layers a faster engine may replace in training; REFERENCE is layers.py's."""
-
-    gelu: Callable[[np.ndarray], np.ndarray]
-    gelu_backward: Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-REFERENCE = TrainingOps(layers.gelu, layers.gelu_backward)
-
-
 class BlockCache(NamedTuple):
     x: np.ndarray            # (N, H, W, C) block input
     conv: np.ndarray         # (N, H, W, C) depthwise conv output, before LayerNorm
     hidden: np.ndarray       # (N, H, W, 4C) fc1 output, before GELU
     branch: np.ndarray       # (N, H, W, C) fc2 output, before layer scale
-    keep: np.ndarray | None  # (N, 1, 1, 1) drop-path scale per image: 0 or 1 / (1 - p); None: no drop path
+    keep: np.ndarray | None  # (N,) drop-path scale per image: 0 or 1 / (1 - p); None: no drop path
 
 
 def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
-                  keep: np.ndarray | None, ops: TrainingOps = REFERENCE) -> tuple[np.ndarray, BlockCache]:
+                  keep: np.ndarray | None) -> tuple[np.ndarray, BlockCache]:
     """network.block, keeping what block_backward needs. x: (N, H, W, C) -> (N, H, W, C)"""
     conv = layers.depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias)
     hidden = layers.linear(layers.layer_norm(conv, w.norm_weight, w.norm_bias, eps), w.fc1_weight, w.fc1_bias)
-    activated = ops.gelu(hidden)
+    activated = layers.gelu(hidden)
     if w.grn_weight is not None:
         activated = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
     branch = layers.linear(activated, w.fc2_weight, w.fc2_bias)
     scaled = branch * w.gamma if w.gamma is not None else branch
     if keep is not None:
-        scaled = scaled * keep
+        scaled = scaled * keep[:, None, None, None]
     return x + scaled, BlockCache(x, conv, hidden, branch, keep)
 
 
 def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: float,
-                   grn_eps: float, ops: TrainingOps = REFERENCE) -> tuple[np.ndarray, BlockWeights]:
+                   grn_eps: float) -> tuple[np.ndarray, BlockWeights]:
     """Gradients of one block: (d input, d weights). dout: (N, H, W, C)"""
-    d_scaled = dout * cache.keep if cache.keep is not None else dout
+    d_scaled = dout * cache.keep[:, None, None, None] if cache.keep is not None else dout
     d_gamma = None
     if w.gamma is not None:
         d_gamma = (d_scaled * cache.branch).sum(axis=(0, 1, 2))
         d_branch = d_scaled * w.gamma
     else:
         d_branch = d_scaled
-    activated = ops.gelu(cache.hidden)
+    activated = layers.gelu(cache.hidden)
     d_grn_weight = d_grn_bias = None
     if w.grn_weight is not None:
         normed = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
@@ -80,7 +85,7 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: fl
             d_normed, activated, w.grn_weight, grn_eps)
     else:
         d_activated, d_fc2_weight, d_fc2_bias = layers.linear_backward(d_branch, activated, w.fc2_weight)
-    d_hidden = ops.gelu_backward(d_activated, cache.hidden)
+    d_hidden = layers.gelu_backward(d_activated, cache.hidden)
     normed_conv = layers.layer_norm(cache.conv, w.norm_weight, w.norm_bias, eps)
     d_normed_conv, d_fc1_weight, d_fc1_bias = layers.linear_backward(d_hidden, normed_conv, w.fc1_weight)
     d_conv, d_norm_weight, d_norm_bias = layers.layer_norm_backward(d_normed_conv, cache.conv, w.norm_weight, eps)
@@ -90,12 +95,25 @@ def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: fl
     return dout + d_x, grads  # the shortcut passes dout straight through
 
 
+class TrainingOps(NamedTuple):
+    """The steps an engine may replace in training. REFERENCE is the readable set above; the
+    numba backend's is `fused.ENGINE`."""
+
+    layer_norm: Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+    layer_norm_backward: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]  # (dout, x, weight, eps)
+    block_forward: Callable[..., tuple[np.ndarray, tuple]]          # (x, w, eps, grn_eps, keep) -> (out, cache)
+    block_backward: Callable[..., tuple[np.ndarray, BlockWeights]]  # (dout, w, cache, eps, grn_eps) -> (dx, grads)
+
+
+REFERENCE = TrainingOps(layers.layer_norm, layers.layer_norm_backward, block_forward, block_backward)
+
+
 class NetworkCache(NamedTuple):
     images: np.ndarray                       # (N, H, W, 3) input
     stem_conv: np.ndarray                    # (N, H/4, W/4, C0) before the stem's LayerNorm
-    downsample_inputs: tuple                 # per stage: the stage input before its LayerNorm (None in stage 0)
-    downsample_normed: tuple                 # per stage: after the LayerNorm, the patchify conv's input
-    blocks: tuple[tuple[BlockCache, ...], ...]
+    downsample_inputs: list                  # per stage: the stage input before its LayerNorm (None in stage 0)
+    downsample_normed: list                  # per stage: after the LayerNorm, the patchify conv's input
+    blocks: list[list]                       # per stage, per block: what ops.block_forward kept
     features: np.ndarray                     # (N, h, w, C_last) last stage's output
     pooled: np.ndarray                       # (N, C_last) before the head's LayerNorm
     head_keep: np.ndarray | None             # (N, C_last) dropout scale: 0 or 1 / (1 - p); None: no dropout
@@ -126,13 +144,13 @@ def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig, drop
     Drop path and dropout need `rng`; without one they are off (evaluation)."""
     eps, n = config.norm_eps, x.shape[0]
     stem_conv = layers.patchify_conv(x, weights.stem.conv_weight, weights.stem.conv_bias, config.patch_size)
-    h = layers.layer_norm(stem_conv, weights.stem.norm_weight, weights.stem.norm_bias, eps)
+    h = ops.layer_norm(stem_conv, weights.stem.norm_weight, weights.stem.norm_bias, eps)
     ds_inputs, ds_normed, block_caches = [], [], []
     for stage, rates in zip(weights.stages, drop_path_rates(config, drop_path_rate)):
         if stage.downsample is not None:
             ds = stage.downsample
             ds_inputs.append(h)
-            normed = layers.layer_norm(h, ds.norm_weight, ds.norm_bias, eps)
+            normed = ops.layer_norm(h, ds.norm_weight, ds.norm_bias, eps)
             ds_normed.append(normed)
             h = layers.patchify_conv(normed, ds.conv_weight, ds.conv_bias, 2)
         else:
@@ -140,23 +158,22 @@ def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig, drop
             ds_normed.append(None)
         caches = []
         for w, rate in zip(stage.blocks, rates):
-            h, cache = block_forward(h, w, eps, config.grn_eps, _keep_scale(rng, rate, (n, 1, 1, 1), x.dtype), ops)
+            h, cache = ops.block_forward(h, w, eps, config.grn_eps, _keep_scale(rng, rate, (n,), x.dtype))
             caches.append(cache)
-        block_caches.append(tuple(caches))
+        block_caches.append(caches)
     pooled = layers.global_avg_pool(h)                                              # (N, C)
     normed = layers.layer_norm(pooled, weights.head.norm_weight, weights.head.norm_bias, eps)
     head_keep = _keep_scale(rng, drop_rate, normed.shape, x.dtype)
     if head_keep is not None:
         normed = normed * head_keep
     logits = layers.linear(normed, weights.head.fc_weight, weights.head.fc_bias)    # (N, num_classes)
-    return logits, NetworkCache(x, stem_conv, tuple(ds_inputs), tuple(ds_normed), tuple(block_caches), h,
-                                pooled, head_keep)
+    return logits, NetworkCache(x, stem_conv, ds_inputs, ds_normed, block_caches, h, pooled, head_keep)
 
 
 def backward(d_logits: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig,
              cache: NetworkCache, ops: TrainingOps = REFERENCE) -> NetworkWeights:
     """Gradients of every weight, given d loss / d logits (N, num_classes); same structure and
-    compute layouts as `weights`."""
+    compute layouts as `weights`. Uses the cache up: each block's part is dropped once used."""
     eps = config.norm_eps
     head = weights.head
     normed = layers.layer_norm(cache.pooled, head.norm_weight, head.norm_bias, eps)
@@ -172,20 +189,20 @@ def backward(d_logits: np.ndarray, weights: NetworkWeights, config: ConvNeXtConf
     for i in reversed(range(len(weights.stages))):
         stage = weights.stages[i]
         block_grads = []
-        for w, block_cache in zip(reversed(stage.blocks), reversed(cache.blocks[i])):
-            d_h, grads = block_backward(d_h, w, block_cache, eps, config.grn_eps, ops)
+        for w in reversed(stage.blocks):  # each block's cache let go once used: the memory goes back
+            d_h, grads = ops.block_backward(d_h, w, cache.blocks[i].pop(), eps, config.grn_eps)
             block_grads.append(grads)
         ds_grads = None
         if stage.downsample is not None:
             ds = stage.downsample
             d_normed, d_conv_weight, d_conv_bias = layers.patchify_conv_backward(
-                d_h, cache.downsample_normed[i], ds.conv_weight, 2)
-            d_h, d_norm_weight, d_norm_bias = layers.layer_norm_backward(
-                d_normed, cache.downsample_inputs[i], ds.norm_weight, eps)
+                d_h, cache.downsample_normed.pop(), ds.conv_weight, 2)
+            d_h, d_norm_weight, d_norm_bias = ops.layer_norm_backward(
+                d_normed, cache.downsample_inputs.pop(), ds.norm_weight, eps)
             ds_grads = DownsampleWeights(d_norm_weight, d_norm_bias, d_conv_weight, d_conv_bias)
         stage_grads.append(StageWeights(ds_grads, tuple(reversed(block_grads))))
     stem = weights.stem
-    d_stem_conv, d_stem_norm_weight, d_stem_norm_bias = layers.layer_norm_backward(
+    d_stem_conv, d_stem_norm_weight, d_stem_norm_bias = ops.layer_norm_backward(
         d_h, cache.stem_conv, stem.norm_weight, eps)
     _, d_stem_conv_weight, d_stem_conv_bias = layers.patchify_conv_backward(
         d_stem_conv, cache.images, stem.conv_weight, config.patch_size)

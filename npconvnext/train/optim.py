@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..config import ConvNeXtConfig
+from ..engine import backward_kernels
 from ..errors import TrainingError
 from ..model import ConvNeXt
 from ..params import expected_shapes, to_compute_layout, to_timm_layout
@@ -31,7 +32,8 @@ class AdamW:
 
         m <- lerp(m, g, 1 - beta1);   v <- beta2 v + (1 - beta2) g^2
         p <- p (1 - lr wd) - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-    with wd = 0 for 1-D parameters and for the model's frozen ones no update at all.
+    with wd = 0 for 1-D parameters and for the model's frozen ones no update at all. On the
+    numba backend each parameter is updated in one pass by a kernel doing the same steps.
     lr_scales: optional multiplier per timm name (see `layer_decay_scales`).
     """
 
@@ -60,12 +62,18 @@ class AdamW:
         beta1, beta2 = self.betas
         bias_correction1 = 1.0 - beta1 ** self.steps
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** self.steps)
+        fused = self.model.backend == "numba"
         for name, shape in self._shapes.items():
             if name in self.model.frozen:
                 continue
             param, m, v = params[name], self._exp_avg[name], self._exp_avg_sq[name]
             grad = to_compute_layout(name, np.asarray(grads[name], dtype=param.dtype))  # same elements, param's layout
             lr = self.lr * self.lr_scales.get(name, 1.0)
+            if fused:  # the same steps in one pass (engine/backward_kernels.py)
+                decay = 1.0 - lr * self.weight_decay if len(shape) > 1 and self.weight_decay else 1.0
+                backward_kernels.adamw_update(param, _like(grad, param), m, v, decay, 1.0 - beta1, beta2,
+                                              lr / bias_correction1, bias_correction2_sqrt, self.eps)
+                continue
             if len(shape) > 1 and self.weight_decay:
                 param *= 1.0 - lr * self.weight_decay
             _lerp(m, grad, 1.0 - beta1)
@@ -95,6 +103,13 @@ class AdamW:
                     raise TrainingError(f"optimizer state for {name} has shape {np.shape(saved[name])}, "
                                      f"expected {self._shapes[name]}")
                 array[...] = to_compute_layout(name, np.asarray(saved[name], dtype=array.dtype))
+
+
+def _like(array: np.ndarray, param: np.ndarray) -> np.ndarray:
+    """array in param's memory layout (a copy only where it differs)."""
+    if array.strides == param.strides:
+        return array
+    return np.array(array, order="F" if param.flags.f_contiguous and not param.flags.c_contiguous else "C")
 
 
 def cosine_schedule(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0,
