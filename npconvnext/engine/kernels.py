@@ -373,45 +373,6 @@ def _global_response_norm_(x, weight, bias, eps):
             _apply_response_norm_rows(x[img], weight, bias, relative, px, px + 1)
 
 
-# ---- backward kernels: d loss / d input of the layers above, for training -----------------------
-
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@numba.njit(**_JIT)
-def _gelu_backward_float32_rows(dout, x, dx, first, last):
-    # dout, x, dx: (M, D) float32, rows first..last-1: dx = dout * (Phi(x) + x phi(x)), in float64
-    d = x.shape[1]
-    for i in range(first, last):
-        for ch in range(d):
-            v = np.float64(x[i, ch])
-            slope = 0.5 * (1.0 + _erf32(v * _SQRT_HALF)) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v)
-            dx[i, ch] = dout[i, ch] * slope
-
-
-@numba.njit(**_PARALLEL_JIT)
-def _gelu_backward_float32_(dout, x, dx):
-    for i in numba.prange(x.shape[0]):
-        _gelu_backward_float32_rows(dout, x, dx, i, i + 1)
-
-
-@numba.njit(**_JIT)
-def _gelu_backward_float64_rows(dout, x, dx, first, last):
-    # as the float32 body, with the float64 erf
-    d = x.shape[1]
-    for i in range(first, last):
-        for ch in range(d):
-            v = x[i, ch]
-            slope = 0.5 * (1.0 + _erf64(v * _SQRT_HALF)) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v)
-            dx[i, ch] = dout[i, ch] * slope
-
-
-@numba.njit(**_PARALLEL_JIT)
-def _gelu_backward_float64_(dout, x, dx):
-    for i in numba.prange(x.shape[0]):
-        _gelu_backward_float64_rows(dout, x, dx, i, i + 1)
-
-
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
 # Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
 # runs when this thread's Numba count is one (`threads.map_over_batch` workers,
@@ -491,30 +452,6 @@ def linear_gelu(x, weight, bias):
     else:
         _rows_or_parallel(_bias_gelu_float64_rows, _bias_gelu_float64_, (y, bias), y.shape[0])
     return y.reshape(*x.shape[:-1], weight.shape[1])
-
-
-def gelu(x):
-    """layers.gelu. x: (..., D) -> (..., D)"""
-    out = np.array(x, order="C")                             # the bias+GELU kernels work in place
-    flat = out.reshape(-1, out.shape[-1])                    # (M, D)
-    zero = np.zeros(flat.shape[1], flat.dtype)
-    if flat.dtype == np.float32:
-        _rows_or_parallel(_bias_gelu_float32_rows, _bias_gelu_float32_, (flat, zero), flat.shape[0])
-    else:
-        _rows_or_parallel(_bias_gelu_float64_rows, _bias_gelu_float64_, (flat, zero), flat.shape[0])
-    return out
-
-
-def gelu_backward(dout, x):
-    """layers.gelu_backward. dout, x: (..., D) -> dx (..., D)"""
-    flat_x = np.ascontiguousarray(x).reshape(-1, x.shape[-1])                    # (M, D)
-    flat_d = np.ascontiguousarray(dout, dtype=x.dtype).reshape(flat_x.shape)
-    dx = np.empty_like(flat_x)
-    if flat_x.dtype == np.float32:
-        _rows_or_parallel(_gelu_backward_float32_rows, _gelu_backward_float32_, (flat_d, flat_x, dx), dx.shape[0])
-    else:
-        _rows_or_parallel(_gelu_backward_float64_rows, _gelu_backward_float64_, (flat_d, flat_x, dx), dx.shape[0])
-    return dx.reshape(x.shape)
 
 
 def linear_scale_residual(x, weight, bias, gamma, shortcut):
