@@ -417,6 +417,32 @@ def _case(name, small_ir, folder):
         loop = '<edge from-layer="0" from-port="0" to-layer="0" to-port="0"/>'
         xml.write_text(text.replace("</edges>", loop + "</edges>"))
         return xml, "not a ConvNeXt graph|two edges|expected"
+    if name == "cycle":
+        # a Transpose on the activation feeding itself through a spare input: the walk would loop
+        root = ET.fromstring(text)
+        node = next(l for l in root.find("layers") if l.get("type") in ("Transpose", "Add", "Multiply"))
+        loop = (f'<edge from-layer="{node.get("id")}" from-port="{_output_port(node)}" '
+                f'to-layer="{node.get("id")}" to-port="7"/>')
+        xml.write_text(text.replace("</edges>", loop + "</edges>"))
+        return xml, "cycle"
+    if name == "constants re-read":
+        # stray conversions of one constant's bytes, read again for each: many .bin's worth in all
+        root = ET.fromstring(text)
+        big = max((l.find("data") for l in root.find("layers") if l.get("type") == "Const"
+                   and l.find("data").get("element_type") == "f16"), key=lambda d: int(d.get("size")))
+        size, shape = int(big.get("size")), big.get("shape")
+        copies = (2 * bin_.stat().st_size + (16 << 20)) // size + 2
+        dims = "".join(f"<dim>{d.strip()}</dim>" for d in shape.split(","))
+        layers = "".join(f'<layer id="{80000 + i}" name="r{i}" type="Const" version="opset1"><data element_type="f16" '
+                         f'shape="{shape}" offset="{big.get("offset")}" size="{size}"/><output><port id="0" '
+                         f'precision="FP16">{dims}</port></output></layer>'
+                         f'<layer id="{90000 + i}" name="c{i}" type="Convert" version="opset1"><data destination_type='
+                         f'"f32"/><input><port id="0">{dims}</port></input><output><port id="1" precision="FP32">'
+                         f'{dims}</port></output></layer>' for i in range(copies))
+        edges = "".join(f'<edge from-layer="{80000 + i}" from-port="0" to-layer="{90000 + i}" to-port="0"/>'
+                        for i in range(copies))
+        xml.write_text(text.replace("</layers>", layers + "</layers>").replace("</edges>", edges + "</edges>"))
+        return xml, "reads? .* bytes"
     if name == "stray operation":
         # a dead-end ReLU on a block's input: the walk passes it by, and the final check sees it
         root = ET.fromstring(text)
@@ -432,9 +458,13 @@ def _case(name, small_ir, folder):
     raise AssertionError(name)
 
 
+def _output_port(layer) -> str:
+    return layer.find("output").find("port").get("id")
+
+
 HOSTILE = ["not a ConvNeXt", "truncated bin", "const outside the bin", "fp16 inf", "fp16 nan", "doctype",
-           "external entity", "missing bin", "huge dims", "not xml", "utf-16", "edge loop",
-           "stray operation"]
+           "external entity", "missing bin", "huge dims", "not xml", "utf-16", "edge loop", "cycle",
+           "constants re-read", "stray operation"]
 
 
 @pytest.mark.parametrize("name", HOSTILE)

@@ -68,6 +68,8 @@ from .registry import WeightFormat, open_weight_file, reading, register
 FORMAT = "openvino-ir"
 _MAX_XML = 16 << 20           # an IR's graph description; a ConvNeXt's is a few megabytes at most
 _MAX_ELEMENTS = 1 << 31       # a constant larger than this is refused before reading
+_READ_SLACK = 16 << 20        # constants may share bytes (OpenVINO stores equal ones once): reads
+                              # past twice the .bin plus this are refused
 _ELEMENT_TYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i64": np.dtype("<i8"),
                   "i32": np.dtype("<i4"), "f64": np.dtype("<f8")}
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -96,6 +98,7 @@ class _Graph:
         self._bin = None
         self._bin_size = 0
         self._values: dict[tuple[str, str], np.ndarray | None] = {}
+        self._bytes_read = 0  # over all constants: many layers may name the same bytes of the .bin
         self.visited: set[str] = set()  # the operations the walk has taken as part of the network
 
     def __enter__(self):
@@ -151,6 +154,10 @@ class _Graph:
         if offset + size > self._bin_size:
             raise CheckpointError(f"Const layer {node.id} lies at bytes {offset}-{offset + size} of {self.bin_path}, "
                                   f"which holds {self._bin_size}: truncated, or not this IR's weights")
+        self._bytes_read += size
+        if self._bytes_read > 2 * self._bin_size + _READ_SLACK:
+            raise CheckpointError(f"its constants read {self._bytes_read} bytes from the {self._bin_size}-byte "
+                                  f"{self.bin_path}: layers share bytes far beyond what a network does")
         self._bin.seek(offset)
         raw = self._bin.read(size)
         if len(raw) != size:
@@ -279,7 +286,28 @@ def _parse(root: ET.Element) -> tuple[dict[str, _Node], dict[tuple[str, str], li
         consumers.setdefault((src, str(src_port)), []).append(dst)
     for lid, ports in inputs.items():
         nodes[lid].inputs = [ports[p] for p in sorted(ports)]
+    _check_acyclic(nodes, consumers)
     return nodes, consumers
+
+
+def _check_acyclic(nodes: dict[str, _Node], consumers: dict[tuple[str, str], list[str]]) -> None:
+    """Refuse a graph with a cycle (every walk below assumes none): Kahn's order must reach
+    every layer."""
+    waiting = {lid: len(node.inputs) for lid, node in nodes.items()}  # input edges not yet reached
+    successors: dict[str, list[str]] = {}
+    for (src, _), dsts in consumers.items():
+        successors.setdefault(src, []).extend(dsts)
+    ready = [lid for lid, count in waiting.items() if count == 0]
+    reached = 0
+    while ready:
+        lid = ready.pop()
+        reached += 1
+        for dst in successors.get(lid, ()):
+            waiting[dst] -= 1
+            if waiting[dst] == 0:
+                ready.append(dst)
+    if reached != len(nodes):
+        raise CheckpointError(f"the graph has a cycle ({len(nodes) - reached} layers on or after it)")
 
 
 # ---- walking the network ----------------------------------------------------------------------
@@ -486,7 +514,6 @@ def _grn(w: _Walk, hidden: int) -> tuple[np.ndarray, np.ndarray] | None:
     scaled = step.take("Multiply", skip_layout=False)
     if x not in scaled.inputs:
         raise CheckpointError(f"layer {scaled.id}: GRN does not multiply its input")
-    step.move(scaled)
     w.g.visited.add(l2.id)
     weight = step.per_channel(step.take("Multiply", skip_layout=False), hidden, "GRN's weight")
     bias = step.per_channel(step.take("Add", skip_layout=False), hidden, "GRN's bias")
@@ -870,10 +897,8 @@ def read_openvino_ir(path: str) -> dict[str, np.ndarray]:
 
 def openvino_ir_convention(path: str) -> Convention:
     """What the IR's model takes and gives (see the module docstring)."""
-    key = _identity(path)
-    if key in _CACHE:
-        return _CACHE[key]
-    return _read(path)[1]
+    found = _CACHE.get(_identity(path))  # one lookup: another thread's _read may clear the cache meanwhile
+    return found if found is not None else _read(path)[1]
 
 
 def _recognises(head: bytes, path: str) -> bool:
@@ -897,4 +922,5 @@ def _recognises(head: bytes, path: str) -> bool:
         return False
 
 
-register(WeightFormat(FORMAT, _recognises, read_openvino_ir, openvino_ir_convention))
+register(WeightFormat(FORMAT, _recognises, read_openvino_ir, openvino_ir_convention,
+                      files=lambda path: list(_paths(path))))
