@@ -199,8 +199,9 @@ def _encode_varint(value):
             return bytes(out)
 
 
-def _write_table(entries):
-    """An SSTable as TensorFlow's table builder lays it out: one data block, one index block."""
+def _write_table(entries, mentions=1):
+    """An SSTable as TensorFlow's table builder lays it out: one data block, one index block
+    (which names the data block `mentions` times: once, unless testing a hostile index)."""
     def block(pairs):
         body = b"".join(_encode_varint(0) + _encode_varint(len(k)) + _encode_varint(len(v)) + k + v for k, v in pairs)
         return body + struct.pack("<II", 0, 1)
@@ -212,11 +213,19 @@ def _write_table(entries):
         return contents + b"\x00" + struct.pack("<I", masked)
 
     data = block(sorted(entries.items()))
-    index = block([(max(entries), _encode_varint(0) + _encode_varint(len(data)))])
+    index = block([(max(entries) + b"~" * i, _encode_varint(0) + _encode_varint(len(data))) for i in range(mentions)])
     body = with_trailer(data)
     footer = _encode_varint(len(body)) + _encode_varint(0)  # metaindex: empty, unread
     footer += _encode_varint(len(body)) + _encode_varint(len(index))
     return body + with_trailer(index) + footer.ljust(40, b"\x00") + struct.pack("<Q", tf_bundle.TABLE_MAGIC)
+
+
+def test_an_index_naming_one_data_block_twice_is_refused():
+    # each mention would be read and checksummed again: a small index could cost its size many times
+    entries = {b"": b"", b"a": b"x"}
+    assert read_table(_write_table(entries)) == {"": b"", "a": b"x"}
+    with pytest.raises(npconvnext.CheckpointError, match="overlaps or repeats"):
+        read_table(_write_table(entries, mentions=3))
 
 
 def _rewrite_entry(model, edit):

@@ -84,6 +84,16 @@ class _Variable:
         return f"{self.full_name or '?'} ({'/'.join(self.path)})"
 
 
+_MAX_PARENTS = 64  # a Keras object lists a handful: its layer, the model's variable lists, Keras 3's copy
+
+
+def _put(out: dict, name: str, v: "_Variable") -> None:
+    """out[name] = v, refusing a second variable for one timm name."""
+    if name in out:
+        raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
+    out[name] = v
+
+
 def _variables(bundle: Bundle) -> list[_Variable]:
     """Every variable the object graph lists, once. Keras 3's `model.export` lists each twice (under
     `variables/` in creation order and `_all_variables/`): the second copy of a name is dropped."""
@@ -96,6 +106,8 @@ def _variables(bundle: Bundle) -> list[_Variable]:
             if not 0 <= child < len(nodes):
                 raise CheckpointError(f"object graph node {at} names a child {child} of {len(nodes)} nodes")
             parents.setdefault(child, []).append((at, name))
+            if len(parents[child]) > _MAX_PARENTS:  # each variable lists its grandparents: keep that small
+                raise CheckpointError(f"object graph node {child} has more than {_MAX_PARENTS} parents")
     tops = _tops(nodes)
     found = []
     for at, node in enumerate(nodes):
@@ -153,9 +165,7 @@ def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
         if role is None:
             continue
         name = found[0] if role == "" else f"{found[0]}.{role}"
-        if name in out:
-            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
-        out[name] = v
+        _put(out, name, v)
     return out
 
 
@@ -163,11 +173,6 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
     """timm name -> variable for the TF-Hub port's layout."""
     out: dict[str, _Variable] = {}
     loose = []  # outside every named group: the head's layer norm
-
-    def put(name, v):
-        if name in out:
-            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
-        out[name] = v
 
     blocks: dict[str, list[_Variable]] = {}
     for v in variables:
@@ -183,13 +188,13 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
         if kind == "block":
             blocks.setdefault(f"stages.{match['i']}.blocks.{match['j']}", []).append(v)
         elif kind == "head.fc":
-            put(f"head.fc.{role}", v)
+            _put(out, f"head.fc.{role}", v)
         else:
             module = "stem" if kind == "stem" else f"stages.{int(match['k']) + 1}.downsample"
             is_conv = _leaf(v) in ("kernel", "bias")  # a layer norm's are gamma and beta
             # stem: conv, then norm; downsampling blocks: norm, then conv
             index = (0 if is_conv else 1) if kind == "stem" else (1 if is_conv else 0)
-            put(f"{module}.{index}.{role}", v)
+            _put(out, f"{module}.{index}.{role}", v)
     # a block's raw gamma has no name of its own ("Variable"): it is the block object's child
     # named gamma, and the block object holds the sub-layers whose variables are named
     owners = {}
@@ -203,14 +208,14 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
         elif v.top is not None:  # Keras 2 names no stem or downsampling block: placed by layer order
             groups.setdefault(v.top, []).append(v)
         elif len(v.shape) == 1 and _role(v.path[-1]) in ("weight", "bias"):
-            put(f"head.norm.{_role(v.path[-1])}", v)
+            _put(out, f"head.norm.{_role(v.path[-1])}", v)
         else:
             unplaced.append(v)
     for name, v in _by_layer_order(groups).items():
-        put(name, v)
+        _put(out, name, v)
     for block, members in blocks.items():
         for name, v in _block_roles(block, members).items():
-            put(name, v)
+            _put(out, name, v)
     if unplaced and blocks:
         raise CheckpointError(f"{len(unplaced)} variables belong to no layer of the TF-Hub ConvNeXt layout "
                               f"({', '.join(map(repr, unplaced[:3]))}): their object paths do not say which "
@@ -240,9 +245,7 @@ def _by_layer_order(groups: dict[int, list[_Variable]]) -> dict[str, _Variable]:
             if role in (None, "") or part is None:
                 raise CheckpointError(f"variable {v} in layer {k} of the model is not a conv's or a norm's")
             name = f"{module}{part}.{role}"
-            if name in out:
-                raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
-            out[name] = v
+            _put(out, name, v)
     return out
 
 
@@ -270,9 +273,7 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
             raise CheckpointError(f"cannot tell which part of block {block} the variable {v} is: the "
                                   "SavedModel's object graph does not name its sub-layers")
         name = f"{block}.{sub}.{role}"
-        if name in out:
-            raise CheckpointError(f"two variables map to {name}: {out[name]} and {v}")
-        out[name] = v
+        _put(out, name, v)
     return out
 
 

@@ -35,7 +35,7 @@ from .registry import open_weight_file
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48        # two block handles of up to 20 bytes each, padded, then 8 bytes of magic
 BLOCK_TRAILER = 5       # compression type (1 byte) + masked crc32c (4 bytes)
-MAX_INDEX_BYTES = 1 << 28  # an index holds names and offsets: kilobytes for any real model
+MAX_INDEX_BYTES = 1 << 26  # an index holds names and offsets: kilobytes for any real model
 MAX_RANK = 8
 
 # DataType enum values (types.proto) read here: float tensors, and the object graph's string
@@ -279,7 +279,7 @@ def _block(data: bytes, handle: tuple[int, int], check_crc: bool = True) -> byte
         raise CheckpointError(f"index block of unknown compression type {kind}")
     if check_crc:
         stored = int.from_bytes(data[offset + size + 1 : offset + size + 5], "little")
-        if crc32c_naive(data[offset : offset + size + 1]) != unmask_crc(stored):
+        if crc32c(data[offset : offset + size + 1]) != unmask_crc(stored):
             raise CheckpointError(f"table block at {offset}: checksum mismatch (corrupted index)")
     return contents
 
@@ -321,14 +321,20 @@ def read_table(data: bytes) -> dict[str, bytes]:
         raise CheckpointError("index file does not end in the table magic number (not a tensor bundle index)")
     _, pos = _handle(data, footer, footer + 40)  # the metaindex: empty in bundles, not needed
     index_handle, _ = _handle(data, pos, footer + 40)
-    table, last = {}, None
+    table, last, next_free = {}, None, 0
     for _, value in _block_entries(_block(data, index_handle)):
         handle, used = _handle(value, 0, len(value))
+        if handle[0] < next_free:  # TensorFlow writes data blocks one after another, each once
+            raise CheckpointError(f"table block at {handle[0]} overlaps or repeats an earlier one")
+        next_free = handle[0] + handle[1] + BLOCK_TRAILER
         for key, entry in _block_entries(_block(data, handle)):
             if last is not None and key <= last:
                 raise CheckpointError("index keys out of order")
             last = key
-            table[key.decode("utf-8", "replace")] = entry
+            try:
+                table[key.decode("utf-8")] = entry
+            except UnicodeDecodeError:
+                raise CheckpointError(f"index key {key[:40]!r} is not UTF-8") from None
     return table
 
 
