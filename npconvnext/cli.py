@@ -253,7 +253,7 @@ def cmd_verify(args):
 def _traced_model(args):
     """Model, input and metadata for golden/parity: --weights or seeded random weights."""
     import npconvnext
-    from npconvnext.convert import sha256_of
+    from npconvnext.formats import sha256_of
     from npconvnext.preprocessing import DataConfig, preprocess
 
     dtype = "float64" if args.float64 else "float32"
@@ -293,7 +293,7 @@ def _golden_weights(args, meta: dict[str, str]) -> None:
     """Point `args` at the weights the golden file was made with, as its metadata records them:
     a weight file's sha256 (then --weights must be that file) or npconvnext's random-weights
     seed. A golden that records neither needs --weights."""
-    from npconvnext.convert import sha256_of
+    from npconvnext.formats import sha256_of
 
     golden = _shown(args.against)
     recorded = meta.get("weights_sha256")
@@ -491,6 +491,9 @@ def _show_library_notes() -> None:
     logger.setLevel(logging.INFO)
 
 
+_RUNS_THE_MODEL = ("classify", "features", "evaluate", "golden", "parity", "finetune")
+
+
 def _take_the_threads() -> None:
     """The command is the program, so it hands NumPy's BLAS thread count to npconvnext: a batch
     is then shared out image by image (engine/threads.py), which a library may not do unasked."""
@@ -504,7 +507,8 @@ def _take_the_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_notes()
-    _take_the_threads()
+    if args.command in _RUNS_THE_MODEL:
+        _take_the_threads()
     try:
         args.run(args)
     # NpConvNeXtError is npconvnext's refusal of a bad input; plain ValueError and RuntimeError

@@ -9,7 +9,6 @@ source's sha256, which `verify` checks, together with a fresh conversion's tenso
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -21,24 +20,13 @@ from .config import get_config
 from .convention import Convention
 from .errors import CheckpointError, InputError, NpConvNeXtError
 from .formats import (convention_of, detect_naming, openvino_ir, read_checkpoint, read_safetensors_with_metadata,
-                      to_timm_names, weight_files)
+                      sha256_of, to_timm_names)
 from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
 from .params import detect_architecture
 
 # metadata fields that describe the source's content (its file name may differ between copies)
 _CONTENT_FIELDS = ("architecture", "num_classes", "source_sha256", "source_format", "format", "converted_by")
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """sha256 of a weight file; of a SavedModel directory, of its weight files' bytes in order."""
-    path = os.fspath(path)
-    digest = hashlib.sha256()
-    for name in weight_files(path) if os.path.isdir(path) else [path]:
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,

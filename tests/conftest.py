@@ -13,12 +13,11 @@ if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
     os.environ["NUMBA_NUM_THREADS"] = "2"
 
 # The kernels start parallel loops only where Numba's OpenMP workers sleep between them
-# (engine/kernels.py, _WORKERS_SLEEP): ask for that here so the parallel paths are tested;
+# (engine/kernels.py, _workers_sleep): ask for that here so the parallel paths are tested;
 # tests/test_threads.py checks the default, where they run serially.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, os.path.dirname(__file__))  # the helper modules beside the tests
-
 
 
 class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -62,3 +61,21 @@ def assert_matches():
         return error
 
     return check
+
+
+@pytest.fixture(autouse=True)
+def _the_command_leaves_no_trace():
+    """Tests that run the command in this process (cli.main) hand BLAS's thread count over and
+    turn on the library's notes, as the program it is may: undo both after each test, so that no
+    result depends on the order the tests run in. (The count the command sets, Numba's, is
+    BLAS's default count in this process already.)"""
+    import logging
+
+    from npconvnext.engine import threads
+
+    logger = logging.getLogger("npconvnext")
+    handed_over, level, handlers = threads._blas_handed_over, logger.level, list(logger.handlers)
+    yield
+    threads._blas_handed_over = handed_over
+    logger.setLevel(level)
+    logger.handlers[:] = handlers

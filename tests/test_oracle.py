@@ -109,7 +109,7 @@ def test_parity_uses_the_golden_files_weights(tmp_path, capsys):
 def test_parity_against_a_golden_from_timms_own_trace(tmp_path, capsys):
     """Written by timm's forward hooks from a weight file: passes with that file, and refuses
     other weights or none, by the sha256 in the golden's metadata."""
-    from npconvnext.convert import sha256_of
+    from npconvnext.formats import sha256_of
 
     weights, other = tmp_path / "w.safetensors", tmp_path / "other.safetensors"
     save_file(numpy_state_dict(random_timm_model("convnext_atto", seed=11)), weights)

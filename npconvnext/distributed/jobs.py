@@ -8,7 +8,7 @@ The output directory (OUT) every worker and the client reach at the same path:
                               classify: {"file", "labels", "indices", "probabilities"}
                               features: {"file", "row"} (its row in part-00000.npy)
                               either:   {"file", "error"} for an image that could not be read
-    OUT/part-00000.npy        features only: (n, D) float32 embeddings of the images read
+    OUT/part-00000.npy        features only: (n, D) embeddings (the model's dtype) of the images read
     OUT/part-00000.files.txt  features only: their file names' exact bytes, one a line (as
                               `npconvnext features -o` writes beside its .npy)
 
@@ -36,6 +36,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import InputError, NpConvNeXtError
+from ..formats import sha256_of
 from .batch import ModelSpec, classified_row, classify, describe, embed, load_model, read_batch, shown
 
 TASKS = ("classify", "features")
@@ -88,20 +89,12 @@ def partitions(paths: list[str], size: int) -> list[list[str]]:
 
 # ---- the manifest ------------------------------------------------------------------------------
 
-def _sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def job_record(job: Job, paths: list[str]) -> dict:
     """What the manifest records: everything that decides the output's content."""
     inputs = hashlib.sha256(b"".join(os.fsencode(p) + b"\n" for p in paths)).hexdigest()
     spec = job.spec
     return {"format": FORMAT, "task": job.task, "model": spec.model, "weights": spec.weights,
-            "weights_sha256": _sha256_of_file(spec.weights) if spec.weights else None,
+            "weights_sha256": sha256_of(spec.weights) if spec.weights else None,
             "dtype": spec.dtype, "input_size": spec.input_size,
             "top_k": job.top_k if job.task == "classify" else None,
             "partition_size": job.partition_size, "images": len(paths), "inputs_sha256": inputs}

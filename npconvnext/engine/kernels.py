@@ -87,7 +87,8 @@ class _CompileNotice(numba.core.event.Listener):
 
     def on_start(self, event):
         dispatcher = event.data.get("dispatcher") if isinstance(event.data, dict) else None
-        if not self.told and getattr(getattr(dispatcher, "py_func", None), "__module__", None) == __name__:
+        module = getattr(getattr(dispatcher, "py_func", None), "__module__", None) or ""
+        if not self.told and module.startswith("npconvnext."):  # any of ours: inference, training, readers
             self.told = True
             _log.info(COMPILE_NOTICE)
 

@@ -1,8 +1,9 @@
 """Which reader takes a file: each format registers how it recognises its files' first bytes.
 
 A file is never judged by its name. A format whose weights are a directory (a TensorFlow
-SavedModel) registers how it recognises one; any other directory is refused. Readers register themselves when `npconvnext.formats` is
-imported; the first whose `recognises` answers yes reads the file. A format whose files carry
+SavedModel) registers how it recognises one; any other directory is refused. Readers register
+themselves when `npconvnext.formats` is imported; the first whose `recognises` answers yes
+reads the file. A format whose files carry
 the model's input convention (a Keras model's Normalization layer, say) also registers how to
 read that.
 
@@ -13,6 +14,7 @@ from the file in an error message, bounded).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -114,6 +116,17 @@ def weight_files(path: str) -> list[str]:
     a directory format or a multi-file format names."""
     fmt = sniff_format(path)
     return fmt.files(path) if fmt.files else [path]
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of the weights at `path`: of its files' bytes in order (one file; an IR's .xml and
+    .bin; a SavedModel's files), so that a change to any of them shows."""
+    digest = hashlib.sha256()
+    for name in weight_files(os.fspath(path)):
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sniff_format(path: str) -> WeightFormat:
