@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import layers
 from .kernels import (_INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS, _erf32, _erf64, _exp_nonpositive,
-                      _rows_or_parallel)
+                      _pixel_statistics, _rows_or_parallel)
 
 # Rows of a conv's input (image rows) and pixels of a per-pixel layer in one chunk of a weight
 # gradient's partial sums: enough work to be worth a job, few enough partial sums to add cheaply.
@@ -151,37 +151,6 @@ def _depthwise_conv7_weight_grad(x, dout, d_weight, d_bias):
 # ---- LayerNorm backward --------------------------------------------------------------------------
 
 
-@numba.njit(**_INLINE_JIT)
-def _statistics(x, eps):
-    # x: (C,) one pixel -> (mean, 1 / sqrt(var + eps)) in float64, summed as kernels._normalize_pixel
-    # sums them (four interleaved sums), so the forward's normalisation is reproduced exactly
-    c = x.shape[0]
-    c4 = c - c % 4
-    s0 = s1 = s2 = s3 = 0.0
-    for ch in range(0, c4, 4):
-        s0 += x[ch]
-        s1 += x[ch + 1]
-        s2 += x[ch + 2]
-        s3 += x[ch + 3]
-    for ch in range(c4, c):
-        s0 += x[ch]
-    mean = ((s0 + s1) + (s2 + s3)) / c
-    s0 = s1 = s2 = s3 = 0.0
-    for ch in range(0, c4, 4):
-        d0 = x[ch] - mean
-        d1 = x[ch + 1] - mean
-        d2 = x[ch + 2] - mean
-        d3 = x[ch + 3] - mean
-        s0 += d0 * d0
-        s1 += d1 * d1
-        s2 += d2 * d2
-        s3 += d3 * d3
-    for ch in range(c4, c):
-        d = x[ch] - mean
-        s0 += d * d
-    return mean, 1.0 / math.sqrt(((s0 + s1) + (s2 + s3)) / c + eps)
-
-
 @numba.njit(**_JIT)
 def _layer_norm_backward_rows(dout, x, weight, eps, dx, d_weight, d_bias, first, last):
     # dout, x, dx: (M, C) pixels by channels; d_weight, d_bias: (chunks, C) float64 partial sums
@@ -196,7 +165,7 @@ def _layer_norm_backward_rows(dout, x, weight, eps, dx, d_weight, d_bias, first,
         for i in range(chunk * _CHUNK_PIXELS, min(m, (chunk + 1) * _CHUNK_PIXELS)):
             xi = x[i]
             di = dout[i]
-            mean, rstd = _statistics(xi, eps)
+            mean, rstd = _pixel_statistics(xi, eps)
             sum_g = sum_gx = 0.0
             for ch in range(c):
                 xhat = (xi[ch] - mean) * rstd
@@ -224,7 +193,7 @@ def _layer_norm_backward(dout, x, weight, eps, dx, d_weight, d_bias):
 def _depthwise_conv7_layer_norm_keep_rows(x, conv_w, conv_b, norm_w, norm_b, eps, xhat, rstd, normed, first, last):
     # x, xhat, normed: (N, H, W, C); rstd: (N, H, W); output rows first..last-1 of the N * H:
     # the conv into xhat, then per pixel xhat = (conv - mean) * rstd and normed = xhat * w + b,
-    # with the statistics summed as kernels._normalize_pixel sums them
+    # with the forward's statistics (kernels._pixel_statistics)
     n, h, w, c = x.shape
     for job in range(first, last):
         img = job // h
@@ -232,7 +201,7 @@ def _depthwise_conv7_layer_norm_keep_rows(x, conv_w, conv_b, norm_w, norm_b, eps
         _depthwise_conv7_rows(x, conv_w, conv_b, None, xhat, job, job + 1)
         for j in range(w):
             pixel = xhat[img, row, j]        # (C,) the conv output, in cache
-            mean, inv_std = _statistics(pixel, eps)
+            mean, inv_std = _pixel_statistics(pixel, eps)
             rstd[img, row, j] = inv_std
             out = normed[img, row, j]
             for ch in range(c):

@@ -151,11 +151,12 @@ def _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
         _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, job, job + 1)
 
 
-@numba.njit(**_JIT)
-def _normalize_pixel(x, weight, bias, eps, out):
-    # x, out: (C,) one pixel's channels; LayerNorm with its statistics summed in float64, in
-    # four interleaved partial sums: one running sum would wait for every add to finish, and
-    # without fastmath LLVM may not split it itself
+@numba.njit(**_INLINE_JIT)
+def _pixel_statistics(x, eps):
+    # x: (C,) one pixel's channels -> (mean, 1 / sqrt(var + eps)), summed in float64 in four
+    # interleaved partial sums: one running sum would wait for every add to finish, and without
+    # fastmath LLVM may not split it itself. The training kernels reuse it to reproduce the
+    # forward's normalisation exactly.
     c = x.shape[0]
     c4 = c - c % 4
     s0 = s1 = s2 = s3 = 0.0
@@ -180,7 +181,14 @@ def _normalize_pixel(x, weight, bias, eps, out):
     for ch in range(c4, c):
         d = x[ch] - mean
         s0 += d * d
-    inv_std = 1.0 / math.sqrt(((s0 + s1) + (s2 + s3)) / c + eps)
+    return mean, 1.0 / math.sqrt(((s0 + s1) + (s2 + s3)) / c + eps)
+
+
+@numba.njit(**_JIT)
+def _normalize_pixel(x, weight, bias, eps, out):
+    # x, out: (C,) one pixel's channels; LayerNorm with float64 statistics
+    c = x.shape[0]
+    mean, inv_std = _pixel_statistics(x, eps)
     for ch in range(c):
         out[ch] = (x[ch] - mean) * inv_std * weight[ch] + bias[ch]
 
