@@ -7,6 +7,7 @@ import pytest
 
 from npconvnext import layers
 from npconvnext.engine import backward_kernels as bk
+import parallel_loops
 
 # float64 kernels sum in another order than NumPy; float32 ones sum weight gradients in float64
 # where NumPy sums in float32, and use the float32 erf
@@ -29,24 +30,8 @@ def close(actual, expected, dtype, what=""):
 def kernel_threads(request, monkeypatch):
     """One thread: every wrapper runs its row body on this thread; two: the parallel loops.
     Yields the names of the parallel loops that ran."""
-    if request.param > numba.config.NUMBA_NUM_THREADS:  # conftest.py sets two
-        pytest.fail(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s): the parallel kernels cannot run")
-    ran = set()
-
-    def counted(name, loop):
-        def run(*args):
-            ran.add(name)
-            return loop(*args)
-        return run
-
-    for name in PARALLEL_LOOPS:
-        monkeypatch.setattr(bk, name, counted(name, getattr(bk, name)))
-    before = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    try:
+    with parallel_loops.counted(bk, PARALLEL_LOOPS, request.param, monkeypatch) as ran:
         yield ran
-    finally:
-        numba.set_num_threads(before)
 
 
 def test_every_parallel_loop_is_tested():

@@ -12,6 +12,7 @@ from npconvnext import layers
 from npconvnext.engine import kernels
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
+import parallel_loops
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
@@ -35,27 +36,10 @@ def test_every_kernel_has_a_parallel_loop_to_test():
 @pytest.fixture(params=[1, 2], ids=["serial", "parallel"])
 def kernel_threads(request, monkeypatch):
     """One thread: every wrapper takes its kernel's row body on this thread; two: the
-    parallel loops (numba's count is per calling thread, so only this test's thread changes).
-    Yields the names of the parallel loops that ran, filled in as they run."""
-    if request.param > numba.config.NUMBA_NUM_THREADS:  # conftest.py sets two
-        pytest.fail(f"numba has {numba.config.NUMBA_NUM_THREADS} thread(s): the parallel kernels cannot run")
-    ran = set()
-
-    def counted(name, loop):
-        def run(*args):
-            ran.add(name)
-            return loop(*args)
-        return run
-
-    for name in PARALLEL_LOOPS:
-        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    parallel loops. Yields the names of the parallel loops that ran."""
     monkeypatch.setattr(kernels, "_RESIDUAL_SERIAL_BELOW", 0)  # the residual add's loop too
-    before = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    try:
+    with parallel_loops.counted(kernels, PARALLEL_LOOPS, request.param, monkeypatch) as ran:
         yield ran
-    finally:
-        numba.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
