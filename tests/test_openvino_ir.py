@@ -416,7 +416,7 @@ def _case(name, small_ir, folder):
     if name == "edge loop":
         loop = '<edge from-layer="0" from-port="0" to-layer="0" to-port="0"/>'
         xml.write_text(text.replace("</edges>", loop + "</edges>"))
-        return xml, "not a ConvNeXt graph|two edges|expected"
+        return xml, "not a ConvNeXt graph|two edges|expected|cycle"
     if name == "cycle":
         # a Transpose on the activation feeding itself through a spare input: the walk would loop
         root = ET.fromstring(text)

@@ -3,9 +3,8 @@
 A file is never judged by its name. A format whose weights are a directory (a TensorFlow
 SavedModel) registers how it recognises one; any other directory is refused. Readers register
 themselves when `npconvnext.formats` is imported; the first whose `recognises` answers yes
-reads the file. A format whose files carry
-the model's input convention (a Keras model's Normalization layer, say) also registers how to
-read that.
+reads the file. A format whose files carry the model's input convention (a Keras model's
+Normalization layer, say) also registers how to read that.
 
 What every reader shares when it meets an untrusted file: `open_weight_file` (regular files
 only), `reading` (every failure a CheckpointError naming the file) and `describe` (a value
