@@ -37,8 +37,8 @@ import numba.extending
 import numpy as np
 
 from .. import layers
-from .kernels import (_INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS, _erf32, _erf64, _exp_nonpositive,
-                      _pixel_statistics, _rows_or_parallel)
+from .kernels import (_INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS, _add_depthwise_taps, _erf32, _erf64,
+                      _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
 
 # Rows of a conv's input (image rows) and pixels of a per-pixel layer in one chunk of a weight
 # gradient's partial sums: enough work to be worth a job, few enough partial sums to add cheaply.
@@ -58,7 +58,6 @@ def _depthwise_conv7_rows(x, weight, bias, shortcut, out, first, last):
     # x, out: (N, H, W, C); weight: (7, 7, C); bias: (C,); shortcut: (N, H, W, C) added to out,
     # or None; the output rows first..last-1 of the N * H rows of all images
     n, h, w, c = x.shape
-    pad = _TAPS // 2
     for job in range(first, last):
         img = job // h
         row = job % h
@@ -70,27 +69,7 @@ def _depthwise_conv7_rows(x, weight, bias, shortcut, out, first, last):
             for j in range(w):
                 for ch in range(c):
                     acc[j, ch] += shortcut[img, row, j, ch]
-        for di in range(_TAPS):
-            src_row = row + di - pad
-            if src_row < 0 or src_row >= h:
-                continue
-            x_row = x[img, src_row]          # (W, C)
-            w_row = weight[di]               # (7, C)
-            for j in range(w):
-                dst = acc[j]                 # (C,)
-                if pad <= j < w - pad:       # all seven taps inside the row: summed in a register
-                    window = x_row[j - pad : j + pad + 1]  # (7, C)
-                    for ch in range(c):
-                        total = dst[ch]
-                        for dj in range(_TAPS):
-                            total += window[dj, ch] * w_row[dj, ch]
-                        dst[ch] = total
-                else:                        # near the left or right edge: the taps that land inside
-                    for dj in range(max(0, pad - j), min(_TAPS, w + pad - j)):
-                        src = x_row[j + dj - pad]
-                        tap = w_row[dj]
-                        for ch in range(c):
-                            dst[ch] += src[ch] * tap[ch]
+        _add_depthwise_taps(x, img, row, weight, acc)
 
 
 @numba.njit(**_PARALLEL_JIT)
@@ -151,12 +130,31 @@ def _depthwise_conv7_weight_grad(x, dout, d_weight, d_bias):
 # ---- LayerNorm backward --------------------------------------------------------------------------
 
 
+@numba.njit(**_INLINE_JIT)
+def _layer_norm_backward_pixel(d, xhat, rstd, weight, out, dw, db):
+    # one pixel: d, xhat, out: (C,); rstd: its 1 / std; dw, db: (C,) float64 sums added to.
+    # With g = d * weight: out = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+    c = xhat.shape[0]
+    sum_g = sum_gx = 0.0
+    for ch in range(c):
+        dc = np.float64(d[ch])
+        g = dc * weight[ch]
+        sum_g += g
+        sum_gx += g * xhat[ch]
+        dw[ch] += dc * xhat[ch]
+        db[ch] += dc
+    mean_g = sum_g / c
+    mean_gx = sum_gx / c
+    for ch in range(c):
+        out[ch] = rstd * ((np.float64(d[ch]) * weight[ch] - mean_g) - xhat[ch] * mean_gx)
+
+
 @numba.njit(**_JIT)
 def _layer_norm_backward_rows(dout, x, weight, eps, dx, d_weight, d_bias, first, last):
     # dout, x, dx: (M, C) pixels by channels; d_weight, d_bias: (chunks, C) float64 partial sums
-    # of chunks first..last-1 of _CHUNK_PIXELS pixels. With xhat = (x - mean) * rstd, g = dout * weight:
-    #   dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+    # of chunks first..last-1 of _CHUNK_PIXELS pixels; the statistics recomputed from x
     m, c = x.shape
+    xhat = np.empty(c, np.float64)  # (C,) one pixel's normalised values
     for chunk in range(first, last):
         dw = d_weight[chunk]
         db = d_bias[chunk]
@@ -164,23 +162,10 @@ def _layer_norm_backward_rows(dout, x, weight, eps, dx, d_weight, d_bias, first,
         db[...] = 0.0
         for i in range(chunk * _CHUNK_PIXELS, min(m, (chunk + 1) * _CHUNK_PIXELS)):
             xi = x[i]
-            di = dout[i]
             mean, rstd = _pixel_statistics(xi, eps)
-            sum_g = sum_gx = 0.0
             for ch in range(c):
-                xhat = (xi[ch] - mean) * rstd
-                d = np.float64(di[ch])
-                g = d * weight[ch]
-                sum_g += g
-                sum_gx += g * xhat
-                dw[ch] += d * xhat
-                db[ch] += d
-            mean_g = sum_g / c
-            mean_gx = sum_gx / c
-            out = dx[i]
-            for ch in range(c):
-                xhat = (xi[ch] - mean) * rstd
-                out[ch] = rstd * ((np.float64(di[ch]) * weight[ch] - mean_g) - xhat * mean_gx)
+                xhat[ch] = (xi[ch] - mean) * rstd
+            _layer_norm_backward_pixel(dout[i], xhat, rstd, weight, dx[i], dw, db)
 
 
 @numba.njit(**_PARALLEL_JIT)
@@ -220,29 +205,14 @@ def _depthwise_conv7_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps, xha
 @numba.njit(**_JIT)
 def _layer_norm_backward_kept_rows(dout, xhat, rstd, weight, dx, d_weight, d_bias, first, last):
     # as _layer_norm_backward_rows, from the forward's xhat (M, C) and rstd (M,) instead of x
-    m, c = xhat.shape
+    m = xhat.shape[0]
     for chunk in range(first, last):
         dw = d_weight[chunk]
         db = d_bias[chunk]
         dw[...] = 0.0
         db[...] = 0.0
         for i in range(chunk * _CHUNK_PIXELS, min(m, (chunk + 1) * _CHUNK_PIXELS)):
-            xi = xhat[i]
-            di = dout[i]
-            sum_g = sum_gx = 0.0
-            for ch in range(c):
-                d = np.float64(di[ch])
-                g = d * weight[ch]
-                sum_g += g
-                sum_gx += g * xi[ch]
-                dw[ch] += d * xi[ch]
-                db[ch] += d
-            mean_g = sum_g / c
-            mean_gx = sum_gx / c
-            scale = np.float64(rstd[i])
-            out = dx[i]
-            for ch in range(c):
-                out[ch] = scale * ((np.float64(di[ch]) * weight[ch] - mean_g) - xi[ch] * mean_gx)
+            _layer_norm_backward_pixel(dout[i], xhat[i], np.float64(rstd[i]), weight, dx[i], dw, db)
 
 
 @numba.njit(**_PARALLEL_JIT)

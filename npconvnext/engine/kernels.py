@@ -102,12 +102,43 @@ numba.core.event.register("numba:compile", _CompileNotice())
 _TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a constant lets LLVM unroll
 
 
+@numba.njit(**_INLINE_JIT)
+def _add_depthwise_taps(x, img, row, weight, acc):
+    # acc: (W, C) += output row `row` of image `img` of the 7x7 depthwise conv of x (N, H, W, C)
+    # by weight (7, 7, C), zero padding; the forward and the training kernels share it
+    h, w, c = x.shape[1:]
+    pad = _TAPS // 2
+    for di in range(_TAPS):
+        src_row = row + di - pad
+        if src_row < 0 or src_row >= h:
+            continue
+        x_row = x[img, src_row]          # (W, C)
+        w_row = weight[di]               # (7, C)
+        for j in range(w):
+            dst = acc[j]                 # (C,)
+            if pad <= j < w - pad:
+                # the hot path: all seven taps inside the row, summed in a register per
+                # channel (the tap loop is unrolled, the channel loop vectorised), one load
+                # and one store of the accumulator instead of seven
+                window = x_row[j - pad : j + pad + 1]  # (7, C)
+                for ch in range(c):
+                    total = dst[ch]
+                    for dj in range(_TAPS):
+                        total += window[dj, ch] * w_row[dj, ch]
+                    dst[ch] = total
+            else:  # within 3 pixels of the left or right edge: only the taps that land inside
+                for dj in range(max(0, pad - j), min(_TAPS, w + pad - j)):
+                    src = x_row[j + dj - pad]  # (C,)
+                    tap = w_row[dj]            # (C,)
+                    for ch in range(c):
+                        dst[ch] += src[ch] * tap[ch]
+
+
 @numba.njit(**_JIT)
 def _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, first, last):
     # x, out: (N, H, W, C); conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,); the output rows
     # first..last-1 of the N * H rows of all images
     n, h, w, c = x.shape
-    pad = _TAPS // 2
     acc = np.empty((w, c), dtype=x.dtype)  # (W, C) the row being accumulated
     for job in range(first, last):
         img = job // h
@@ -115,30 +146,7 @@ def _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out
         for j in range(w):
             for ch in range(c):
                 acc[j, ch] = conv_b[ch]
-        for di in range(_TAPS):
-            src_row = row + di - pad
-            if src_row < 0 or src_row >= h:
-                continue
-            x_row = x[img, src_row]          # (W, C)
-            w_row = conv_w[di]               # (7, C)
-            for j in range(w):
-                dst = acc[j]                 # (C,)
-                if pad <= j < w - pad:
-                    # the hot path: all seven taps inside the row, summed in a register per
-                    # channel (the tap loop is unrolled, the channel loop vectorised), one load
-                    # and one store of the accumulator instead of seven
-                    window = x_row[j - pad : j + pad + 1]  # (7, C)
-                    for ch in range(c):
-                        total = dst[ch]
-                        for dj in range(_TAPS):
-                            total += window[dj, ch] * w_row[dj, ch]
-                        dst[ch] = total
-                else:  # within 3 pixels of the left or right edge: only the taps that land inside
-                    for dj in range(max(0, pad - j), min(_TAPS, w + pad - j)):
-                        src = x_row[j + dj - pad]  # (C,)
-                        tap = w_row[dj]            # (C,)
-                        for ch in range(c):
-                            dst[ch] += src[ch] * tap[ch]
+        _add_depthwise_taps(x, img, row, conv_w, acc)
         for j in range(w):
             _normalize_pixel(acc[j], norm_w, norm_b, eps, out[img, row, j])
 
