@@ -19,7 +19,7 @@ from .atomic import atomic_write
 from .config import get_config
 from .convention import Convention
 from .errors import CheckpointError, InputError, NpConvNeXtError
-from .formats import (convention_of, detect_naming, openvino_ir, read_checkpoint, read_safetensors_with_metadata,
+from .formats import (convention_of, detect_naming, format_named, read_checkpoint, read_safetensors_with_metadata,
                       sha256_of, to_timm_names)
 from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
@@ -122,10 +122,11 @@ def _convert_in_memory(src: str, arch: str | None,
     """The tensors and metadata `convert` writes for `src`."""
     raw, container = read_checkpoint(src)
     if convention is not None:
-        if container != openvino_ir.FORMAT:
+        restate = format_named(container).restate
+        if restate is None:
             raise InputError(f"{src}: a convention re-expresses an OpenVINO IR's stem; a {container} file "
                              "holds no preprocessing in its weights")
-        raw = openvino_ir.restate_stem(raw, convention_of(src), convention)
+        raw = restate(raw, convention_of(src), convention)
     naming = detect_naming(raw)
     state = to_timm_names(raw, get_config(arch) if arch else None)
     if arch:

@@ -12,7 +12,7 @@ import numpy as np
 from .config import get_config
 from .convention import TIMM, Convention
 from .errors import InputError
-from .formats import detect_naming, openvino_ir, read_weight_file, to_timm_names
+from .formats import detect_naming, format_named, read_weight_file, to_timm_names
 from .model import ConvNeXt
 from .params import detect_architecture, random_state_dict
 from .preprocessing import DataConfig, data_config
@@ -84,10 +84,11 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         source = f"random weights (seed {seed})"
     preprocessing, preprocessing_source = _data_config(config.name, tag, path, file and file.data_config)
     convention = convention_override or (file and file.convention) or TIMM
-    if convention_override is not None and file is not None and file.format == openvino_ir.FORMAT:
-        # an IR holds its whole function: the override only says how it splits between the
-        # caller and the stem, which is re-expressed for it; no output changes
-        weights = openvino_ir.restate_stem(weights, file.convention, convention_override)
+    restate = file and format_named(file.format).restate
+    if convention_override is not None and restate:
+        # such a file holds its whole function: the override only says how it splits between
+        # the caller and the stem, which is re-expressed for it; no output changes
+        weights = restate(weights, file.convention, convention_override)
     model = ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
                      data_config_source=preprocessing_source, convention=convention)
     if file and file.class_names is not None and len(file.class_names) == config.num_classes:

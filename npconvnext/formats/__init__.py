@@ -29,12 +29,12 @@ from . import keras, safetensors, savedmodel, torch_zip  # noqa: F401
 from . import openvino_ir  # noqa: F401  after the others: it takes a .bin none of them recognises
 from .data_config import class_names_from, data_config_from
 from .naming import detect_naming, to_timm_names
-from .registry import formats, sha256_of, sniff_format, weight_files
+from .registry import format_named, formats, sha256_of, sniff_format, weight_files
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 
-__all__ = ["WeightFile", "convention_of", "detect_naming", "formats", "load_state_dict", "read_checkpoint",
-           "read_safetensors", "read_safetensors_with_metadata", "read_weight_file", "sha256_of", "sniff_format",
-           "to_timm_names", "weight_files"]
+__all__ = ["WeightFile", "convention_of", "detect_naming", "format_named", "formats", "load_state_dict",
+           "read_checkpoint", "read_safetensors", "read_safetensors_with_metadata", "read_weight_file",
+           "sha256_of", "sniff_format", "to_timm_names", "weight_files"]
 
 
 class WeightFile(NamedTuple):

@@ -923,4 +923,4 @@ def _recognises(head: bytes, path: str) -> bool:
 
 
 register(WeightFormat(FORMAT, _recognises, read_openvino_ir, openvino_ir_convention,
-                      files=lambda path: list(_paths(path))))
+                      files=lambda path: list(_paths(path)), restate=restate_stem))

@@ -36,6 +36,9 @@ class WeightFormat:
     convention: Callable[[str], Convention] | None = None  # path -> what the file's model takes and gives
     recognises_directory: Callable[[str], bool] | None = None  # (a directory's path): its weights are this format's
     files: Callable[[str], list[str]] | None = None  # path -> the files holding the weights (default: the path)
+    # (arrays as read, the file's convention, another) -> the arrays that compute the same outputs
+    # under the other; only for a format whose weights hold preprocessing (an IR's folded stem)
+    restate: Callable[[dict[str, np.ndarray], Convention, Convention], dict[str, np.ndarray]] | None = None
 
 
 _FORMATS: list[WeightFormat] = []
@@ -48,6 +51,10 @@ def register(fmt: WeightFormat) -> WeightFormat:
 
 def formats() -> tuple[WeightFormat, ...]:
     return tuple(_FORMATS)
+
+
+def format_named(name: str) -> WeightFormat:
+    return next(fmt for fmt in _FORMATS if fmt.name == name)
 
 
 def open_weight_file(path: str):
