@@ -2,6 +2,7 @@
 re-randomised weights, give Keras' own outputs in npconvnext, with no Keras imported by it."""
 
 import os
+import shutil
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # this test process's Keras runs on torch
 
@@ -56,7 +57,8 @@ def keras_files(request, tmp_path_factory):
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     if request.param.startswith("small"):
         x = (x - 128) / 64  # no Normalization layer: the caller normalises
-    return request.param, files, x, keras_outputs(model, x)
+    yield request.param, files, x, keras_outputs(model, x)
+    shutil.rmtree(folder)  # each model's three files take hundreds of megabytes
 
 
 @pytest.mark.parametrize("container", ["legacy h5", "weights.h5", "keras"])

@@ -117,7 +117,10 @@ def build(tmp_path_factory):
         if arch not in _BUILT:
             _BUILT[arch] = _build(arch, tmp_path_factory)
         return _BUILT[arch]
-    return get
+    yield get
+    for _, _, files in _BUILT.values():  # each arch's IRs take hundreds of megabytes
+        shutil.rmtree(next(iter(files.values())).parent)
+    _BUILT.clear()
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
