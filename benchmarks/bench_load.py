@@ -159,6 +159,7 @@ def write_tensorflow(arch: str, out: dict[str, str]) -> None:
 def write_openvino(arch: str, out: dict[str, str]) -> None:
     """openvino.convert_model from a timm model, saved FP32 and FP16-compressed."""
     sys.path.insert(0, TESTS)
+    sys.modules.setdefault("openvino_telemetry", None)  # no usage telemetry: the converter uses its stub
     import openvino as ov
     import torch
     from timm_reference import random_timm_model

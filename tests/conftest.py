@@ -40,6 +40,11 @@ class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.insert(0, _NoTensorFlow())
 
+# OpenVINO's converter sends usage telemetry from a child it forks off a pool thread: traffic a
+# test run should not send, and a fork Numba's TBB layer (loaded with OpenVINO's libtbb) warns
+# about. Without the package it falls back to its own stub.
+sys.modules.setdefault("openvino_telemetry", None)
+
 # Parity tolerances, relative to the reference's largest magnitude (the issue's contract):
 # float64 must agree to 1e-10 of the logits' scale, float32 to 1e-4.
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
