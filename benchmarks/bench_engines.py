@@ -2,7 +2,7 @@
 in a process where torch ran first.
 
     python benchmarks/bench_engines.py [--parts main,beside,memory,cold] [--threads 1,2]
-        [--batches 1,8] [--runs 15] [--rounds 3] [--json out.json] [--quick]
+        [--batches 1,8] [--runs 15] [--rounds 3] [--runtime-python PATH] [--json out.json] [--quick]
 
 main    the engines take turns call by call in one process, RUNS rounds after warm-up, for each
         thread count and batch size (--threads 1,2,...,N is the thread sweep); each engine's
@@ -17,6 +17,9 @@ memory  peak RSS (VmHWM) of a fresh process that loads one engine and runs one f
         convnext_tiny at batch 1 and 32, convnext_xxlarge at batch 1.
 cold    a fresh process: import, load the weights, one batch-1 forward (time and peak RSS);
         npconvnext with its JIT cache cold (an empty NUMBA_CACHE_DIR) and warm; ROUNDS rounds.
+        --runtime-python PATH adds npconvnext run by an interpreter whose environment has only
+        its runtime dependencies (what users install) to memory and cold: this one has the
+        extras, and Numba imports SciPy, when installed, at its first compile or cache load.
 
 Peers: timm eager (the test extra), ONNX Runtime and OpenVINO (the bench extra), from an ONNX
 file exported here from timm. OpenVINO runs with INFERENCE_PRECISION_HINT f32: on CPUs with
@@ -46,6 +49,7 @@ PAUSE = 0.05  # seconds between two engines' calls, so the previous engine's thr
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 OURS = "npconvnext numba float32"
 PEERS = ("timm eager", "onnxruntime", "openvino f32")
+RUNTIME_ONLY = "npconvnext numba float32, runtime install"  # run by --runtime-python
 MAIN_ENGINES = ("npconvnext numba float32", "npconvnext numba float64", "npconvnext numpy float32",
                 "timm eager", "onnxruntime", "openvino f32")
 MEMORY_CASES = (("convnext_tiny", 1), ("convnext_tiny", 32), ("convnext_xxlarge", 1))
@@ -190,9 +194,10 @@ def child(args):
     print(json.dumps(result))
 
 
-def run_child(kind, payload, env=None):
-    """A child's JSON result, or None (with the reason on stderr) if it failed."""
-    process = subprocess.run([sys.executable, __file__, "--child", kind, "--payload", json.dumps(payload)],
+def run_child(kind, payload, env=None, python=None):
+    """A child's JSON result, or None (with the reason on stderr) if it failed. `python`: the
+    interpreter to run it with (default: this one)."""
+    process = subprocess.run([python or sys.executable, __file__, "--child", kind, "--payload", json.dumps(payload)],
                              env=env or dict(os.environ), capture_output=True, text=True)
     if process.returncode:
         last_line = (process.stderr.strip().splitlines() or ["no output"])[-1]
@@ -305,12 +310,14 @@ def beside(args, directory):
 
 def memory(args, cases, directories):
     """{model batch: {engine: peak RSS MB}}, each engine alone in a fresh process."""
-    engines = [OURS] + list(PEERS)
+    engines = [OURS] + list(PEERS) + ([RUNTIME_ONLY] if args.runtime_python else [])
     result = {}
     for model, batch in cases:
         row = result[f"{model} {batch}"] = {}
         for engine in engines:
-            got = run_child("memory", dict(model=model, dir=directories[model], engine=engine, batch=batch))
+            python = args.runtime_python if engine == RUNTIME_ONLY else None
+            got = run_child("memory", dict(model=model, dir=directories[model], engine=OURS if python else engine,
+                                           batch=batch), python=python)
             if got:
                 row[engine] = got["peak_rss_mb"]
     print("\npeak RSS (MB) of a fresh process that loads the model and runs two forwards, one engine each")
@@ -324,14 +331,19 @@ def cold(args, directory):
     """{label: {seconds, peak_rss_mb}} medians over ROUNDS fresh processes, taking turns."""
     jit = os.path.join(directory, "jit")
     warm_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, "warm"))
-    run_child("cold", dict(model=args.model, dir=directory, engine=OURS), warm_env)  # fills the warm cache
-    cases = [("npconvnext, JIT cache cold", OURS, None), ("npconvnext, JIT cache warm", OURS, warm_env)]
-    cases += [(engine, engine, None) for engine in PEERS]
-    samples = {label: [] for label, _, _ in cases}
+    cases = [("npconvnext, JIT cache cold", OURS, None, None), ("npconvnext, JIT cache warm", OURS, warm_env, None)]
+    if args.runtime_python:
+        cases += [(f"{RUNTIME_ONLY}, JIT cache cold", OURS, None, args.runtime_python),
+                  (f"{RUNTIME_ONLY}, JIT cache warm", OURS, warm_env, args.runtime_python)]
+    for _, engine, env, python in cases:
+        if env is warm_env:
+            run_child("cold", dict(model=args.model, dir=directory, engine=engine), warm_env, python)  # fills it
+    cases += [(engine, engine, None, None) for engine in PEERS]
+    samples = {label: [] for label, _, _, _ in cases}
     for round_ in range(args.rounds):
-        for label, engine, env in cases:
-            cold_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, f"cold{round_}"))  # empty
-            got = run_child("cold", dict(model=args.model, dir=directory, engine=engine), env or cold_env)
+        for index, (label, engine, env, python) in enumerate(cases):
+            cold_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, f"cold-{round_}-{index}"))  # empty
+            got = run_child("cold", dict(model=args.model, dir=directory, engine=engine), env or cold_env, python)
             if got:
                 samples[label].append(got)
     result = {label: dict(seconds=statistics.median(s["seconds"] for s in got),
@@ -354,6 +366,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per case (beside, cold)")
     parser.add_argument("--engines", default=None, help="main: comma-separated substrings of the engines to run")
     parser.add_argument("--first", default=",".join(FIRST), help="beside: what runs before npconvnext")
+    parser.add_argument("--runtime-python", default=None,
+                        help="memory, cold: also run npconvnext under this interpreter, one whose environment "
+                             "has npconvnext with its runtime dependencies only, as `pip install npconvnext` "
+                             "gives (Numba imports SciPy at its first compile or cache load when installed)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="check every part in minutes: small models, few runs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

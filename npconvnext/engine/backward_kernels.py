@@ -25,7 +25,8 @@ Gradients of weights are sums over every pixel of the batch. Those sums go into 
 sums, one set per fixed chunk of rows (`_CHUNK_ROWS`, `_CHUNK_PIXELS`), which are added up in
 chunk order at the end: each chunk is one job of the parallel loop, so the result is the same,
 to the bit, on any number of threads and in the serial body.
-No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
+The forward's JIT settings (kernels._JIT): of fastmath only "contract", fused multiply-adds,
+except in AdamW's update, which gives NumPy's steps to the bit (kernels._EXACT_JIT).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import numba.extending
 import numpy as np
 
 from .. import layers
-from .kernels import (_INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS, _add_depthwise_taps, _erf32, _erf64,
-                      _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
+from .kernels import (_EXACT_JIT, _EXACT_PARALLEL_JIT, _INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS,
+                      _add_depthwise_taps, _erf32, _erf64, _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
 
 # Rows of a conv's input (image rows) and pixels of a per-pixel layer in one chunk of a weight
 # gradient's partial sums: enough work to be worth a job, few enough partial sums to add cheaply.
@@ -432,7 +433,7 @@ def _grn_input_grad(dout, x, scale, coef, dx):
 _CHUNK_ELEMENTS = 1 << 16  # elements of a parameter per job of the AdamW loop
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT_JIT)
 def _adamw_rows(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, lerp_rest, beta2, one_minus_beta2,
                 step_size, bias_correction2_sqrt, eps, first, last):
     # param, grad, exp_avg, exp_avg_sq: (P,) flat, one dtype, as are the scalars; elements of
@@ -454,7 +455,7 @@ def _adamw_rows(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, lerp_rest,
             exp_avg_sq[i] = v
 
 
-@numba.njit(**_PARALLEL_JIT)
+@numba.njit(**_EXACT_PARALLEL_JIT)
 def _adamw(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, lerp_rest, beta2, one_minus_beta2, step_size,
            bias_correction2_sqrt, eps):
     for chunk in numba.prange(_chunks_of(param.shape[0], _CHUNK_ELEMENTS)):

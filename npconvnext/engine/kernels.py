@@ -19,7 +19,10 @@ Each has a twin in `npconvnext/layers.py` (the readable reference); `tests/test_
 checks them against each other, and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
 never validate and allocate only scratch space: the public wrappers below validate and
 allocate the outputs.
-No fastmath: it would reassociate sums and swap in approximate erf/sqrt, changing results.
+Of fastmath's flags only "contract": a multiply and an add may become one fused multiply-add,
+rounded once, as BLAS and the peers' kernels do; not in the kernels that promise NumPy's result
+to the bit (`_EXACT_JIT`). The other flags would reassociate sums and swap in approximate
+erf/sqrt.
 """
 
 from __future__ import annotations
@@ -41,15 +44,19 @@ from ..network import BlockWeights, Recorder, no_record
 # One place for the JIT settings. cache=True: a second process loads machine code from disk
 # instead of compiling (numba falls back to a per-user cache directory when the package is
 # read-only, and honours NUMBA_CACHE_DIR).
-_JIT = dict(cache=True, nogil=True, error_model="numpy")  # IEEE division: no zero check blocking SIMD
+_JIT = dict(cache=True, nogil=True, error_model="numpy",  # IEEE division: no zero check blocking SIMD
+            fastmath={"contract"})  # fused multiply-adds: the erf polynomials and the 7x7 taps are chains of them
 _PARALLEL_JIT = dict(_JIT, parallel=True)
+# For kernels that promise NumPy's result to the bit (the residual add, AdamW's update): no fusing
+_EXACT_JIT = dict(_JIT, fastmath=False)
+_EXACT_PARALLEL_JIT = dict(_EXACT_JIT, parallel=True)
 _INLINE_JIT = dict(_JIT, inline="always")  # small helpers: inlined by Numba, or LLVM may leave a call
 
 
 def _fma(a, b, c):
-    """a * b + c. Compiled: one fused multiply-add, rounded once (without fastmath LLVM never
-    fuses a multiply and an add itself, as that changes the rounding). This plain-Python body
-    (NUMBA_DISABLE_JIT=1) rounds twice."""
+    """a * b + c. Compiled: one fused multiply-add, rounded once, where the formula needs one
+    (with "contract" LLVM may fuse, but need not). This plain-Python body (NUMBA_DISABLE_JIT=1)
+    rounds twice."""
     return a * b + c
 
 
@@ -327,7 +334,7 @@ def _bias_gelu_float64_(y, bias):
 _RESIDUAL_SERIAL_BELOW = 1 << 20
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT_JIT)
 def _bias_scale_residual_rows(y, bias, gamma, shortcut, first, last):
     # y, shortcut: (M, C); rows first..last-1 in place: y = shortcut + gamma * (y + bias), where
     # gamma None (V2: no layer scale) means 1 (Numba compiles each case without the test)
@@ -342,7 +349,7 @@ def _bias_scale_residual_rows(y, bias, gamma, shortcut, first, last):
                 y[i, ch] = shortcut[i, ch] + gamma[ch] * (y[i, ch] + bias[ch])
 
 
-@numba.njit(**_PARALLEL_JIT)
+@numba.njit(**_EXACT_PARALLEL_JIT)
 def _bias_scale_residual_(y, bias, gamma, shortcut):
     # y, shortcut: (M, C); all rows, shared between the threads
     for i in numba.prange(y.shape[0]):
