@@ -5,6 +5,9 @@
 Part 1 times every kernel on the shapes of each stage of the model at 224x224 (median of RUNS).
 Part 2 runs the whole model with every kernel wrapped in a timer and prints the split, the rest
 being NumPy's BLAS matmuls and glue (layers shared between the threads, batch not split).
+Part 3 gives BLAS's rate on the MLP's matmuls of each stage, weights in the model's layout,
+against a large sgemm on as many threads: repeated calls, so caches are warm (inside a forward
+they are not, and the matmuls take longer).
 Never run as a test.
 """
 
@@ -106,6 +109,29 @@ def forward_split(name, batch, dtype):
     print(f"  {'BLAS matmuls (fc1, fc2) + glue':<34} {total - sum(spent.values()) / RUNS * 1000:7.1f} ms")
 
 
+def blas_rates(config, batch, dtype):
+    rng = np.random.default_rng(0)
+    probe = rng.standard_normal((2048, 2048)).astype(dtype)
+    probe_rate = 2 * 2048**3 / median_ms(lambda: probe @ probe, 3) / 1e6  # GFLOP/s
+    print(f"\nBLAS on the MLP matmuls, batch {batch}, {dtype.__name__}; large {dtype.__name__} gemm: "
+          f"{probe_rate:.0f} GFLOP/s")
+    print(f"{'stage':<6} {'M x K x N':>18} {'GFLOP/s':>8} {'ms x blocks':>12} {'at the large rate':>18}")
+    side = 224 // config.patch_size
+    total = at_probe = 0.0
+    for i, (c, blocks) in enumerate(zip(config.dims, config.depths)):
+        m = batch * (side >> i) ** 2
+        for k, n in ((c, 4 * c), (4 * c, c)):
+            x = rng.standard_normal((m, k)).astype(dtype)
+            w = np.asfortranarray(rng.standard_normal((k, n)).astype(dtype))  # (in, out) as the model keeps it
+            ms = median_ms(lambda: x @ w, RUNS)
+            flops = 2 * m * k * n
+            total += ms * blocks
+            at_probe += flops / probe_rate / 1e6 * blocks
+            print(f"{i:<6} {f'{m} x {k} x {n}':>18} {flops / ms / 1e6:8.0f} {ms * blocks:12.2f} "
+                  f"{flops / probe_rate / 1e6 * blocks:18.2f}")
+    print(f"MLP matmuls: {total:.1f} ms a forward, {at_probe:.1f} ms at the large gemm's rate")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="convnext_tiny")
@@ -115,6 +141,7 @@ def main():
     warnings.simplefilter("ignore")
     per_kernel(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)
     forward_split(args.model, args.batch, args.dtype)
+    blas_rates(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)
 
 
 if __name__ == "__main__":

@@ -13,3 +13,4 @@ log memory; $PY benchmarks/bench_engines.py --parts memory --runtime-python /tmp
 log split-1; NPCONVNEXT_NUM_THREADS=1 $PY benchmarks/bench_kernels.py --batch 1
 log split-2; NPCONVNEXT_NUM_THREADS=2 $PY benchmarks/bench_kernels.py --batch 1
 log done
+# and then, after the run: part 3 of bench_kernels (BLAS's rate on the MLP matmuls) was added and run at 1 and 2 threads, appended to run.log
