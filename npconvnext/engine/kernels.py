@@ -16,13 +16,14 @@ left is cheap in arithmetic but costs passes over memory, so neighbours are fuse
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
 parallel loop that shares the rows between threads (see `_rows_or_parallel` for which runs).
 Each has a twin in `npconvnext/layers.py` (the readable reference); `tests/test_kernels.py`
-checks them against each other, and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python. The `_`-prefixed `@njit` functions
-never validate and allocate only scratch space: the public wrappers below validate and
-allocate the outputs.
+checks them against each other, and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python.
+The `_`-prefixed `@njit` functions never validate and allocate only scratch space: the public
+wrappers below validate and allocate the outputs.
+
 Of fastmath's flags only "contract": a multiply and an add may become one fused multiply-add,
-rounded once, as BLAS and the peers' kernels do; not in the kernels that promise NumPy's result
-to the bit (`_EXACT_JIT`). The other flags would reassociate sums and swap in approximate
-erf/sqrt.
+rounded once, as BLAS and the peers' kernels do (the erf polynomials and the 7x7 taps are
+chains of them); not in the kernels that promise NumPy's result to the bit (`_EXACT_JIT`). The
+other flags would reassociate sums and swap in approximate erf/sqrt.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ..network import BlockWeights, Recorder, no_record
 # instead of compiling (numba falls back to a per-user cache directory when the package is
 # read-only, and honours NUMBA_CACHE_DIR).
 _JIT = dict(cache=True, nogil=True, error_model="numpy",  # IEEE division: no zero check blocking SIMD
-            fastmath={"contract"})  # fused multiply-adds: the erf polynomials and the 7x7 taps are chains of them
+            fastmath={"contract"})  # fused multiply-adds only (see above)
 _PARALLEL_JIT = dict(_JIT, parallel=True)
 # For kernels that promise NumPy's result to the bit (the residual add, AdamW's update): no fusing
 _EXACT_JIT = dict(_JIT, fastmath=False)
