@@ -4,10 +4,11 @@
 
 Part 1 times every kernel on the shapes of each stage of the model at 224x224 (median of RUNS).
 Part 2 runs the whole model with every kernel wrapped in a timer and prints the split, the rest
-being NumPy's BLAS matmuls and glue (layers shared between the threads, batch not split).
-Part 3 gives BLAS's rate on the MLP's matmuls of each stage, weights in the model's layout,
-against a large sgemm on as many threads: repeated calls, so caches are warm (inside a forward
-they are not, and the matmuls take longer).
+being glue (layers shared between the threads, batch not split).
+Part 3 gives the rate of the engine's matrix product (engine/gemm.py, with only a bias after
+it) and of NumPy's BLAS on the MLP's matmuls of each stage, weights in the model's layout,
+against a large BLAS gemm on as many threads: repeated calls, so caches are warm (inside a
+forward they are not).
 Never run as a test.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 
 import npconvnext
 from npconvnext import engine, layers
-from npconvnext.engine import kernels
+from npconvnext.engine import gemm, kernels
 
 RUNS = 7
 WARMUP = 2
@@ -51,17 +52,21 @@ def per_kernel(config, batch, dtype):
         w7, b, g = rng.standard_normal((7, 7, c)).astype(dtype), np.zeros(c, dtype), np.ones(c, dtype)
         w1 = (rng.standard_normal((c, 4 * c)) / np.sqrt(c)).astype(dtype)
         b4 = np.zeros(4 * c, dtype)
-        bias_gelu = kernels._bias_gelu_float32_ if dtype == np.float32 else kernels._bias_gelu_float64_
-        flat_hidden = hidden.reshape(-1, 4 * c)
+        w2 = (rng.standard_normal((4 * c, c)) / np.sqrt(4 * c)).astype(dtype)
+        w1, w2 = np.asfortranarray(w1), np.asfortranarray(w2)  # (in, out) as the model keeps them
+        panels = kernels.linear_gelu_panels(x, w1, b4)
         cases = {  # name: (input shape, numba, numpy twin)
             "depthwise_conv + layer_norm": (x.shape, lambda: kernels.depthwise_conv_layer_norm(x, w7, b, g, b, 1e-6),
                                             lambda: layers.layer_norm(layers.depthwise_conv(x, w7, b), g, b, 1e-6)),
             "layer_norm": (x.shape, lambda: kernels.layer_norm(x, g, b, 1e-6),
                            lambda: layers.layer_norm(x, g, b, 1e-6)),
-            "linear + gelu (fc1)": (x.shape, lambda: kernels.linear_gelu(x, w1, b4),
-                                    lambda: layers.gelu(layers.linear(x, w1, b4))),
-            "bias + gelu only": (hidden.shape, lambda: bias_gelu(flat_hidden.copy(), b4),
-                                 lambda: layers.gelu(hidden + b4)),
+            "fc1 + gelu": (x.shape, lambda: kernels.linear_gelu_panels(x, w1, b4),
+                           lambda: layers.gelu(layers.linear(x, w1, b4))),
+            "fc2 + layer scale + residual": (hidden.shape, lambda: kernels.panels_linear(panels, w2, b, g, x),
+                                             lambda: x + g * layers.linear(hidden, w2, b)),
+            "fc1 + gelu + fc2 + residual": (x.shape, lambda: kernels.mlp_residual(x, w1, b4, w2, b, g, x),
+                                            lambda: x + g * layers.linear(layers.gelu(layers.linear(x, w1, b4)),
+                                                                          w2, b)),
             "grn": (hidden.shape, lambda: kernels.global_response_norm(hidden, b4 + 1, b4, 1e-6),
                     lambda: layers.global_response_norm(hidden, b4 + 1, b4, 1e-6)),
         }
@@ -71,31 +76,24 @@ def per_kernel(config, batch, dtype):
 
 def forward_split(name, batch, dtype):
     spent = collections.Counter()
-    for kernel in ("_depthwise_conv7_layer_norm", "_layer_norm", "_bias_gelu_float32_", "_bias_gelu_float64_",
-                   "_bias_scale_residual_", "_global_response_norm_",  # parallel loops, and the row
-                   "_depthwise_conv7_layer_norm_rows", "_layer_norm_rows", "_bias_gelu_float32_rows",  # bodies
-                   "_bias_gelu_float64_rows", "_bias_scale_residual_rows", "_response_energy",  # one thread uses
-                   "_apply_response_norm_rows"):
+    # the public wrappers, which convnext_block and the network call by these names
+    for kernel in ("depthwise_conv_layer_norm", "mlp_residual", "linear_gelu_panels", "panels_linear",
+                   "_global_response_norm_in_place", "layer_norm", "patchify_conv", "linear"):
         original = getattr(kernels, kernel)
 
-        def timed(*args, _original=original, _kernel=kernel):
+        def timed(*args, _original=original, _kernel=kernel, **kwargs):
             start = time.perf_counter()
-            out = _original(*args)
+            out = _original(*args, **kwargs)
             spent[_kernel] += time.perf_counter() - start
             return out
         setattr(kernels, kernel, timed)
-    original_patchify = layers.patchify_conv
-
-    def patchify(*args):
-        start = time.perf_counter()
-        out = original_patchify(*args)
-        spent["patchify_conv (reshape + BLAS)"] += time.perf_counter() - start
-        return out
-    layers.patchify_conv = patchify
     # every layer shared between the threads, so that each kernel's time is wall time (with the
     # batch split, bench_threads.py, the threads' times would add up)
     engine.map_over_batch = lambda fn, x: fn(x)
     model = npconvnext.create_model(name, dtype=dtype)
+    # the FUSED ops were bound at import: bind them to the timed wrappers
+    engine.FUSED = engine.FUSED._replace(layer_norm=kernels.layer_norm, block=kernels.convnext_block,
+                                         patchify_conv=kernels.patchify_conv, linear=kernels.linear)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)
     model(x)
     spent.clear()
@@ -104,32 +102,37 @@ def forward_split(name, batch, dtype):
         model(x)
     total = (time.perf_counter() - start) / RUNS * 1000
     print(f"\n{name} {dtype} batch {batch}: {total:.1f} ms per forward")
+    nested = {"linear_gelu_panels", "panels_linear", "_global_response_norm_in_place"}  # inside others
     for kernel, seconds in spent.most_common():
-        print(f"  {kernel:<34} {seconds / RUNS * 1000:7.1f} ms")
-    print(f"  {'BLAS matmuls (fc1, fc2) + glue':<34} {total - sum(spent.values()) / RUNS * 1000:7.1f} ms")
+        print(f"  {kernel + (' (within the above)' if kernel in nested else ''):<48} {seconds / RUNS * 1000:7.1f} ms")
+    outside = total - sum(t for k, t in spent.items() if k not in nested) / RUNS * 1000
+    print(f"  {'glue (python, reshapes)':<48} {outside:7.1f} ms")
 
 
-def blas_rates(config, batch, dtype):
+def matmul_rates(config, batch, dtype):
     rng = np.random.default_rng(0)
     probe = rng.standard_normal((2048, 2048)).astype(dtype)
     probe_rate = 2 * 2048**3 / median_ms(lambda: probe @ probe, 3) / 1e6  # GFLOP/s
-    print(f"\nBLAS on the MLP matmuls, batch {batch}, {dtype.__name__}; large {dtype.__name__} gemm: "
+    print(f"\nThe MLP's matmuls, batch {batch}, {dtype.__name__}; a large {dtype.__name__} BLAS gemm: "
           f"{probe_rate:.0f} GFLOP/s")
-    print(f"{'stage':<6} {'M x K x N':>18} {'GFLOP/s':>8} {'ms x blocks':>12} {'at the large rate':>18}")
+    print(f"{'stage':<6} {'M x K x N':>18} {'gemm.py GF/s':>13} {'BLAS GF/s':>10} {'gemm.py ms x blocks':>20}")
     side = 224 // config.patch_size
-    total = at_probe = 0.0
+    total = 0.0
     for i, (c, blocks) in enumerate(zip(config.dims, config.depths)):
         m = batch * (side >> i) ** 2
         for k, n in ((c, 4 * c), (4 * c, c)):
             x = rng.standard_normal((m, k)).astype(dtype)
             w = np.asfortranarray(rng.standard_normal((k, n)).astype(dtype))  # (in, out) as the model keeps it
-            ms = median_ms(lambda: x @ w, RUNS)
+            bias = np.zeros(n, dtype)
+            panels = gemm.to_panels(x)
+            ours = median_ms(lambda: kernels.panels_linear(panels, w, bias, pixels=m), RUNS)
+            blas = median_ms(lambda: x @ w, RUNS)
             flops = 2 * m * k * n
-            total += ms * blocks
-            at_probe += flops / probe_rate / 1e6 * blocks
-            print(f"{i:<6} {f'{m} x {k} x {n}':>18} {flops / ms / 1e6:8.0f} {ms * blocks:12.2f} "
-                  f"{flops / probe_rate / 1e6 * blocks:18.2f}")
-    print(f"MLP matmuls: {total:.1f} ms a forward, {at_probe:.1f} ms at the large gemm's rate")
+            total += ours * blocks
+            print(f"{i:<6} {f'{m} x {k} x {n}':>18} {flops / ours / 1e6:13.0f} {flops / blas / 1e6:10.0f} "
+                  f"{ours * blocks:20.2f}")
+    print(f"MLP matmuls on gemm.py: {total:.1f} ms a forward (tiles {gemm.TILES[np.dtype(dtype)]}, "
+          f"vector registers {gemm._host_registers()})")
 
 
 def main():
@@ -141,7 +144,7 @@ def main():
     warnings.simplefilter("ignore")
     per_kernel(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)
     forward_split(args.model, args.batch, args.dtype)
-    blas_rates(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)
+    matmul_rates(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)
 
 
 if __name__ == "__main__":

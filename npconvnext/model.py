@@ -29,10 +29,11 @@ def _stored(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A weight as the model keeps it: in compute layout and dtype, owned by the model unless
     it is a read-only array (memory-mapped from a safetensors file), which is used in place."""
     compute = to_compute_layout(name, array)
-    if layout_kind(name) != "linear":
+    if layout_kind(name) not in ("linear", "patchify"):
         return np.array(compute, dtype=dtype, order="C")  # small: copied
     # Linear weights (most of the parameters) are used through their transpose, (in, out) in
-    # Fortran order, which BLAS reads as it is: a mapped file is not duplicated.
+    # Fortran order: (out, in) rows, as timm stores them and as the engine's tiles read them
+    # (engine/gemm.py), so a mapped file is not duplicated. The patchify kernels too.
     if array.flags.writeable or compute.dtype != dtype or not compute.flags.f_contiguous:
         compute = np.array(compute, dtype=dtype, order="F")  # the caller's later edits must not reach us
     return compute
@@ -163,7 +164,8 @@ class ConvNeXt:
             raise InputError(f"forward_head expects (N, {self.config.num_features}, h, w) features, "
                              f"got shape {features.shape}")
         features = features.astype(self.dtype, copy=False).transpose(0, 2, 3, 1)  # (N, h, w, C)
-        return network.forward_head(features, self._weights.head, self.config.norm_eps, pre_logits)
+        ops = network.REFERENCE if self._backend == "numpy" else engine.FUSED
+        return network.forward_head(features, self._weights.head, self.config.norm_eps, pre_logits, ops)
 
     def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every intermediate activation of the reference path, by timm module name.

@@ -158,9 +158,11 @@ class Ops(NamedTuple):
 
     layer_norm: Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
     block: Callable[..., np.ndarray]   # (x, BlockWeights, eps, grn_eps, record) -> x
+    patchify_conv: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+    linear: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]   # the head's classifier
 
 
-REFERENCE = Ops(layer_norm=layers.layer_norm, block=block)
+REFERENCE = Ops(layer_norm=layers.layer_norm, block=block, patchify_conv=layers.patchify_conv, linear=layers.linear)
 
 
 # ---- the network -------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def forward_features(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtCon
     """(N, H, W, 3) normalised images -> (N, H/32, W/32, C_last) last feature map"""
     eps = config.norm_eps
     stem = weights.stem
-    x = layers.patchify_conv(x, stem.conv_weight, stem.conv_bias, config.patch_size)  # (N, H/4, W/4, C0)
+    x = ops.patchify_conv(x, stem.conv_weight, stem.conv_bias, config.patch_size)  # (N, H/4, W/4, C0)
     record("stem.0", x)
     x = ops.layer_norm(x, stem.norm_weight, stem.norm_bias, eps)
     record("stem.1", x)
@@ -181,7 +183,7 @@ def forward_features(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtCon
             ds = stage.downsample
             x = ops.layer_norm(x, ds.norm_weight, ds.norm_bias, eps)
             record(f"stages.{i}.downsample.0", x)
-            x = layers.patchify_conv(x, ds.conv_weight, ds.conv_bias, 2)  # (N, H/2, W/2, C)
+            x = ops.patchify_conv(x, ds.conv_weight, ds.conv_bias, 2)  # (N, H/2, W/2, C)
             record(f"stages.{i}.downsample.1", x)
         for j, w in enumerate(stage.blocks):
             name = f"stages.{i}.blocks.{j}"
@@ -192,15 +194,15 @@ def forward_features(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtCon
 
 
 def forward_head(x: np.ndarray, head: HeadWeights, eps: float, pre_logits: bool = False,
-                 record: Recorder = no_record) -> np.ndarray:
+                 ops: Ops = REFERENCE, record: Recorder = no_record) -> np.ndarray:
     """(N, h, w, C) -> (N, num_classes) logits, or the pooled and normed (N, C) if pre_logits"""
     x = layers.global_avg_pool(x)                                     # (N, C)
     record("head.global_pool", x)
-    x = layers.layer_norm(x, head.norm_weight, head.norm_bias, eps)
+    x = ops.layer_norm(x, head.norm_weight, head.norm_bias, eps)
     record("head.norm", x)
     if pre_logits:
         return x
-    x = layers.linear(x, head.fc_weight, head.fc_bias)                # (N, num_classes)
+    x = ops.linear(x, head.fc_weight, head.fc_bias)                   # (N, num_classes)
     record("head.fc", x)
     return x
 
@@ -209,4 +211,4 @@ def forward(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtConfig,
             ops: Ops = REFERENCE, record: Recorder = no_record) -> np.ndarray:
     """(N, H, W, 3) normalised images -> (N, num_classes) logits"""
     features = forward_features(x, weights, config, ops, record)
-    return forward_head(features, weights.head, config.norm_eps, record=record)
+    return forward_head(features, weights.head, config.norm_eps, ops=ops, record=record)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from npconvnext import layers
-from npconvnext.engine import kernels
+from npconvnext.engine import gemm, kernels
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
 import parallel_loops
@@ -37,7 +37,6 @@ def test_every_kernel_has_a_parallel_loop_to_test():
 def kernel_threads(request, monkeypatch):
     """One thread: every wrapper takes its kernel's row body on this thread; two: the
     parallel loops. Yields the names of the parallel loops that ran."""
-    monkeypatch.setattr(kernels, "_RESIDUAL_SERIAL_BELOW", 0)  # the residual add's loop too
     with parallel_loops.counted(kernels, PARALLEL_LOOPS, request.param, monkeypatch) as ran:
         yield ran
 
@@ -54,36 +53,59 @@ def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
           layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, 1e-6), dtype)
     close(kernels.layer_norm(x, norm_w, norm_b, 1e-5), layers.layer_norm(x, norm_w, norm_b, 1e-5), dtype)
     fc_w, fc_b = r(c, 4 * c), r(4 * c)
-    close(kernels.linear_gelu(x, fc_w, fc_b), layers.gelu(layers.linear(x, fc_w, fc_b)), dtype)
+    panels = kernels.linear_gelu_panels(x, fc_w, fc_b)
+    close(gemm.from_panels(panels, n * h * w).reshape(n, h, w, 4 * c),
+          layers.gelu(layers.linear(x, fc_w, fc_b)), dtype)
     hidden = r(n, h, w, 4 * c)
     grn_w, grn_b = r(4 * c), r(4 * c)
     close(kernels.global_response_norm(hidden, grn_w, grn_b, 1e-6),
           layers.global_response_norm(hidden, grn_w, grn_b, 1e-6), dtype)
     fc2_w, fc2_b, gamma = r(4 * c, c), r(c), r(c)
-    close(kernels.linear_scale_residual(hidden, fc2_w, fc2_b, gamma, x),
+    hidden_panels = gemm.to_panels(hidden.reshape(-1, 4 * c))
+    close(kernels.panels_linear(hidden_panels, fc2_w, fc2_b, gamma, x),
           x + gamma * layers.linear(hidden, fc2_w, fc2_b), dtype)
-    close(kernels.linear_scale_residual(hidden, fc2_w, fc2_b, None, x),
+    close(kernels.panels_linear(hidden_panels, fc2_w, fc2_b, None, x),
           x + layers.linear(hidden, fc2_w, fc2_b), dtype)
-    for grn, ls in ((False, True), (True, False)):
+    close(kernels.linear(hidden, fc2_w, fc2_b), layers.linear(hidden, fc2_w, fc2_b), dtype)
+    for patch in [p for p in (1, 2, 4) if p <= min(h, w)]:
+        patch_w, patch_b = r(patch * patch * c, 5), r(5)
+        close(kernels.patchify_conv(x, patch_w, patch_b, patch), layers.patchify_conv(x, patch_w, patch_b, patch),
+              dtype)
+    for grn, ls in ((False, True), (True, False), (False, False)):
         weights = BlockWeights(conv_w, conv_b, norm_w, norm_b, fc_w, fc_b, grn_w if grn else None,
                                grn_b if grn else None, fc2_w, fc2_b, gamma if ls else None)
         close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
-    other_gelu = "_bias_gelu_float64_" if dtype == np.float32 else "_bias_gelu_float32_"
-    assert kernel_threads == (set(PARALLEL_LOOPS) - {other_gelu} if numba.get_num_threads() > 1 else set())
+    # fc1 and fc2 as one kernel, panel by panel, also where the panels are too few to share
+    expected = x + gamma * layers.linear(layers.gelu(layers.linear(x, fc_w, fc_b)), fc2_w, fc2_b)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_groups", lambda panels, tiles: 1)
+        close(kernels.mlp_residual(x, fc_w, fc_b, fc2_w, fc2_b, gamma, x), expected, dtype)
+    assert kernel_threads == (set(PARALLEL_LOOPS) if numba.get_num_threads() > 1 else set())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_parallel_residual_add_equals_the_serial_one(dtype):
-    # the wrapper takes the serial kernel below a size; the parallel one must agree with it
-    rng = np.random.default_rng(1)
-    y, shortcut = rng.standard_normal((37, 24)).astype(dtype), rng.standard_normal((37, 24)).astype(dtype)
-    bias, gamma = rng.standard_normal(24).astype(dtype), rng.standard_normal(24).astype(dtype)
-    for g in (gamma, None):
-        serial, parallel = y.copy(), y.copy()
-        kernels._bias_scale_residual_rows(serial, bias, g, shortcut, 0, 37)
-        kernels._bias_scale_residual_(parallel, bias, g, shortcut)
-        np.testing.assert_array_equal(parallel, serial)
-        np.testing.assert_array_equal(serial, shortcut + (1 if g is None else g) * (y + bias))
+@pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40)])
+def test_linears_give_the_same_bits_however_the_work_is_shared(pixels, channels, dtype):
+    # every tile sums its products in the same order, whichever thread and work item runs it
+    rng = np.random.default_rng(pixels)
+    x, shortcut = rng.standard_normal((pixels, channels)).astype(dtype), rng.standard_normal((pixels, 7)).astype(dtype)
+    fc_w, fc_b = np.asfortranarray(rng.standard_normal((channels, 7)).astype(dtype)), rng.standard_normal(7).astype(dtype)
+    rows = np.ascontiguousarray(fc_w.T)  # (7, channels)
+    nr = gemm.panel_pixels(dtype)
+    count = -(-pixels // nr)
+    results = []
+    for groups in (1, 2, 3):
+        hidden = np.empty((count, 7, nr), dtype)
+        if groups == 1:
+            kernels._linear_gelu_panels_rows(x, rows, fc_b, hidden, groups, 0, count)
+        else:
+            kernels._linear_gelu_panels(x, rows, fc_b, hidden, groups)
+        out = np.empty((pixels, 7), dtype)
+        kernels._panels_linear_residual(gemm.to_panels(x), rows, fc_b, None, shortcut, out, groups)
+        results.append((gemm.from_panels(hidden, pixels), out))
+    for hidden, out in results[1:]:
+        np.testing.assert_array_equal(hidden, results[0][0])
+        np.testing.assert_array_equal(out, results[0][1])
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -102,7 +124,8 @@ def test_gelu_is_exact_erf_not_tanh():
     expected = [-0.0040496, -0.15865525, -0.15426877, 0.0, 0.34573123, 0.84134475, 2.9959504]
     np.testing.assert_allclose(layers.gelu(x), expected, atol=1e-7)
     y = x.reshape(1, -1).copy()
-    np.testing.assert_allclose(kernels.linear_gelu(y, np.eye(7), np.zeros(7))[0], expected, atol=1e-7)
+    panels = kernels.linear_gelu_panels(y, np.eye(7), np.zeros(7))
+    np.testing.assert_allclose(gemm.from_panels(panels, 1)[0], expected, atol=1e-7)
 
 
 def test_kernels_as_plain_python_give_the_same_model():
@@ -121,7 +144,7 @@ _CACHE_RUN = """
 import json, os, sys, warnings
 import numba, numpy as np
 import npconvnext
-from npconvnext.engine import kernels
+from npconvnext.engine import gemm, kernels
 assert npconvnext.__file__.startswith(sys.argv[1]), npconvnext.__file__
 try:  # this process must not be able to write into the package, as users of an installed one
     open(os.path.join(os.path.dirname(kernels.__file__), "probe"), "w")
@@ -217,7 +240,7 @@ _LIBRARY_RUN = """
 import json, logging, sys, warnings
 import numpy as np
 import npconvnext
-from npconvnext.engine import kernels
+from npconvnext.engine import gemm, kernels
 
 records = []
 handler = logging.Handler()

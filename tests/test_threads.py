@@ -180,23 +180,29 @@ def test_import_and_a_forward_pass_leave_the_environment_alone():
     # the layer Numba picks, not the one asked for: "default" here, and workqueue picked
     (None, {"NUMBA_THREADING_LAYER_PRIORITY": "workqueue omp tbb"}, "workqueue", True),
 ], ids=["omp", "omp-passive", "omp-active", "workqueue", "workqueue-by-priority"])
-def test_kernels_start_parallel_loops_only_where_idle_workers_sleep(wait_policy, layer_settings, layer, parallel):
-    # busy-waiting workers take the cores BLAS needs next: then the kernels run serially
+def test_training_kernels_start_parallel_loops_only_where_idle_workers_sleep(wait_policy, layer_settings, layer,
+                                                                            parallel):
+    # in training, busy-waiting workers take the cores the BLAS calls between the kernels need:
+    # there the kernels run serially. Inference calls no BLAS: its kernels share every layer.
     code = ("import warnings, numpy as np, numba, npconvnext; warnings.simplefilter('ignore');"
-            "from npconvnext.engine import kernels;"
-            "ran = [];"
-            "loop = kernels._depthwise_conv7_layer_norm;"
-            "kernels._depthwise_conv7_layer_norm = lambda *a: ran.append(1) or loop(*a);"
+            "from npconvnext.engine import backward_kernels as bk, kernels;"
+            "ran = {'inference': 0, 'training': 0};"
+            "loop, kept = kernels._depthwise_conv7_layer_norm, bk._depthwise_conv7_layer_norm_keep;"
+            "kernels._depthwise_conv7_layer_norm = lambda *a: ran.update(inference=1) or loop(*a);"
+            "bk._depthwise_conv7_layer_norm_keep = lambda *a: ran.update(training=1) or kept(*a);"
             "m = npconvnext.create_model('convnext_atto'); m(np.zeros((1, 3, 64, 64), np.float32));"
-            "print(numba.config.THREADING_LAYER, numba.threading_layer(), kernels._workers_sleep(), bool(ran))")
+            "x, w, v = np.zeros((1, 8, 8, 4), np.float32), np.ones((7, 7, 4), np.float32), np.ones(4, np.float32);"
+            "bk.depthwise_conv_layer_norm_keep(x, w, v, v, v, 1e-6);"
+            "print(numba.config.THREADING_LAYER, numba.threading_layer(), kernels._workers_sleep(),"
+            "      bool(ran['training']), bool(ran['inference']))")
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")}
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
     env.update(layer_settings, NUMBA_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    requested, used, sleep, ran = out.stdout.split()
-    assert (used, sleep, ran) == (layer, str(parallel), str(parallel)), out.stdout
+    requested, used, sleep, training, inference = out.stdout.split()
+    assert (used, sleep, training, inference) == (layer, str(parallel), str(parallel), "True"), out.stdout
 
 
 def test_until_set_num_threads_a_batch_leaves_blas_alone(two_threads, monkeypatch):

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import layers
 from .kernels import (_EXACT_JIT, _EXACT_PARALLEL_JIT, _INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS,
-                      _add_depthwise_taps, _erf32, _erf64, _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
+                      _add_depthwise_taps, _erf_for, _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
 
 # Rows of a conv's input (image rows) and pixels of a per-pixel layer in one chunk of a weight
 # gradient's partial sums: enough work to be worth a job, few enough partial sums to add cheaply.
@@ -225,19 +225,6 @@ def _layer_norm_backward_kept(dout, xhat, rstd, weight, dx, d_weight, d_bias):
 # ---- GELU: forward keeping its input, and the slope for the backward --------------------------------
 
 
-def _erf_for(sample, v):
-    """erf(v) for v: float64, accurate to the precision of sample's type: kernels._erf32 for
-    float32, kernels._erf64 for float64. Compiled, the choice is made once per type."""
-    return _erf32(v) if isinstance(sample, np.float32) else _erf64(v)
-
-
-@numba.extending.overload(_erf_for, inline="always")
-def _erf_for_compiled(sample, v):
-    if sample == numba.types.float32:
-        return lambda sample, v: _erf32(v)
-    return lambda sample, v: _erf64(v)
-
-
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _EXP_LOWEST = -708.0  # exp below this is subnormal in float64; x exp(-x^2 / 2) is 0 to the last bit there
 
@@ -246,7 +233,7 @@ _EXP_LOWEST = -708.0  # exp below this is subnormal in float64; x exp(-x^2 / 2) 
 def _bias_gelu_keep_rows(hidden, bias, activated, first, last):
     # hidden, activated: (M, D); rows first..last-1: hidden += bias in place (kept for the
     # backward), activated = GELU(hidden), computed in float64 and rounded once, as
-    # kernels._bias_gelu_*_rows compute it
+    # kernels._linear_gelu_panels_rows computes it
     d = hidden.shape[1]
     for i in range(first, last):
         h_row = hidden[i]

@@ -1,17 +1,21 @@
-"""Numba kernels for the parts of a ConvNeXt block that BLAS does not do.
+"""Numba kernels for a ConvNeXt block, fused around the matrix products of gemm.py.
 
-The two pointwise linears are most of ConvNeXt's FLOPs and go to NumPy's BLAS. What is
-left is cheap in arithmetic but costs passes over memory, so neighbours are fused:
+The two pointwise linears are most of ConvNeXt's FLOPs; they run on gemm.py's tiles, and what
+comes after each product is done on the tile while it is in cache. The rest is cheap in
+arithmetic but costs passes over memory, so neighbours are fused:
 
     depthwise 7x7 conv + bias + LayerNorm   one pass, a row of pixels at a time, the seven
                                             taps along a row summed in registers
-    fc1 bias + GELU                         in place on the BLAS output, with an erf made of
-                                            arithmetic only (within 1 float32 ulp, or 1
-                                            float64 ulp): a libm call per element would keep
-                                            the loop scalar
+    fc1 + bias + GELU                       on each tile, with an erf made of arithmetic only
+                                            (within 1 float32 ulp, or 1 float64 ulp): a libm
+                                            call per element would keep the loop scalar; the
+                                            output is left as pixel panels, fc2's input
     GRN (V2)                                two passes over the hidden tensor
-    fc2 bias + layer scale + residual       in place on the BLAS output; on the calling
-                                            thread when small (see _RESIDUAL_SERIAL_BELOW)
+    fc2 + bias + layer scale + residual     on each tile, written back channels-last
+    patchify convs, the classifier          gemm.py's tiles with a bias
+
+No BLAS call is made on the way: BLAS's idle threads busy-wait after a call, on the cores the
+kernels need next.
 
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
 parallel loop that shares the rows between threads (see `_rows_or_parallel` for which runs).
@@ -40,6 +44,7 @@ import numba.extending
 import numpy as np
 
 from .. import layers
+from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, to_panels
 from ..network import BlockWeights, Recorder, no_record
 
 # One place for the JIT settings. cache=True: a second process loads machine code from disk
@@ -48,7 +53,7 @@ from ..network import BlockWeights, Recorder, no_record
 _JIT = dict(cache=True, nogil=True, error_model="numpy",  # IEEE division: no zero check blocking SIMD
             fastmath={"contract"})  # fused multiply-adds only (see above)
 _PARALLEL_JIT = dict(_JIT, parallel=True)
-# For kernels that promise NumPy's result to the bit (the residual add, AdamW's update): no fusing
+# For kernels that promise NumPy's result to the bit (AdamW's update, backward_kernels.py): no fusing
 _EXACT_JIT = dict(_JIT, fastmath=False)
 _EXACT_PARALLEL_JIT = dict(_EXACT_JIT, parallel=True)
 _INLINE_JIT = dict(_JIT, inline="always")  # small helpers: inlined by Numba, or LLVM may leave a call
@@ -248,24 +253,6 @@ def _erf32(x):
     return x * num / den
 
 
-@numba.njit(**_JIT)
-def _bias_gelu_float32_rows(y, bias, first, last):
-    # y: (M, D) float32, rows first..last-1 in place: y = GELU(y + bias), computed in float64
-    # and rounded once
-    d = y.shape[1]
-    for i in range(first, last):
-        row = y[i]  # (D,) contiguous: lets LLVM vectorise the loop below
-        for ch in range(d):
-            v = np.float64(row[ch] + bias[ch])
-            row[ch] = 0.5 * v * (1.0 + _erf32(v * _SQRT_HALF))
-
-
-@numba.njit(**_PARALLEL_JIT)
-def _bias_gelu_float32_(y, bias):
-    for i in numba.prange(y.shape[0]):
-        _bias_gelu_float32_rows(y, bias, i, i + 1)
-
-
 # float64 erf from arithmetic alone, fitted by scripts/fit_erf64.py (see there), so that the GELU
 # loop vectorises. Its polynomials are evaluated with fused multiply-adds, which keeps it within
 # 1 ulp of the exact erf (tested) and shortens the loop's dependency chains.
@@ -313,48 +300,17 @@ def _erf64(x):
     return small if a < 1.0 else math.copysign(large, x)  # both computed: a select, not a branch
 
 
-@numba.njit(**_JIT)
-def _bias_gelu_float64_rows(y, bias, first, last):
-    # y: (M, D) float64, rows first..last-1 in place: y = GELU(y + bias)
-    d = y.shape[1]
-    for i in range(first, last):
-        row = y[i]
-        for ch in range(d):
-            v = row[ch] + bias[ch]
-            row[ch] = 0.5 * v * (1.0 + _erf64(v * _SQRT_HALF))
+def _erf_for(sample, v):
+    """erf(v) for v: float64, accurate to the precision of sample's type: _erf32 for float32,
+    _erf64 for float64. Compiled, the choice is made once per type."""
+    return _erf32(v) if isinstance(sample, np.float32) else _erf64(v)
 
 
-@numba.njit(**_PARALLEL_JIT)
-def _bias_gelu_float64_(y, bias):
-    for i in numba.prange(y.shape[0]):
-        _bias_gelu_float64_rows(y, bias, i, i + 1)
-
-
-# Below this many elements waking the parked worker threads costs more than the whole residual
-# add, so it runs on the calling thread.
-_RESIDUAL_SERIAL_BELOW = 1 << 20
-
-
-@numba.njit(**_EXACT_JIT)
-def _bias_scale_residual_rows(y, bias, gamma, shortcut, first, last):
-    # y, shortcut: (M, C); rows first..last-1 in place: y = shortcut + gamma * (y + bias), where
-    # gamma None (V2: no layer scale) means 1 (Numba compiles each case without the test)
-    c = y.shape[1]
-    if gamma is None:
-        for i in range(first, last):
-            for ch in range(c):
-                y[i, ch] = shortcut[i, ch] + (y[i, ch] + bias[ch])
-    else:
-        for i in range(first, last):
-            for ch in range(c):
-                y[i, ch] = shortcut[i, ch] + gamma[ch] * (y[i, ch] + bias[ch])
-
-
-@numba.njit(**_EXACT_PARALLEL_JIT)
-def _bias_scale_residual_(y, bias, gamma, shortcut):
-    # y, shortcut: (M, C); all rows, shared between the threads
-    for i in numba.prange(y.shape[0]):
-        _bias_scale_residual_rows(y, bias, gamma, shortcut, i, i + 1)
+@numba.extending.overload(_erf_for, inline="always")
+def _erf_for_compiled(sample, v):
+    if sample == numba.types.float32:
+        return lambda sample, v: _erf32(v)
+    return lambda sample, v: _erf64(v)
 
 
 @numba.njit(**_JIT)
@@ -398,6 +354,144 @@ def _global_response_norm_(x, weight, bias, eps):
             _apply_response_norm_rows(x[img], weight, bias, relative, px, px + 1)
 
 
+# ---- the block's linears and the patchify convs: gemm.py's tiles, with what follows fused -------
+# The bodies run over a range of work items. Where fc1 and fc2 run as two kernels, an item is
+# a panel of NR pixels (gemm.py) and a share of the output channels, item = panel * groups +
+# group (more than one group only when the panels are too few to share between the threads).
+# Where they run as one (`_mlp_rows`), an item is a panel: its hidden activations, (4C, NR),
+# never leave the cache.
+
+
+@numba.njit(**_JIT)
+def _pack_panel(x, first_pixel, panel):
+    # panel: (K, NR) <- x[first_pixel : first_pixel + NR] transposed, zeros past x's last pixel;
+    # x: (M, K)
+    k = x.shape[1]
+    nr = panel.shape[1]
+    count = min(nr, x.shape[0] - first_pixel)
+    for ch in range(k):
+        column = panel[ch]  # (NR,)
+        for j in range(count):
+            column[j] = x[first_pixel + j, ch]
+        for j in range(count, nr):
+            column[j] = 0.0
+
+
+@numba.njit(**_INLINE_JIT)
+def _channel_blocks(n, mr, groups, group):
+    # the tiles' first output channels in this group's share of n channels
+    blocks = -(-n // mr)
+    return range(group * blocks // groups * mr, (group + 1) * blocks // groups * mr, mr)
+
+
+@numba.njit(**_INLINE_JIT)
+def _fc1_gelu_tile(panel, weight, bias, c0, tile, hidden_panel):
+    # hidden_panel[c0 : c0 + MR] = GELU(weight[c0 : c0 + MR] @ panel + bias[c0 : c0 + MR]);
+    # panel: (K, NR) pixels as columns; weight: (D, K); hidden_panel: (D, NR); tile: (MR, NR)
+    # scratch. GELU in float64, rounded once.
+    rows = min(tile.shape[0], weight.shape[0] - c0)
+    _tile_product(weight, c0, rows, panel, tile)
+    for r in range(rows):
+        b = bias[c0 + r]
+        src = tile[r]                  # (NR,)
+        dst = hidden_panel[c0 + r]     # (NR,)
+        for j in range(src.shape[0]):
+            v = np.float64(src[j] + b)
+            dst[j] = 0.5 * v * (1.0 + _erf_for(src[j], v * _SQRT_HALF))
+
+
+@numba.njit(**_INLINE_JIT)
+def _fc2_residual_tile(hidden_panel, weight, bias, gamma, shortcut, out, first_pixel, c0, tile):
+    # out[first_pixel : first_pixel + NR, c0 : c0 + MR] = shortcut + gamma * (hidden_panel^T @
+    # weight[c0 : c0 + MR]^T + bias), the same part of each; gamma None means 1, shortcut None
+    # means 0 (Numba compiles each case without the test). hidden_panel: (D, NR); weight: (C, D);
+    # out, shortcut: (M, C); tile: (NR, MR) scratch, pixels by channels as out has them.
+    channels = min(tile.shape[1], weight.shape[0] - c0)
+    pixels = min(tile.shape[0], out.shape[0] - first_pixel)
+    _tile_product_transposed(weight, c0, channels, hidden_panel, tile)
+    b = bias[c0 : c0 + channels]
+    g = b if gamma is None else gamma[c0 : c0 + channels]
+    for j in range(pixels):
+        t = tile[j]                                                   # (MR,)
+        o = out[first_pixel + j, c0 : c0 + channels]                  # (MR,)
+        if shortcut is None:
+            for r in range(channels):
+                o[r] = t[r] + b[r]
+        else:
+            s = shortcut[first_pixel + j, c0 : c0 + channels]         # (MR,)
+            if gamma is None:
+                for r in range(channels):
+                    o[r] = s[r] + (t[r] + b[r])
+            else:
+                for r in range(channels):
+                    o[r] = s[r] + g[r] * (t[r] + b[r])
+
+
+@numba.njit(**_JIT)
+def _linear_gelu_panels_rows(x, weight, bias, hidden, groups, first, last):
+    # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (M, K); weight: (D, K);
+    # bias: (D,); items first..last-1
+    mr, nr = _tile_shape(x)
+    panel = np.empty((x.shape[1], nr), dtype=x.dtype)  # (K, NR)
+    tile = np.empty((mr, nr), dtype=x.dtype)           # (MR, NR)
+    packed = -1
+    for item in range(first, last):
+        p = item // groups
+        if p != packed:
+            _pack_panel(x, p * nr, panel)
+            packed = p
+        for c0 in _channel_blocks(weight.shape[0], mr, groups, item % groups):
+            _fc1_gelu_tile(panel, weight, bias, c0, tile, hidden[p])
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _linear_gelu_panels(x, weight, bias, hidden, groups):
+    for item in numba.prange(hidden.shape[0] * groups):
+        _linear_gelu_panels_rows(x, weight, bias, hidden, groups, item, item + 1)
+
+
+@numba.njit(**_JIT)
+def _panels_linear_residual_rows(hidden, weight, bias, gamma, shortcut, out, groups, first, last):
+    # out (M, C) = shortcut + gamma * (hidden @ weight.T + bias), hidden as pixel panels
+    # (P, D, NR); weight: (C, D); gamma None means 1; shortcut None means 0; items first..last-1
+    mr, nr = _tile_shape(hidden)
+    tile = np.empty((nr, mr), dtype=hidden.dtype)  # (NR, MR)
+    for item in range(first, last):
+        p = item // groups
+        for c0 in _channel_blocks(weight.shape[0], mr, groups, item % groups):
+            _fc2_residual_tile(hidden[p], weight, bias, gamma, shortcut, out, p * nr, c0, tile)
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _panels_linear_residual(hidden, weight, bias, gamma, shortcut, out, groups):
+    for item in numba.prange(hidden.shape[0] * groups):
+        _panels_linear_residual_rows(hidden, weight, bias, gamma, shortcut, out, groups, item, item + 1)
+
+
+@numba.njit(**_JIT)
+def _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last):
+    # out (M, C) = shortcut + gamma * (GELU(y @ fc1.T + fc1_bias) @ fc2.T + fc2_bias), panel by
+    # panel: panels first..last-1. y, shortcut, out: (M, C); fc1: (4C, C); fc2: (C, 4C)
+    mr, nr = _tile_shape(y)
+    panel = np.empty((y.shape[1], nr), dtype=y.dtype)           # (C, NR)
+    hidden = np.empty((fc1.shape[0], nr), dtype=y.dtype)        # (4C, NR)
+    tile = np.empty((mr, nr), dtype=y.dtype)                    # (MR, NR)
+    tile_t = np.empty((nr, mr), dtype=y.dtype)                  # (NR, MR)
+    for p in range(first, last):
+        _pack_panel(y, p * nr, panel)
+        for c0 in range(0, fc1.shape[0], mr):
+            _fc1_gelu_tile(panel, fc1, fc1_bias, c0, tile, hidden)
+        for c0 in range(0, fc2.shape[0], mr):
+            _fc2_residual_tile(hidden, fc2, fc2_bias, gamma, shortcut, out, p * nr, c0, tile_t)
+
+
+@numba.njit(**_PARALLEL_JIT)
+def _mlp(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out):
+    nr = _tile_shape(y)[1]
+    for p in numba.prange(-(-y.shape[0] // nr)):
+        _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, p, p + 1)
+
+
 # ---- public wrappers: same signatures and results as their twins in layers.py -----------------
 # Each kernel runs as its parallel loop, or as its row body on the calling thread. The row body
 # runs when this thread's Numba count is one (`threads.map_over_batch` workers,
@@ -436,10 +530,13 @@ def _serial_after_fork() -> None:
 os.register_at_fork(after_in_child=_serial_after_fork)
 
 
-def _rows_or_parallel(rows, parallel, args, count):
+def _rows_or_parallel(rows, parallel, args, count, blas_between=True):
     """parallel(*args) when this thread may start a parallel loop now (see above), else
-    rows(*args, 0, count) on this thread."""
-    if (numba.get_num_threads() > 1 and not _forked_child and _workers_sleep()
+    rows(*args, 0, count) on this thread. `blas_between`: BLAS calls come between this kernel
+    and the next (in training), so idle workers that busy-wait would take BLAS's cores; in
+    inference the kernels follow one another without BLAS, and their workers' waiting is the
+    cheapest hand-over there is."""
+    if (numba.get_num_threads() > 1 and not _forked_child and (not blas_between or _workers_sleep())
             and _parallel_region.acquire(blocking=False)):
         try:
             parallel(*args)
@@ -456,7 +553,8 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     out = np.empty_like(x)
     _rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
-                      (x, conv_w, conv_b, norm_w, norm_b, eps, out), x.shape[0] * x.shape[1])  # N * H rows
+                      (x, conv_w, conv_b, norm_w, norm_b, eps, out), x.shape[0] * x.shape[1],  # N * H rows
+                      blas_between=False)
     return out
 
 
@@ -466,31 +564,6 @@ def layer_norm(x, weight, bias, eps):
     out = np.empty_like(flat)
     _rows_or_parallel(_layer_norm_rows, _layer_norm, (flat, weight, bias, eps, out), flat.shape[0])
     return out.reshape(x.shape)
-
-
-def linear_gelu(x, weight, bias):
-    """layers.gelu(layers.linear(x, weight, bias)). x: (..., Cin) -> (..., Cout)"""
-    flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
-    y = flat @ weight                                      # (M, Cout) BLAS
-    if y.dtype == np.float32:
-        _rows_or_parallel(_bias_gelu_float32_rows, _bias_gelu_float32_, (y, bias), y.shape[0])
-    else:
-        _rows_or_parallel(_bias_gelu_float64_rows, _bias_gelu_float64_, (y, bias), y.shape[0])
-    return y.reshape(*x.shape[:-1], weight.shape[1])
-
-
-def linear_scale_residual(x, weight, bias, gamma, shortcut):
-    """shortcut + gamma * layers.linear(x, weight, bias); gamma None means 1.
-    x: (..., Cin); shortcut: (..., Cout) -> (..., Cout)"""
-    flat = x.reshape(-1, x.shape[-1])                      # (M, Cin)
-    y = flat @ weight                                      # (M, Cout) BLAS
-    residual = shortcut.reshape(y.shape)
-    if y.size < _RESIDUAL_SERIAL_BELOW:
-        _bias_scale_residual_rows(y, bias, gamma, residual, 0, y.shape[0])
-    else:
-        _rows_or_parallel(_bias_scale_residual_rows, _bias_scale_residual_, (y, bias, gamma, residual),
-                          y.shape[0])
-    return y.reshape(shortcut.shape)
 
 
 def _global_response_norm_in_place(x, weight, bias, eps):
@@ -506,13 +579,87 @@ def global_response_norm(x, weight, bias, eps):
     return out
 
 
+def _groups(panels: int, tiles: int) -> int:
+    """Work items per panel (see the bodies above): one, unless the panels are too few to give
+    every thread several items; then the output channels' `tiles` are shared out too."""
+    threads = numba.get_num_threads()
+    if threads == 1 or panels >= 4 * threads:
+        return 1
+    return max(1, min(tiles, -(-4 * threads // panels)))
+
+
+def linear_gelu_panels(x, weight, bias):
+    """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py): BLAS is not used.
+    x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
+    rows = np.ascontiguousarray(weight.T)                     # (D, K): a view of the model's weights
+    mr, nr = TILES[flat.dtype]
+    panels = -(-flat.shape[0] // nr)
+    hidden = np.empty((panels, rows.shape[0], nr), dtype=flat.dtype)
+    groups = _groups(panels, -(-rows.shape[0] // mr))
+    _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels, (flat, rows, bias, hidden, groups),
+                      panels * groups, blas_between=False)
+    return hidden
+
+
+def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
+    """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels; gamma None
+    means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C); shortcut: (..., C), or
+    the pixel count M when there is none -> like shortcut, or (M, C)"""
+    rows = np.ascontiguousarray(weight.T)                     # (C, D): a view of the model's weights
+    m = shortcut.size // shortcut.shape[-1] if shortcut is not None else pixels
+    out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
+    residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
+    groups = _groups(hidden.shape[0], -(-rows.shape[0] // TILES[hidden.dtype][0]))
+    _rows_or_parallel(_panels_linear_residual_rows, _panels_linear_residual,
+                      (hidden, rows, bias, gamma, residual, out, groups), hidden.shape[0] * groups,
+                      blas_between=False)
+    return out if shortcut is None else out.reshape(shortcut.shape)
+
+
+def linear(x, weight, bias):
+    """layers.linear on gemm.py's tiles. x: (..., K); weight: (K, D) -> (..., D)"""
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])                 # (M, K)
+    out = panels_linear(to_panels(flat), weight, bias, pixels=flat.shape[0])  # (M, D)
+    return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def patchify_conv(x, weight, bias, patch):
+    """layers.patchify_conv on gemm.py's tiles. x: (N, H, W, Cin) -> (N, H//p, W//p, Cout)"""
+    n, h, w, _ = x.shape
+    patches = layers._patches(x, patch)                                       # (M, p * p * Cin)
+    out = panels_linear(to_panels(patches), weight, bias, pixels=patches.shape[0])  # (M, Cout)
+    return out.reshape(n, h // patch, w // patch, weight.shape[1])
+
+
+def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut):
+    """shortcut + gamma * layers.linear(layers.gelu(layers.linear(y, fc1_weight, fc1_bias)),
+    fc2_weight, fc2_bias); gamma None means 1. One kernel, a panel of pixels at a time, when
+    there are panels enough for every thread; else fc1 and fc2 one after the other, each shared
+    between the threads by output channels too. y, shortcut: (..., C) -> (..., C)"""
+    flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
+    panels = -(-flat.shape[0] // TILES[flat.dtype][1])
+    if _groups(panels, 1) > 1:
+        hidden = linear_gelu_panels(flat, fc1_weight, fc1_bias)              # (P, 4C, NR)
+        return panels_linear(hidden, fc2_weight, fc2_bias, gamma, shortcut)
+    residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
+    out = np.empty_like(residual)
+    fc1, fc2 = np.ascontiguousarray(fc1_weight.T), np.ascontiguousarray(fc2_weight.T)  # (4C, C), (C, 4C): views
+    _rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,
+                      blas_between=False)
+    return out.reshape(shortcut.shape)
+
+
 def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
                    record: Recorder = no_record) -> np.ndarray:
     """Twin of network.block with the fused kernels; it records nothing inside the block.
     x: (N, H, W, C) -> (N, H, W, C)"""
     y = depthwise_conv_layer_norm(x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight, w.norm_bias, eps)
-    y = linear_gelu(y, w.fc1_weight, w.fc1_bias)            # (N, H, W, 4C)
-    if w.grn_weight is not None:
-        n, h, wd, d = y.shape
-        _global_response_norm_in_place(y.reshape(n, h * wd, d), w.grn_weight, w.grn_bias, grn_eps)
-    return linear_scale_residual(y, w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
+    if w.grn_weight is None:
+        return mlp_residual(y, w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
+    # V2: GRN sums over each image's pixels, so fc1 is done for all of them first
+    hidden = linear_gelu_panels(y, w.fc1_weight, w.fc1_bias)                  # (P, 4C, NR) pixel panels
+    n, h, wd, _ = x.shape
+    flat = from_panels(hidden, n * h * wd)                                     # (M, 4C)
+    _global_response_norm_in_place(flat.reshape(n, h * wd, -1), w.grn_weight, w.grn_bias, grn_eps)
+    return panels_linear(to_panels(flat), w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)

@@ -1,0 +1,203 @@
+"""The matrix product of the block's two linears, on the weights as the model stores them.
+
+A linear over pixels, y = x @ W^T + b with x: (M, K) pixels by channels and W: (N, K) (timm's
+(out, in), which is how the model keeps linear weights in memory), is computed transposed:
+y^T = W x^T, one tile of MR output channels by NR pixels at a time. The tile's MR x NR sums
+stay in vector registers for the whole K loop; each step broadcasts one weight per output
+channel and multiplies it into NR pixels loaded as vectors. That is the register-blocked
+micro-kernel every fast GEMM is built on (Goto and van de Geijn, "Anatomy of high-performance
+matrix multiplication", 2008), here with the roles chosen so that the weights are read in place:
+
+    weights      (N, K) rows, as stored: never copied or packed, a mapped file stays mapped
+    activations  "pixel panels": (P, K, NR), panel p holding pixels p*NR .. p*NR+NR-1, a
+                 column per pixel; the last panel is padded with zeros. The fc1 input is
+                 packed into one panel at a time (cheap: K*NR copies against N*K*NR multiply-adds),
+                 and fc1 writes its output (the MLP's hidden tensor) as panels, which fc2 reads
+                 without packing.
+
+Numba has no vector types and LLVM does not keep a loop's running sums in registers across
+an outer loop on its own, so the micro-kernel (`_tile_product`) is LLVM IR written through a
+Numba intrinsic: generic LLVM vectors (<VL x float>) and llvm.fma, which LLVM lowers to the
+host's widest vectors. Its plain-Python body is the twin under NUMBA_DISABLE_JIT=1; the tests
+check the compiled one against `x @ w.T`.
+
+The tile is sized to the host's vector registers once, at import (`TILES`): 32 registers of
+64 bytes with AVX-512, 16 of 32 bytes with AVX2. Another CPU only changes speed, not results:
+LLVM splits or joins the vectors as the machine has them.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding
+import numba
+import numba.extending
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
+
+
+def _host_registers() -> tuple[int, int]:
+    """(bytes per vector register, vector registers) of the CPU Numba compiles for."""
+    features = numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if "avx512f" in enabled:
+        return 64, 32
+    if "avx2" in enabled or "avx" in enabled:
+        return 32, 16
+    return 16, 16
+
+
+def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
+    """(MR output channels, NR pixels) of a tile per dtype: NR two vectors wide, and MR as many
+    rows as leave one register for the broadcast weight and two for the loaded pixels."""
+    vector_bytes, registers = _host_registers()
+    shapes = {}
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        lanes = vector_bytes // dtype.itemsize
+        rows = min(12, (registers - 3) // 2)
+        shapes[dtype] = (rows, 2 * lanes)
+    return shapes
+
+
+TILES = _tile_shapes()
+
+
+def panel_pixels(dtype) -> int:
+    """NR: pixels per panel for this dtype."""
+    return TILES[np.dtype(dtype)][1]
+
+
+def to_panels(x: np.ndarray) -> np.ndarray:
+    """(M, K) pixels by channels -> (P, K, NR) pixel panels, the last padded with zeros"""
+    m, k = x.shape
+    nr = panel_pixels(x.dtype)
+    padded = np.zeros((-(-m // nr) * nr, k), x.dtype)
+    padded[:m] = x
+    return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))  # (P, NR, K) -> (P, K, NR)
+
+
+def from_panels(panels: np.ndarray, m: int) -> np.ndarray:
+    """(P, K, NR) pixel panels -> (M, K) pixels by channels"""
+    p, k, nr = panels.shape
+    return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(p * nr, k)[:m])
+
+
+# ---- the micro-kernel ---------------------------------------------------------------------------
+
+
+def _tile_product(weight, first_row, rows, panel, tile):
+    """tile[r, j] = sum over k of weight[first_row + r, k] * panel[k, j], for r < MR; rows past
+    `rows` (the end of the weight) repeat its last row, and are the caller's to ignore.
+    weight: (N, K); panel: (K, NR); tile: (MR, NR). Compiled: the intrinsic below."""
+    mr = tile.shape[0]
+    picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
+    tile[:] = weight[picked] @ panel
+
+
+def _tile_product_transposed(weight, first_row, rows, panel, tile):
+    """_tile_product with the tile stored transposed, pixels by channels: tile: (NR, MR)."""
+    mr = tile.shape[1]
+    picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
+    tile[:] = (weight[picked] @ panel).T
+
+
+def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transposed):
+    dtype = weight.dtype
+    if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
+            and isinstance(panel, numba.types.Array) and panel.layout == "C" and panel.dtype == dtype
+            and isinstance(tile, numba.types.Array) and tile.layout == "C" and tile.dtype == dtype):
+        return None
+    mr, nr = TILES[np.dtype(str(dtype))]
+    vector_bytes, _ = _host_registers()
+    lanes = vector_bytes // np.dtype(str(dtype)).itemsize
+    vectors = nr // lanes  # per tile row
+    signature = numba.types.void(weight, first_row, rows, panel, tile)
+
+    def codegen(context, builder, sig, args):
+        weight_value, first_value, rows_value, panel_value, tile_value = args
+        weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
+        panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
+        tile_array = context.make_array(sig.args[4])(context, builder, tile_value)
+        scalar = context.get_value_type(dtype)
+        vector = ir.VectorType(scalar, lanes)
+        intp = context.get_value_type(numba.types.intp)
+
+        def const(i):
+            return ir.Constant(intp, i)
+
+        depth = builder.extract_value(weight_array.shape, 1)                               # K
+        row_stride = builder.extract_value(weight_array.strides, 0)                        # bytes
+        row_stride = builder.sdiv(row_stride, const(context.get_abi_sizeof(scalar)))
+        first = context.cast(builder, first_value, sig.args[1], numba.types.intp)
+        last = builder.sub(builder.add(first, context.cast(builder, rows_value, sig.args[2], numba.types.intp)),
+                           const(1))
+        weight_rows = []  # a pointer to each of the MR weight rows (past the end: the last row)
+        for r in range(mr):
+            row = builder.add(first, const(r))
+            row = builder.select(builder.icmp_signed(">", row, last), last, row)
+            weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
+        # the MR x (NR / VL) running sums: allocas that LLVM promotes to registers
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(vectors)]
+                for _ in range(mr)]
+        width = "f32" if dtype == numba.types.float32 else "f64"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                             f"llvm.fma.v{lanes}{width}")
+        panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        with cgutils.for_range(builder, depth) as loop:
+            k = loop.index
+            pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k, const(vectors)), const(v))]),
+                                   align=context.get_abi_sizeof(scalar))
+                      for v in range(vectors)]                                             # panel[k, :]
+            for r in range(mr):
+                w = builder.load(builder.gep(weight_rows[r], [k]))                         # weight[row r, k]
+                broadcast = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vector, ir.Undefined), w, ir.Constant(ir.IntType(32), 0)),
+                    ir.Constant(vector, ir.Undefined), zeros)
+                for v in range(vectors):
+                    builder.store(builder.call(fma, [broadcast, pixels[v], builder.load(sums[r][v])]), sums[r][v])
+        if transposed:  # tile (NR, MR): lane by lane, a scalar store each
+            for r in range(mr):
+                for v in range(vectors):
+                    running = builder.load(sums[r][v])
+                    for lane in range(lanes):
+                        value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
+                        builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
+        else:
+            tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())          # (MR * NR / VL,)
+            for r in range(mr):
+                for v in range(vectors):
+                    builder.store(builder.load(sums[r][v]), builder.gep(tile_vectors, [const(r * vectors + v)]),
+                                  align=context.get_abi_sizeof(scalar))
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+_tile_product_rows = numba.extending.intrinsic(
+    lambda typingctx, weight, first_row, rows, panel, tile:
+        _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transposed=False))
+_tile_product_columns = numba.extending.intrinsic(
+    lambda typingctx, weight, first_row, rows, panel, tile:
+        _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transposed=True))
+
+
+@numba.extending.overload(_tile_product, inline="always")
+def _tile_product_compiled(weight, first_row, rows, panel, tile):
+    return lambda weight, first_row, rows, panel, tile: _tile_product_rows(weight, first_row, rows, panel, tile)
+
+
+@numba.extending.overload(_tile_product_transposed, inline="always")
+def _tile_product_transposed_compiled(weight, first_row, rows, panel, tile):
+    return lambda weight, first_row, rows, panel, tile: _tile_product_columns(weight, first_row, rows, panel, tile)
+
+
+def _tile_shape(sample):
+    """(MR, NR) for sample's dtype; compiled, a constant."""
+    return TILES[sample.dtype]
+
+
+@numba.extending.overload(_tile_shape, inline="always")
+def _tile_shape_compiled(sample):
+    shape = TILES[np.dtype(str(sample.dtype))]
+    return lambda sample: shape
