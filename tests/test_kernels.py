@@ -75,37 +75,41 @@ def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
         weights = BlockWeights(conv_w, conv_b, norm_w, norm_b, fc_w, fc_b, grn_w if grn else None,
                                grn_b if grn else None, fc2_w, fc2_b, gamma if ls else None)
         close(kernels.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
-    # fc1 and fc2 as one kernel, panel by panel, also where the panels are too few to share
+    # fc1 and fc2 panel by panel, and weight-stationary, whatever the weights' size and the panels
     expected = x + gamma * layers.linear(layers.gelu(layers.linear(x, fc_w, fc_b)), fc2_w, fc2_b)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "_groups", lambda panels, tiles: 1)
-        close(kernels.mlp_residual(x, fc_w, fc_b, fc2_w, fc2_b, gamma, x), expected, dtype)
+    for weights_in_cache, panels_per_thread in ((1 << 40, 0), (0, 0)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "_PANEL_BY_PANEL_WEIGHTS", weights_in_cache)
+            patch.setattr(kernels, "_PANELS_PER_THREAD", panels_per_thread)
+            close(kernels.mlp_residual(x, fc_w, fc_b, fc2_w, fc2_b, gamma, x), expected, dtype)
     assert kernel_threads == (set(PARALLEL_LOOPS) if numba.get_num_threads() > 1 else set())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40)])
 def test_linears_give_the_same_bits_however_the_work_is_shared(pixels, channels, dtype):
-    # every tile sums its products in the same order, whichever thread and work item runs it
+    # every tile sums its products in the same order, whichever thread, share or order runs it
     rng = np.random.default_rng(pixels)
-    x, shortcut = rng.standard_normal((pixels, channels)).astype(dtype), rng.standard_normal((pixels, 7)).astype(dtype)
-    fc_w, fc_b = np.asfortranarray(rng.standard_normal((channels, 7)).astype(dtype)), rng.standard_normal(7).astype(dtype)
-    rows = np.ascontiguousarray(fc_w.T)  # (7, channels)
+    x, shortcut = rng.standard_normal((pixels, channels)).astype(dtype), rng.standard_normal((pixels, 30)).astype(dtype)
+    fc1, fc1_b = rng.standard_normal((30, channels)).astype(dtype), rng.standard_normal(30).astype(dtype)
+    fc2, fc2_b = rng.standard_normal((30, 30)).astype(dtype), rng.standard_normal(30).astype(dtype)
     nr = gemm.panel_pixels(dtype)
-    count = -(-pixels // nr)
+    panels = gemm.to_panels(x)
+    count = panels.shape[0]
     results = []
     for groups in (1, 2, 3):
-        hidden = np.empty((count, 7, nr), dtype)
+        hidden, out = np.empty((count, 30, nr), dtype), np.empty((pixels, 30), dtype)
         if groups == 1:
-            kernels._linear_gelu_panels_rows(x, rows, fc_b, hidden, groups, 0, count)
+            kernels._linear_gelu_panels_rows(panels, fc1, fc1_b, hidden, groups, 0, groups)
+            kernels._panels_linear_rows(hidden, fc2, fc2_b, None, shortcut, out, groups, 0, groups)
         else:
-            kernels._linear_gelu_panels(x, rows, fc_b, hidden, groups)
-        out = np.empty((pixels, 7), dtype)
-        kernels._panels_linear_residual(gemm.to_panels(x), rows, fc_b, None, shortcut, out, groups)
-        results.append((gemm.from_panels(hidden, pixels), out))
-    for hidden, out in results[1:]:
-        np.testing.assert_array_equal(hidden, results[0][0])
-        np.testing.assert_array_equal(out, results[0][1])
+            kernels._linear_gelu_panels(panels, fc1, fc1_b, hidden, groups)
+            kernels._panels_linear(hidden, fc2, fc2_b, None, shortcut, out, groups)
+        results.append(out)
+    panel_by_panel = np.empty((pixels, 30), dtype)
+    kernels._mlp(x, fc1, fc1_b, fc2, fc2_b, None, shortcut, panel_by_panel)
+    for out in results[1:] + [panel_by_panel]:
+        np.testing.assert_array_equal(out, results[0])
 
 
 @pytest.mark.parametrize("k", [3, 5])

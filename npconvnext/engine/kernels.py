@@ -118,7 +118,8 @@ _TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a const
 @numba.njit(**_INLINE_JIT)
 def _add_depthwise_taps(x, img, row, weight, acc):
     # acc: (W, C) += output row `row` of image `img` of the 7x7 depthwise conv of x (N, H, W, C)
-    # by weight (7, 7, C), zero padding; the forward and the training kernels share it
+    # by weight (7, 7, C), zero padding; for the training kernels (inference's
+    # _depthwise_conv7_layer_norm_rows reads a padded copy instead)
     h, w, c = x.shape[1:]
     pad = _TAPS // 2
     for di in range(_TAPS):
@@ -147,29 +148,54 @@ def _add_depthwise_taps(x, img, row, weight, acc):
                         dst[ch] += src[ch] * tap[ch]
 
 
+_BLOCK = 4  # output pixels of a row computed together: each input load serves up to four of them
+
+
 @numba.njit(**_JIT)
-def _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, first, last):
-    # x, out: (N, H, W, C); conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,); the output rows
-    # first..last-1 of the N * H rows of all images
-    n, h, w, c = x.shape
-    acc = np.empty((w, c), dtype=x.dtype)  # (W, C) the row being accumulated
+def _depthwise_conv7_layer_norm_rows(padded, conv_w, conv_b, norm_w, norm_b, eps, out, first, last):
+    # out: (N, H, W, C) = LayerNorm(7x7 depthwise conv of x + conv_b), given x zero-padded:
+    # padded: (N, H + 6, W' + 6, C), x at [3 : 3 + H, 3 : 3 + W], W' = W rounded up to _BLOCK;
+    # conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,); output rows first..last-1 of the N * H.
+    # The padding spares the edges their own loop; each output sums its 49 taps in the order
+    # of the readable twin, starting from the bias.
+    n, h, w, c = out.shape
+    width = padded.shape[2] - (_TAPS - 1)    # W'
+    acc = np.empty((width, c), dtype=out.dtype)  # (W', C) the row being accumulated
     for job in range(first, last):
         img = job // h
         row = job % h
-        for j in range(w):
+        for j0 in range(0, width, _BLOCK):
+            a0 = acc[j0]        # (C,) x 4: the block's four outputs
+            a1 = acc[j0 + 1]
+            a2 = acc[j0 + 2]
+            a3 = acc[j0 + 3]
             for ch in range(c):
-                acc[j, ch] = conv_b[ch]
-        _add_depthwise_taps(x, img, row, conv_w, acc)
+                a0[ch] = a1[ch] = a2[ch] = a3[ch] = conv_b[ch]
+            for di in range(_TAPS):
+                src = padded[img, row + di]   # (W' + 6, C): the taps' row di
+                tap = conv_w[di]              # (7, C)
+                x0, x1, x2, x3, x4 = src[j0], src[j0 + 1], src[j0 + 2], src[j0 + 3], src[j0 + 4]
+                x5, x6, x7, x8, x9 = src[j0 + 5], src[j0 + 6], src[j0 + 7], src[j0 + 8], src[j0 + 9]
+                w0, w1, w2, w3, w4, w5, w6 = tap[0], tap[1], tap[2], tap[3], tap[4], tap[5], tap[6]
+                for ch in range(c):  # vectorised across channels; the ten inputs loaded once
+                    a0[ch] = (a0[ch] + x0[ch] * w0[ch] + x1[ch] * w1[ch] + x2[ch] * w2[ch] + x3[ch] * w3[ch]
+                              + x4[ch] * w4[ch] + x5[ch] * w5[ch] + x6[ch] * w6[ch])
+                    a1[ch] = (a1[ch] + x1[ch] * w0[ch] + x2[ch] * w1[ch] + x3[ch] * w2[ch] + x4[ch] * w3[ch]
+                              + x5[ch] * w4[ch] + x6[ch] * w5[ch] + x7[ch] * w6[ch])
+                    a2[ch] = (a2[ch] + x2[ch] * w0[ch] + x3[ch] * w1[ch] + x4[ch] * w2[ch] + x5[ch] * w3[ch]
+                              + x6[ch] * w4[ch] + x7[ch] * w5[ch] + x8[ch] * w6[ch])
+                    a3[ch] = (a3[ch] + x3[ch] * w0[ch] + x4[ch] * w1[ch] + x5[ch] * w2[ch] + x6[ch] * w3[ch]
+                              + x7[ch] * w4[ch] + x8[ch] * w5[ch] + x9[ch] * w6[ch])
         for j in range(w):
             _normalize_pixel(acc[j], norm_w, norm_b, eps, out[img, row, j])
 
 
 @numba.njit(**_PARALLEL_JIT)
-def _depthwise_conv7_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps, out):
+def _depthwise_conv7_layer_norm(padded, conv_w, conv_b, norm_w, norm_b, eps, out):
     # all N * H output rows, one per job
-    n, h = x.shape[:2]
+    n, h = out.shape[:2]
     for job in numba.prange(n * h):
-        _depthwise_conv7_layer_norm_rows(x, conv_w, conv_b, norm_w, norm_b, eps, out, job, job + 1)
+        _depthwise_conv7_layer_norm_rows(padded, conv_w, conv_b, norm_w, norm_b, eps, out, job, job + 1)
 
 
 @numba.njit(**_INLINE_JIT)
@@ -355,11 +381,12 @@ def _global_response_norm_(x, weight, bias, eps):
 
 
 # ---- the block's linears and the patchify convs: gemm.py's tiles, with what follows fused -------
-# The bodies run over a range of work items. Where fc1 and fc2 run as two kernels, an item is
-# a panel of NR pixels (gemm.py) and a share of the output channels, item = panel * groups +
-# group (more than one group only when the panels are too few to share between the threads).
-# Where they run as one (`_mlp_rows`), an item is a panel: its hidden activations, (4C, NR),
-# never leave the cache.
+# Two ways to go through a linear's tiles. Weight-stationary (`_linear_gelu_panels`,
+# `_panels_linear`): one tile's MR weight rows against every panel of pixels in turn, so that
+# weights larger than the cache stream in once; the work items are shares of the output
+# channels. Panel by panel (`_mlp`, fc1 and fc2 together): one panel's hidden activations,
+# (4C, NR), are made and used up while in cache; for weights that stay in cache while every
+# panel reads them. Each tile sums in the same order either way: the results are the same bits.
 
 
 @numba.njit(**_JIT)
@@ -428,44 +455,47 @@ def _fc2_residual_tile(hidden_panel, weight, bias, gamma, shortcut, out, first_p
 
 
 @numba.njit(**_JIT)
+def _pack_panels(x, panels):
+    # panels: (P, K, NR) <- x: (M, K) as pixel panels, the last padded with zeros
+    for p in range(panels.shape[0]):
+        _pack_panel(x, p * panels.shape[2], panels[p])
+
+
+@numba.njit(**_JIT)
 def _linear_gelu_panels_rows(x, weight, bias, hidden, groups, first, last):
-    # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (M, K); weight: (D, K);
-    # bias: (D,); items first..last-1
-    mr, nr = _tile_shape(x)
-    panel = np.empty((x.shape[1], nr), dtype=x.dtype)  # (K, NR)
-    tile = np.empty((mr, nr), dtype=x.dtype)           # (MR, NR)
-    packed = -1
-    for item in range(first, last):
-        p = item // groups
-        if p != packed:
-            _pack_panel(x, p * nr, panel)
-            packed = p
-        for c0 in _channel_blocks(weight.shape[0], mr, groups, item % groups):
-            _fc1_gelu_tile(panel, weight, bias, c0, tile, hidden[p])
+    # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels;
+    # weight: (D, K); bias: (D,); the output channels of groups first..last-1 (of `groups` shares)
+    mr, nr = _tile_shape(weight)
+    tile = np.empty((mr, nr), dtype=weight.dtype)  # (MR, NR)
+    for group in range(first, last):
+        for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
+            for p in range(x.shape[0]):
+                _fc1_gelu_tile(x[p], weight, bias, c0, tile, hidden[p])
 
 
 @numba.njit(**_PARALLEL_JIT)
 def _linear_gelu_panels(x, weight, bias, hidden, groups):
-    for item in numba.prange(hidden.shape[0] * groups):
-        _linear_gelu_panels_rows(x, weight, bias, hidden, groups, item, item + 1)
+    for group in numba.prange(groups):
+        _linear_gelu_panels_rows(x, weight, bias, hidden, groups, group, group + 1)
 
 
 @numba.njit(**_JIT)
-def _panels_linear_residual_rows(hidden, weight, bias, gamma, shortcut, out, groups, first, last):
+def _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, groups, first, last):
     # out (M, C) = shortcut + gamma * (hidden @ weight.T + bias), hidden as pixel panels
-    # (P, D, NR); weight: (C, D); gamma None means 1; shortcut None means 0; items first..last-1
-    mr, nr = _tile_shape(hidden)
-    tile = np.empty((nr, mr), dtype=hidden.dtype)  # (NR, MR)
-    for item in range(first, last):
-        p = item // groups
-        for c0 in _channel_blocks(weight.shape[0], mr, groups, item % groups):
-            _fc2_residual_tile(hidden[p], weight, bias, gamma, shortcut, out, p * nr, c0, tile)
+    # (P, D, NR); weight: (C, D); gamma None means 1; shortcut None means 0; the output channels
+    # of groups first..last-1 (of `groups` shares)
+    mr, nr = _tile_shape(weight)
+    tile = np.empty((nr, mr), dtype=weight.dtype)  # (NR, MR)
+    for group in range(first, last):
+        for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
+            for p in range(hidden.shape[0]):
+                _fc2_residual_tile(hidden[p], weight, bias, gamma, shortcut, out, p * nr, c0, tile)
 
 
 @numba.njit(**_PARALLEL_JIT)
-def _panels_linear_residual(hidden, weight, bias, gamma, shortcut, out, groups):
-    for item in numba.prange(hidden.shape[0] * groups):
-        _panels_linear_residual_rows(hidden, weight, bias, gamma, shortcut, out, groups, item, item + 1)
+def _panels_linear(hidden, weight, bias, gamma, shortcut, out, groups):
+    for group in numba.prange(groups):
+        _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, groups, group, group + 1)
 
 
 @numba.njit(**_JIT)
@@ -551,10 +581,13 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     x: (N, H, W, C) -> (N, H, W, C)"""
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path, then LN
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
+    n, h, w, c = x.shape
+    pad = _TAPS // 2
+    padded = np.zeros((n, h + 2 * pad, -(-w // _BLOCK) * _BLOCK + 2 * pad, c), dtype=x.dtype)  # (N, H+6, W'+6, C)
+    padded[:, pad : pad + h, pad : pad + w] = x
     out = np.empty_like(x)
     _rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
-                      (x, conv_w, conv_b, norm_w, norm_b, eps, out), x.shape[0] * x.shape[1],  # N * H rows
-                      blas_between=False)
+                      (padded, conv_w, conv_b, norm_w, norm_b, eps, out), n * h, blas_between=False)  # N * H rows
     return out
 
 
@@ -579,41 +612,39 @@ def global_response_norm(x, weight, bias, eps):
     return out
 
 
-def _groups(panels: int, tiles: int) -> int:
-    """Work items per panel (see the bodies above): one, unless the panels are too few to give
-    every thread several items; then the output channels' `tiles` are shared out too."""
+def _channel_groups(tiles: int) -> int:
+    """Shares of a linear's output channels (`tiles` tiles of them) for the threads: several a
+    thread, so that one late thread delays little."""
     threads = numba.get_num_threads()
-    if threads == 1 or panels >= 4 * threads:
-        return 1
-    return max(1, min(tiles, -(-4 * threads // panels)))
+    return 1 if threads == 1 else min(tiles, 4 * threads)
 
 
 def linear_gelu_panels(x, weight, bias):
-    """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py): BLAS is not used.
+    """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py), weight-stationary.
     x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
     rows = np.ascontiguousarray(weight.T)                     # (D, K): a view of the model's weights
     mr, nr = TILES[flat.dtype]
-    panels = -(-flat.shape[0] // nr)
-    hidden = np.empty((panels, rows.shape[0], nr), dtype=flat.dtype)
-    groups = _groups(panels, -(-rows.shape[0] // mr))
-    _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels, (flat, rows, bias, hidden, groups),
-                      panels * groups, blas_between=False)
+    panels = np.empty((-(-flat.shape[0] // nr), flat.shape[1], nr), dtype=flat.dtype)  # (P, K, NR)
+    _pack_panels(flat, panels)
+    hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
+    groups = _channel_groups(-(-rows.shape[0] // mr))
+    _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels, (panels, rows, bias, hidden, groups), groups,
+                      blas_between=False)
     return hidden
 
 
 def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
-    """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels; gamma None
-    means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C); shortcut: (..., C), or
-    the pixel count M when there is none -> like shortcut, or (M, C)"""
+    """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels, weight-
+    stationary; gamma None means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C);
+    shortcut: (..., C), or the pixel count M when there is none -> like shortcut, or (M, C)"""
     rows = np.ascontiguousarray(weight.T)                     # (C, D): a view of the model's weights
     m = shortcut.size // shortcut.shape[-1] if shortcut is not None else pixels
     out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
     residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
-    groups = _groups(hidden.shape[0], -(-rows.shape[0] // TILES[hidden.dtype][0]))
-    _rows_or_parallel(_panels_linear_residual_rows, _panels_linear_residual,
-                      (hidden, rows, bias, gamma, residual, out, groups), hidden.shape[0] * groups,
-                      blas_between=False)
+    groups = _channel_groups(-(-rows.shape[0] // TILES[hidden.dtype][0]))
+    _rows_or_parallel(_panels_linear_rows, _panels_linear, (hidden, rows, bias, gamma, residual, out, groups),
+                      groups, blas_between=False)
     return out if shortcut is None else out.reshape(shortcut.shape)
 
 
@@ -632,14 +663,23 @@ def patchify_conv(x, weight, bias, patch):
     return out.reshape(n, h // patch, w // patch, weight.shape[1])
 
 
+# fc1's and fc2's weights together at most this many bytes: they stay in a core's cache (1-2 MB
+# of L2 on today's server cores) while every panel of pixels reads them, and the block runs panel
+# by panel. Larger ones stream in once, weight-stationary.
+_PANEL_BY_PANEL_WEIGHTS = 1 << 20
+_PANELS_PER_THREAD = 4  # and with at least this many panels a thread: the panels are the shares
+
+
 def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut):
     """shortcut + gamma * layers.linear(layers.gelu(layers.linear(y, fc1_weight, fc1_bias)),
-    fc2_weight, fc2_bias); gamma None means 1. One kernel, a panel of pixels at a time, when
-    there are panels enough for every thread; else fc1 and fc2 one after the other, each shared
-    between the threads by output channels too. y, shortcut: (..., C) -> (..., C)"""
+    fc2_weight, fc2_bias); gamma None means 1. Panel by panel in one kernel where the weights
+    fit in cache and there are panels enough for every thread; else fc1 and fc2 one after the
+    other, weight-stationary. y, shortcut: (..., C) -> (..., C)"""
     flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
     panels = -(-flat.shape[0] // TILES[flat.dtype][1])
-    if _groups(panels, 1) > 1:
+    threads = numba.get_num_threads()
+    if (fc1_weight.nbytes + fc2_weight.nbytes > _PANEL_BY_PANEL_WEIGHTS
+            or threads > 1 and panels < _PANELS_PER_THREAD * threads):
         hidden = linear_gelu_panels(flat, fc1_weight, fc1_bias)              # (P, 4C, NR)
         return panels_linear(hidden, fc2_weight, fc2_bias, gamma, shortcut)
     residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
