@@ -170,22 +170,26 @@ def _depthwise_conv7_layer_norm_rows(padded, conv_w, conv_b, norm_w, norm_b, eps
             a2 = acc[j0 + 2]
             a3 = acc[j0 + 3]
             for ch in range(c):
-                a0[ch] = a1[ch] = a2[ch] = a3[ch] = conv_b[ch]
+                a0[ch] = conv_b[ch]
+                a1[ch] = conv_b[ch]
+                a2[ch] = conv_b[ch]
+                a3[ch] = conv_b[ch]
             for di in range(_TAPS):
                 src = padded[img, row + di]   # (W' + 6, C): the taps' row di
                 tap = conv_w[di]              # (7, C)
                 x0, x1, x2, x3, x4 = src[j0], src[j0 + 1], src[j0 + 2], src[j0 + 3], src[j0 + 4]
                 x5, x6, x7, x8, x9 = src[j0 + 5], src[j0 + 6], src[j0 + 7], src[j0 + 8], src[j0 + 9]
                 w0, w1, w2, w3, w4, w5, w6 = tap[0], tap[1], tap[2], tap[3], tap[4], tap[5], tap[6]
-                for ch in range(c):  # vectorised across channels; the ten inputs loaded once
-                    a0[ch] = (a0[ch] + x0[ch] * w0[ch] + x1[ch] * w1[ch] + x2[ch] * w2[ch] + x3[ch] * w3[ch]
-                              + x4[ch] * w4[ch] + x5[ch] * w5[ch] + x6[ch] * w6[ch])
-                    a1[ch] = (a1[ch] + x1[ch] * w0[ch] + x2[ch] * w1[ch] + x3[ch] * w2[ch] + x4[ch] * w3[ch]
-                              + x5[ch] * w4[ch] + x6[ch] * w5[ch] + x7[ch] * w6[ch])
-                    a2[ch] = (a2[ch] + x2[ch] * w0[ch] + x3[ch] * w1[ch] + x4[ch] * w2[ch] + x5[ch] * w3[ch]
-                              + x6[ch] * w4[ch] + x7[ch] * w5[ch] + x8[ch] * w6[ch])
-                    a3[ch] = (a3[ch] + x3[ch] * w0[ch] + x4[ch] * w1[ch] + x5[ch] * w2[ch] + x6[ch] * w3[ch]
-                              + x7[ch] * w4[ch] + x8[ch] * w5[ch] + x9[ch] * w6[ch])
+                for ch in range(c):  # vectorised across channels
+                    # every load first: a store to the sums could alias the inputs for all LLVM knows
+                    v0, v1, v2, v3, v4 = x0[ch], x1[ch], x2[ch], x3[ch], x4[ch]
+                    v5, v6, v7, v8, v9 = x5[ch], x6[ch], x7[ch], x8[ch], x9[ch]
+                    k0, k1, k2, k3, k4, k5, k6 = w0[ch], w1[ch], w2[ch], w3[ch], w4[ch], w5[ch], w6[ch]
+                    s0, s1, s2, s3 = a0[ch], a1[ch], a2[ch], a3[ch]
+                    a0[ch] = s0 + v0 * k0 + v1 * k1 + v2 * k2 + v3 * k3 + v4 * k4 + v5 * k5 + v6 * k6
+                    a1[ch] = s1 + v1 * k0 + v2 * k1 + v3 * k2 + v4 * k3 + v5 * k4 + v6 * k5 + v7 * k6
+                    a2[ch] = s2 + v2 * k0 + v3 * k1 + v4 * k2 + v5 * k3 + v6 * k4 + v7 * k5 + v8 * k6
+                    a3[ch] = s3 + v3 * k0 + v4 * k1 + v5 * k2 + v6 * k3 + v7 * k4 + v8 * k5 + v9 * k6
         for j in range(w):
             _normalize_pixel(acc[j], norm_w, norm_b, eps, out[img, row, j])
 
