@@ -10,14 +10,14 @@ TOL = {np.float32: 1e-5, np.float64: 1e-13}  # relative to the sum of |products|
 
 
 @numba.njit
-def _tiles(weight, first_row, rows, panel, transposed):
+def _tiles(weight, first_row, rows, panel, transposed, pixels):
     mr, nr = gemm._tile_shape(weight)
     if transposed:
         tile = np.empty((nr, mr), weight.dtype)
-        gemm._tile_product_transposed(weight, first_row, rows, panel, tile)
+        gemm._tile_product_transposed(weight, first_row, rows, panel, tile, pixels)
         return tile.T.copy()
     tile = np.empty((mr, nr), weight.dtype)
-    gemm._tile_product(weight, first_row, rows, panel, tile)
+    gemm._tile_product(weight, first_row, rows, panel, tile, pixels)
     return tile
 
 
@@ -28,23 +28,28 @@ def _expected(weight, first_row, rows, panel, mr):
     return exact, scale
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.51, 0.01], ids=["full", "half", "over-half", "one"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "columns"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("depth, channels, first_row", [(1, 12, 0), (7, 30, 24), (96, 40, 36), (385, 100, 96),
                                                        (3, 5, 0)])
-def test_the_micro_kernel_is_a_matrix_product(depth, channels, first_row, dtype, transposed):
+def test_the_micro_kernel_is_a_matrix_product(depth, channels, first_row, dtype, transposed, share):
     rng = np.random.default_rng(depth)
     mr, nr = gemm.TILES[np.dtype(dtype)]
+    pixels = max(1, int(share * nr))  # the columns in use: the rest of the tile is undefined
     weight = rng.standard_normal((channels, depth)).astype(dtype)   # (N, K)
     panel = rng.standard_normal((depth, nr)).astype(dtype)          # (K, NR)
     rows = min(mr, channels - first_row)
-    tile = _tiles(weight, first_row, rows, panel, transposed)
-    exact, scale = _expected(weight, first_row, rows, panel, mr)
+    tile = _tiles(weight, first_row, rows, panel, transposed, pixels)[:, :pixels]
+    exact, scale = _expected(weight, first_row, rows, panel[:, :pixels], mr)
     assert np.all(np.abs(tile - exact) <= TOL[dtype] * scale + np.finfo(dtype).tiny)
+    # the same bits whatever part of the panel is in use
+    np.testing.assert_array_equal(tile, _tiles(weight, first_row, rows, panel, transposed, nr)[:, :pixels])
     # the plain-Python twin, which NUMBA_DISABLE_JIT=1 runs
     plain = np.empty((nr, mr) if transposed else (mr, nr), dtype)
-    (gemm._tile_product_transposed if transposed else gemm._tile_product)(weight, first_row, rows, panel, plain)
-    plain = plain.T if transposed else plain
+    (gemm._tile_product_transposed if transposed else gemm._tile_product)(weight, first_row, rows, panel, plain,
+                                                                           pixels)
+    plain = (plain.T if transposed else plain)[:, :pixels]
     assert np.all(np.abs(plain - exact) <= TOL[dtype] * scale + np.finfo(dtype).tiny)
 
 
@@ -55,8 +60,8 @@ def test_the_micro_kernel_reads_a_weight_with_a_row_stride():
     wide = rng.standard_normal((mr, 2 * 9))
     weight = wide[:, :9]  # not contiguous: the kernel takes C-contiguous weights only
     with pytest.raises(numba.TypingError):
-        _tiles(weight, 0, mr, rng.standard_normal((9, nr)), False)
-    tile = _tiles(np.ascontiguousarray(weight), 0, mr, np.ones((9, nr)), False)
+        _tiles(weight, 0, mr, rng.standard_normal((9, nr)), False, nr)
+    tile = _tiles(np.ascontiguousarray(weight), 0, mr, np.ones((9, nr)), False, nr)
     np.testing.assert_allclose(tile, np.repeat(weight.sum(axis=1, keepdims=True), nr, axis=1), rtol=1e-13)
 
 

@@ -86,7 +86,7 @@ def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40)])
+@pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40), (40, 16)])
 def test_linears_give_the_same_bits_however_the_work_is_shared(pixels, channels, dtype):
     # every tile sums its products in the same order, whichever thread, share or order runs it
     rng = np.random.default_rng(pixels)
@@ -100,10 +100,10 @@ def test_linears_give_the_same_bits_however_the_work_is_shared(pixels, channels,
     for groups in (1, 2, 3):
         hidden, out = np.empty((count, 30, nr), dtype), np.empty((pixels, 30), dtype)
         if groups == 1:
-            kernels._linear_gelu_panels_rows(panels, fc1, fc1_b, hidden, groups, 0, groups)
+            kernels._linear_gelu_panels_rows(panels, pixels, fc1, fc1_b, hidden, groups, 0, groups)
             kernels._panels_linear_rows(hidden, fc2, fc2_b, None, shortcut, out, groups, 0, groups)
         else:
-            kernels._linear_gelu_panels(panels, fc1, fc1_b, hidden, groups)
+            kernels._linear_gelu_panels(panels, pixels, fc1, fc1_b, hidden, groups)
             kernels._panels_linear(hidden, fc2, fc2_b, None, shortcut, out, groups)
         results.append(out)
     panel_by_panel = np.empty((pixels, 30), dtype)

@@ -85,23 +85,25 @@ def from_panels(panels: np.ndarray, m: int) -> np.ndarray:
 # ---- the micro-kernel ---------------------------------------------------------------------------
 
 
-def _tile_product(weight, first_row, rows, panel, tile):
-    """tile[r, j] = sum over k of weight[first_row + r, k] * panel[k, j], for r < MR; rows past
-    `rows` (the end of the weight) repeat its last row, and are the caller's to ignore.
+def _tile_product(weight, first_row, rows, panel, tile, pixels):
+    """tile[r, j] = sum over k of weight[first_row + r, k] * panel[k, j], for r < MR and
+    j < pixels; rows past `rows` (the end of the weight) repeat its last row, and columns past
+    `pixels` are left undefined: both are the caller's to ignore. Only the panel's vectors that
+    hold the pixels are read (a last panel's empty half costs nothing).
     weight: (N, K); panel: (K, NR); tile: (MR, NR). Compiled: the intrinsic below."""
     mr = tile.shape[0]
     picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
     tile[:] = weight[picked] @ panel
 
 
-def _tile_product_transposed(weight, first_row, rows, panel, tile):
+def _tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
     """_tile_product with the tile stored transposed, pixels by channels: tile: (NR, MR)."""
     mr = tile.shape[1]
     picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
     tile[:] = (weight[picked] @ panel).T
 
 
-def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transposed):
+def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed):
     dtype = weight.dtype
     if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
             and isinstance(panel, numba.types.Array) and panel.layout == "C" and panel.dtype == dtype
@@ -111,16 +113,17 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transpos
     vector_bytes, _ = _host_registers()
     lanes = vector_bytes // np.dtype(str(dtype)).itemsize
     vectors = nr // lanes  # per tile row
-    signature = numba.types.void(weight, first_row, rows, panel, tile)
+    signature = numba.types.void(weight, first_row, rows, panel, tile, pixels)
 
     def codegen(context, builder, sig, args):
-        weight_value, first_value, rows_value, panel_value, tile_value = args
+        weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
         weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
         panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
         tile_array = context.make_array(sig.args[4])(context, builder, tile_value)
         scalar = context.get_value_type(dtype)
         vector = ir.VectorType(scalar, lanes)
         intp = context.get_value_type(numba.types.intp)
+        align = context.get_abi_sizeof(scalar)
 
         def const(i):
             return ir.Constant(intp, i)
@@ -136,60 +139,75 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transpos
             row = builder.add(first, const(r))
             row = builder.select(builder.icmp_signed(">", row, last), last, row)
             weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
-        # the MR x (NR / VL) running sums: allocas that LLVM promotes to registers
-        sums = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(vectors)]
-                for _ in range(mr)]
         width = "f32" if dtype == numba.types.float32 else "f64"
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
                                              f"llvm.fma.v{lanes}{width}")
         panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
+        tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())              # (MR * NR / VL,)
         zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        with cgutils.for_range(builder, depth) as loop:
-            k = loop.index
-            pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k, const(vectors)), const(v))]),
-                                   align=context.get_abi_sizeof(scalar))
-                      for v in range(vectors)]                                             # panel[k, :]
+
+        def product(used):
+            # the sums over K of the first `used` vectors of each tile row
+            # the MR x used running sums: allocas that LLVM promotes to registers
+            sums = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(used)]
+                    for _ in range(mr)]
+            with cgutils.for_range(builder, depth) as loop:
+                k = loop.index
+                pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k, const(vectors)),
+                                                                               const(v))]), align=align)
+                          for v in range(used)]                                            # panel[k, :]
+                for r in range(mr):
+                    w = builder.load(builder.gep(weight_rows[r], [k]))                     # weight[row r, k]
+                    broadcast = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(vector, ir.Undefined), w, ir.Constant(ir.IntType(32), 0)),
+                        ir.Constant(vector, ir.Undefined), zeros)
+                    for v in range(used):
+                        builder.store(builder.call(fma, [broadcast, pixels[v], builder.load(sums[r][v])]), sums[r][v])
             for r in range(mr):
-                w = builder.load(builder.gep(weight_rows[r], [k]))                         # weight[row r, k]
-                broadcast = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vector, ir.Undefined), w, ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(vector, ir.Undefined), zeros)
-                for v in range(vectors):
-                    builder.store(builder.call(fma, [broadcast, pixels[v], builder.load(sums[r][v])]), sums[r][v])
-        if transposed:  # tile (NR, MR): lane by lane, a scalar store each
-            for r in range(mr):
-                for v in range(vectors):
+                for v in range(used):
                     running = builder.load(sums[r][v])
-                    for lane in range(lanes):
-                        value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
-                        builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
-        else:
-            tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())          # (MR * NR / VL,)
-            for r in range(mr):
-                for v in range(vectors):
-                    builder.store(builder.load(sums[r][v]), builder.gep(tile_vectors, [const(r * vectors + v)]),
-                                  align=context.get_abi_sizeof(scalar))
+                    if transposed:  # tile (NR, MR): lane by lane, a scalar store each
+                        for lane in range(lanes):
+                            value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
+                            builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
+                    else:
+                        builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=align)
+
+        def product_for(pixels, used):
+            # as few vectors a row as hold `pixels`
+            if used == vectors:
+                product(used)
+                return
+            with builder.if_else(builder.icmp_signed("<=", pixels, const(used * lanes))) as (enough, more):
+                with enough:
+                    product(used)
+                with more:
+                    product_for(pixels, used + 1)
+
+        product_for(context.cast(builder, pixels_value, sig.args[5], numba.types.intp), 1)
         return context.get_dummy_value()
 
     return signature, codegen
 
 
 _tile_product_rows = numba.extending.intrinsic(
-    lambda typingctx, weight, first_row, rows, panel, tile:
-        _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transposed=False))
+    lambda typingctx, weight, first_row, rows, panel, tile, pixels:
+        _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed=False))
 _tile_product_columns = numba.extending.intrinsic(
-    lambda typingctx, weight, first_row, rows, panel, tile:
-        _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, transposed=True))
+    lambda typingctx, weight, first_row, rows, panel, tile, pixels:
+        _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed=True))
 
 
 @numba.extending.overload(_tile_product, inline="always")
-def _tile_product_compiled(weight, first_row, rows, panel, tile):
-    return lambda weight, first_row, rows, panel, tile: _tile_product_rows(weight, first_row, rows, panel, tile)
+def _tile_product_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _tile_product_rows(weight, first_row, rows, panel,
+                                                                                  tile, pixels)
 
 
 @numba.extending.overload(_tile_product_transposed, inline="always")
-def _tile_product_transposed_compiled(weight, first_row, rows, panel, tile):
-    return lambda weight, first_row, rows, panel, tile: _tile_product_columns(weight, first_row, rows, panel, tile)
+def _tile_product_transposed_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _tile_product_columns(weight, first_row, rows, panel,
+                                                                                     tile, pixels)
 
 
 def _tile_shape(sample):

@@ -416,17 +416,17 @@ def _channel_blocks(n, mr, groups, group):
 
 
 @numba.njit(**_INLINE_JIT)
-def _fc1_gelu_tile(panel, weight, bias, c0, tile, hidden_panel):
-    # hidden_panel[c0 : c0 + MR] = GELU(weight[c0 : c0 + MR] @ panel + bias[c0 : c0 + MR]);
-    # panel: (K, NR) pixels as columns; weight: (D, K); hidden_panel: (D, NR); tile: (MR, NR)
-    # scratch. GELU in float64, rounded once.
+def _fc1_gelu_tile(panel, pixels, weight, bias, c0, tile, hidden_panel):
+    # hidden_panel[c0 : c0 + MR, :pixels] = GELU(weight[c0 : c0 + MR] @ panel + bias[c0 : c0 + MR]);
+    # panel: (K, NR) pixels as columns, the first `pixels` of them in use; weight: (D, K);
+    # hidden_panel: (D, NR); tile: (MR, NR) scratch. GELU in float64, rounded once.
     rows = min(tile.shape[0], weight.shape[0] - c0)
-    _tile_product(weight, c0, rows, panel, tile)
+    _tile_product(weight, c0, rows, panel, tile, pixels)
     for r in range(rows):
         b = bias[c0 + r]
         src = tile[r]                  # (NR,)
         dst = hidden_panel[c0 + r]     # (NR,)
-        for j in range(src.shape[0]):
+        for j in range(pixels):
             v = np.float64(src[j] + b)
             dst[j] = 0.5 * v * (1.0 + _erf_for(src[j], v * _SQRT_HALF))
 
@@ -439,7 +439,7 @@ def _fc2_residual_tile(hidden_panel, weight, bias, gamma, shortcut, out, first_p
     # out, shortcut: (M, C); tile: (NR, MR) scratch, pixels by channels as out has them.
     channels = min(tile.shape[1], weight.shape[0] - c0)
     pixels = min(tile.shape[0], out.shape[0] - first_pixel)
-    _tile_product_transposed(weight, c0, channels, hidden_panel, tile)
+    _tile_product_transposed(weight, c0, channels, hidden_panel, tile, pixels)
     b = bias[c0 : c0 + channels]
     g = b if gamma is None else gamma[c0 : c0 + channels]
     for j in range(pixels):
@@ -466,21 +466,22 @@ def _pack_panels(x, panels):
 
 
 @numba.njit(**_JIT)
-def _linear_gelu_panels_rows(x, weight, bias, hidden, groups, first, last):
-    # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels;
-    # weight: (D, K); bias: (D,); the output channels of groups first..last-1 (of `groups` shares)
+def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, groups, first, last):
+    # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels
+    # of `pixels` pixels; weight: (D, K); bias: (D,); the output channels of groups
+    # first..last-1 (of `groups` shares)
     mr, nr = _tile_shape(weight)
     tile = np.empty((mr, nr), dtype=weight.dtype)  # (MR, NR)
     for group in range(first, last):
         for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
             for p in range(x.shape[0]):
-                _fc1_gelu_tile(x[p], weight, bias, c0, tile, hidden[p])
+                _fc1_gelu_tile(x[p], min(nr, pixels - p * nr), weight, bias, c0, tile, hidden[p])
 
 
 @numba.njit(**_PARALLEL_JIT)
-def _linear_gelu_panels(x, weight, bias, hidden, groups):
+def _linear_gelu_panels(x, pixels, weight, bias, hidden, groups):
     for group in numba.prange(groups):
-        _linear_gelu_panels_rows(x, weight, bias, hidden, groups, group, group + 1)
+        _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, groups, group, group + 1)
 
 
 @numba.njit(**_JIT)
@@ -514,7 +515,7 @@ def _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last
     for p in range(first, last):
         _pack_panel(y, p * nr, panel)
         for c0 in range(0, fc1.shape[0], mr):
-            _fc1_gelu_tile(panel, fc1, fc1_bias, c0, tile, hidden)
+            _fc1_gelu_tile(panel, min(nr, y.shape[0] - p * nr), fc1, fc1_bias, c0, tile, hidden)
         for c0 in range(0, fc2.shape[0], mr):
             _fc2_residual_tile(hidden, fc2, fc2_bias, gamma, shortcut, out, p * nr, c0, tile_t)
 
@@ -633,8 +634,8 @@ def linear_gelu_panels(x, weight, bias):
     _pack_panels(flat, panels)
     hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
     groups = _channel_groups(-(-rows.shape[0] // mr))
-    _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels, (panels, rows, bias, hidden, groups), groups,
-                      blas_between=False)
+    _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels,
+                      (panels, flat.shape[0], rows, bias, hidden, groups), groups, blas_between=False)
     return hidden
 
 
