@@ -45,7 +45,9 @@ import warnings  # noqa: E402
 
 SIZE = 224
 WARMUP = 2
-PAUSE = 0.05  # seconds between two engines' calls, so the previous engine's threads park
+# seconds before each timed call, so that the threads of what ran before (the previous engine, the
+# sgemm probe) have parked: OpenBLAS's idle threads busy-wait for about 0.1 s after a call
+PAUSE = 0.2
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 OURS = "npconvnext numba float32"
 PEERS = ("timm eager", "onnxruntime", "openvino f32")

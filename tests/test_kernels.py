@@ -285,3 +285,22 @@ def test_a_cold_jit_cache_is_told_once_by_the_cli_and_logged_by_the_library(tmp_
     library = run(["-c", _LIBRARY_RUN, str(weights)], "library-cache")
     assert json.loads(library.stdout) == [["npconvnext", "INFO", COMPILE_NOTICE]]
     assert COMPILE_NOTICE not in library.stderr
+
+
+@numba.njit
+def _lane_sums(x, center):
+    return kernels._lane_sum(x, None), kernels._lane_sum(x, center), kernels._lane_sum(x[::2], center)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 96, 100, 3072])
+def test_a_pixels_sums_take_one_order_compiled_or_not(n, dtype):
+    # the vector sums (contiguous), the loops (strided) and the plain-Python body: the same bits
+    x = np.random.default_rng(n).standard_normal(n).astype(dtype) + 3
+    center = float(x.mean())
+    compiled = _lane_sums(x, center)
+    plain = (kernels._lane_sum(x, None), kernels._lane_sum(x, center), kernels._lane_sum(x[::2], center))
+    assert compiled == plain
+    import math
+    assert abs(compiled[0] - math.fsum(x.astype(np.float64))) <= 1e-13 * n * 4
+    assert abs(compiled[1] - math.fsum((x.astype(np.float64) - center) ** 2)) <= 1e-13 * n * 10

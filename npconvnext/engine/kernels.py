@@ -42,6 +42,8 @@ import numba
 import numba.core.event
 import numba.extending
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
 
 from .. import layers
 from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, to_panels
@@ -202,37 +204,107 @@ def _depthwise_conv7_layer_norm(padded, conv_w, conv_b, norm_w, norm_b, eps, out
         _depthwise_conv7_layer_norm_rows(padded, conv_w, conv_b, norm_w, norm_b, eps, out, job, job + 1)
 
 
+_LANES = 16  # partial sums of a pixel's statistics: a fixed count, so the order is every machine's
+
+
+def _lane_sum(x, center):
+    """sum over i of (x[i] - center)^2 in float64 if center is not None, else of x[i]: x[i] goes
+    to partial sum i % 16 (for i below len - len % 16; the rest to one more sum), and the
+    sixteen are added in halves, 8 + 8, 4 + 4, 2 + 2, 1 + 1, then the rest. x: (C,).
+    Compiled: for a contiguous x, the intrinsic below, the sixteen sums in vector registers
+    (LLVM does not split a float sum itself: that would change its rounding)."""
+    return _lane_sum_loops(x, center)
+
+
+@numba.njit(**_INLINE_JIT)
+def _lane_sum_loops(x, center):
+    # _lane_sum, written out: its plain-Python body, and the compiled one for a strided x
+    n = x.shape[0]
+    whole = n - n % _LANES
+    lanes = np.zeros(_LANES)
+    rest = 0.0
+    for i in range(n):
+        v = np.float64(x[i])
+        if center is not None:
+            v = (v - center) * (v - center)
+        if i < whole:
+            lanes[i % _LANES] += v
+        else:
+            rest += v
+    width = _LANES
+    while width > 1:
+        width //= 2
+        for lane in range(width):
+            lanes[lane] += lanes[lane + width]
+    return lanes[0] + rest
+
+
+@numba.extending.intrinsic
+def _lane_sum_llvm(typingctx, x, center):
+    if not (isinstance(x, numba.types.Array) and x.ndim == 1 and x.layout == "C"
+            and isinstance(x.dtype, numba.types.Float)
+            and (isinstance(center, numba.types.NoneType) or center == numba.types.float64)):
+        return None
+    squares = not isinstance(center, numba.types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        double = ir.DoubleType()
+        lanes = ir.VectorType(double, _LANES)
+        loaded = ir.VectorType(context.get_value_type(sig.args[0].dtype), _LANES)
+        intp = context.get_value_type(numba.types.intp)
+        count = builder.extract_value(array.shape, 0)
+        whole = builder.sub(count, builder.srem(count, ir.Constant(intp, _LANES)))
+        mid = builder.shuffle_vector(  # center in every lane
+            builder.insert_element(ir.Constant(lanes, ir.Undefined), args[1] if squares else ir.Constant(double, 0.0),
+                                   ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(lanes, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+        total = cgutils.alloca_once_value(builder, ir.Constant(lanes, [0.0] * _LANES))
+        rest = cgutils.alloca_once_value(builder, ir.Constant(double, 0.0))
+        element = context.get_abi_sizeof(context.get_value_type(sig.args[0].dtype))
+
+        def term(value):
+            if not squares:
+                return value
+            d = builder.fsub(value, mid if value.type == lanes else args[1])
+            return builder.fmul(d, d)
+
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), whole, ir.Constant(intp, _LANES)) as (i, _):
+            chunk = builder.load(builder.bitcast(builder.gep(array.data, [i]), loaded.as_pointer()), align=element)
+            wide = chunk if loaded == lanes else builder.fpext(chunk, lanes)
+            builder.store(builder.fadd(builder.load(total), term(wide)), total)
+        with cgutils.for_range_slice(builder, whole, count, ir.Constant(intp, 1)) as (i, _):
+            value = builder.load(builder.gep(array.data, [i]))
+            value = value if value.type == double else builder.fpext(value, double)
+            builder.store(builder.fadd(builder.load(rest), term(value)), rest)
+        folded, width = builder.load(total), _LANES
+        while width > 1:  # halves: lanes [0, w/2) + [w/2, w)
+            width //= 2
+            low = builder.shuffle_vector(folded, folded, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                     list(range(width))))
+            high = builder.shuffle_vector(folded, folded, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                      list(range(width, 2 * width))))
+            folded = builder.fadd(low, high)
+        return builder.fadd(builder.extract_element(folded, ir.Constant(ir.IntType(32), 0)), builder.load(rest))
+
+    return numba.types.float64(x, center), codegen
+
+
+@numba.extending.overload(_lane_sum, inline="always")
+def _lane_sum_compiled(x, center):
+    if isinstance(x, numba.types.Array) and x.layout == "C":
+        return lambda x, center: _lane_sum_llvm(x, center)
+    return lambda x, center: _lane_sum_loops(x, center)
+
+
 @numba.njit(**_INLINE_JIT)
 def _pixel_statistics(x, eps):
-    # x: (C,) one pixel's channels -> (mean, 1 / sqrt(var + eps)), summed in float64 in four
-    # interleaved partial sums: one running sum would wait for every add to finish, and without
-    # fastmath LLVM may not split it itself. The training kernels reuse it to reproduce the
-    # forward's normalisation exactly.
+    # x: (C,) one pixel's channels -> (mean, 1 / sqrt(var + eps)), the sums in float64 (see
+    # _lane_sum for their order). The training kernels reuse it to reproduce the forward's
+    # normalisation exactly.
     c = x.shape[0]
-    c4 = c - c % 4
-    s0 = s1 = s2 = s3 = 0.0
-    for ch in range(0, c4, 4):
-        s0 += x[ch]
-        s1 += x[ch + 1]
-        s2 += x[ch + 2]
-        s3 += x[ch + 3]
-    for ch in range(c4, c):
-        s0 += x[ch]
-    mean = ((s0 + s1) + (s2 + s3)) / c
-    s0 = s1 = s2 = s3 = 0.0
-    for ch in range(0, c4, 4):
-        d0 = x[ch] - mean
-        d1 = x[ch + 1] - mean
-        d2 = x[ch + 2] - mean
-        d3 = x[ch + 3] - mean
-        s0 += d0 * d0
-        s1 += d1 * d1
-        s2 += d2 * d2
-        s3 += d3 * d3
-    for ch in range(c4, c):
-        d = x[ch] - mean
-        s0 += d * d
-    return mean, 1.0 / math.sqrt(((s0 + s1) + (s2 + s3)) / c + eps)
+    mean = _lane_sum(x, None) / c
+    return mean, 1.0 / math.sqrt(_lane_sum(x, mean) / c + eps)
 
 
 @numba.njit(**_JIT)
