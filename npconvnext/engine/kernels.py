@@ -457,12 +457,12 @@ def _global_response_norm_(x, weight, bias, eps):
 
 
 # ---- the block's linears and the patchify convs: gemm.py's tiles, with what follows fused -------
-# Two ways to go through a linear's tiles. Weight-stationary (`_linear_gelu_panels`,
-# `_panels_linear`): one tile's MR weight rows against every panel of pixels in turn, so that
-# weights larger than the cache stream in once; the work items are shares of the output
-# channels. Panel by panel (`_mlp`, fc1 and fc2 together): one panel's hidden activations,
-# (4C, NR), are made and used up while in cache; for weights that stay in cache while every
-# panel reads them. Each tile sums in the same order either way: the results are the same bits.
+# Two ways to go through a linear's tiles. Panel by panel (`_mlp`, fc1 and fc2 together): one
+# panel's hidden activations, (4C, NR), are made and used up while in cache; the work items are
+# panels. Weight-stationary (`_linear_gelu_panels`, `_panels_linear`): one tile's MR weight rows
+# against every panel of a chunk of panels that stays in cache; the work items are shares of
+# the output channels, for when the panels are too few to share between the threads. Each tile
+# sums in the same order either way: the results are the same bits.
 
 
 @numba.njit(**_JIT)
@@ -530,6 +530,15 @@ def _fc2_residual_tile(hidden_panel, weight, bias, gamma, shortcut, out, first_p
                     o[r] = s[r] + g[r] * (t[r] + b[r])
 
 
+_CACHED_PANEL_BYTES = 1 << 19  # about half a core's L2: the panels a weight-stationary pass keeps
+
+
+def _panels_in_cache(panels: np.ndarray) -> int:
+    """How many of these (P, K, NR) panels a weight-stationary pass goes through at a time:
+    every tile's weight rows meet a chunk of panels that stays in cache, then the next chunk."""
+    return max(1, _CACHED_PANEL_BYTES // (panels[0].nbytes or 1))
+
+
 @numba.njit(**_JIT)
 def _pack_panels(x, panels):
     # panels: (P, K, NR) <- x: (M, K) as pixel panels, the last padded with zeros
@@ -538,41 +547,43 @@ def _pack_panels(x, panels):
 
 
 @numba.njit(**_JIT)
-def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, groups, first, last):
+def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, first, last):
     # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels
     # of `pixels` pixels; weight: (D, K); bias: (D,); the output channels of groups
-    # first..last-1 (of `groups` shares)
+    # first..last-1 (of `groups` shares), `chunk` panels at a time
     mr, nr = _tile_shape(weight)
     tile = np.empty((mr, nr), dtype=weight.dtype)  # (MR, NR)
     for group in range(first, last):
-        for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
-            for p in range(x.shape[0]):
-                _fc1_gelu_tile(x[p], min(nr, pixels - p * nr), weight, bias, c0, tile, hidden[p])
+        for start in range(0, x.shape[0], chunk):
+            for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
+                for p in range(start, min(start + chunk, x.shape[0])):
+                    _fc1_gelu_tile(x[p], min(nr, pixels - p * nr), weight, bias, c0, tile, hidden[p])
 
 
 @numba.njit(**_PARALLEL_JIT)
-def _linear_gelu_panels(x, pixels, weight, bias, hidden, groups):
+def _linear_gelu_panels(x, pixels, weight, bias, hidden, chunk, groups):
     for group in numba.prange(groups):
-        _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, groups, group, group + 1)
+        _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, group, group + 1)
 
 
 @numba.njit(**_JIT)
-def _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, groups, first, last):
+def _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, chunk, groups, first, last):
     # out (M, C) = shortcut + gamma * (hidden @ weight.T + bias), hidden as pixel panels
     # (P, D, NR); weight: (C, D); gamma None means 1; shortcut None means 0; the output channels
-    # of groups first..last-1 (of `groups` shares)
+    # of groups first..last-1 (of `groups` shares), `chunk` panels at a time
     mr, nr = _tile_shape(weight)
     tile = np.empty((nr, mr), dtype=weight.dtype)  # (NR, MR)
     for group in range(first, last):
-        for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
-            for p in range(hidden.shape[0]):
-                _fc2_residual_tile(hidden[p], weight, bias, gamma, shortcut, out, p * nr, c0, tile)
+        for start in range(0, hidden.shape[0], chunk):
+            for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
+                for p in range(start, min(start + chunk, hidden.shape[0])):
+                    _fc2_residual_tile(hidden[p], weight, bias, gamma, shortcut, out, p * nr, c0, tile)
 
 
 @numba.njit(**_PARALLEL_JIT)
-def _panels_linear(hidden, weight, bias, gamma, shortcut, out, groups):
+def _panels_linear(hidden, weight, bias, gamma, shortcut, out, chunk, groups):
     for group in numba.prange(groups):
-        _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, groups, group, group + 1)
+        _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, chunk, groups, group, group + 1)
 
 
 @numba.njit(**_JIT)
@@ -707,7 +718,8 @@ def linear_gelu_panels(x, weight, bias):
     hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
     groups = _channel_groups(-(-rows.shape[0] // mr))
     _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels,
-                      (panels, flat.shape[0], rows, bias, hidden, groups), groups, blas_between=False)
+                      (panels, flat.shape[0], rows, bias, hidden, _panels_in_cache(panels), groups), groups,
+                      blas_between=False)
     return hidden
 
 
@@ -720,8 +732,9 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
     residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
     groups = _channel_groups(-(-rows.shape[0] // TILES[hidden.dtype][0]))
-    _rows_or_parallel(_panels_linear_rows, _panels_linear, (hidden, rows, bias, gamma, residual, out, groups),
-                      groups, blas_between=False)
+    _rows_or_parallel(_panels_linear_rows, _panels_linear,
+                      (hidden, rows, bias, gamma, residual, out, _panels_in_cache(hidden), groups), groups,
+                      blas_between=False)
     return out if shortcut is None else out.reshape(shortcut.shape)
 
 
@@ -740,23 +753,21 @@ def patchify_conv(x, weight, bias, patch):
     return out.reshape(n, h // patch, w // patch, weight.shape[1])
 
 
-# fc1's and fc2's weights together at most this many bytes: they stay in a core's cache (1-2 MB
-# of L2 on today's server cores) while every panel of pixels reads them, and the block runs panel
-# by panel. Larger ones stream in once, weight-stationary.
-_PANEL_BY_PANEL_WEIGHTS = 1 << 20
-_PANELS_PER_THREAD = 4  # and with at least this many panels a thread: the panels are the shares
+# Panel by panel, each thread takes whole panels: only with at least this many a thread (the
+# last share may be smaller by one panel); fewer, and the threads share out the channels instead.
+_PANELS_PER_THREAD = 4
 
 
 def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut):
     """shortcut + gamma * layers.linear(layers.gelu(layers.linear(y, fc1_weight, fc1_bias)),
-    fc2_weight, fc2_bias); gamma None means 1. Panel by panel in one kernel where the weights
-    fit in cache and there are panels enough for every thread; else fc1 and fc2 one after the
-    other, weight-stationary. y, shortcut: (..., C) -> (..., C)"""
+    fc2_weight, fc2_bias); gamma None means 1. Panel by panel in one kernel where there are
+    panels enough for every thread (on one thread, always: the hidden activations never leave
+    the cache); else fc1 and fc2 one after the other, weight-stationary, the channels shared
+    out. y, shortcut: (..., C) -> (..., C)"""
     flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
     panels = -(-flat.shape[0] // TILES[flat.dtype][1])
     threads = numba.get_num_threads()
-    if (fc1_weight.nbytes + fc2_weight.nbytes > _PANEL_BY_PANEL_WEIGHTS
-            or threads > 1 and panels < _PANELS_PER_THREAD * threads):
+    if threads > 1 and panels < _PANELS_PER_THREAD * threads:
         hidden = linear_gelu_panels(flat, fc1_weight, fc1_bias)              # (P, 4C, NR)
         return panels_linear(hidden, fc2_weight, fc2_bias, gamma, shortcut)
     residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
