@@ -314,6 +314,9 @@ def memory(args, cases, directories):
     """{model batch: {engine: peak RSS MB}}, each engine alone in a fresh process."""
     engines = [OURS] + list(PEERS) + ([RUNTIME_ONLY] if args.runtime_python else [])
     result = {}
+    for python in {None, args.runtime_python}:  # fill each interpreter's JIT cache: a compile is not the model's
+        model, batch = cases[0]
+        run_child("memory", dict(model=model, dir=directories[model], engine=OURS, batch=batch), python=python)
     for model, batch in cases:
         row = result[f"{model} {batch}"] = {}
         for engine in engines:
