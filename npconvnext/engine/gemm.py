@@ -11,9 +11,9 @@ matrix multiplication", 2008), here with the roles chosen so that the weights ar
     weights      (N, K) rows, as stored: never copied or packed, a mapped file stays mapped
     activations  "pixel panels": (P, K, NR), panel p holding pixels p*NR .. p*NR+NR-1, a
                  column per pixel; the last panel is padded with zeros. The fc1 input is
-                 packed into one panel at a time (cheap: K*NR copies against N*K*NR multiply-adds),
+                 packed a panel at a time (cheap: K*NR copies against N*K*NR multiply-adds),
                  and fc1 writes its output (the MLP's hidden tensor) as panels, which fc2 reads
-                 without packing.
+                 without packing (engine/kernels.py).
 
 Numba has no vector types and LLVM does not keep a loop's running sums in registers across
 an outer loop on its own, so the micro-kernel (`_tile_product`) is LLVM IR written through a
@@ -23,7 +23,8 @@ check the compiled one against `x @ w.T`.
 
 The tile is sized to the host's vector registers once, at import (`TILES`): 32 registers of
 64 bytes with AVX-512, 16 of 32 bytes with AVX2. Another CPU only changes speed, not results:
-LLVM splits or joins the vectors as the machine has them.
+LLVM splits or joins the vectors as the machine has them, and every output sums its K products
+in order, one fused multiply-add each, whatever the tile, the panel or the batch it is in.
 """
 
 from __future__ import annotations

@@ -13,3 +13,7 @@ log memory; $PY benchmarks/bench_engines.py --parts memory --runtime-python /tmp
 log split-1; NPCONVNEXT_NUM_THREADS=1 $PY benchmarks/bench_kernels.py --batch 1
 log split-2; NPCONVNEXT_NUM_THREADS=2 $PY benchmarks/bench_kernels.py --batch 1
 log done
+# the runtime-only interpreter failed above (a stale site-packages/npconvnext folder of an earlier
+# non-editable install shadowed the editable one); after removing it, cold and memory again:
+log cold-again;   $PY benchmarks/bench_engines.py --parts cold --rounds 3 --runtime-python /tmp/venv-rt/bin/python --json $OUT/cold.json
+log memory-again; $PY benchmarks/bench_engines.py --parts memory --runtime-python /tmp/venv-rt/bin/python --json $OUT/memory.json
