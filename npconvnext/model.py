@@ -164,8 +164,7 @@ class ConvNeXt:
             raise InputError(f"forward_head expects (N, {self.config.num_features}, h, w) features, "
                              f"got shape {features.shape}")
         features = features.astype(self.dtype, copy=False).transpose(0, 2, 3, 1)  # (N, h, w, C)
-        ops = network.REFERENCE if self._backend == "numpy" else engine.FUSED
-        return network.forward_head(features, self._weights.head, self.config.norm_eps, pre_logits, ops)
+        return network.forward_head(features, self._weights.head, self.config.norm_eps, pre_logits, self._ops())
 
     def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every intermediate activation of the reference path, by timm module name.
@@ -228,12 +227,16 @@ class ConvNeXt:
 
     # ---- channels-last inside ----------------------------------------------------------------
 
+    def _ops(self) -> network.Ops:
+        """The operations the backend runs the network with."""
+        return network.REFERENCE if self._backend == "numpy" else engine.FUSED
+
     def _run(self, fn, x: np.ndarray) -> np.ndarray:
         """fn(x, weights, config, ops): the fused engine with the batch shared between threads,
         or the reference as one plain call."""
         if self._backend == "numpy":
-            return fn(x, self._weights, self.config, network.REFERENCE)
-        return engine.map_over_batch(lambda images: fn(images, self._weights, self.config, engine.FUSED), x)
+            return fn(x, self._weights, self.config, self._ops())
+        return engine.map_over_batch(lambda images: fn(images, self._weights, self.config, self._ops()), x)
 
     def network_input(self, x: np.ndarray) -> np.ndarray:
         """The caller's images, as `convention` says they come, as the network takes them:

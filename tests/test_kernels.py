@@ -1,5 +1,6 @@
 """The Numba kernels against their readable twins in layers.py, on seeded random shapes."""
 
+import math
 import os
 import subprocess
 import sys
@@ -300,6 +301,5 @@ def test_a_pixels_sums_take_one_order_compiled_or_not(n, dtype):
     compiled = _lane_sums(x, center)
     plain = (kernels._lane_sum(x, None), kernels._lane_sum(x, center), kernels._lane_sum(x[::2], center))
     assert compiled == plain
-    import math
     assert abs(compiled[0] - math.fsum(x.astype(np.float64))) <= 1e-13 * n * 4
     assert abs(compiled[1] - math.fsum((x.astype(np.float64) - center) ** 2)) <= 1e-13 * n * 10

@@ -99,9 +99,7 @@ def _tile_product(weight, first_row, rows, panel, tile, pixels):
 
 def _tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
     """_tile_product with the tile stored transposed, pixels by channels: tile: (NR, MR)."""
-    mr = tile.shape[1]
-    picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
-    tile[:] = (weight[picked] @ panel).T
+    _tile_product(weight, first_row, rows, panel, tile.T, pixels)
 
 
 def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed):

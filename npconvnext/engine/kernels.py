@@ -540,13 +540,6 @@ def _panels_in_cache(panels: np.ndarray) -> int:
 
 
 @numba.njit(**_JIT)
-def _pack_panels(x, panels):
-    # panels: (P, K, NR) <- x: (M, K) as pixel panels, the last padded with zeros
-    for p in range(panels.shape[0]):
-        _pack_panel(x, p * panels.shape[2], panels[p])
-
-
-@numba.njit(**_JIT)
 def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, first, last):
     # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels
     # of `pixels` pixels; weight: (D, K); bias: (D,); the output channels of groups
@@ -713,8 +706,7 @@ def linear_gelu_panels(x, weight, bias):
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
     rows = np.ascontiguousarray(weight.T)                     # (D, K): a view of the model's weights
     mr, nr = TILES[flat.dtype]
-    panels = np.empty((-(-flat.shape[0] // nr), flat.shape[1], nr), dtype=flat.dtype)  # (P, K, NR)
-    _pack_panels(flat, panels)
+    panels = to_panels(flat)                                  # (P, K, NR)
     hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
     groups = _channel_groups(-(-rows.shape[0] // mr))
     _rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels,
