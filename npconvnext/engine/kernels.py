@@ -46,6 +46,8 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from .. import layers
+from .depthwise import BLOCK, depthwise_row
+from .depthwise import TAPS as _TAPS  # a constant lets LLVM unroll the training kernels' tap loops
 from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, to_panels
 from ..network import BlockWeights, Recorder, no_record
 
@@ -114,9 +116,6 @@ class _CompileNotice(numba.core.event.Listener):
 numba.core.event.register("numba:compile", _CompileNotice())
 
 
-_TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant; a constant lets LLVM unroll
-
-
 @numba.njit(**_INLINE_JIT)
 def _add_depthwise_taps(x, img, row, weight, acc):
     # acc: (W, C) += output row `row` of image `img` of the 7x7 depthwise conv of x (N, H, W, C)
@@ -150,48 +149,18 @@ def _add_depthwise_taps(x, img, row, weight, acc):
                         dst[ch] += src[ch] * tap[ch]
 
 
-_BLOCK = 4  # output pixels of a row computed together: each input load serves up to four of them
-
-
 @numba.njit(**_JIT)
 def _depthwise_conv7_layer_norm_rows(padded, conv_w, conv_b, norm_w, norm_b, eps, out, first, last):
     # out: (N, H, W, C) = LayerNorm(7x7 depthwise conv of x + conv_b), given x zero-padded:
-    # padded: (N, H + 6, W' + 6, C), x at [3 : 3 + H, 3 : 3 + W], W' = W rounded up to _BLOCK;
-    # conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,); output rows first..last-1 of the N * H.
-    # The padding spares the edges their own loop; each output sums its 49 taps in the order
-    # of the readable twin, starting from the bias.
+    # padded: (N, H + 6, W' + 6, C), x at [3 : 3 + H, 3 : 3 + W], W' = W rounded up to
+    # depthwise.BLOCK; conv_w: (7, 7, C); conv_b, norm_w, norm_b: (C,); output rows
+    # first..last-1 of the N * H. The padding spares the edges their own loop.
     n, h, w, c = out.shape
-    width = padded.shape[2] - (_TAPS - 1)    # W'
-    acc = np.empty((width, c), dtype=out.dtype)  # (W', C) the row being accumulated
+    acc = np.empty((padded.shape[2] - (_TAPS - 1), c), dtype=out.dtype)  # (W', C) the row being summed
     for job in range(first, last):
         img = job // h
         row = job % h
-        for j0 in range(0, width, _BLOCK):
-            a0 = acc[j0]        # (C,) x 4: the block's four outputs
-            a1 = acc[j0 + 1]
-            a2 = acc[j0 + 2]
-            a3 = acc[j0 + 3]
-            for ch in range(c):
-                a0[ch] = conv_b[ch]
-                a1[ch] = conv_b[ch]
-                a2[ch] = conv_b[ch]
-                a3[ch] = conv_b[ch]
-            for di in range(_TAPS):
-                src = padded[img, row + di]   # (W' + 6, C): the taps' row di
-                tap = conv_w[di]              # (7, C)
-                x0, x1, x2, x3, x4 = src[j0], src[j0 + 1], src[j0 + 2], src[j0 + 3], src[j0 + 4]
-                x5, x6, x7, x8, x9 = src[j0 + 5], src[j0 + 6], src[j0 + 7], src[j0 + 8], src[j0 + 9]
-                w0, w1, w2, w3, w4, w5, w6 = tap[0], tap[1], tap[2], tap[3], tap[4], tap[5], tap[6]
-                for ch in range(c):  # vectorised across channels
-                    # every load first: a store to the sums could alias the inputs for all LLVM knows
-                    v0, v1, v2, v3, v4 = x0[ch], x1[ch], x2[ch], x3[ch], x4[ch]
-                    v5, v6, v7, v8, v9 = x5[ch], x6[ch], x7[ch], x8[ch], x9[ch]
-                    k0, k1, k2, k3, k4, k5, k6 = w0[ch], w1[ch], w2[ch], w3[ch], w4[ch], w5[ch], w6[ch]
-                    s0, s1, s2, s3 = a0[ch], a1[ch], a2[ch], a3[ch]
-                    a0[ch] = s0 + v0 * k0 + v1 * k1 + v2 * k2 + v3 * k3 + v4 * k4 + v5 * k5 + v6 * k6
-                    a1[ch] = s1 + v1 * k0 + v2 * k1 + v3 * k2 + v4 * k3 + v5 * k4 + v6 * k5 + v7 * k6
-                    a2[ch] = s2 + v2 * k0 + v3 * k1 + v4 * k2 + v5 * k3 + v6 * k4 + v7 * k5 + v8 * k6
-                    a3[ch] = s3 + v3 * k0 + v4 * k1 + v5 * k2 + v6 * k3 + v7 * k4 + v8 * k5 + v9 * k6
+        depthwise_row(padded, img, row, conv_w, conv_b, acc)
         for j in range(w):
             _normalize_pixel(acc[j], norm_w, norm_b, eps, out[img, row, j])
 
@@ -664,8 +633,9 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     n, h, w, c = x.shape
     pad = _TAPS // 2
-    padded = np.zeros((n, h + 2 * pad, -(-w // _BLOCK) * _BLOCK + 2 * pad, c), dtype=x.dtype)  # (N, H+6, W'+6, C)
+    padded = np.zeros((n, h + 2 * pad, -(-w // BLOCK) * BLOCK + 2 * pad, c), dtype=x.dtype)  # (N, H+6, W'+6, C)
     padded[:, pad : pad + h, pad : pad + w] = x
+    conv_w, conv_b = np.ascontiguousarray(conv_w, x.dtype), np.ascontiguousarray(conv_b, x.dtype)
     out = np.empty_like(x)
     _rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
                       (padded, conv_w, conv_b, norm_w, norm_b, eps, out), n * h, blas_between=False)  # N * H rows
