@@ -20,6 +20,9 @@ cold    a fresh process: import, load the weights, one batch-1 forward (time and
         --runtime-python PATH adds npconvnext run by an interpreter whose environment has only
         its runtime dependencies (what users install) to memory and cold: this one has the
         extras, and Numba imports SciPy, when installed, at its first compile or cache load.
+        npconvnext's modules are byte-compiled first, as `pip install` leaves an installed
+        package (an editable install, or PYTHONDONTWRITEBYTECODE, would leave every import
+        to compile its sources).
 
 Peers: timm eager (the test extra), ONNX Runtime and OpenVINO (the bench extra), from an ONNX
 file exported here from timm. OpenVINO runs with INFERENCE_PRECISION_HINT f32: on CPUs with
@@ -332,8 +335,16 @@ def memory(args, cases, directories):
     return result
 
 
+def byte_compile_npconvnext(python=None):
+    """Write npconvnext's .pyc files for this interpreter, as pip does at install."""
+    subprocess.run([python or sys.executable, "-c", "import compileall, os, npconvnext; "
+                    "compileall.compile_dir(os.path.dirname(npconvnext.__file__), quiet=1)"], check=True)
+
+
 def cold(args, directory):
     """{label: {seconds, peak_rss_mb}} medians over ROUNDS fresh processes, taking turns."""
+    for python in {None, args.runtime_python}:
+        byte_compile_npconvnext(python)
     jit = os.path.join(directory, "jit")
     warm_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, "warm"))
     cases = [("npconvnext, JIT cache cold", OURS, None, None), ("npconvnext, JIT cache warm", OURS, warm_env, None)]

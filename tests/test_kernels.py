@@ -303,3 +303,19 @@ def test_a_pixels_sums_take_one_order_compiled_or_not(n, dtype):
     assert compiled == plain
     assert abs(compiled[0] - math.fsum(x.astype(np.float64))) <= 1e-13 * n * 4
     assert abs(compiled[1] - math.fsum((x.astype(np.float64) - center) ** 2)) <= 1e-13 * n * 10
+
+
+def test_writable_and_read_only_weights_share_one_compiled_kernel():
+    # weights mapped from a file are read-only, random or converted ones are not: Numba would
+    # compile (and load from its cache) every kernel twice
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 5, 24)).astype(np.float32)
+    weight, bias = rng.standard_normal((24, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    frozen_weight, frozen_bias = weight.copy(), bias.copy()
+    frozen_weight.flags.writeable = frozen_bias.flags.writeable = False
+    kernels.linear_gelu_panels(x, weight, bias)
+    compiled = {f: len(f.signatures) for f in (kernels._linear_gelu_panels, kernels._linear_gelu_panels_rows)}
+    np.testing.assert_array_equal(gemm.from_panels(kernels.linear_gelu_panels(x, frozen_weight, frozen_bias), 15),
+                                  gemm.from_panels(kernels.linear_gelu_panels(x, weight, bias), 15))
+    assert {f: len(f.signatures) for f in compiled} == compiled
+    assert weight.flags.writeable and bias.flags.writeable  # the caller's arrays are left as they were

@@ -636,6 +636,7 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     padded = np.zeros((n, h + 2 * pad, -(-w // BLOCK) * BLOCK + 2 * pad, c), dtype=x.dtype)  # (N, H+6, W'+6, C)
     padded[:, pad : pad + h, pad : pad + w] = x
     conv_w, conv_b = np.ascontiguousarray(conv_w, x.dtype), np.ascontiguousarray(conv_b, x.dtype)
+    conv_w, conv_b, norm_w, norm_b = map(_read_only, (conv_w, conv_b, norm_w, norm_b))
     out = np.empty_like(x)
     _rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
                       (padded, conv_w, conv_b, norm_w, norm_b, eps, out), n * h, blas_between=False)  # N * H rows
@@ -646,6 +647,7 @@ def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
+    weight, bias = _read_only(weight), _read_only(bias)
     _rows_or_parallel(_layer_norm_rows, _layer_norm, (flat, weight, bias, eps, out), flat.shape[0])
     return out.reshape(x.shape)
 
@@ -670,11 +672,24 @@ def _channel_groups(tiles: int) -> int:
     return 1 if threads == 1 else min(tiles, 4 * threads)
 
 
+def _read_only(a):
+    """A read-only view of a (None stays None). Numba compiles a kernel once per argument type,
+    and writability is part of it: weights mapped from a file are read-only, others are not.
+    The kernels never write their weights, so taking every weight read-only compiles (and
+    loads from the JIT cache) one version of each kernel instead of two."""
+    if a is None or not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def linear_gelu_panels(x, weight, bias):
     """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py), weight-stationary.
     x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
-    rows = np.ascontiguousarray(weight.T)                     # (D, K): a view of the model's weights
+    rows = _read_only(np.ascontiguousarray(weight.T))         # (D, K): a view of the model's weights
+    bias = _read_only(bias)
     mr, nr = TILES[flat.dtype]
     panels = to_panels(flat)                                  # (P, K, NR)
     hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
@@ -689,7 +704,8 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels, weight-
     stationary; gamma None means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C);
     shortcut: (..., C), or the pixel count M when there is none -> like shortcut, or (M, C)"""
-    rows = np.ascontiguousarray(weight.T)                     # (C, D): a view of the model's weights
+    rows = _read_only(np.ascontiguousarray(weight.T))         # (C, D): a view of the model's weights
+    bias, gamma = _read_only(bias), _read_only(gamma)
     m = shortcut.size // shortcut.shape[-1] if shortcut is not None else pixels
     out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
     residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
@@ -735,6 +751,7 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
     out = np.empty_like(residual)
     fc1, fc2 = np.ascontiguousarray(fc1_weight.T), np.ascontiguousarray(fc2_weight.T)  # (4C, C), (C, 4C): views
+    fc1, fc1_bias, fc2, fc2_bias, gamma = map(_read_only, (fc1, fc1_bias, fc2, fc2_bias, gamma))
     _rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,
                       blas_between=False)
     return out.reshape(shortcut.shape)
