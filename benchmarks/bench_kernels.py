@@ -28,9 +28,11 @@ from npconvnext.engine import gemm, kernels
 
 RUNS = 7
 WARMUP = 2
+PAUSE = 0.2  # s: OpenBLAS's idle threads spin about 0.1 s after a call, on the cores a kernel needs
 
 
 def median_ms(fn, runs):
+    time.sleep(PAUSE)  # the NumPy twin timed before may have left BLAS threads spinning
     for _ in range(WARMUP):
         fn()
     times = []
