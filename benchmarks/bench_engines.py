@@ -21,8 +21,8 @@ cold    a fresh process: import, load the weights, one batch-1 forward (time and
         its runtime dependencies (what users install) to memory and cold: this one has the
         extras, and Numba imports SciPy, when installed, at its first compile or cache load.
         npconvnext's modules are byte-compiled first, as `pip install` leaves an installed
-        package (an editable install, or PYTHONDONTWRITEBYTECODE, would leave every import
-        to compile its sources).
+        package (an editable install under PYTHONDONTWRITEBYTECODE=1, as on the developers'
+        machines, would leave every import to compile its sources).
 
 Peers: timm eager (the test extra), ONNX Runtime and OpenVINO (the bench extra), from an ONNX
 file exported here from timm. OpenVINO runs with INFERENCE_PRECISION_HINT f32: on CPUs with
@@ -337,8 +337,9 @@ def memory(args, cases, directories):
 
 def byte_compile_npconvnext(python=None):
     """Write npconvnext's .pyc files for this interpreter, as pip does at install."""
-    subprocess.run([python or sys.executable, "-c", "import compileall, os, npconvnext; "
-                    "compileall.compile_dir(os.path.dirname(npconvnext.__file__), quiet=1)"], check=True)
+    subprocess.run([python or sys.executable, "-c", "import compileall, os, sys, npconvnext; "
+                    "sys.exit(not compileall.compile_dir(os.path.dirname(npconvnext.__file__), quiet=1))"],
+                   check=True)
 
 
 def cold(args, directory):

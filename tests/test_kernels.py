@@ -305,17 +305,35 @@ def test_a_pixels_sums_take_one_order_compiled_or_not(n, dtype):
     assert abs(compiled[1] - math.fsum((x.astype(np.float64) - center) ** 2)) <= 1e-13 * n * 10
 
 
-def test_writable_and_read_only_weights_share_one_compiled_kernel():
-    # weights mapped from a file are read-only, random or converted ones are not: Numba would
-    # compile (and load from its cache) every kernel twice
+def test_the_kernels_get_read_only_weights_whatever_the_caller_passes(monkeypatch):
+    # weights mapped from a file are read-only, random or converted ones are not, and Numba
+    # compiles (and loads from its cache) a kernel once per writability: twice, if the wrappers
+    # passed the weights on as they came
+    passed = []
+    run = kernels._rows_or_parallel
+    monkeypatch.setattr(kernels, "_rows_or_parallel",
+                        lambda rows, parallel, args, *rest, **kw: passed.append((rows.__name__, args))
+                        or run(rows, parallel, args, *rest, **kw))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, 5, 24)).astype(np.float32)
     weight, bias = rng.standard_normal((24, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
-    frozen_weight, frozen_bias = weight.copy(), bias.copy()
-    frozen_weight.flags.writeable = frozen_bias.flags.writeable = False
-    kernels.linear_gelu_panels(x, weight, bias)
-    compiled = {f: len(f.signatures) for f in (kernels._linear_gelu_panels, kernels._linear_gelu_panels_rows)}
-    np.testing.assert_array_equal(gemm.from_panels(kernels.linear_gelu_panels(x, frozen_weight, frozen_bias), 15),
-                                  gemm.from_panels(kernels.linear_gelu_panels(x, weight, bias), 15))
-    assert {f: len(f.signatures) for f in compiled} == compiled
+    small = bias[:24].copy()
+    hidden = kernels.linear_gelu_panels(x, weight, bias)
+    kernels.panels_linear(hidden, weight.T.copy(), small, small, x, pixels=15)
+    kernels.global_response_norm(x, small, small, 1e-6)
+    kernels.layer_norm(x, small, small, 1e-6)
+    kernels.depthwise_conv_layer_norm(x, rng.standard_normal((7, 7, 24)).astype(np.float32), small, small, small,
+                                      1e-6)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # panel by panel, _mlp_rows
+    try:
+        kernels.mlp_residual(x, weight, bias, weight.T.copy(), small, small, x)
+    finally:
+        numba.set_num_threads(threads)
     assert weight.flags.writeable and bias.flags.writeable  # the caller's arrays are left as they were
+    weights = {"_linear_gelu_panels_rows": (2, 3), "_panels_linear_rows": (1, 2, 3),
+               "_global_response_norm_rows": (1, 2), "_layer_norm_rows": (1, 2),
+               "_depthwise_conv7_layer_norm_rows": (1, 2, 3, 4), "_mlp_rows": (1, 2, 3, 4, 5)}
+    assert {name for name, _ in passed} == set(weights)
+    for name, args in passed:
+        assert not any(args[i].flags.writeable for i in weights[name]), name

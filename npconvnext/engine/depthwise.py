@@ -3,8 +3,8 @@
 ConvNeXt's token mixer convolves every channel with its own 7x7 kernel (Liu et al., "A ConvNet
 for the 2020s", 2022, section 2.5; timm's `conv_dw`). Channels-last, a vector holds neighbouring
 channels of one pixel, and each output is its bias plus 49 products, the taps taken row by row
-(di), then along the row (dj), one fused multiply-add each: the order of the readable twin
-below, so every path gives the same bits.
+(di), then along the row (dj), one fused multiply-add each (the plain-NumPy twin below sums
+in the same order but rounds each product before adding it).
 
 Written as Numba loops, LLVM vectorises the channel loop but reloads and stores the running sums
 once per tap row and re-checks, on entering it, that no output overlaps the 17 inputs it
@@ -13,7 +13,10 @@ through a Numba intrinsic, as engine/gemm.py's micro-kernel is: for each vector 
 eight (or, at the end of a row, four) neighbouring outputs keep their sums in registers for all
 49 taps; each loaded input serves up to seven of them. Channels past the last whole vector take
 the same steps on scalars. Its plain-NumPy body is the twin under NUMBA_DISABLE_JIT=1 and for
-arrays that are not contiguous.
+arrays the intrinsic does not take (not contiguous, not aligned, neither float32 nor float64).
+
+Numba's cache knows a compiled kernel's own source file only: after editing this file (or
+gemm.py), clear the __pycache__ of engine/ so that kernels.py's kernels are compiled again.
 """
 
 from __future__ import annotations
@@ -31,11 +34,22 @@ BLOCK = 4  # a padded row's width is a multiple of this: outputs go eight, then 
 _WIDE_BLOCK = 2 * BLOCK
 
 
+def pad_rows(x):
+    """x: (N, H, W, C) -> (N, H + 6, W' + 6, C): x zero-padded by 3 on every side and its width
+    rounded up to a multiple of BLOCK, as depthwise_row reads it"""
+    n, h, w, c = x.shape
+    pad = TAPS // 2
+    padded = np.zeros((n, h + 2 * pad, -(-w // BLOCK) * BLOCK + 2 * pad, c), dtype=x.dtype)
+    padded[:, pad : pad + h, pad : pad + w] = x
+    return padded
+
+
 def depthwise_row(padded, img, row, weight, bias, acc):
     """acc[j, ch] = bias[ch] + sum over di, dj of padded[img, row + di, j + dj, ch] * weight[di, dj, ch]
     for every j < W', summed di by di, dj by dj (see the module docstring).
     padded: (N, H + 6, W' + 6, C) a zero-padded input, W' a multiple of BLOCK; weight: (7, 7, C);
-    bias: (C,); acc: (W', C). Compiled: the intrinsic below for contiguous arrays."""
+    bias: (C,); acc: (W', C). Compiled: the intrinsic below for contiguous arrays, after checking
+    the shapes (a ValueError: it would read and write past them otherwise)."""
     _depthwise_row_numpy(padded, img, row, weight, bias, acc)
 
 
@@ -50,9 +64,10 @@ def _depthwise_row_numpy(padded, img, row, weight, bias, acc):
 
 def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
     arrays = (padded, weight, bias, acc)
-    if not (all(isinstance(a, numba.types.Array) and a.layout == "C" for a in arrays)
+    if not (all(isinstance(a, numba.types.Array) and a.layout == "C" and a.aligned for a in arrays)
             and [a.ndim for a in arrays] == [4, 3, 1, 2]
-            and isinstance(acc.dtype, numba.types.Float) and all(a.dtype == acc.dtype for a in arrays)):
+            and acc.dtype in (numba.types.float32, numba.types.float64) and all(a.dtype == acc.dtype for a in arrays)
+            and isinstance(img, numba.types.Integer) and isinstance(row, numba.types.Integer)):
         return None
     dtype = acc.dtype
     vector_bytes, _ = _host_registers()
@@ -68,7 +83,7 @@ def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
         scalar = context.get_value_type(dtype)
         intp = context.get_value_type(numba.types.intp)
         align = context.get_abi_sizeof(scalar)
-        width_name = "f32" if dtype == numba.types.float32 else "f64"
+        suffix = "f32" if dtype == numba.types.float32 else "f64"  # of the llvm.fma variant
 
         def const(i):
             return ir.Constant(intp, i)
@@ -88,7 +103,7 @@ def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
             # acc[j0 : j0 + count, ch : ch + lanes of kind]: the sums over the 49 taps
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind] * 3),
                                                  f"llvm.fma.{'v%d' % kind.count if kind != scalar else ''}"
-                                                 f"{width_name}")
+                                                 f"{suffix}")
 
             def load(array_data, offset):
                 pointer = builder.bitcast(builder.gep(array_data, [offset]), kind.as_pointer())
@@ -129,6 +144,15 @@ _depthwise_row_intrinsic = numba.extending.intrinsic(_depthwise_row_llvm)
 
 @numba.extending.overload(depthwise_row, inline="always")
 def _depthwise_row_compiled(padded, img, row, weight, bias, acc):
-    if _depthwise_row_llvm(None, padded, img, row, weight, bias, acc) is not None:
-        return lambda padded, img, row, weight, bias, acc: _depthwise_row_intrinsic(padded, img, row, weight, bias, acc)
-    return _depthwise_row_numpy
+    if _depthwise_row_llvm(None, padded, img, row, weight, bias, acc) is None:
+        return _depthwise_row_numpy
+
+    def checked(padded, img, row, weight, bias, acc):
+        n, rows, columns, c = padded.shape
+        width = acc.shape[0]
+        if (width % BLOCK != 0 or width + TAPS - 1 > columns or acc.shape[1] != c or bias.shape[0] != c
+                or weight.shape[0] != TAPS or weight.shape[1] != TAPS or weight.shape[2] != c
+                or not 0 <= img < n or not 0 <= row <= rows - TAPS):
+            raise ValueError("depthwise_row: shapes that do not fit a padded row (see pad_rows)")
+        _depthwise_row_intrinsic(padded, img, row, weight, bias, acc)
+    return checked

@@ -4,8 +4,9 @@ The two pointwise linears are most of ConvNeXt's FLOPs; they run on gemm.py's ti
 comes after each product is done on the tile while it is in cache. The rest is cheap in
 arithmetic but costs passes over memory, so neighbours are fused:
 
-    depthwise 7x7 conv + bias + LayerNorm   one pass, a row of pixels at a time, the seven
-                                            taps along a row summed in registers
+    depthwise 7x7 conv + bias + LayerNorm   one pass, a row of pixels at a time (depthwise.py:
+                                            eight outputs of a vector of channels summed in
+                                            registers through all 49 taps)
     fc1 + bias + GELU                       on each tile, with an erf made of arithmetic only
                                             (within 1 float32 ulp, or 1 float64 ulp): a libm
                                             call per element would keep the loop scalar; the
@@ -25,8 +26,8 @@ The `_`-prefixed `@njit` functions never validate and allocate only scratch spac
 wrappers below validate and allocate the outputs.
 
 Of fastmath's flags only "contract": a multiply and an add may become one fused multiply-add,
-rounded once, as BLAS and the peers' kernels do (the erf polynomials and the 7x7 taps are
-chains of them); not in the kernels that promise NumPy's result to the bit (`_EXACT_JIT`). The
+rounded once, as BLAS and the peers' kernels do (the erf polynomials and the training kernels'
+7x7 taps are chains of them; gemm.py and depthwise.py call llvm.fma themselves); not in the kernels that promise NumPy's result to the bit (`_EXACT_JIT`). The
 other flags would reassociate sums and swap in approximate erf/sqrt.
 """
 
@@ -46,7 +47,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from .. import layers
-from .depthwise import BLOCK, depthwise_row
+from .depthwise import depthwise_row, pad_rows
 from .depthwise import TAPS as _TAPS  # a constant lets LLVM unroll the training kernels' tap loops
 from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, to_panels
 from ..network import BlockWeights, Recorder, no_record
@@ -632,9 +633,7 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path, then LN
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     n, h, w, c = x.shape
-    pad = _TAPS // 2
-    padded = np.zeros((n, h + 2 * pad, -(-w // BLOCK) * BLOCK + 2 * pad, c), dtype=x.dtype)  # (N, H+6, W'+6, C)
-    padded[:, pad : pad + h, pad : pad + w] = x
+    padded = pad_rows(x)                                       # (N, H+6, W'+6, C)
     conv_w, conv_b = np.ascontiguousarray(conv_w, x.dtype), np.ascontiguousarray(conv_b, x.dtype)
     conv_w, conv_b, norm_w, norm_b = map(_read_only, (conv_w, conv_b, norm_w, norm_b))
     out = np.empty_like(x)
@@ -654,6 +653,7 @@ def layer_norm(x, weight, bias, eps):
 
 def _global_response_norm_in_place(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels
+    weight, bias = _read_only(weight), _read_only(bias)
     _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
