@@ -134,7 +134,7 @@ def matmul_rates(config, batch, dtype):
             print(f"{i:<6} {f'{m} x {k} x {n}':>18} {flops / ours / 1e6:13.0f} {flops / blas / 1e6:10.0f} "
                   f"{ours * blocks:20.2f}")
     print(f"MLP matmuls on gemm.py: {total:.1f} ms a forward (tiles {gemm.TILES[np.dtype(dtype)]}, "
-          f"vector registers {gemm._host_registers()})")
+          f"vector registers {gemm.vector_registers()})")
 
 
 def main():

@@ -78,7 +78,7 @@ def test_pixel_panels_round_trip(pixels, dtype):
 
 
 def test_tiles_fit_the_vector_registers():
-    vector_bytes, registers = gemm._host_registers()
+    vector_bytes, registers = gemm.vector_registers()
     for dtype, (mr, nr) in gemm.TILES.items():
         lanes = vector_bytes // dtype.itemsize
         assert nr % lanes == 0

@@ -27,7 +27,7 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 
-from .gemm import _host_registers
+from .gemm import fused_multiply_add, vector_registers
 
 TAPS = 7  # ConvNeXt's depthwise kernel is 7 x 7 in every timm variant
 BLOCK = 4  # a padded row's width is a multiple of this: outputs go eight, then four, at a time
@@ -70,7 +70,7 @@ def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
             and isinstance(img, numba.types.Integer) and isinstance(row, numba.types.Integer)):
         return None
     dtype = acc.dtype
-    vector_bytes, _ = _host_registers()
+    vector_bytes, _ = vector_registers()
     lanes = vector_bytes // np.dtype(str(dtype)).itemsize
     signature = numba.types.void(padded, img, row, weight, bias, acc)
 
@@ -83,7 +83,6 @@ def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
         scalar = context.get_value_type(dtype)
         intp = context.get_value_type(numba.types.intp)
         align = context.get_abi_sizeof(scalar)
-        suffix = "f32" if dtype == numba.types.float32 else "f64"  # of the llvm.fma variant
 
         def const(i):
             return ir.Constant(intp, i)
@@ -101,10 +100,6 @@ def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
 
         def outputs(kind, count, ch, j0):
             # acc[j0 : j0 + count, ch : ch + lanes of kind]: the sums over the 49 taps
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind] * 3),
-                                                 f"llvm.fma.{'v%d' % kind.count if kind != scalar else ''}"
-                                                 f"{suffix}")
-
             def load(array_data, offset):
                 pointer = builder.bitcast(builder.gep(array_data, [offset]), kind.as_pointer())
                 return builder.load(pointer, align=align)
@@ -118,7 +113,7 @@ def _depthwise_row_llvm(typingctx, padded, img, row, weight, bias, acc):
                           for t in range(count + TAPS - 1)]                               # padded[.., j0 + t, ch]
                 for dj in range(TAPS):
                     tap = load(weight_array.data, builder.add(builder.mul(const(di * TAPS + dj), channels), ch))
-                    sums = [builder.call(fma, [inputs[b + dj], tap, sums[b]]) for b in range(count)]
+                    sums = [fused_multiply_add(builder, inputs[b + dj], tap, sums[b]) for b in range(count)]
             for b in range(count):
                 pointer = builder.gep(acc_array.data, [builder.add(builder.mul(builder.add(j0, const(b)), channels), ch)])
                 builder.store(sums[b], builder.bitcast(pointer, kind.as_pointer()), align=align)

@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 
-def _host_registers() -> tuple[int, int]:
+def vector_registers() -> tuple[int, int]:
     """(bytes per vector register, vector registers) of the CPU Numba compiles for."""
     features = numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten()
     enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
@@ -51,7 +51,7 @@ def _host_registers() -> tuple[int, int]:
 def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
     """(MR output channels, NR pixels) of a tile per dtype: NR two vectors wide, and MR as many
     rows as leave one register for the broadcast weight and two for the loaded pixels."""
-    vector_bytes, registers = _host_registers()
+    vector_bytes, registers = vector_registers()
     shapes = {}
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         lanes = vector_bytes // dtype.itemsize
@@ -83,6 +83,26 @@ def from_panels(panels: np.ndarray, m: int) -> np.ndarray:
     return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(p * nr, k)[:m])
 
 
+# ---- LLVM IR pieces the intrinsics share (here, depthwise.py, kernels.py) -----------------------
+
+
+def fused_multiply_add(builder, a, b, c):
+    """a * b + c rounded once (llvm.fma), for float or double scalars or vectors of them"""
+    kind = a.type
+    element = kind.element if isinstance(kind, ir.VectorType) else kind
+    name = ("llvm.fma." + (f"v{kind.count}" if isinstance(kind, ir.VectorType) else "")
+            + ("f32" if isinstance(element, ir.FloatType) else "f64"))
+    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind] * 3), name),
+                        [a, b, c])
+
+
+def splat(builder, value, vector):
+    """value in every lane of a vector of type `vector`"""
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count))
+
+
 # ---- the micro-kernel ---------------------------------------------------------------------------
 
 
@@ -109,7 +129,7 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
             and isinstance(tile, numba.types.Array) and tile.layout == "C" and tile.dtype == dtype):
         return None
     mr, nr = TILES[np.dtype(str(dtype))]
-    vector_bytes, _ = _host_registers()
+    vector_bytes, _ = vector_registers()
     lanes = vector_bytes // np.dtype(str(dtype)).itemsize
     vectors = nr // lanes  # per tile row
     signature = numba.types.void(weight, first_row, rows, panel, tile, pixels)
@@ -138,12 +158,8 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
             row = builder.add(first, const(r))
             row = builder.select(builder.icmp_signed(">", row, last), last, row)
             weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
-        width = "f32" if dtype == numba.types.float32 else "f64"
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
-                                             f"llvm.fma.v{lanes}{width}")
         panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
         tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())              # (MR * NR / VL,)
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
 
         def product(used):
             # the sums over K of the first `used` vectors of each tile row
@@ -157,11 +173,10 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
                           for v in range(used)]                                            # panel[k, :]
                 for r in range(mr):
                     w = builder.load(builder.gep(weight_rows[r], [k]))                     # weight[row r, k]
-                    broadcast = builder.shuffle_vector(
-                        builder.insert_element(ir.Constant(vector, ir.Undefined), w, ir.Constant(ir.IntType(32), 0)),
-                        ir.Constant(vector, ir.Undefined), zeros)
+                    broadcast = splat(builder, w, vector)
                     for v in range(used):
-                        builder.store(builder.call(fma, [broadcast, pixels[v], builder.load(sums[r][v])]), sums[r][v])
+                        builder.store(fused_multiply_add(builder, broadcast, pixels[v], builder.load(sums[r][v])),
+                                      sums[r][v])
             for r in range(mr):
                 for v in range(used):
                     running = builder.load(sums[r][v])

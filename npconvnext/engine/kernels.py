@@ -27,8 +27,9 @@ wrappers below validate and allocate the outputs.
 
 Of fastmath's flags only "contract": a multiply and an add may become one fused multiply-add,
 rounded once, as BLAS and the peers' kernels do (the erf polynomials and the training kernels'
-7x7 taps are chains of them; gemm.py and depthwise.py call llvm.fma themselves); not in the kernels that promise NumPy's result to the bit (`_EXACT_JIT`). The
-other flags would reassociate sums and swap in approximate erf/sqrt.
+7x7 taps are chains of them; gemm.py and depthwise.py call llvm.fma themselves); not in the
+kernels that promise NumPy's result to the bit (`_EXACT_JIT`). The other flags would
+reassociate sums and swap in approximate erf/sqrt.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from numba.core import cgutils
 from .. import layers
 from .depthwise import depthwise_row, pad_rows
 from .depthwise import TAPS as _TAPS  # a constant lets LLVM unroll the training kernels' tap loops
-from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, to_panels
+from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, splat, to_panels
 from ..network import BlockWeights, Recorder, no_record
 
 # One place for the JIT settings. cache=True: a second process loads machine code from disk
@@ -225,10 +226,7 @@ def _lane_sum_llvm(typingctx, x, center):
         intp = context.get_value_type(numba.types.intp)
         count = builder.extract_value(array.shape, 0)
         whole = builder.sub(count, builder.srem(count, ir.Constant(intp, _LANES)))
-        mid = builder.shuffle_vector(  # center in every lane
-            builder.insert_element(ir.Constant(lanes, ir.Undefined), args[1] if squares else ir.Constant(double, 0.0),
-                                   ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(lanes, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+        mid = splat(builder, args[1] if squares else ir.Constant(double, 0.0), lanes)  # center in every lane
         total = cgutils.alloca_once_value(builder, ir.Constant(lanes, [0.0] * _LANES))
         rest = cgutils.alloca_once_value(builder, ir.Constant(double, 0.0))
         element = context.get_abi_sizeof(context.get_value_type(sig.args[0].dtype))
