@@ -5,6 +5,7 @@ between threads image by image.
     kernels.py   Numba kernels for the block, fused around gemm.py's tiles, each checked against
                  its twin in layers.py
     backward_kernels.py   the same for training (the backward passes, AdamW), used by train/fused.py
+    checks.py    the wrappers' argument checks: the kernels index without bounds checks
     threads.py   one thread count for Numba and BLAS; the batch split (`map_over_batch`)
 The reference network never imports this package.
 """

@@ -38,6 +38,8 @@ import numba.extending
 import numpy as np
 
 from .. import layers
+from ..errors import InputError
+from .checks import check_arguments
 from .kernels import (_EXACT_JIT, _EXACT_PARALLEL_JIT, _INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS,
                       _add_depthwise_taps, _erf_for, _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
 
@@ -466,9 +468,12 @@ def _sum_chunks(partial: np.ndarray, dtype) -> np.ndarray:
 def depthwise_conv(x, weight, bias, shortcut=None, out=None):
     """layers.depthwise_conv, plus shortcut if given, into out if given (C-contiguous, neither
     x nor shortcut). x, shortcut: (N, H, W, C) -> (N, H, W, C)"""
+    check_arguments("depthwise_conv", "x", x, 4, bias=(bias, x.shape[-1:]), shortcut=(shortcut, x.shape),
+                    out=(out, x.shape))
     if weight.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path
         out = layers.depthwise_conv(x, weight, bias)
         return out if shortcut is None else out + shortcut
+    check_arguments("depthwise_conv", "x", x, 4, weight=(weight, (_TAPS, _TAPS, x.shape[-1])))
     x = np.ascontiguousarray(x)
     if shortcut is not None:
         shortcut = np.ascontiguousarray(shortcut, dtype=x.dtype)
@@ -485,9 +490,11 @@ def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     """layers.depthwise_conv_backward, with shortcut (the gradient reaching the block's input
     the other way) added to dx if given, and dx written into out if given.
     dout, x: (N, H, W, C); weight: (7, 7, C) -> dx (N, H, W, C), dweight (7, 7, C), dbias (C,)"""
+    check_arguments("depthwise_conv_backward", "x", x, 4, dout=(dout, x.shape))
     if weight.shape[:2] != (_TAPS, _TAPS):
         dx, dweight, dbias = layers.depthwise_conv_backward(dout, x, weight)
         return (dx if shortcut is None else dx + shortcut), dweight, dbias
+    check_arguments("depthwise_conv_backward", "x", x, 4, weight=(weight, (_TAPS, _TAPS, x.shape[-1])))
     dout = np.ascontiguousarray(dout, dtype=x.dtype)
     x = np.ascontiguousarray(x)
     # dx[u, v] = sum_ij w[i, j] dout[u - i + 3, v - j + 3]: the same conv of dout with w turned 180 degrees
@@ -504,6 +511,7 @@ def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
 
 def layer_norm_backward(dout, x, weight, eps):
     """layers.layer_norm_backward. dout, x: (..., C) -> dx (..., C), dweight (C,), dbias (C,)"""
+    check_arguments("layer_norm_backward", "x", x, None, dout=(dout, x.size), weight=(weight, x.shape[-1:]))
     flat_x = np.ascontiguousarray(x).reshape(-1, x.shape[-1])                 # (M, C)
     flat_d = np.ascontiguousarray(dout, dtype=x.dtype).reshape(flat_x.shape)
     dx = np.empty_like(flat_x)
@@ -520,12 +528,16 @@ def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     pass, with what the LayerNorm's backward needs: the normalised conv output before the affine
     step, xhat = (conv - mean) * rstd, and rstd = 1 / sqrt(var + eps) per pixel.
     x: (N, H, W, C) -> normed (N, H, W, C), xhat (N, H, W, C), rstd (N, H, W)"""
+    c = x.shape[-1]
+    check_arguments("depthwise_conv_layer_norm_keep", "x", x, 4, conv_b=(conv_b, (c,)), norm_w=(norm_w, (c,)),
+                    norm_b=(norm_b, (c,)))
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path
         conv = layers.depthwise_conv(x, conv_w, conv_b)
         mean = conv.mean(axis=-1, keepdims=True)
         rstd = 1.0 / np.sqrt(((conv - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
         xhat = (conv - mean) * rstd
         return xhat * norm_w + norm_b, xhat, rstd[..., 0]
+    check_arguments("depthwise_conv_layer_norm_keep", "x", x, 4, conv_w=(conv_w, (_TAPS, _TAPS, c)))
     x = np.ascontiguousarray(x)
     xhat, normed = np.empty_like(x), np.empty_like(x)
     rstd = np.empty(x.shape[:3], x.dtype)
@@ -540,6 +552,8 @@ def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
     """layers.layer_norm_backward from what depthwise_conv_layer_norm_keep kept; with
     in_place, dx is written over dout (each pixel's dout is read before its dx is written).
     dout, xhat: (..., C); rstd: (...) -> dx (..., C), dweight (C,), dbias (C,)"""
+    check_arguments("layer_norm_backward_kept", "xhat", xhat, None, dout=(dout, xhat.size),
+                    rstd=(rstd, xhat.size // max(1, xhat.shape[-1])), weight=(weight, xhat.shape[-1:]))
     flat_x = np.ascontiguousarray(xhat).reshape(-1, xhat.shape[-1])         # (M, C)
     if in_place:
         _check_in_place(dout, dout.ndim)
@@ -556,6 +570,7 @@ def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
 def bias_gelu_keep(hidden, bias):
     """layers.gelu(hidden + bias), with hidden += bias done in place (the backward keeps it).
     hidden: (M, D) C-contiguous -> (M, D)"""
+    check_arguments("bias_gelu_keep", "hidden", hidden, 2, bias=(bias, hidden.shape[-1:]))
     _check_in_place(hidden, 2)
     activated = np.empty_like(hidden)
     _rows_or_parallel(_bias_gelu_keep_rows, _bias_gelu_keep, (hidden, np.ascontiguousarray(bias, dtype=hidden.dtype),
@@ -567,6 +582,7 @@ def gelu_and_slope_in_place(hidden):
     """layers.gelu(hidden), and hidden replaced by GELU's slope there, d GELU / d hidden
     (layers.gelu_backward of ones): the backward needs the input no more once it has both.
     hidden: (M, D) C-contiguous -> (M, D)"""
+    check_arguments("gelu_and_slope_in_place", "hidden", hidden, 2)
     _check_in_place(hidden, 2)
     activated = np.empty_like(hidden)
     _rows_or_parallel(_gelu_and_slope_rows, _gelu_and_slope, (hidden, activated), hidden.shape[0])
@@ -577,6 +593,7 @@ def gelu_backward_with_bias(d_activated, slope):
     """layers.gelu_backward from the slope, and the gradient of the bias added before the GELU:
     d_activated * slope (in place on d_activated when it is C-contiguous and of slope's dtype), and
     its sum over pixels. d_activated, slope: (..., D) -> (..., D), (D,)"""
+    check_arguments("gelu_backward_with_bias", "slope", slope, None, d_activated=(d_activated, slope.size))
     flat_s = np.ascontiguousarray(slope).reshape(-1, slope.shape[-1])                        # (M, D)
     flat_d = np.ascontiguousarray(d_activated, dtype=slope.dtype).reshape(flat_s.shape)
     chunks = _chunks(flat_s.shape[0], _CHUNK_PIXELS)
@@ -589,6 +606,9 @@ def bias_scale_residual_keep(branch, bias, gamma, keep, shortcut):
     """shortcut + keep * gamma * (branch + bias), with branch += bias done in place (the backward
     keeps it for gamma's gradient). gamma None (V2) means 1; keep (N,) drop-path scales per image,
     None means 1. branch: (N, H, W, C) C-contiguous; shortcut: (N, H, W, C) -> (N, H, W, C)"""
+    c = branch.shape[-1]
+    check_arguments("bias_scale_residual_keep", "branch", branch, 4, bias=(bias, (c,)), gamma=(gamma, c),
+                    keep=(keep, branch.shape[0]), shortcut=(shortcut, branch.size))
     _check_in_place(branch, 4)
     n = branch.shape[0]
     shortcut = np.ascontiguousarray(shortcut, dtype=branch.dtype)
@@ -604,6 +624,8 @@ def layer_scale_backward(dout, branch, gamma, keep):
     """Gradients of out = shortcut + keep * gamma * branch, apart from the shortcut's:
     dout, branch: (N, H, W, C); gamma (C,) or None; keep (N,) or None
     -> d branch (N, H, W, C), d gamma (C,) or None, and the sum of d branch over pixels (C,)"""
+    check_arguments("layer_scale_backward", "branch", branch, 4, dout=(dout, branch.size),
+                    gamma=(gamma, branch.shape[-1]), keep=(keep, branch.shape[0]))
     n, c = branch.shape[0], branch.shape[-1]
     dout = np.ascontiguousarray(dout, dtype=branch.dtype).reshape(n, -1, c)     # (N, P, C)
     flat_branch = np.ascontiguousarray(branch).reshape(dout.shape)
@@ -619,7 +641,7 @@ def layer_scale_backward(dout, branch, gamma, keep):
 
 def _check_in_place(array, ndim):
     if array.ndim != ndim or not array.flags.c_contiguous or not array.flags.writeable:
-        raise ValueError(f"expected a writeable C-contiguous {ndim}-D array to update in place, got "
+        raise InputError(f"expected a writeable C-contiguous {ndim}-D array to update in place, got "
                          f"{array.ndim}-D, contiguous {array.flags.c_contiguous}")
 
 
@@ -634,7 +656,7 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, beta2, st
     arrays = (param, grad, exp_avg, exp_avg_sq)
     if (len({(a.dtype, a.shape, a.strides) for a in arrays}) != 1 or not all(a.flags.writeable for a in arrays[::2])
             or not (param.flags.c_contiguous or param.flags.f_contiguous)):
-        raise ValueError("AdamW's arrays must share one dtype, shape and contiguous layout, and be writeable")
+        raise InputError("adamw_update: AdamW's arrays must share one dtype, shape and contiguous layout, and be writeable")
     flat = [a.reshape(-1) if a.flags.c_contiguous else a.T.reshape(-1) for a in arrays]  # views, memory order
     scalar = param.dtype.type
     args = (*flat, scalar(decay), scalar(lerp_weight), scalar(1.0 - lerp_weight), scalar(beta2), scalar(1.0 - beta2),
@@ -656,6 +678,7 @@ def global_response_norm_backward(dout, x, weight, eps):
     Two passes: per-channel sums over each image's pixels (of x^2, dout * x and dout), then
     dx = dout * (1 + weight * n) + (dg / g) * x per pixel, with the per-image coefficients
     worked out in between from the sums, as the twin's docstring derives them."""
+    check_arguments("global_response_norm_backward", "x", x, 4, dout=(dout, x.size), weight=(weight, x.shape[-1:]))
     n, h, w, d = x.shape
     x3 = np.ascontiguousarray(x).reshape(n, h * w, d)                        # (N, P, D)
     d3 = np.ascontiguousarray(dout, dtype=x.dtype).reshape(x3.shape)

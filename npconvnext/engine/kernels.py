@@ -48,6 +48,8 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from .. import layers
+from ..errors import InputError
+from .checks import check_arguments
 from .depthwise import depthwise_row, pad_rows
 from .depthwise import TAPS as _TAPS  # a constant lets LLVM unroll the training kernels' tap loops
 from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, splat, to_panels
@@ -630,6 +632,9 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     x: (N, H, W, C) -> (N, H, W, C)"""
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path, then LN
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
+    c = x.shape[-1]
+    check_arguments("depthwise_conv_layer_norm", "x", x, 4, conv_w=(conv_w, (_TAPS, _TAPS, c)),
+                    conv_b=(conv_b, (c,)), norm_w=(norm_w, (c,)), norm_b=(norm_b, (c,)))
     n, h, w, c = x.shape
     padded = pad_rows(x)                                       # (N, H+6, W'+6, C)
     conv_w, conv_b = np.ascontiguousarray(conv_w, x.dtype), np.ascontiguousarray(conv_b, x.dtype)
@@ -642,6 +647,7 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
 
 def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
+    check_arguments("layer_norm", "x", x, None, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
     weight, bias = _read_only(weight), _read_only(bias)
@@ -651,12 +657,14 @@ def layer_norm(x, weight, bias, eps):
 
 def _global_response_norm_in_place(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels
+    check_arguments("global_response_norm", "x", x, 3, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
     weight, bias = _read_only(weight), _read_only(bias)
     _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
 def global_response_norm(x, weight, bias, eps):
     """layers.global_response_norm. x: (N, H, W, D) -> (N, H, W, D)"""
+    check_arguments("global_response_norm", "x", x, 4)
     out = x.copy()
     n, h, w, d = x.shape
     _global_response_norm_in_place(out.reshape(n, h * w, d), weight, bias, eps)
@@ -685,9 +693,11 @@ def _read_only(a):
 def linear_gelu_panels(x, weight, bias):
     """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py), weight-stationary.
     x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
+    d = np.shape(weight)[-1]
+    check_arguments("linear_gelu_panels", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
-    rows = _read_only(np.ascontiguousarray(weight.T))         # (D, K): a view of the model's weights
-    bias = _read_only(bias)
+    rows = _read_only(np.ascontiguousarray(weight.T, flat.dtype))  # (D, K): a view of the model's weights
+    bias = _read_only(np.asarray(bias, flat.dtype))
     mr, nr = TILES[flat.dtype]
     panels = to_panels(flat)                                  # (P, K, NR)
     hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
@@ -702,9 +712,20 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels, weight-
     stationary; gamma None means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C);
     shortcut: (..., C), or the pixel count M when there is none -> like shortcut, or (M, C)"""
-    rows = _read_only(np.ascontiguousarray(weight.T))         # (C, D): a view of the model's weights
-    bias, gamma = _read_only(bias), _read_only(gamma)
-    m = shortcut.size // shortcut.shape[-1] if shortcut is not None else pixels
+    c = np.shape(weight)[-1]
+    check_arguments("panels_linear", "hidden", hidden, 3, weight=(weight, (hidden.shape[1], c)), bias=(bias, (c,)),
+                    gamma=(gamma, (c,)))
+    nr = TILES[hidden.dtype][1]
+    m = pixels if shortcut is None else shortcut.size // max(1, shortcut.shape[-1])
+    fits = (hidden.shape[2] == nr and m is not None and 0 <= m <= hidden.shape[0] * nr
+            and (shortcut is None or shortcut.shape[-1] == c))
+    if not fits:
+        raise InputError(f"panels_linear: hidden panels of shape {hidden.shape} (panels of {nr} pixels) do not "
+                         f"fit {pixels} pixels or a shortcut of shape {np.shape(shortcut)} with {c} channels")
+    hidden = np.ascontiguousarray(hidden)
+    rows = _read_only(np.ascontiguousarray(weight.T, hidden.dtype))  # (C, D): a view of the model's weights
+    bias = _read_only(np.asarray(bias, hidden.dtype))
+    gamma = None if gamma is None else _read_only(np.asarray(gamma, hidden.dtype))
     out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
     residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
     groups = _channel_groups(-(-rows.shape[0] // TILES[hidden.dtype][0]))
@@ -716,6 +737,8 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
 
 def linear(x, weight, bias):
     """layers.linear on gemm.py's tiles. x: (..., K); weight: (K, D) -> (..., D)"""
+    d = np.shape(weight)[-1]
+    check_arguments("linear", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])                 # (M, K)
     out = panels_linear(to_panels(flat), weight, bias, pixels=flat.shape[0])  # (M, D)
     return out.reshape(*x.shape[:-1], weight.shape[1])
@@ -723,6 +746,8 @@ def linear(x, weight, bias):
 
 def patchify_conv(x, weight, bias, patch):
     """layers.patchify_conv on gemm.py's tiles. x: (N, H, W, Cin) -> (N, H//p, W//p, Cout)"""
+    d = np.shape(weight)[-1]
+    check_arguments("patchify_conv", "x", x, 4, weight=(weight, (patch * patch * x.shape[-1], d)), bias=(bias, (d,)))
     n, h, w, _ = x.shape
     patches = layers._patches(x, patch)                                       # (M, p * p * Cin)
     out = panels_linear(to_panels(patches), weight, bias, pixels=patches.shape[0])  # (M, Cout)
@@ -740,6 +765,10 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     panels enough for every thread (on one thread, always: the hidden activations never leave
     the cache); else fc1 and fc2 one after the other, weight-stationary, the channels shared
     out. y, shortcut: (..., C) -> (..., C)"""
+    c, d = y.shape[-1], np.shape(fc1_weight)[-1]
+    check_arguments("mlp_residual", "y", y, None, fc1_weight=(fc1_weight, (c, d)), fc1_bias=(fc1_bias, (d,)),
+                    fc2_weight=(fc2_weight, (d, c)), fc2_bias=(fc2_bias, (c,)), gamma=(gamma, (c,)),
+                    shortcut=(shortcut, y.shape))
     flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
     panels = -(-flat.shape[0] // TILES[flat.dtype][1])
     threads = numba.get_num_threads()
@@ -748,7 +777,9 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
         return panels_linear(hidden, fc2_weight, fc2_bias, gamma, shortcut)
     residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
     out = np.empty_like(residual)
-    fc1, fc2 = np.ascontiguousarray(fc1_weight.T), np.ascontiguousarray(fc2_weight.T)  # (4C, C), (C, 4C): views
+    fc1, fc2 = np.ascontiguousarray(fc1_weight.T, y.dtype), np.ascontiguousarray(fc2_weight.T, y.dtype)  # views
+    fc1_bias, fc2_bias = np.asarray(fc1_bias, y.dtype), np.asarray(fc2_bias, y.dtype)
+    gamma = None if gamma is None else np.asarray(gamma, y.dtype)
     fc1, fc1_bias, fc2, fc2_bias, gamma = map(_read_only, (fc1, fc1_bias, fc2, fc2_bias, gamma))
     _rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,
                       blas_between=False)
