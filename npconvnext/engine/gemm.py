@@ -21,6 +21,11 @@ Numba intrinsic: generic LLVM vectors (<VL x float>) and llvm.fma, which LLVM lo
 host's widest vectors. Its plain-Python body is the twin under NUMBA_DISABLE_JIT=1; the tests
 check the compiled one against `x @ w.T`.
 
+Weights as stored are read straight from memory: at batch 1 a tile meets each weight once or
+twice, and the hardware prefetchers do not see twelve slow streams (the tile's rows) coming.
+So while a tile sums, it asks for the next tile's weight rows (`prefetch`), as many cache lines
+of them as it reads of its own, to have them in L2 when the next tile starts.
+
 The tile is sized to the host's vector registers once, at import (`TILES`): 32 registers of
 64 bytes with AVX-512, 16 of 32 bytes with AVX2. Another CPU only changes speed, not results:
 LLVM splits or joins the vectors as the machine has them, and every output sums its K products
@@ -96,6 +101,16 @@ def fused_multiply_add(builder, a, b, c):
                         [a, b, c])
 
 
+def prefetch(builder, address):
+    """Ask for the cache line at `address` (a pointer) to be brought into L2 for reading: a hint
+    that never faults, even past an array's end"""
+    byte_pointer = ir.IntType(8).as_pointer()
+    hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer] + [ir.IntType(32)] * 3),
+                                          "llvm.prefetch.p0")
+    read, level_2, data = (ir.Constant(ir.IntType(32), v) for v in (0, 2, 1))  # locality 2: prefetcht1 on x86
+    builder.call(hint, [builder.bitcast(address, byte_pointer), read, level_2, data])
+
+
 def splat(builder, value, vector):
     """value in every lane of a vector of type `vector`"""
     first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
@@ -158,6 +173,9 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
             row = builder.add(first, const(r))
             row = builder.select(builder.icmp_signed(">", row, last), last, row)
             weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
+        # the next tile's MR weight rows: one block of MR * K elements after this tile's rows
+        next_rows = builder.gep(weight_array.data, [builder.mul(builder.add(first, const(mr)), row_stride)])
+        line = 64 // np.dtype(str(dtype)).itemsize  # elements in a cache line
         panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
         tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())              # (MR * NR / VL,)
 
@@ -168,6 +186,12 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
                     for _ in range(mr)]
             with cgutils.for_range(builder, depth) as loop:
                 k = loop.index
+                # each time k starts a cache line of this tile's MR rows, MR lines of the next
+                # tile's block of rows, from element k * MR on: the whole block by k = K
+                with builder.if_then(builder.icmp_signed("==", builder.and_(k, const(line - 1)), const(0))):
+                    block_part = builder.gep(next_rows, [builder.mul(k, const(mr))])
+                    for i in range(mr):
+                        prefetch(builder, builder.gep(block_part, [const(i * line)]))
                 pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k, const(vectors)),
                                                                                const(v))]), align=align)
                           for v in range(used)]                                            # panel[k, :]
