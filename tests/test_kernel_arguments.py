@@ -62,7 +62,8 @@ CASES = {
         dict(x=r(N, H, W, C), w=block_weights(), eps=1e-6, grn_eps=1e-6),
         dict(w=block_weights(fc2_weight=r(D, C + 1)))),
     backward_kernels.depthwise_conv: (
-        dict(x=r(N, H, W, C), weight=r(7, 7, C), bias=r(C), shortcut=r(N, H, W, C), out=np.empty((N, H, W, C), np.float32)),
+        dict(x=r(N, H, W, C), weight=r(7, 7, C), bias=r(C), shortcut=r(N, H, W, C),
+             out=np.empty((N, H, W, C), np.float32)),
         dict(weight=r(7, 7, 1), bias=r(C + 1), shortcut=r(N, H, W + 2, C), out=np.empty((N, H, W, C - 1), np.float32))),
     backward_kernels.depthwise_conv_backward: (
         dict(dout=r(N, H, W, C), x=r(N, H, W, C), weight=r(7, 7, C)),
@@ -117,10 +118,40 @@ def test_arguments_that_fit_run(wrapper):
     wrapper(**{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fitting.items()})
 
 
+def refused(wrapper, arguments):
+    """The call raises an InputError whose message starts with the wrapper's name (a block's
+    weights are checked by the MLP's wrapper)."""
+    name = "mlp_residual" if wrapper is kernels.convnext_block else wrapper.__name__
+    with pytest.raises(InputError, match=rf"^{name}: "):
+        wrapper(**arguments)
+    return True
+
+
 @pytest.mark.parametrize("wrapper, argument", BAD, ids=[f"{f.__name__}-{a}" for f, a in BAD])
 def test_an_argument_that_does_not_fit_is_refused(wrapper, argument):
     fitting, wrong = CASES[wrapper]
     arguments = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fitting.items()}
     arguments[argument] = wrong[argument]
-    with pytest.raises(InputError, match=wrapper.__name__ if wrapper is not kernels.convnext_block else "mlp_residual"):
-        wrapper(**arguments)
+    assert refused(wrapper, arguments)
+
+
+def optional(wrapper):
+    """The arguments None may stand for: those that default to None, and layer scale and drop
+    path (None means 1)."""
+    defaults = {name for name, p in inspect.signature(wrapper).parameters.items() if p.default is None}
+    return defaults | {"gamma", "keep"}
+
+
+# the array each wrapper works on: None there fails in Python before any kernel runs
+INPUTS = {"x", "y", "hidden", "xhat", "slope", "branch", "param"}
+# a required array left out (None): the kernels would read a one-element array as a row
+NONE = [(f, argument) for f, (fitting, _) in CASES.items() for argument in fitting
+        if isinstance(fitting[argument], np.ndarray) and argument not in INPUTS | optional(f)]
+
+
+@pytest.mark.parametrize("wrapper, argument", NONE, ids=[f"{f.__name__}-{a}" for f, a in NONE])
+def test_a_required_array_left_out_is_refused(wrapper, argument):
+    fitting, _ = CASES[wrapper]
+    arguments = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fitting.items()}
+    arguments[argument] = None
+    assert refused(wrapper, arguments)

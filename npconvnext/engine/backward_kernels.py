@@ -468,19 +468,19 @@ def _sum_chunks(partial: np.ndarray, dtype) -> np.ndarray:
 def depthwise_conv(x, weight, bias, shortcut=None, out=None):
     """layers.depthwise_conv, plus shortcut if given, into out if given (C-contiguous, neither
     x nor shortcut). x, shortcut: (N, H, W, C) -> (N, H, W, C)"""
-    check_arguments("depthwise_conv", "x", x, 4, bias=(bias, x.shape[-1:]), shortcut=(shortcut, x.shape),
-                    out=(out, x.shape))
+    check_arguments("depthwise_conv", "x", x, 4, optional=("shortcut", "out"),
+                    weight=(weight, np.shape(weight)[:2] + x.shape[-1:]), bias=(bias, x.shape[-1:]),
+                    shortcut=(shortcut, x.shape), out=(out, x.shape))
     if weight.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path
         out = layers.depthwise_conv(x, weight, bias)
         return out if shortcut is None else out + shortcut
-    check_arguments("depthwise_conv", "x", x, 4, weight=(weight, (_TAPS, _TAPS, x.shape[-1])))
     x = np.ascontiguousarray(x)
     if shortcut is not None:
         shortcut = np.ascontiguousarray(shortcut, dtype=x.dtype)
     if out is None:
         out = np.empty_like(x)
     else:
-        _check_in_place(out, 4)
+        _check_in_place("depthwise_conv", out, 4)
     _rows_or_parallel(_depthwise_conv7_rows, _depthwise_conv7, (x, np.ascontiguousarray(weight, dtype=x.dtype),
                       np.ascontiguousarray(bias, dtype=x.dtype), shortcut, out), x.shape[0] * x.shape[1])
     return out
@@ -490,11 +490,14 @@ def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     """layers.depthwise_conv_backward, with shortcut (the gradient reaching the block's input
     the other way) added to dx if given, and dx written into out if given.
     dout, x: (N, H, W, C); weight: (7, 7, C) -> dx (N, H, W, C), dweight (7, 7, C), dbias (C,)"""
-    check_arguments("depthwise_conv_backward", "x", x, 4, dout=(dout, x.shape))
+    check_arguments("depthwise_conv_backward", "x", x, 4, optional=("shortcut", "out"), dout=(dout, x.shape),
+                    weight=(weight, np.shape(weight)[:2] + x.shape[-1:]), shortcut=(shortcut, x.shape),
+                    out=(out, x.shape))
+    if out is not None:
+        _check_in_place("depthwise_conv_backward", out, 4)
     if weight.shape[:2] != (_TAPS, _TAPS):
         dx, dweight, dbias = layers.depthwise_conv_backward(dout, x, weight)
         return (dx if shortcut is None else dx + shortcut), dweight, dbias
-    check_arguments("depthwise_conv_backward", "x", x, 4, weight=(weight, (_TAPS, _TAPS, x.shape[-1])))
     dout = np.ascontiguousarray(dout, dtype=x.dtype)
     x = np.ascontiguousarray(x)
     # dx[u, v] = sum_ij w[i, j] dout[u - i + 3, v - j + 3]: the same conv of dout with w turned 180 degrees
@@ -529,15 +532,14 @@ def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     step, xhat = (conv - mean) * rstd, and rstd = 1 / sqrt(var + eps) per pixel.
     x: (N, H, W, C) -> normed (N, H, W, C), xhat (N, H, W, C), rstd (N, H, W)"""
     c = x.shape[-1]
-    check_arguments("depthwise_conv_layer_norm_keep", "x", x, 4, conv_b=(conv_b, (c,)), norm_w=(norm_w, (c,)),
-                    norm_b=(norm_b, (c,)))
+    check_arguments("depthwise_conv_layer_norm_keep", "x", x, 4, conv_w=(conv_w, np.shape(conv_w)[:2] + (c,)),
+                    conv_b=(conv_b, (c,)), norm_w=(norm_w, (c,)), norm_b=(norm_b, (c,)))
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path
         conv = layers.depthwise_conv(x, conv_w, conv_b)
         mean = conv.mean(axis=-1, keepdims=True)
         rstd = 1.0 / np.sqrt(((conv - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
         xhat = (conv - mean) * rstd
         return xhat * norm_w + norm_b, xhat, rstd[..., 0]
-    check_arguments("depthwise_conv_layer_norm_keep", "x", x, 4, conv_w=(conv_w, (_TAPS, _TAPS, c)))
     x = np.ascontiguousarray(x)
     xhat, normed = np.empty_like(x), np.empty_like(x)
     rstd = np.empty(x.shape[:3], x.dtype)
@@ -556,7 +558,7 @@ def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
                     rstd=(rstd, xhat.size // max(1, xhat.shape[-1])), weight=(weight, xhat.shape[-1:]))
     flat_x = np.ascontiguousarray(xhat).reshape(-1, xhat.shape[-1])         # (M, C)
     if in_place:
-        _check_in_place(dout, dout.ndim)
+        _check_in_place("layer_norm_backward_kept", dout, dout.ndim)
     flat_d = np.ascontiguousarray(dout, dtype=xhat.dtype).reshape(flat_x.shape)
     dx = flat_d if in_place else np.empty_like(flat_x)
     chunks = _chunks(flat_x.shape[0], _CHUNK_PIXELS)
@@ -571,7 +573,7 @@ def bias_gelu_keep(hidden, bias):
     """layers.gelu(hidden + bias), with hidden += bias done in place (the backward keeps it).
     hidden: (M, D) C-contiguous -> (M, D)"""
     check_arguments("bias_gelu_keep", "hidden", hidden, 2, bias=(bias, hidden.shape[-1:]))
-    _check_in_place(hidden, 2)
+    _check_in_place("bias_gelu_keep", hidden, 2)
     activated = np.empty_like(hidden)
     _rows_or_parallel(_bias_gelu_keep_rows, _bias_gelu_keep, (hidden, np.ascontiguousarray(bias, dtype=hidden.dtype),
                       activated), hidden.shape[0])
@@ -583,7 +585,7 @@ def gelu_and_slope_in_place(hidden):
     (layers.gelu_backward of ones): the backward needs the input no more once it has both.
     hidden: (M, D) C-contiguous -> (M, D)"""
     check_arguments("gelu_and_slope_in_place", "hidden", hidden, 2)
-    _check_in_place(hidden, 2)
+    _check_in_place("gelu_and_slope_in_place", hidden, 2)
     activated = np.empty_like(hidden)
     _rows_or_parallel(_gelu_and_slope_rows, _gelu_and_slope, (hidden, activated), hidden.shape[0])
     return activated
@@ -607,9 +609,9 @@ def bias_scale_residual_keep(branch, bias, gamma, keep, shortcut):
     keeps it for gamma's gradient). gamma None (V2) means 1; keep (N,) drop-path scales per image,
     None means 1. branch: (N, H, W, C) C-contiguous; shortcut: (N, H, W, C) -> (N, H, W, C)"""
     c = branch.shape[-1]
-    check_arguments("bias_scale_residual_keep", "branch", branch, 4, bias=(bias, (c,)), gamma=(gamma, c),
-                    keep=(keep, branch.shape[0]), shortcut=(shortcut, branch.size))
-    _check_in_place(branch, 4)
+    check_arguments("bias_scale_residual_keep", "branch", branch, 4, optional=("gamma", "keep"), bias=(bias, (c,)),
+                    gamma=(gamma, c), keep=(keep, branch.shape[0]), shortcut=(shortcut, branch.size))
+    _check_in_place("bias_scale_residual_keep", branch, 4)
     n = branch.shape[0]
     shortcut = np.ascontiguousarray(shortcut, dtype=branch.dtype)
     out = np.empty_like(branch)
@@ -624,7 +626,7 @@ def layer_scale_backward(dout, branch, gamma, keep):
     """Gradients of out = shortcut + keep * gamma * branch, apart from the shortcut's:
     dout, branch: (N, H, W, C); gamma (C,) or None; keep (N,) or None
     -> d branch (N, H, W, C), d gamma (C,) or None, and the sum of d branch over pixels (C,)"""
-    check_arguments("layer_scale_backward", "branch", branch, 4, dout=(dout, branch.size),
+    check_arguments("layer_scale_backward", "branch", branch, 4, optional=("gamma", "keep"), dout=(dout, branch.size),
                     gamma=(gamma, branch.shape[-1]), keep=(keep, branch.shape[0]))
     n, c = branch.shape[0], branch.shape[-1]
     dout = np.ascontiguousarray(dout, dtype=branch.dtype).reshape(n, -1, c)     # (N, P, C)
@@ -639,9 +641,9 @@ def layer_scale_backward(dout, branch, gamma, keep):
             _sum_chunks(d_bias, branch.dtype))
 
 
-def _check_in_place(array, ndim):
+def _check_in_place(wrapper, array, ndim):
     if array.ndim != ndim or not array.flags.c_contiguous or not array.flags.writeable:
-        raise InputError(f"expected a writeable C-contiguous {ndim}-D array to update in place, got "
+        raise InputError(f"{wrapper}: expected a writeable C-contiguous {ndim}-D array to update in place, got "
                          f"{array.ndim}-D, contiguous {array.flags.c_contiguous}")
 
 
@@ -654,9 +656,12 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, beta2, st
         param -= step_size * exp_avg / (sqrt(exp_avg_sq) / bias_correction2_sqrt + eps)
     The scalars are rounded to the arrays' dtype first, as NumPy rounds them."""
     arrays = (param, grad, exp_avg, exp_avg_sq)
-    if (len({(a.dtype, a.shape, a.strides) for a in arrays}) != 1 or not all(a.flags.writeable for a in arrays[::2])
+    if (not all(isinstance(a, np.ndarray) for a in arrays)
+            or len({(a.dtype, a.shape, a.strides) for a in arrays}) != 1
+            or not all(a.flags.writeable for a in arrays[::2])
             or not (param.flags.c_contiguous or param.flags.f_contiguous)):
-        raise InputError("adamw_update: AdamW's arrays must share one dtype, shape and contiguous layout, and be writeable")
+        raise InputError("adamw_update: AdamW's arrays must share one dtype, shape and contiguous layout, "
+                         "and be writeable")
     flat = [a.reshape(-1) if a.flags.c_contiguous else a.T.reshape(-1) for a in arrays]  # views, memory order
     scalar = param.dtype.type
     args = (*flat, scalar(decay), scalar(lerp_weight), scalar(1.0 - lerp_weight), scalar(beta2), scalar(1.0 - beta2),

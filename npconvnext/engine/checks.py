@@ -16,11 +16,18 @@ from ..errors import InputError
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels are written for
 
 
-def check_arguments(kernel: str, name: str, x: np.ndarray, ndim: int | None = None, **expected) -> None:
+def last_dimension(array) -> int:
+    """The size of an argument's last dimension, to derive the shapes of the others from; 0 for
+    None or a scalar, which then fits no expected shape."""
+    return np.shape(array)[-1] if np.ndim(array) else 0
+
+
+def check_arguments(wrapper: str, name: str, x: np.ndarray, ndim: int | None = None, optional: tuple[str, ...] = (),
+                    **expected) -> None:
     """InputError unless x (called `name`) is float32 or float64 with `ndim` dimensions (any if
     None), and each expected argument, given as name=(array, shape), has that shape, or that
-    many elements if the shape is an int; an array of None is an optional argument left out,
-    and passes."""
+    many elements if the shape is an int. None passes only for the arguments named optional
+    (left out); for any other, the kernel would read a one-element array as a whole row."""
     problems = []
     if x.dtype not in FLOATS:
         problems.append(f"{name} is {x.dtype}, not float32 or float64")
@@ -28,12 +35,13 @@ def check_arguments(kernel: str, name: str, x: np.ndarray, ndim: int | None = No
         problems.append(f"{name} has {x.ndim} dimensions, not {ndim}")
     for argument, (array, shape) in expected.items():
         if array is None:
-            continue
-        if isinstance(shape, int):  # any shape of that many elements: the wrapper reshapes it
+            if argument not in optional:
+                problems.append(f"{argument} is None")
+        elif isinstance(shape, int):  # any shape of that many elements: the wrapper reshapes it
             if np.size(array) != shape:
-                problems.append(f"{argument} has {np.size(array)} elements where {name} of shape {x.shape} "
-                                f"needs {shape}")
-        elif getattr(array, "shape", None) != shape and np.shape(array) != shape:
+                problems.append(f"{argument} has shape {np.shape(array)} where {name} of shape {x.shape} needs "
+                                f"{shape} elements")
+        elif np.shape(array) != shape:
             problems.append(f"{argument} has shape {np.shape(array)} where {name} of shape {x.shape} needs {shape}")
     if problems:
-        raise InputError(f"{kernel}: " + "; ".join(problems))
+        raise InputError(f"{wrapper}: " + "; ".join(problems))

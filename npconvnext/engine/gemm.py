@@ -22,9 +22,9 @@ host's widest vectors. Its plain-Python body is the twin under NUMBA_DISABLE_JIT
 check the compiled one against `x @ w.T`.
 
 Weights as stored are read straight from memory: at batch 1 a tile meets each weight once or
-twice, and the hardware prefetchers do not see twelve slow streams (the tile's rows) coming.
-So while a tile sums, it asks for the next tile's weight rows (`prefetch`), as many cache lines
-of them as it reads of its own, to have them in L2 when the next tile starts.
+twice, and the hardware prefetchers do not see MR slow streams (the tile's rows) coming. So
+while a tile sums, it asks for the next tile's weight rows (`prefetch`), as many cache lines
+of them as it reads of its own, to have them near (in L2 on x86) when the next tile starts.
 
 The tile is sized to the host's vector registers once, at import (`TILES`): 32 registers of
 64 bytes with AVX-512, 16 of 32 bytes with AVX2. Another CPU only changes speed, not results:
@@ -102,13 +102,15 @@ def fused_multiply_add(builder, a, b, c):
 
 
 def prefetch(builder, address):
-    """Ask for the cache line at `address` (a pointer) to be brought into L2 for reading: a hint
-    that never faults, even past an array's end"""
+    """Ask for the cache line at `address` (a pointer) to be brought near for reading, with
+    locality 2 (prefetcht1 on x86: into L2): a hint that never faults, even past an array's end"""
     byte_pointer = ir.IntType(8).as_pointer()
-    hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer] + [ir.IntType(32)] * 3),
-                                          "llvm.prefetch.p0")
-    read, level_2, data = (ir.Constant(ir.IntType(32), v) for v in (0, 2, 1))  # locality 2: prefetcht1 on x86
-    builder.call(hint, [builder.bitcast(address, byte_pointer), read, level_2, data])
+    # the intrinsic's name carries its pointer type: "p0" since LLVM 15's opaque pointers
+    name = "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
+    hint = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer] + [ir.IntType(32)] * 3), name)
+    read, locality, data = (ir.Constant(ir.IntType(32), v) for v in (0, 2, 1))
+    builder.call(hint, [builder.bitcast(address, byte_pointer), read, locality, data])
 
 
 def splat(builder, value, vector):
@@ -175,7 +177,7 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
             weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
         # the next tile's MR weight rows: one block of MR * K elements after this tile's rows
         next_rows = builder.gep(weight_array.data, [builder.mul(builder.add(first, const(mr)), row_stride)])
-        line = 64 // np.dtype(str(dtype)).itemsize  # elements in a cache line
+        line = 64 // np.dtype(str(dtype)).itemsize  # elements in a cache line (64 bytes)
         panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
         tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())              # (MR * NR / VL,)
 
@@ -186,7 +188,7 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
                     for _ in range(mr)]
             with cgutils.for_range(builder, depth) as loop:
                 k = loop.index
-                # each time k starts a cache line of this tile's MR rows, MR lines of the next
+                # every `line` steps of k (as many as a cache line holds), MR lines of the next
                 # tile's block of rows, from element k * MR on: the whole block by k = K
                 with builder.if_then(builder.icmp_signed("==", builder.and_(k, const(line - 1)), const(0))):
                     block_part = builder.gep(next_rows, [builder.mul(k, const(mr))])

@@ -49,7 +49,7 @@ from numba.core import cgutils
 
 from .. import layers
 from ..errors import InputError
-from .checks import check_arguments
+from .checks import check_arguments, last_dimension
 from .depthwise import depthwise_row, pad_rows
 from .depthwise import TAPS as _TAPS  # a constant lets LLVM unroll the training kernels' tap loops
 from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, splat, to_panels
@@ -630,11 +630,11 @@ def _rows_or_parallel(rows, parallel, args, count, blas_between=True):
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     x: (N, H, W, C) -> (N, H, W, C)"""
+    c = x.shape[-1]
+    check_arguments("depthwise_conv_layer_norm", "x", x, 4, conv_w=(conv_w, np.shape(conv_w)[:2] + (c,)),
+                    conv_b=(conv_b, (c,)), norm_w=(norm_w, (c,)), norm_b=(norm_b, (c,)))
     if conv_w.shape[:2] != (_TAPS, _TAPS):  # not a ConvNeXt size: the readable path, then LN
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
-    c = x.shape[-1]
-    check_arguments("depthwise_conv_layer_norm", "x", x, 4, conv_w=(conv_w, (_TAPS, _TAPS, c)),
-                    conv_b=(conv_b, (c,)), norm_w=(norm_w, (c,)), norm_b=(norm_b, (c,)))
     n, h, w, c = x.shape
     padded = pad_rows(x)                                       # (N, H+6, W'+6, C)
     conv_w, conv_b = np.ascontiguousarray(conv_w, x.dtype), np.ascontiguousarray(conv_b, x.dtype)
@@ -693,7 +693,7 @@ def _read_only(a):
 def linear_gelu_panels(x, weight, bias):
     """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py), weight-stationary.
     x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
-    d = np.shape(weight)[-1]
+    d = last_dimension(weight)
     check_arguments("linear_gelu_panels", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
     rows = _read_only(np.ascontiguousarray(weight.T, flat.dtype))  # (D, K): a view of the model's weights
@@ -712,16 +712,16 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels, weight-
     stationary; gamma None means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C);
     shortcut: (..., C), or the pixel count M when there is none -> like shortcut, or (M, C)"""
-    c = np.shape(weight)[-1]
-    check_arguments("panels_linear", "hidden", hidden, 3, weight=(weight, (hidden.shape[1], c)), bias=(bias, (c,)),
-                    gamma=(gamma, (c,)))
+    c = last_dimension(weight)
+    check_arguments("panels_linear", "hidden", hidden, 3, optional=("gamma",), weight=(weight, (hidden.shape[1], c)),
+                    bias=(bias, (c,)), gamma=(gamma, (c,)))
     nr = TILES[hidden.dtype][1]
     m = pixels if shortcut is None else shortcut.size // max(1, shortcut.shape[-1])
     fits = (hidden.shape[2] == nr and m is not None and 0 <= m <= hidden.shape[0] * nr
             and (shortcut is None or shortcut.shape[-1] == c))
     if not fits:
-        raise InputError(f"panels_linear: hidden panels of shape {hidden.shape} (panels of {nr} pixels) do not "
-                         f"fit {pixels} pixels or a shortcut of shape {np.shape(shortcut)} with {c} channels")
+        raise InputError(f"panels_linear: hidden panels of shape {hidden.shape} (panels of {nr} pixels) do not fit "
+                         f"a shortcut of shape {np.shape(shortcut)} with {c} channels, or pixels={pixels} without one")
     hidden = np.ascontiguousarray(hidden)
     rows = _read_only(np.ascontiguousarray(weight.T, hidden.dtype))  # (C, D): a view of the model's weights
     bias = _read_only(np.asarray(bias, hidden.dtype))
@@ -737,7 +737,7 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
 
 def linear(x, weight, bias):
     """layers.linear on gemm.py's tiles. x: (..., K); weight: (K, D) -> (..., D)"""
-    d = np.shape(weight)[-1]
+    d = last_dimension(weight)
     check_arguments("linear", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])                 # (M, K)
     out = panels_linear(to_panels(flat), weight, bias, pixels=flat.shape[0])  # (M, D)
@@ -746,7 +746,7 @@ def linear(x, weight, bias):
 
 def patchify_conv(x, weight, bias, patch):
     """layers.patchify_conv on gemm.py's tiles. x: (N, H, W, Cin) -> (N, H//p, W//p, Cout)"""
-    d = np.shape(weight)[-1]
+    d = last_dimension(weight)
     check_arguments("patchify_conv", "x", x, 4, weight=(weight, (patch * patch * x.shape[-1], d)), bias=(bias, (d,)))
     n, h, w, _ = x.shape
     patches = layers._patches(x, patch)                                       # (M, p * p * Cin)
@@ -765,8 +765,9 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     panels enough for every thread (on one thread, always: the hidden activations never leave
     the cache); else fc1 and fc2 one after the other, weight-stationary, the channels shared
     out. y, shortcut: (..., C) -> (..., C)"""
-    c, d = y.shape[-1], np.shape(fc1_weight)[-1]
-    check_arguments("mlp_residual", "y", y, None, fc1_weight=(fc1_weight, (c, d)), fc1_bias=(fc1_bias, (d,)),
+    c, d = y.shape[-1], last_dimension(fc1_weight)
+    check_arguments("mlp_residual", "y", y, None, optional=("gamma",), fc1_weight=(fc1_weight, (c, d)),
+                    fc1_bias=(fc1_bias, (d,)),
                     fc2_weight=(fc2_weight, (d, c)), fc2_bias=(fc2_bias, (c,)), gamma=(gamma, (c,)),
                     shortcut=(shortcut, y.shape))
     flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
