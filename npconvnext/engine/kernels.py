@@ -767,9 +767,8 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     out. y, shortcut: (..., C) -> (..., C)"""
     c, d = y.shape[-1], last_dimension(fc1_weight)
     check_arguments("mlp_residual", "y", y, None, optional=("gamma",), fc1_weight=(fc1_weight, (c, d)),
-                    fc1_bias=(fc1_bias, (d,)),
-                    fc2_weight=(fc2_weight, (d, c)), fc2_bias=(fc2_bias, (c,)), gamma=(gamma, (c,)),
-                    shortcut=(shortcut, y.shape))
+                    fc1_bias=(fc1_bias, (d,)), fc2_weight=(fc2_weight, (d, c)), fc2_bias=(fc2_bias, (c,)),
+                    gamma=(gamma, (c,)), shortcut=(shortcut, y.shape))
     flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
     panels = -(-flat.shape[0] // TILES[flat.dtype][1])
     threads = numba.get_num_threads()
