@@ -103,6 +103,11 @@ CASES = {
 BAD = [(f, argument) for f, (_, wrong) in CASES.items() for argument in wrong]
 
 
+def fresh(arguments):
+    """The arguments with every array copied: the wrappers may write some in place."""
+    return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in arguments.items()}
+
+
 def public_wrappers(module):
     return {f for name, f in vars(module).items()
             if inspect.isfunction(f) and not name.startswith("_") and f.__module__ == module.__name__}
@@ -115,7 +120,7 @@ def test_every_public_wrapper_is_tried():
 @pytest.mark.parametrize("wrapper", list(CASES), ids=lambda f: f.__name__)
 def test_arguments_that_fit_run(wrapper):
     fitting, _ = CASES[wrapper]
-    wrapper(**{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fitting.items()})
+    wrapper(**fresh(fitting))
 
 
 def refused(wrapper, arguments):
@@ -130,7 +135,7 @@ def refused(wrapper, arguments):
 @pytest.mark.parametrize("wrapper, argument", BAD, ids=[f"{f.__name__}-{a}" for f, a in BAD])
 def test_an_argument_that_does_not_fit_is_refused(wrapper, argument):
     fitting, wrong = CASES[wrapper]
-    arguments = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fitting.items()}
+    arguments = fresh(fitting)
     arguments[argument] = wrong[argument]
     assert refused(wrapper, arguments)
 
@@ -152,6 +157,6 @@ NONE = [(f, argument) for f, (fitting, _) in CASES.items() for argument in fitti
 @pytest.mark.parametrize("wrapper, argument", NONE, ids=[f"{f.__name__}-{a}" for f, a in NONE])
 def test_a_required_array_left_out_is_refused(wrapper, argument):
     fitting, _ = CASES[wrapper]
-    arguments = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fitting.items()}
+    arguments = fresh(fitting)
     arguments[argument] = None
     assert refused(wrapper, arguments)

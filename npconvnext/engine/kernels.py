@@ -637,8 +637,8 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
         return layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     n, h, w, c = x.shape
     padded = pad_rows(x)                                       # (N, H+6, W'+6, C)
-    conv_w, conv_b = np.ascontiguousarray(conv_w, x.dtype), np.ascontiguousarray(conv_b, x.dtype)
-    conv_w, conv_b, norm_w, norm_b = map(_read_only, (conv_w, conv_b, norm_w, norm_b))
+    conv_w, conv_b = _kernel_weights(x.dtype, conv_w, conv_b)
+    norm_w, norm_b = _kernel_weights(None, norm_w, norm_b)
     out = np.empty_like(x)
     _rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
                       (padded, conv_w, conv_b, norm_w, norm_b, eps, out), n * h, blas_between=False)  # N * H rows
@@ -650,7 +650,7 @@ def layer_norm(x, weight, bias, eps):
     check_arguments("layer_norm", "x", x, None, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
-    weight, bias = _read_only(weight), _read_only(bias)
+    weight, bias = _kernel_weights(None, weight, bias)
     _rows_or_parallel(_layer_norm_rows, _layer_norm, (flat, weight, bias, eps, out), flat.shape[0])
     return out.reshape(x.shape)
 
@@ -658,7 +658,7 @@ def layer_norm(x, weight, bias, eps):
 def _global_response_norm_in_place(x, weight, bias, eps):
     # x: (N, P, D) pixels by hidden channels
     check_arguments("global_response_norm", "x", x, 3, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
-    weight, bias = _read_only(weight), _read_only(bias)
+    weight, bias = _kernel_weights(None, weight, bias)
     _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
@@ -678,16 +678,21 @@ def _channel_groups(tiles: int) -> int:
     return 1 if threads == 1 else min(tiles, 4 * threads)
 
 
-def _read_only(a):
-    """A read-only view of a (None stays None). Numba compiles a kernel once per argument type,
-    and writability is part of it: weights mapped from a file are read-only, others are not.
-    The kernels never write their weights, so taking every weight read-only compiles (and
-    loads from the JIT cache) one version of each kernel instead of two."""
-    if a is None or not a.flags.writeable:
-        return a
-    view = a.view()
-    view.flags.writeable = False
-    return view
+def _kernel_weights(dtype, *arrays):
+    """The arrays as the kernels take their weights: C-contiguous, in dtype (None: their own),
+    read-only; None stays None. A copy is made only for another dtype or layout. Numba compiles
+    a kernel once per argument type, and writability is part of it: weights mapped from a file
+    are read-only, others are not. The kernels never write their weights, so taking every weight
+    read-only compiles (and loads from the JIT cache) one version of each kernel, not two."""
+    weights = []
+    for a in arrays:
+        if a is not None:
+            a = np.ascontiguousarray(a, dtype)
+            if a.flags.writeable:  # a view, so the caller's array keeps its flags
+                a = a.view()
+                a.flags.writeable = False
+        weights.append(a)
+    return weights
 
 
 def linear_gelu_panels(x, weight, bias):
@@ -696,8 +701,7 @@ def linear_gelu_panels(x, weight, bias):
     d = last_dimension(weight)
     check_arguments("linear_gelu_panels", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
-    rows = _read_only(np.ascontiguousarray(weight.T, flat.dtype))  # (D, K): a view of the model's weights
-    bias = _read_only(np.asarray(bias, flat.dtype))
+    rows, bias = _kernel_weights(flat.dtype, weight.T, bias)  # rows (D, K): a view of the weights
     mr, nr = TILES[flat.dtype]
     panels = to_panels(flat)                                  # (P, K, NR)
     hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
@@ -723,9 +727,7 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
         raise InputError(f"panels_linear: hidden panels of shape {hidden.shape} (panels of {nr} pixels) do not fit "
                          f"a shortcut of shape {np.shape(shortcut)} with {c} channels, or pixels={pixels} without one")
     hidden = np.ascontiguousarray(hidden)
-    rows = _read_only(np.ascontiguousarray(weight.T, hidden.dtype))  # (C, D): a view of the model's weights
-    bias = _read_only(np.asarray(bias, hidden.dtype))
-    gamma = None if gamma is None else _read_only(np.asarray(gamma, hidden.dtype))
+    rows, bias, gamma = _kernel_weights(hidden.dtype, weight.T, bias, gamma)  # rows (C, D): a view of the weights
     out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
     residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
     groups = _channel_groups(-(-rows.shape[0] // TILES[hidden.dtype][0]))
@@ -777,10 +779,8 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
         return panels_linear(hidden, fc2_weight, fc2_bias, gamma, shortcut)
     residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
     out = np.empty_like(residual)
-    fc1, fc2 = np.ascontiguousarray(fc1_weight.T, y.dtype), np.ascontiguousarray(fc2_weight.T, y.dtype)  # views
-    fc1_bias, fc2_bias = np.asarray(fc1_bias, y.dtype), np.asarray(fc2_bias, y.dtype)
-    gamma = None if gamma is None else np.asarray(gamma, y.dtype)
-    fc1, fc1_bias, fc2, fc2_bias, gamma = map(_read_only, (fc1, fc1_bias, fc2, fc2_bias, gamma))
+    fc1, fc1_bias, fc2, fc2_bias, gamma = _kernel_weights(y.dtype, fc1_weight.T, fc1_bias, fc2_weight.T, fc2_bias,
+                                                          gamma)  # fc1 (4C, C), fc2 (C, 4C): views of the weights
     _rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,
                       blas_between=False)
     return out.reshape(shortcut.shape)
