@@ -160,3 +160,18 @@ def test_a_required_array_left_out_is_refused(wrapper, argument):
     arguments = fresh(fitting)
     arguments[argument] = None
     assert refused(wrapper, arguments)
+
+
+NOT_ARRAYS = {"None": None, "0-d": np.float32(1.0).reshape(()), "list": [[1.0, 2.0]]}
+FIRST = [(f, kind) for f in CASES for kind in NOT_ARRAYS]
+
+
+@pytest.mark.parametrize("wrapper, kind", FIRST, ids=[f"{f.__name__}-{k}" for f, k in FIRST])
+def test_a_first_argument_that_is_not_an_array_is_refused(wrapper, kind):
+    """The array a wrapper works on is checked before its shape is read."""
+    fitting, _ = CASES[wrapper]
+    arguments = fresh(fitting)
+    first = next(iter(arguments))
+    arguments[first] = NOT_ARRAYS[kind]
+    with pytest.raises(InputError, match=rf"^{wrapper.__name__}: {first} is "):
+        wrapper(**arguments)

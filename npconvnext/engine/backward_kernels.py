@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import layers
 from ..errors import InputError
-from .checks import check_arguments
+from .checks import check_arguments, takes_array
 from .kernels import (_EXACT_JIT, _EXACT_PARALLEL_JIT, _INLINE_JIT, _JIT, _PARALLEL_JIT, _SQRT_HALF, _TAPS,
                       _add_depthwise_taps, _erf_for, _exp_nonpositive, _pixel_statistics, _rows_or_parallel)
 
@@ -465,6 +465,7 @@ def _sum_chunks(partial: np.ndarray, dtype) -> np.ndarray:
     return partial.sum(axis=0).astype(dtype)
 
 
+@takes_array
 def depthwise_conv(x, weight, bias, shortcut=None, out=None):
     """layers.depthwise_conv, plus shortcut if given, into out if given (C-contiguous, neither
     x nor shortcut). x, shortcut: (N, H, W, C) -> (N, H, W, C)"""
@@ -486,6 +487,7 @@ def depthwise_conv(x, weight, bias, shortcut=None, out=None):
     return out
 
 
+@takes_array
 def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     """layers.depthwise_conv_backward, with shortcut (the gradient reaching the block's input
     the other way) added to dx if given, and dx written into out if given.
@@ -512,6 +514,7 @@ def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     return dx, _sum_chunks(d_weight, x.dtype), _sum_chunks(d_bias, x.dtype)
 
 
+@takes_array
 def layer_norm_backward(dout, x, weight, eps):
     """layers.layer_norm_backward. dout, x: (..., C) -> dx (..., C), dweight (C,), dbias (C,)"""
     check_arguments("layer_norm_backward", "x", x, None, dout=(dout, x.size), weight=(weight, x.shape[-1:]))
@@ -526,6 +529,7 @@ def layer_norm_backward(dout, x, weight, eps):
     return dx.reshape(x.shape), _sum_chunks(d_weight, x.dtype), _sum_chunks(d_bias, x.dtype)
 
 
+@takes_array
 def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps) in one
     pass, with what the LayerNorm's backward needs: the normalised conv output before the affine
@@ -550,6 +554,7 @@ def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     return normed, xhat, rstd
 
 
+@takes_array
 def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
     """layers.layer_norm_backward from what depthwise_conv_layer_norm_keep kept; with
     in_place, dx is written over dout (each pixel's dout is read before its dx is written).
@@ -569,6 +574,7 @@ def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
     return dx.reshape(xhat.shape), _sum_chunks(d_weight, xhat.dtype), _sum_chunks(d_bias, xhat.dtype)
 
 
+@takes_array
 def bias_gelu_keep(hidden, bias):
     """layers.gelu(hidden + bias), with hidden += bias done in place (the backward keeps it).
     hidden: (M, D) C-contiguous -> (M, D)"""
@@ -580,6 +586,7 @@ def bias_gelu_keep(hidden, bias):
     return activated
 
 
+@takes_array
 def gelu_and_slope_in_place(hidden):
     """layers.gelu(hidden), and hidden replaced by GELU's slope there, d GELU / d hidden
     (layers.gelu_backward of ones): the backward needs the input no more once it has both.
@@ -591,6 +598,7 @@ def gelu_and_slope_in_place(hidden):
     return activated
 
 
+@takes_array
 def gelu_backward_with_bias(d_activated, slope):
     """layers.gelu_backward from the slope, and the gradient of the bias added before the GELU:
     d_activated * slope (in place on d_activated when it is C-contiguous and of slope's dtype), and
@@ -604,6 +612,7 @@ def gelu_backward_with_bias(d_activated, slope):
     return flat_d.reshape(slope.shape), _sum_chunks(sums, slope.dtype)
 
 
+@takes_array
 def bias_scale_residual_keep(branch, bias, gamma, keep, shortcut):
     """shortcut + keep * gamma * (branch + bias), with branch += bias done in place (the backward
     keeps it for gamma's gradient). gamma None (V2) means 1; keep (N,) drop-path scales per image,
@@ -622,6 +631,7 @@ def bias_scale_residual_keep(branch, bias, gamma, keep, shortcut):
     return out
 
 
+@takes_array
 def layer_scale_backward(dout, branch, gamma, keep):
     """Gradients of out = shortcut + keep * gamma * branch, apart from the shortcut's:
     dout, branch: (N, H, W, C); gamma (C,) or None; keep (N,) or None
@@ -647,6 +657,7 @@ def _check_in_place(wrapper, array, ndim):
                          f"{array.ndim}-D, contiguous {array.flags.c_contiguous}")
 
 
+@takes_array
 def adamw_update(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, beta2, step_size,
                  bias_correction2_sqrt, eps):
     """One AdamW step in place on param and its moments, all of one dtype and memory layout (C
@@ -677,6 +688,7 @@ def _optional(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype).reshape(-1)
 
 
+@takes_array
 def global_response_norm_backward(dout, x, weight, eps):
     """layers.global_response_norm_backward. dout, x: (N, H, W, D) -> dx, dweight (D,), dbias (D,)
 

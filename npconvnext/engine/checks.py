@@ -4,16 +4,36 @@ The compiled kernels index their arrays without bounds checks (Numba's default, 
 they vectorise): a weight one channel short would be read past its end, and an output too small
 written past its end, corrupting the process's memory. So every public wrapper in kernels.py
 and backward_kernels.py states the shapes it needs before it calls a kernel, and a misfit is
-an InputError that names the wrapper and each argument that does not fit.
+an InputError that names the wrapper and each argument that does not fit. The array a wrapper
+works on, its first argument, is checked to be one (`takes_array`) before the wrapper reads
+the others' expected shapes from it.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import numpy as np
 
 from ..errors import InputError
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels are written for
+
+
+def takes_array(wrapper):
+    """Decorator: InputError naming the wrapper unless its first argument is a NumPy array with
+    at least one dimension (the wrapper reads its shape before check_arguments runs)."""
+    name = next(iter(inspect.signature(wrapper).parameters))
+
+    @functools.wraps(wrapper)
+    def checked(*args, **kwargs):
+        x = args[0] if args else kwargs.get(name)
+        if not isinstance(x, np.ndarray) or x.ndim == 0:
+            what = "a 0-d array" if isinstance(x, np.ndarray) else type(x).__name__
+            raise InputError(f"{wrapper.__name__}: {name} is {what}, not a NumPy array with dimensions")
+        return wrapper(*args, **kwargs)
+    return checked
 
 
 def last_dimension(array) -> int:

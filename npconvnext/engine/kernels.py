@@ -49,7 +49,7 @@ from numba.core import cgutils
 
 from .. import layers
 from ..errors import InputError
-from .checks import check_arguments, last_dimension
+from .checks import check_arguments, last_dimension, takes_array
 from .depthwise import depthwise_row, pad_rows
 from .depthwise import TAPS as _TAPS  # a constant lets LLVM unroll the training kernels' tap loops
 from .gemm import TILES, _tile_product, _tile_product_transposed, _tile_shape, from_panels, splat, to_panels
@@ -627,6 +627,7 @@ def _rows_or_parallel(rows, parallel, args, count, blas_between=True):
         rows(*args, 0, count)
 
 
+@takes_array
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     x: (N, H, W, C) -> (N, H, W, C)"""
@@ -645,6 +646,7 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     return out
 
 
+@takes_array
 def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
     check_arguments("layer_norm", "x", x, None, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
@@ -662,6 +664,7 @@ def _global_response_norm_in_place(x, weight, bias, eps):
     _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
+@takes_array
 def global_response_norm(x, weight, bias, eps):
     """layers.global_response_norm. x: (N, H, W, D) -> (N, H, W, D)"""
     check_arguments("global_response_norm", "x", x, 4)
@@ -695,6 +698,7 @@ def _kernel_weights(dtype, *arrays):
     return weights
 
 
+@takes_array
 def linear_gelu_panels(x, weight, bias):
     """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py), weight-stationary.
     x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
@@ -712,6 +716,7 @@ def linear_gelu_panels(x, weight, bias):
     return hidden
 
 
+@takes_array
 def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels, weight-
     stationary; gamma None means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C);
@@ -737,6 +742,7 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     return out if shortcut is None else out.reshape(shortcut.shape)
 
 
+@takes_array
 def linear(x, weight, bias):
     """layers.linear on gemm.py's tiles. x: (..., K); weight: (K, D) -> (..., D)"""
     d = last_dimension(weight)
@@ -746,6 +752,7 @@ def linear(x, weight, bias):
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
+@takes_array
 def patchify_conv(x, weight, bias, patch):
     """layers.patchify_conv on gemm.py's tiles. x: (N, H, W, Cin) -> (N, H//p, W//p, Cout)"""
     d = last_dimension(weight)
@@ -761,6 +768,7 @@ def patchify_conv(x, weight, bias, patch):
 _PANELS_PER_THREAD = 4
 
 
+@takes_array
 def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut):
     """shortcut + gamma * layers.linear(layers.gelu(layers.linear(y, fc1_weight, fc1_bias)),
     fc2_weight, fc2_bias); gamma None means 1. Panel by panel in one kernel where there are
@@ -786,6 +794,7 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     return out.reshape(shortcut.shape)
 
 
+@takes_array
 def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
                    record: Recorder = no_record) -> np.ndarray:
     """Twin of network.block with the fused kernels; it records nothing inside the block.
