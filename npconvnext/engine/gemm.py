@@ -77,9 +77,14 @@ def to_panels(x: np.ndarray) -> np.ndarray:
     """(M, K) pixels by channels -> (P, K, NR) pixel panels, the last padded with zeros"""
     m, k = x.shape
     nr = panel_pixels(x.dtype)
-    padded = np.zeros((-(-m // nr) * nr, k), x.dtype)
-    padded[:m] = x
-    return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))  # (P, NR, K) -> (P, K, NR)
+    full, rest = divmod(m, nr)
+    panels = np.empty((full + (rest > 0), k, nr), x.dtype)
+    columns = panels.transpose(0, 2, 1)  # (P, NR, K): a view, written in one pass
+    columns[:full] = x[: full * nr].reshape(full, nr, k)
+    if rest:
+        columns[full, :rest] = x[full * nr :]
+        columns[full, rest:] = 0
+    return panels
 
 
 def from_panels(panels: np.ndarray, m: int) -> np.ndarray:
