@@ -86,7 +86,7 @@ def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40), (40, 16)])
+@pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40), (40, 16), (33, 20), (5, 3)])
 def test_linears_give_the_same_bits_however_the_work_is_shared(pixels, channels, dtype):
     # every tile sums its products in the same order, whichever thread, share or order runs it
     rng = np.random.default_rng(pixels)
