@@ -77,6 +77,10 @@ def test_pixel_panels_round_trip(pixels, dtype):
     np.testing.assert_array_equal(panels[0, :, 0], x[0])  # a panel holds a pixel per column
 
 
+def test_no_pixels_make_no_panels():
+    assert gemm.to_panels(np.zeros((0, 5), np.float32)).shape == (0, 5, gemm.panel_pixels(np.float32))
+
+
 def test_tiles_fit_the_vector_registers():
     vector_bytes, registers = gemm.vector_registers()
     for dtype, (mr, nr) in gemm.TILES.items():

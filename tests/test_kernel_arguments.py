@@ -163,15 +163,19 @@ def test_a_required_array_left_out_is_refused(wrapper, argument):
 
 
 NOT_ARRAYS = {"None": None, "0-d": np.float32(1.0).reshape(()), "list": [[1.0, 2.0]]}
-FIRST = [(f, kind) for f in CASES for kind in NOT_ARRAYS]
+WORKED_ON = [(f, kind) for f in CASES for kind in NOT_ARRAYS]
 
 
-@pytest.mark.parametrize("wrapper, kind", FIRST, ids=[f"{f.__name__}-{k}" for f, k in FIRST])
-def test_a_first_argument_that_is_not_an_array_is_refused(wrapper, kind):
-    """The array a wrapper works on is checked before its shape is read."""
+@pytest.mark.parametrize("wrapper, kind", WORKED_ON, ids=[f"{f.__name__}-{k}" for f, k in WORKED_ON])
+def test_the_array_worked_on_must_be_one(wrapper, kind):
+    """The array a wrapper reads the other arguments' shapes from is checked before it is read."""
     fitting, _ = CASES[wrapper]
     arguments = fresh(fitting)
-    first = next(iter(arguments))
-    arguments[first] = NOT_ARRAYS[kind]
-    with pytest.raises(InputError, match=rf"^{wrapper.__name__}: {first} is "):
+    arguments[next(a for a in arguments if a in INPUTS)] = NOT_ARRAYS[kind]
+    with pytest.raises(InputError, match=rf"^{wrapper.__name__}: "):
         wrapper(**arguments)
+
+
+def test_a_wrapper_called_without_its_array_gets_pythons_error():
+    with pytest.raises(TypeError):
+        kernels.layer_norm(weight=r(C), bias=r(C), eps=1e-6)

@@ -465,7 +465,7 @@ def _sum_chunks(partial: np.ndarray, dtype) -> np.ndarray:
     return partial.sum(axis=0).astype(dtype)
 
 
-@takes_array
+@takes_array("x")
 def depthwise_conv(x, weight, bias, shortcut=None, out=None):
     """layers.depthwise_conv, plus shortcut if given, into out if given (C-contiguous, neither
     x nor shortcut). x, shortcut: (N, H, W, C) -> (N, H, W, C)"""
@@ -487,7 +487,7 @@ def depthwise_conv(x, weight, bias, shortcut=None, out=None):
     return out
 
 
-@takes_array
+@takes_array("x")
 def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     """layers.depthwise_conv_backward, with shortcut (the gradient reaching the block's input
     the other way) added to dx if given, and dx written into out if given.
@@ -514,7 +514,7 @@ def depthwise_conv_backward(dout, x, weight, shortcut=None, out=None):
     return dx, _sum_chunks(d_weight, x.dtype), _sum_chunks(d_bias, x.dtype)
 
 
-@takes_array
+@takes_array("x")
 def layer_norm_backward(dout, x, weight, eps):
     """layers.layer_norm_backward. dout, x: (..., C) -> dx (..., C), dweight (C,), dbias (C,)"""
     check_arguments("layer_norm_backward", "x", x, None, dout=(dout, x.size), weight=(weight, x.shape[-1:]))
@@ -529,7 +529,7 @@ def layer_norm_backward(dout, x, weight, eps):
     return dx.reshape(x.shape), _sum_chunks(d_weight, x.dtype), _sum_chunks(d_bias, x.dtype)
 
 
-@takes_array
+@takes_array("x")
 def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps) in one
     pass, with what the LayerNorm's backward needs: the normalised conv output before the affine
@@ -554,7 +554,7 @@ def depthwise_conv_layer_norm_keep(x, conv_w, conv_b, norm_w, norm_b, eps):
     return normed, xhat, rstd
 
 
-@takes_array
+@takes_array("xhat")
 def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
     """layers.layer_norm_backward from what depthwise_conv_layer_norm_keep kept; with
     in_place, dx is written over dout (each pixel's dout is read before its dx is written).
@@ -574,7 +574,7 @@ def layer_norm_backward_kept(dout, xhat, rstd, weight, in_place=False):
     return dx.reshape(xhat.shape), _sum_chunks(d_weight, xhat.dtype), _sum_chunks(d_bias, xhat.dtype)
 
 
-@takes_array
+@takes_array("hidden")
 def bias_gelu_keep(hidden, bias):
     """layers.gelu(hidden + bias), with hidden += bias done in place (the backward keeps it).
     hidden: (M, D) C-contiguous -> (M, D)"""
@@ -586,7 +586,7 @@ def bias_gelu_keep(hidden, bias):
     return activated
 
 
-@takes_array
+@takes_array("hidden")
 def gelu_and_slope_in_place(hidden):
     """layers.gelu(hidden), and hidden replaced by GELU's slope there, d GELU / d hidden
     (layers.gelu_backward of ones): the backward needs the input no more once it has both.
@@ -598,7 +598,7 @@ def gelu_and_slope_in_place(hidden):
     return activated
 
 
-@takes_array
+@takes_array("slope")
 def gelu_backward_with_bias(d_activated, slope):
     """layers.gelu_backward from the slope, and the gradient of the bias added before the GELU:
     d_activated * slope (in place on d_activated when it is C-contiguous and of slope's dtype), and
@@ -612,7 +612,7 @@ def gelu_backward_with_bias(d_activated, slope):
     return flat_d.reshape(slope.shape), _sum_chunks(sums, slope.dtype)
 
 
-@takes_array
+@takes_array("branch")
 def bias_scale_residual_keep(branch, bias, gamma, keep, shortcut):
     """shortcut + keep * gamma * (branch + bias), with branch += bias done in place (the backward
     keeps it for gamma's gradient). gamma None (V2) means 1; keep (N,) drop-path scales per image,
@@ -631,7 +631,7 @@ def bias_scale_residual_keep(branch, bias, gamma, keep, shortcut):
     return out
 
 
-@takes_array
+@takes_array("branch")
 def layer_scale_backward(dout, branch, gamma, keep):
     """Gradients of out = shortcut + keep * gamma * branch, apart from the shortcut's:
     dout, branch: (N, H, W, C); gamma (C,) or None; keep (N,) or None
@@ -657,7 +657,6 @@ def _check_in_place(wrapper, array, ndim):
                          f"{array.ndim}-D, contiguous {array.flags.c_contiguous}")
 
 
-@takes_array
 def adamw_update(param, grad, exp_avg, exp_avg_sq, decay, lerp_weight, beta2, step_size,
                  bias_correction2_sqrt, eps):
     """One AdamW step in place on param and its moments, all of one dtype and memory layout (C
@@ -688,7 +687,7 @@ def _optional(array, dtype):
     return None if array is None else np.ascontiguousarray(array, dtype=dtype).reshape(-1)
 
 
-@takes_array
+@takes_array("x")
 def global_response_norm_backward(dout, x, weight, eps):
     """layers.global_response_norm_backward. dout, x: (N, H, W, D) -> dx, dweight (D,), dbias (D,)
 

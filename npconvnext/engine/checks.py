@@ -5,8 +5,8 @@ they vectorise): a weight one channel short would be read past its end, and an o
 written past its end, corrupting the process's memory. So every public wrapper in kernels.py
 and backward_kernels.py states the shapes it needs before it calls a kernel, and a misfit is
 an InputError that names the wrapper and each argument that does not fit. The array a wrapper
-works on, its first argument, is checked to be one (`takes_array`) before the wrapper reads
-the others' expected shapes from it.
+works on is checked to be one (`takes_array`) before the wrapper reads the others' expected
+shapes from it.
 """
 
 from __future__ import annotations
@@ -21,19 +21,26 @@ from ..errors import InputError
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels are written for
 
 
-def takes_array(wrapper):
-    """Decorator: InputError naming the wrapper unless its first argument is a NumPy array with
-    at least one dimension (the wrapper reads its shape before check_arguments runs)."""
-    name = next(iter(inspect.signature(wrapper).parameters))
+def takes_array(name: str):
+    """Decorator: InputError naming the wrapper unless its argument `name`, the array it works
+    on and reads the other arguments' expected shapes from, is a NumPy array with at least one
+    dimension. A call that leaves the argument out gets Python's own TypeError."""
+    def decorate(wrapper):
+        position = list(inspect.signature(wrapper).parameters).index(name)
 
-    @functools.wraps(wrapper)
-    def checked(*args, **kwargs):
-        x = args[0] if args else kwargs.get(name)
-        if not isinstance(x, np.ndarray) or x.ndim == 0:
-            what = "a 0-d array" if isinstance(x, np.ndarray) else type(x).__name__
-            raise InputError(f"{wrapper.__name__}: {name} is {what}, not a NumPy array with dimensions")
-        return wrapper(*args, **kwargs)
-    return checked
+        @functools.wraps(wrapper)
+        def checked(*args, **kwargs):
+            x = args[position] if position < len(args) else kwargs.get(name, _LEFT_OUT)
+            if x is not _LEFT_OUT and (not isinstance(x, np.ndarray) or x.ndim == 0):
+                what = ("None" if x is None else "a 0-d array" if isinstance(x, np.ndarray)
+                        else f"a {type(x).__name__}")
+                raise InputError(f"{wrapper.__name__}: {name} is {what}, not an array with dimensions")
+            return wrapper(*args, **kwargs)
+        return checked
+    return decorate
+
+
+_LEFT_OUT = object()
 
 
 def last_dimension(array) -> int:

@@ -435,7 +435,7 @@ def _global_response_norm_(x, weight, bias, eps):
 # sums in the same order either way: the results are the same bits.
 
 
-_PACK_CHANNELS = 8
+_PACK_CHANNELS = 8  # channels _pack_panel copies from a pixel at a time: 32 bytes of float32, 64 of float64
 
 
 @numba.njit(**_JIT)
@@ -445,12 +445,12 @@ def _pack_panel(x, first_pixel, panel):
     k = x.shape[1]
     nr = panel.shape[1]
     count = min(nr, x.shape[0] - first_pixel)
-    # eight channels of a pixel at a time, read as one short vector and written down eight panel
-    # rows: a channel at a time, each pixel's read would be a cache line apart from the last
+    # eight neighbouring channels of a pixel at a time, written down eight panel rows: a channel at
+    # a time, each pixel's read would be a row of x (often a cache line or more) from the last
     whole = k - k % _PACK_CHANNELS
     for ch0 in range(0, whole, _PACK_CHANNELS):
         for j in range(count):
-            channels = x[first_pixel + j, ch0 : ch0 + _PACK_CHANNELS]  # (8,)
+            channels = x[first_pixel + j, ch0 : ch0 + _PACK_CHANNELS]  # (8,): one vector load, not eight
             for c in range(_PACK_CHANNELS):
                 panel[ch0 + c, j] = channels[c]
     for ch in range(whole, k):
@@ -638,7 +638,7 @@ def _rows_or_parallel(rows, parallel, args, count, blas_between=True):
         rows(*args, 0, count)
 
 
-@takes_array
+@takes_array("x")
 def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     """layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, eps)
     x: (N, H, W, C) -> (N, H, W, C)"""
@@ -657,7 +657,7 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     return out
 
 
-@takes_array
+@takes_array("x")
 def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
     check_arguments("layer_norm", "x", x, None, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
@@ -675,7 +675,7 @@ def _global_response_norm_in_place(x, weight, bias, eps):
     _rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 
-@takes_array
+@takes_array("x")
 def global_response_norm(x, weight, bias, eps):
     """layers.global_response_norm. x: (N, H, W, D) -> (N, H, W, D)"""
     check_arguments("global_response_norm", "x", x, 4)
@@ -709,7 +709,7 @@ def _kernel_weights(dtype, *arrays):
     return weights
 
 
-@takes_array
+@takes_array("x")
 def linear_gelu_panels(x, weight, bias):
     """layers.gelu(layers.linear(x, weight, bias)) as pixel panels (gemm.py), weight-stationary.
     x: (..., K); weight: (K, D) -> (P, D, NR), the M pixels of x in P = ceil(M / NR) panels"""
@@ -727,14 +727,14 @@ def linear_gelu_panels(x, weight, bias):
     return hidden
 
 
-@takes_array
+@takes_array("hidden")
 def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     """shortcut + gamma * layers.linear(x, weight, bias), x given as pixel panels, weight-
     stationary; gamma None means 1, shortcut None means 0. hidden: (P, D, NR); weight: (D, C);
     shortcut: (..., C), or the pixel count M when there is none -> like shortcut, or (M, C)"""
     c = last_dimension(weight)
-    check_arguments("panels_linear", "hidden", hidden, 3, optional=("gamma",), weight=(weight, (hidden.shape[1], c)),
-                    bias=(bias, (c,)), gamma=(gamma, (c,)))
+    check_arguments("panels_linear", "hidden", hidden, 3, optional=("gamma",),
+                    weight=(weight, hidden.shape[1:2] + (c,)), bias=(bias, (c,)), gamma=(gamma, (c,)))
     nr = TILES[hidden.dtype][1]
     m = pixels if shortcut is None else shortcut.size // max(1, shortcut.shape[-1])
     fits = (hidden.shape[2] == nr and m is not None and 0 <= m <= hidden.shape[0] * nr
@@ -753,7 +753,7 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     return out if shortcut is None else out.reshape(shortcut.shape)
 
 
-@takes_array
+@takes_array("x")
 def linear(x, weight, bias):
     """layers.linear on gemm.py's tiles. x: (..., K); weight: (K, D) -> (..., D)"""
     d = last_dimension(weight)
@@ -763,7 +763,7 @@ def linear(x, weight, bias):
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
-@takes_array
+@takes_array("x")
 def patchify_conv(x, weight, bias, patch):
     """layers.patchify_conv on gemm.py's tiles. x: (N, H, W, Cin) -> (N, H//p, W//p, Cout)"""
     d = last_dimension(weight)
@@ -779,7 +779,7 @@ def patchify_conv(x, weight, bias, patch):
 _PANELS_PER_THREAD = 4
 
 
-@takes_array
+@takes_array("y")
 def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut):
     """shortcut + gamma * layers.linear(layers.gelu(layers.linear(y, fc1_weight, fc1_bias)),
     fc2_weight, fc2_bias); gamma None means 1. Panel by panel in one kernel where there are
@@ -805,7 +805,7 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     return out.reshape(shortcut.shape)
 
 
-@takes_array
+@takes_array("x")
 def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
                    record: Recorder = no_record) -> np.ndarray:
     """Twin of network.block with the fused kernels; it records nothing inside the block.
