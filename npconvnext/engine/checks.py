@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import InputError
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels are written for
+_LEFT_OUT = object()  # an argument not passed at all (None is a value a caller may pass)
 
 
 def takes_array(name: str):
@@ -38,9 +39,6 @@ def takes_array(name: str):
             return wrapper(*args, **kwargs)
         return checked
     return decorate
-
-
-_LEFT_OUT = object()
 
 
 def last_dimension(array) -> int:
