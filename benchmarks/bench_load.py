@@ -4,7 +4,7 @@ Each file is written by the library that owns its format, from a re-randomised m
 classes, every parameter off its init): timm's safetensors, torch.save'd state dicts in timm's
 and the official code's naming, transformers' save_pretrained, keras.applications' ConvNeXt
 saved by Keras 3 (legacy .h5, .weights.h5, .keras), a TensorFlow SavedModel (Keras' export, by
-tests/tf_writer.py) and OpenVINO IRs (FP32, FP16-compressed) converted from timm. Each writer
+tests/support/tf_writer.py) and OpenVINO IRs (FP32, FP16-compressed) converted from timm. Each writer
 runs in a child process of its own; TensorFlow runs in one with no OpenVINO (the two crash in
 one process), from this interpreter if it has TensorFlow, else from --tf-python.
 
@@ -36,7 +36,7 @@ ARCH = "convnext_tiny"
 REPEATS = 5
 SEED = 0
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")  # the tests' writers and randomisers are reused
+SUPPORT = os.path.join(os.path.dirname(HERE), "tests", "support")  # the tests' writers and randomisers are reused
 
 # key -> (table label, writer, path in the architecture's folder); the table keeps this order
 FORMATS = {
@@ -77,7 +77,7 @@ print(json.dumps(times))
 
 def write_timm(arch: str, out: dict[str, str]) -> None:
     """timm's own safetensors and torch.save files, and the official naming wrapped in "model"."""
-    sys.path.insert(0, TESTS)
+    sys.path.insert(0, SUPPORT)
     import torch
     from safetensors.torch import save_file
     from test_checkpoints import official_state
@@ -130,7 +130,7 @@ def keras_model(keras, arch: str):
 def write_keras(arch: str, out: dict[str, str]) -> None:
     """Keras 3 on torch: model.save to a legacy .h5 and to .keras, save_weights to .weights.h5."""
     os.environ["KERAS_BACKEND"] = "torch"
-    sys.path.insert(0, TESTS)
+    sys.path.insert(0, SUPPORT)
     import keras
     from test_keras import randomise
 
@@ -144,8 +144,8 @@ def write_keras(arch: str, out: dict[str, str]) -> None:
 
 
 def write_tensorflow(arch: str, out: dict[str, str]) -> None:
-    """A SavedModel by Keras 3's export on TensorFlow, as tests/tf_writer.py writes it."""
-    sys.path.insert(0, TESTS)
+    """A SavedModel by Keras 3's export on TensorFlow, as tests/support/tf_writer.py writes it."""
+    sys.path.insert(0, SUPPORT)
     import tf_writer  # first: it imports TensorFlow and sets Keras' backend to it
     import keras
 
@@ -158,7 +158,7 @@ def write_tensorflow(arch: str, out: dict[str, str]) -> None:
 
 def write_openvino(arch: str, out: dict[str, str]) -> None:
     """openvino.convert_model from a timm model, saved FP32 and FP16-compressed."""
-    sys.path.insert(0, TESTS)
+    sys.path.insert(0, SUPPORT)
     sys.modules.setdefault("openvino_telemetry", None)  # no usage telemetry: the converter uses its stub
     import openvino as ov
     import torch

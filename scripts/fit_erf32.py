@@ -5,7 +5,7 @@
 erf(x) ~ x * P(x^2) / Q(x^2) on |x| <= 4 (beyond, float32 erf is +-1), P of degree 6, Q of
 degree 5, Q(0) = 1: weighted linear least squares on the error in erf, re-weighted by the last
 Q (Sanathanan-Koerner iteration). Evaluated in float64 and rounded, it is within 1 float32 ulp
-of the exact erf; tests/test_kernels.py checks that on a dense grid.
+of the exact erf; tests/engine/test_kernels.py checks that on a dense grid.
 """
 
 import math

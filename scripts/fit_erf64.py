@@ -11,7 +11,7 @@ Taylor polynomial after the usual reduction by multiples of ln 2. The fits are l
 squares in 40-digit arithmetic re-weighted by the last Q (Sanathanan-Koerner), weighted by the
 absolute error they cause in erf. Evaluated in float64 the result is within 1.25 ulp of the
 exact erf (glibc's: 0.96), and within 1 ulp when the polynomials are evaluated with fused
-multiply-adds, as the kernel does; tests/test_kernels.py checks the kernel against mpmath.
+multiply-adds, as the kernel does; tests/engine/test_kernels.py checks the kernel against mpmath.
 """
 
 import mpmath as mp

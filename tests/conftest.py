@@ -14,17 +14,15 @@ if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
 
 # The kernels start parallel loops only where Numba's OpenMP workers sleep between them
 # (engine/kernels.py, _workers_sleep): ask for that here so the parallel paths are tested;
-# tests/test_threads.py checks the default, where they run serially.
+# tests/engine/test_threads.py checks the default, where they run serially.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-sys.path.insert(0, os.path.dirname(__file__))  # the helper modules beside the tests
 
 
 class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """TensorFlow crashes beside OpenVINO in one process, and Keras 3 imports it whenever it is
     installed (model.save reaches for tf.io.gfile): this process never imports it, so Keras
     takes its paths without it. Tests that need TensorFlow run it in a subprocess
-    (tests/tf_writer.py). Finding the module still works (torch asks); importing it fails."""
+    (tests/support/tf_writer.py). Finding the module still works (torch asks); importing it fails."""
 
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] == "tensorflow":

@@ -15,7 +15,7 @@ import npconvnext
 from npconvnext.errors import CheckpointError
 from npconvnext.hub import download_weights, registry
 from npconvnext.preprocessing import DataConfig
-from timm_reference import numpy_state_dict, random_timm_model, run_timm
+from tests.support.timm_reference import numpy_state_dict, random_timm_model, run_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -10,6 +10,7 @@ from safetensors.numpy import save_file
 
 import npconvnext
 from npconvnext.params import random_state_dict
+from tests.support import DATA
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,7 @@ def test_a_model_that_normalises_inside_takes_what_its_framework_took(atto_state
         channel_order="BGR", scale="255", mean=mean, std=std, source="test"))
     config = open_model_zoo_style.data_config
     assert (config.channel_order, config.scale, config.mean, config.std) == ("BGR", "255", None, None)
-    photo = os.path.join(os.path.dirname(__file__), "data", "chelsea.png")
+    photo = os.path.join(DATA, "chelsea.png")
     bgr = npconvnext.preprocess(photo, config)                         # (3, H, W) raw BGR 0-255
     assert bgr.max() > 200 and bgr.min() >= 0                          # not normalised by preprocess
     expected = timm_style(npconvnext.preprocess(photo, timm_style.data_config)[None])

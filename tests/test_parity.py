@@ -12,7 +12,7 @@ import pytest
 
 import npconvnext
 from npconvnext.model import BACKENDS
-from timm_reference import numpy_state_dict, random_images, random_timm_model, run_timm
+from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model, run_timm
 
 DTYPES = (np.float32, np.float64)
 

@@ -16,7 +16,7 @@ from npconvnext.errors import CheckpointError, ImageError
 from npconvnext.formats.data_config import data_config_for_weights
 from npconvnext.preprocessing import DataConfig, open_image, preprocess
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+from tests.support import DATA
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 
 

@@ -19,7 +19,7 @@ whose intermediate results the backward keeps.
 Each kernel is a body over a range of rows, run as it is on one thread, and a parallel loop that
 shares the rows between threads, chosen by `kernels._rows_or_parallel` as the forward kernels
 are. Each has a twin in `npconvnext/layers.py` (or `train/optim.py`), and
-`tests/test_backward_kernels.py` checks them against each other.
+`tests/engine/test_backward_kernels.py` checks them against each other.
 
 Gradients of weights are sums over every pixel of the batch. Those sums go into float64 partial
 sums, one set per fixed chunk of rows (`_CHUNK_ROWS`, `_CHUNK_PIXELS`), which are added up in

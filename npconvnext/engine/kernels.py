@@ -20,7 +20,7 @@ kernels need next.
 
 Each kernel is a body over a range of rows (`*_rows`), run as it is on one thread, and a
 parallel loop that shares the rows between threads (see `_rows_or_parallel` for which runs).
-Each has a twin in `npconvnext/layers.py` (the readable reference); `tests/test_kernels.py`
+Each has a twin in `npconvnext/layers.py` (the readable reference); `tests/engine/test_kernels.py`
 checks them against each other, and `NUMBA_DISABLE_JIT=1` runs these bodies as plain Python.
 The `_`-prefixed `@njit` functions never validate and allocate only scratch space: the public
 wrappers below validate and allocate the outputs.

@@ -14,7 +14,7 @@ import npconvnext
 from npconvnext.params import random_state_dict
 from npconvnext.summary import summarize
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+from tests.support import DATA
 
 
 def run(*args, ok=True, env=None):

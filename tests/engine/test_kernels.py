@@ -13,7 +13,7 @@ from npconvnext import layers
 from npconvnext.engine import gemm, kernels
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
-import parallel_loops
+from tests.support import DATA, parallel_loops
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
@@ -270,7 +270,7 @@ def test_a_cold_jit_cache_is_told_once_by_the_cli_and_logged_by_the_library(tmp_
 
     weights = tmp_path / "atto.safetensors"
     save_file(random_state_dict(npconvnext.get_config("convnext_atto")), weights)
-    image = os.path.join(os.path.dirname(__file__), "data", "chelsea.png")
+    image = os.path.join(DATA, "chelsea.png")
 
     def run(args, cache):
         env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / cache))

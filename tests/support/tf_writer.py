@@ -1,8 +1,8 @@
 """Write TensorFlow SavedModels of re-randomised ConvNeXts, and TensorFlow's own outputs, for
-tests/test_savedmodel.py. Run in a subprocess of its own (TensorFlow and OpenVINO crash in one
+tests/formats/test_savedmodel.py. Run in a subprocess of its own (TensorFlow and OpenVINO crash in one
 process, and the test process imports Keras on torch):
 
-    python tests/tf_writer.py OUT_DIR [MODEL ...]
+    python tests/support/tf_writer.py OUT_DIR [MODEL ...]
 
 For each model, OUT_DIR/<model>/ holds the SavedModel (saved_model.pb, variables/) and
 OUT_DIR/<model>.npz the inputs `x` and TensorFlow's outputs `y` for them.
@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 try:
     import tensorflow as tf
 except ImportError:
-    sys.exit(3)  # NO_TENSORFLOW in tests/test_savedmodel.py
+    sys.exit(3)  # NO_TENSORFLOW in tests/formats/test_savedmodel.py
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 

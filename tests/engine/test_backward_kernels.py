@@ -7,7 +7,7 @@ import pytest
 
 from npconvnext import layers
 from npconvnext.engine import backward_kernels as bk
-import parallel_loops
+from tests.support import parallel_loops
 
 # float64 kernels sum in another order than NumPy; float32 ones sum weight gradients in float64
 # where NumPy sums in float32, and use the float32 erf

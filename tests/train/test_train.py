@@ -13,7 +13,7 @@ from npconvnext.formats import read_safetensors
 from npconvnext.model import ConvNeXt
 from npconvnext.params import random_state_dict
 from npconvnext.train.optim import cosine_schedule, layer_decay_scales
-from timm_reference import numpy_state_dict, random_images, random_timm_model
+from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model
 
 GRAD_TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4}
 

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from npconvnext import atomic
 from npconvnext.convert import convert, verify
 from npconvnext.errors import CheckpointError
-from timm_reference import numpy_state_dict, random_timm_model
+from tests.support.timm_reference import numpy_state_dict, random_timm_model
 
 WRITE_PATHS = ["O_TMPFILE", "named temporary"]
 

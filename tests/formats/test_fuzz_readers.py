@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import sys
+from tests.support import ROOT
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "fuzz_readers.py")
+SCRIPT = os.path.join(ROOT, "scripts", "fuzz_readers.py")
 INPUTS, SEED = 8000, 20261124
 MAX_GROWTH_MB = 200   # peak RSS over the worker's after importing npconvnext; the seeds are a few kB
 MAX_SECONDS = 2.0     # per input; each is a few kB

@@ -24,7 +24,7 @@ from npconvnext.distributed.remote import fetched
 from npconvnext.errors import ImageError, InputError, NpConvNeXtError
 from npconvnext.params import random_state_dict
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+from tests.support import DATA
 SIZE = "64"  # a small input size keeps the forwards cheap
 
 

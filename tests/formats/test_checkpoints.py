@@ -17,7 +17,7 @@ import npconvnext
 from npconvnext.errors import CheckpointError
 from npconvnext.params import detect_architecture
 from npconvnext.convert import convert
-from timm_reference import numpy_state_dict, random_images, random_timm_model, run_timm
+from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model, run_timm
 
 
 @pytest.fixture(scope="module")

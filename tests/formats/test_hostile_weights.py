@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from npconvnext.errors import CheckpointError
 from npconvnext.formats import read_checkpoint, read_safetensors, read_safetensors_with_metadata
-from timm_reference import numpy_state_dict, random_timm_model
+from tests.support.timm_reference import numpy_state_dict, random_timm_model
 
 # ---- building PyTorch zip checkpoints from parts -------------------------------------------------
 

@@ -3,7 +3,7 @@ by TensorFlow itself from re-randomised weights, give TensorFlow's own outputs i
 with no TensorFlow imported by it; broken and hostile SavedModels get a CheckpointError naming
 the path.
 
-TensorFlow runs in a subprocess (tests/tf_writer.py): it crashes beside OpenVINO, which other
+TensorFlow runs in a subprocess (tests/support/tf_writer.py): it crashes beside OpenVINO, which other
 tests import, and this process's Keras runs on torch.
 """
 
@@ -20,8 +20,9 @@ import npconvnext
 import npconvnext.convert
 from npconvnext.formats import tf_bundle
 from npconvnext.formats.tf_bundle import crc32c, crc32c_naive, read_table, unmask_crc
+from tests.support import TESTS
 
-WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_writer.py")
+WRITER = os.path.join(TESTS, "support", "tf_writer.py")
 NO_TENSORFLOW, NO_TF_KERAS = 3, 4  # tf_writer.py's exit status without TensorFlow, without tf_keras
 MODELS = {  # name in tf_writer.py -> (architecture, outputs, convention source mentions)
     "keras_tiny": ("convnext_tiny", "probabilities", "keras.applications"),

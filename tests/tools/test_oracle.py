@@ -10,7 +10,8 @@ from safetensors.numpy import save_file
 
 import npconvnext
 from npconvnext.oracle import TOLERANCE, compare, read_golden, timm_trace, write_golden
-from timm_reference import numpy_state_dict, random_images, random_timm_model
+from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model
+from tests.support import DATA
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny", "convnextv2_atto", "convnextv2_tiny"])
@@ -138,7 +139,7 @@ def test_parity_against_a_golden_from_timms_own_trace(tmp_path, capsys):
 def test_golden_from_a_photo_with_weights(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_file(numpy_state_dict(random_timm_model("convnext_atto")), weights)
-    photo = os.path.join(os.path.dirname(__file__), "data", "chelsea.png")
+    photo = os.path.join(DATA, "chelsea.png")
     cli("golden", "--weights", weights, "--image", photo, "-o", tmp_path / "g.safetensors")
     tensors, meta = read_golden(str(tmp_path / "g.safetensors"))
     np.testing.assert_array_equal(tensors["input"][0], npconvnext.preprocess(photo))

@@ -1,0 +1,8 @@
+"""Helpers the tests share: timm models with re-randomised weights, a SavedModel writer run in a
+subprocess, counters of Numba's parallel loops, and the paths of the repository's test data."""
+
+import os
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
+ROOT = os.path.dirname(TESTS)  # the repository
+DATA = os.path.join(TESTS, "data")  # the photos the tests classify (SOURCES.md says whose)
