@@ -32,7 +32,7 @@ import numpy as np
 
 import npconvnext
 from npconvnext.atomic import atomic_write
-from npconvnext.distributed import Job, ModelSpec, cluster, jobs, list_images, run
+from npconvnext.distributed import Job, ModelSpec, cluster, list_images, run, worker
 from npconvnext.formats.safetensors_writer import safetensors_chunks
 from npconvnext.params import random_state_dict
 
@@ -74,7 +74,7 @@ def timed_job(client, paths, workdir, name, job) -> float:
     for folder in (warm, out):
         shutil.rmtree(folder, ignore_errors=True)
     if client is not None:
-        client.run(jobs.worker_model, job.spec)  # every worker builds its model before the clock starts
+        client.run(worker.worker_model, job.spec)  # every worker builds its model before the clock starts
     few = max(2, 2 * len(client.scheduler_info()["workers"]) if client is not None else 2)
     run(client, paths[:few], warm, Job(job.task, job.spec, job.top_k, job.batch_size, partition_size=1))
     start = time.perf_counter()

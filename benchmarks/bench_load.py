@@ -36,7 +36,7 @@ ARCH = "convnext_tiny"
 REPEATS = 5
 SEED = 0
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUPPORT = os.path.join(os.path.dirname(HERE), "tests", "support")  # the tests' writers and randomisers are reused
+ROOT = os.path.dirname(HERE)  # the repository: the tests' writers and randomisers (tests/) are reused
 
 # key -> (table label, writer, path in the architecture's folder); the table keeps this order
 FORMATS = {
@@ -77,11 +77,11 @@ print(json.dumps(times))
 
 def write_timm(arch: str, out: dict[str, str]) -> None:
     """timm's own safetensors and torch.save files, and the official naming wrapped in "model"."""
-    sys.path.insert(0, SUPPORT)
+    sys.path.insert(0, ROOT)
     import torch
     from safetensors.torch import save_file
-    from test_checkpoints import official_state
-    from timm_reference import numpy_state_dict, random_timm_model
+    from tests.formats.test_checkpoints import official_state
+    from tests.support.timm_reference import numpy_state_dict, random_timm_model
 
     net = random_timm_model(arch, seed=SEED)
     writers = {"safetensors": lambda path: save_file(net.state_dict(), path),
@@ -130,9 +130,9 @@ def keras_model(keras, arch: str):
 def write_keras(arch: str, out: dict[str, str]) -> None:
     """Keras 3 on torch: model.save to a legacy .h5 and to .keras, save_weights to .weights.h5."""
     os.environ["KERAS_BACKEND"] = "torch"
-    sys.path.insert(0, SUPPORT)
+    sys.path.insert(0, ROOT)
     import keras
-    from test_keras import randomise
+    from tests.formats.test_keras import randomise
 
     model = keras_model(keras, arch)
     randomise(model, seed=SEED)
@@ -145,8 +145,8 @@ def write_keras(arch: str, out: dict[str, str]) -> None:
 
 def write_tensorflow(arch: str, out: dict[str, str]) -> None:
     """A SavedModel by Keras 3's export on TensorFlow, as tests/support/tf_writer.py writes it."""
-    sys.path.insert(0, SUPPORT)
-    import tf_writer  # first: it imports TensorFlow and sets Keras' backend to it
+    sys.path.insert(0, ROOT)
+    from tests.support import tf_writer  # first: it imports TensorFlow and sets Keras' backend to it
     import keras
 
     name = "keras_tiny_1000" if arch == "convnext_tiny" else f"keras_{arch}_1000"
@@ -158,11 +158,11 @@ def write_tensorflow(arch: str, out: dict[str, str]) -> None:
 
 def write_openvino(arch: str, out: dict[str, str]) -> None:
     """openvino.convert_model from a timm model, saved FP32 and FP16-compressed."""
-    sys.path.insert(0, SUPPORT)
+    sys.path.insert(0, ROOT)
     sys.modules.setdefault("openvino_telemetry", None)  # no usage telemetry: the converter uses its stub
     import openvino as ov
     import torch
-    from timm_reference import random_timm_model
+    from tests.support.timm_reference import random_timm_model
 
     model = ov.convert_model(random_timm_model(arch, seed=SEED), example_input=torch.zeros(1, 3, 224, 224))
     for key, path in out.items():

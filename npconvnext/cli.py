@@ -1,6 +1,10 @@
 """The `npconvnext` command: classify, features, evaluate, summary, download, convert, verify,
 golden, parity.
 
+This module parses arguments and prints; the work is done by the modules it calls: batch.py
+(classify, features), evaluate.py, distributed/ (--scheduler, --output), oracle.py (golden,
+parity), convert.py, summary.py, train/finetune.py, hub.py.
+
 A bad input never shows a traceback: npconvnext's own errors, OS errors and the refusals here
 are printed as one line naming the problem, with exit status 1. File names are printed with
 undecodable bytes as backslash escapes, so any name prints on any terminal.
@@ -13,16 +17,14 @@ import io
 import json
 import logging
 import os
-import re
 import sys
-import warnings
 from dataclasses import replace
 
 import numpy as np
 
+from . import batch
 from .atomic import atomic_write
-from .distributed import batch
-from .distributed.batch import DEFAULT_MODEL
+from .batch import DEFAULT_MODEL
 from .distributed.jobs import DEFAULT_PARTITION_SIZE
 from .errors import NpConvNeXtError
 
@@ -135,56 +137,21 @@ def cmd_features(args):
 
 
 def cmd_evaluate(args):
-    from npconvnext.labels import imagenet_classes
+    from npconvnext import evaluate
 
     model, config = _load_model(args)
-    index_of = {c.wnid: c.index for c in imagenet_classes()}
-    by_class: dict[int, list[str]] = {}
-    for wnid in sorted(os.listdir(args.directory)):
-        folder = os.path.join(args.directory, wnid)
-        if os.path.isdir(folder):
-            if wnid not in index_of:
-                raise CommandError(f"{_shown(folder)}: folder name is not an ImageNet-1k WordNet id")
-            by_class[index_of[wnid]] = _image_paths([folder])
-    if not by_class:
-        raise CommandError(f"{_shown(args.directory)}: no class folders (one per WordNet id) with images")
+    by_class = evaluate.class_folders(args.directory)
     if args.limit:
-        by_class = balanced_subset(by_class, args.limit, args.seed)
-    truth = {path: index for index, paths in by_class.items() for path in paths}
-    top1 = top5 = total = 0
-    for paths, x in _batches(list(truth), config, args.batch_size):
-        ranked = np.argsort(-model(x), axis=-1)[:, :5]
-        for path, row in zip(paths, ranked):
-            total += 1
-            top1 += int(row[0] == truth[path])
-            top5 += int(truth[path] in row)
-    if not total:
+        by_class = evaluate.balanced_subset(by_class, args.limit, args.seed)
+    truth = evaluate.ground_truth(by_class)
+    counts = evaluate.accuracy(model, _batches(list(truth), config, args.batch_size), truth)
+    if not counts.images:
         raise CommandError(f"{_shown(args.directory)}: none of the {len(truth)} images could be read "
                            "(see the warnings above)")
-    report = {"model": args.model, "weights": args.weights, "images": total,
-              "top1": round(100 * top1 / total, 3), "top5": round(100 * top5 / total, 3)}
-    print(f"top-1 {report['top1']:.2f} %  top-5 {report['top5']:.2f} %  over {total} images")
+    report = counts.report(args.model, args.weights)
+    print(f"top-1 {report['top1']:.2f} %  top-5 {report['top5']:.2f} %  over {counts.images} images")
     if args.report:
         atomic_write(args.report, json.dumps(report, indent=2).encode())
-
-
-def balanced_subset(by_class: dict[int, list[str]], limit: int, seed: int) -> dict[int, list[str]]:
-    """`limit` of the files, as evenly spread over the classes as `limit` allows, drawn at
-    random with `seed`: classes are visited in a shuffled order, one file from each per round,
-    each class's files in a shuffled order. Not the first `limit` files, which would be the
-    first classes only."""
-    rng = np.random.default_rng(seed)
-    classes = sorted(by_class)
-    queues = {c: [by_class[c][i] for i in rng.permutation(len(by_class[c]))] for c in classes}
-    order = [classes[i] for i in rng.permutation(len(classes))]
-    picked: dict[int, list[str]] = {}
-    taken = 0
-    while taken < limit and any(queues.values()):
-        for c in order:
-            if queues[c] and taken < limit:
-                picked.setdefault(c, []).append(queues[c].pop())
-                taken += 1
-    return {c: sorted(picked[c]) for c in classes if c in picked}
 
 
 def cmd_finetune(args):
@@ -252,31 +219,10 @@ def cmd_verify(args):
 
 def _traced_model(args):
     """Model, input and metadata for golden/parity: --weights or seeded random weights."""
-    import npconvnext
-    from npconvnext.formats import sha256_of
-    from npconvnext.preprocessing import DataConfig, preprocess
+    from npconvnext.oracle import traced_model
 
-    dtype = "float64" if args.float64 else "float32"
-    name = args.model or "convnext_tiny"
-    arch = name.split(".")[0]
-    if args.weights:
-        model = npconvnext.create_model(arch if args.model else None, weights=args.weights, dtype=dtype)
-        meta = {"weights_sha256": sha256_of(args.weights)}
-    else:
-        seed = args.weight_seed if args.weight_seed is not None else 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = npconvnext.create_model(arch, dtype=dtype, seed=seed)
-        meta = {"weights": f"npconvnext random_state_dict seed {seed}", "weight_seed": str(seed)}
-    config = DataConfig()
-    if getattr(args, "image", None):
-        x = preprocess(args.image, config)[None].astype(dtype)
-        meta.update(input=f"image {os.path.basename(args.image)}", preprocessing=json.dumps(config.__dict__))
-    else:
-        x = np.random.default_rng(args.seed).standard_normal((1, 3, args.input_size, args.input_size)).astype(dtype)
-        meta.update(input=f"standard normal, numpy default_rng({args.seed})")
-    meta.update(architecture=model.config.name, dtype=dtype)
-    return model, x, meta
+    return traced_model(args.model, args.weights, "float64" if args.float64 else "float32", args.weight_seed,
+                        args.seed, args.input_size, getattr(args, "image", None))
 
 
 def cmd_golden(args):
@@ -289,42 +235,8 @@ def cmd_golden(args):
     print(f"{args.output}: {len(trace)} tensors, {size / 1e6:.1f} MB of {meta['dtype']}, {meta['architecture']}")
 
 
-def _golden_weights(args, meta: dict[str, str]) -> None:
-    """Point `args` at the weights the golden file was made with, as its metadata records them:
-    a weight file's sha256 (then --weights must be that file) or npconvnext's random-weights
-    seed. A golden that records neither needs --weights."""
-    from npconvnext.formats import sha256_of
-
-    golden = _shown(args.against)
-    recorded = meta.get("weights_sha256")
-    seed_text = meta.get("weight_seed")
-    if seed_text is None:  # golden files written before weight_seed was recorded on its own
-        match = re.fullmatch(r"npconvnext random_state_dict seed (\d+)", meta.get("weights", ""))
-        seed_text = match and match.group(1)
-    if recorded:
-        if not args.weights:
-            raise CommandError(f"{golden}: was made with the weight file of sha256 {recorded}; pass that "
-                               "file with --weights")
-        actual = sha256_of(args.weights)
-        if actual != recorded:
-            raise CommandError(f"{_shown(args.weights)}: sha256 {actual} is not that of the weights "
-                               f"{golden} was made with ({recorded})")
-    elif seed_text:
-        seed = int(seed_text)
-        if args.weights:
-            raise CommandError(f"{golden}: was made with npconvnext's random weights (seed {seed}), "
-                               "not a weight file: drop --weights")
-        if args.weight_seed is not None and args.weight_seed != seed:
-            raise CommandError(f"{golden}: was made with random-weights seed {seed}, not "
-                               f"--weight-seed {args.weight_seed}")
-        args.weight_seed = seed
-    elif not args.weights:
-        raise CommandError(f"{golden}: its metadata does not say which weights made it (no weights_sha256 "
-                           "or weight_seed); pass them with --weights")
-
-
 def cmd_parity(args):
-    from npconvnext.oracle import TOLERANCE, compare, format_table, read_golden, timm_trace
+    from npconvnext.oracle import TOLERANCE, compare, format_table, golden_weights, read_golden, timm_trace
 
     if args.tolerance is not None and not args.tolerance >= 0:
         raise CommandError(f"--tolerance must be 0 or more, not {args.tolerance:g}")
@@ -333,7 +245,7 @@ def cmd_parity(args):
         dtype = "float64" if expected["input"].dtype == np.float64 else "float32"
         args.float64 = dtype == "float64"
         args.model = args.model or meta.get("architecture")
-        _golden_weights(args, meta)
+        args.weight_seed = golden_weights(args.against, meta, args.weights, args.weight_seed)
         model, _, _ = _traced_model(args)
         actual = model.trace(expected["input"])
         source = args.against
@@ -364,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npconvnext", description="ConvNeXt in NumPy: classify images, "
                                      "extract embeddings, evaluate, inspect and convert weights.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_image_commands(sub)
+    _add_finetune(sub)
+    _add_trace_commands(sub)
+    _add_file_commands(sub)
+    return parser
+
+
+def _add_image_commands(sub) -> None:
+    """classify, features, evaluate: images through a model."""
 
     def model_options(p):
         p.add_argument("--model", default=None, help=f"architecture or arch.tag (default {DEFAULT_MODEL}; "
@@ -407,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.set_defaults(run=cmd_evaluate)
 
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="train on a folder of images per class; write timm-named weights")
     p.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder of images per class")
     p.add_argument("--model", default=None, help="architecture or arch.tag (default convnext_tiny; "
@@ -430,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the weights to write (.safetensors)")
     p.set_defaults(run=cmd_finetune)
 
+
+def _add_trace_commands(sub) -> None:
+    """summary, golden, parity: a model's layers and activations."""
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
     p.add_argument("model")
     p.add_argument("--input-size", type=_at_least_one, default=224)
@@ -457,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max relative error; 0 demands equality (default 1e-4 f32, 1e-10 f64)")
     p.set_defaults(run=cmd_parity)
 
+
+def _add_file_commands(sub) -> None:
+    """download, convert, verify: weight files."""
     p = sub.add_parser("download", help="fetch pretrained weights into the huggingface-hub cache")
     p.add_argument("name", help="arch.tag, e.g. convnext_tiny.fb_in1k")
     p.set_defaults(run=cmd_download)
@@ -473,7 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("converted", help="a file written by `npconvnext convert`")
     p.add_argument("source", help="the checkpoint it was converted from")
     p.set_defaults(run=cmd_verify)
-    return parser
 
 
 class _NotesOnStderr(logging.Handler):

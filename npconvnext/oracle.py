@@ -1,21 +1,30 @@
 """Reference numbers for porters: golden files of every activation and layer-by-layer comparison.
 
 A golden file is safetensors: "input" and every entry of `ConvNeXt.trace`, by timm module name,
-with metadata (architecture, weights sha256 or seed, preprocessing, dtype). `compare` lines two
-traces up name by name; `timm_trace` produces timm's side with forward hooks, importing torch
-and timm only when called (they are never needed otherwise).
+with metadata (architecture, weights sha256 or seed, preprocessing, dtype): its provenance.
+`traced_model` builds the model and input a golden file is made from and writes that metadata;
+`golden_weights` reads it back, so that a comparison runs the weights the file was made with.
+`compare` lines two traces up name by name; `timm_trace` produces timm's side with forward
+hooks, importing torch and timm only when called (they are never needed otherwise).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 
 from .atomic import atomic_write
-from .errors import CheckpointError
-from .formats import read_safetensors_with_metadata
+from .errors import CheckpointError, InputError
+from .factory import create_model
+from .formats import read_safetensors_with_metadata, sha256_of
 from .formats.safetensors_writer import safetensors_chunks
+from .model import ConvNeXt
+from .preprocessing import DataConfig, preprocess
 
 #: default tolerance by dtype, relative to each tensor's largest magnitude (the parity contract)
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
@@ -69,6 +78,67 @@ def read_golden(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         del tensors  # the error must not keep the file mapped
         raise CheckpointError(f"{path}: not a golden file (no 'input' tensor)")
     return tensors, metadata
+
+
+def traced_model(model: str | None, weights: str | None, dtype: str, weight_seed: int | None, seed: int,
+                 input_size: int, image: str | None = None) -> tuple[ConvNeXt, np.ndarray, dict[str, str]]:
+    """The model, its input (1, 3, H, W) and the golden metadata saying how both were made:
+    the weight file (its sha256) or npconvnext's random weights (their seed, default 0); the
+    photo `image` through timm's eval preprocessing, or a standard normal input drawn with `seed`."""
+    name = model or "convnext_tiny"
+    arch = name.split(".")[0]
+    if weights:
+        net = create_model(arch if model else None, weights=weights, dtype=dtype)
+        meta = {"weights_sha256": sha256_of(weights)}
+    else:
+        weight_seed = weight_seed if weight_seed is not None else 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = create_model(arch, dtype=dtype, seed=weight_seed)
+        meta = {"weights": f"npconvnext random_state_dict seed {weight_seed}", "weight_seed": str(weight_seed)}
+    config = DataConfig()
+    if image:
+        x = preprocess(image, config)[None].astype(dtype)
+        meta.update(input=f"image {os.path.basename(image)}", preprocessing=json.dumps(config.__dict__))
+    else:
+        x = np.random.default_rng(seed).standard_normal((1, 3, input_size, input_size)).astype(dtype)
+        meta.update(input=f"standard normal, numpy default_rng({seed})")
+    meta.update(architecture=net.config.name, dtype=dtype)
+    return net, x, meta
+
+
+def golden_weights(golden: str, metadata: dict[str, str], weights: str | None, weight_seed: int | None) -> int | None:
+    """The random-weights seed to compare with the golden file at `golden`, as its metadata
+    records the weights it was made with: a weight file's sha256 (then `weights` must be that
+    file; `weight_seed` is returned as given) or npconvnext's random-weights seed (then no
+    `weights`, and `weight_seed` None or that seed). A golden that records neither needs `weights`.
+    Raises InputError where the weights given are not the golden's."""
+    recorded = metadata.get("weights_sha256")
+    seed_text = metadata.get("weight_seed")
+    if seed_text is None:  # golden files written before weight_seed was recorded on its own
+        match = re.fullmatch(r"npconvnext random_state_dict seed (\d+)", metadata.get("weights", ""))
+        seed_text = match and match.group(1)
+    if recorded:
+        if not weights:
+            raise InputError(f"{golden}: was made with the weight file of sha256 {recorded}; pass that "
+                             "file with --weights")
+        actual = sha256_of(weights)
+        if actual != recorded:
+            raise InputError(f"{weights}: sha256 {actual} is not that of the weights "
+                             f"{golden} was made with ({recorded})")
+    elif seed_text:
+        seed = int(seed_text)
+        if weights:
+            raise InputError(f"{golden}: was made with npconvnext's random weights (seed {seed}), "
+                             "not a weight file: drop --weights")
+        if weight_seed is not None and weight_seed != seed:
+            raise InputError(f"{golden}: was made with random-weights seed {seed}, not "
+                             f"--weight-seed {weight_seed}")
+        return seed
+    elif not weights:
+        raise InputError(f"{golden}: its metadata does not say which weights made it (no weights_sha256 "
+                         "or weight_seed); pass them with --weights")
+    return weight_seed
 
 
 def timm_trace(model, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:

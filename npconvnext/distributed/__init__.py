@@ -12,13 +12,14 @@ the weight file or tag (`ModelSpec`, never a pickled model) and writes each part
 as it finishes (jobs.py has the output layout). The command: `npconvnext classify|features
 ... --scheduler ADDRESS|local[:N] --output OUT`.
 
-Modules: batch.py (one batch through the model; the single-process command uses it too),
-jobs.py (partitions, output, resume; runs without Dask when given no client), cluster.py
-(clients and worker threads; imports Dask), remote.py (images behind fsspec URLs).
-Importing this package does not import Dask.
+Modules: jobs.py (partitions, output, resume; runs without Dask when given no client),
+worker.py (a worker process's model and task threads), cluster.py (clients and the worker
+plugin setting those threads; the one module that imports Dask). One batch through the model,
+and images behind fsspec URLs, are npconvnext/batch.py's, which the single-process command uses
+too. Importing this package does not import Dask.
 """
 
-from .batch import ModelSpec, list_images, load_model
+from ..batch import ModelSpec, list_images, load_model
 from .jobs import Job, PartitionResult, Summary, run
 
 __all__ = ["Job", "ModelSpec", "PartitionResult", "Summary", "list_images", "load_model", "run"]

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from ..errors import InputError
-from . import jobs
+from .worker import use_threads
 
 PLUGIN_NAME = "npconvnext-threads"
 
@@ -111,4 +111,4 @@ class ThreadsPlugin(WorkerPlugin):
         n = self.threads or max(1, available_cores() // max(1, slots))
         n = min(n, numba.config.NUMBA_NUM_THREADS)
         set_num_threads(n)  # BLAS's process-wide count; here on the worker's main thread
-        jobs.use_threads(n)
+        use_threads(n)  # Numba's count belongs to each thread: each task sets it (jobs.py)

@@ -21,12 +21,10 @@ refused before anything is written.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import os
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +33,10 @@ import numba
 import numpy as np
 
 from ..atomic import atomic_write
+from ..batch import ModelSpec, classified_row, classify, describe, embed, read_batch, shown
 from ..errors import InputError, NpConvNeXtError
 from ..formats import sha256_of
-from .batch import ModelSpec, classified_row, classify, describe, embed, load_model, read_batch, shown
+from .worker import task_threads, worker_model
 
 TASKS = ("classify", "features")
 MANIFEST = "manifest.json"
@@ -138,36 +137,15 @@ def finished(output: str, index: int) -> PartitionResult | None:
 
 # ---- one partition, on a worker ----------------------------------------------------------------
 
-# Threads for each task's model in this process, set by the cluster's worker plugin (cluster.py);
-# None leaves Numba's count as it is.
-_task_threads: int | None = None
-_model_lock = threading.Lock()
-
-
-def use_threads(n: int | None) -> None:
-    global _task_threads
-    _task_threads = n
-
-
-@functools.lru_cache(maxsize=1)
-def _cached_model(spec: ModelSpec):
-    return load_model(spec)
-
-
-def worker_model(spec: ModelSpec):
-    """The model and its preprocessing, built once per process (the last spec's is kept)."""
-    with _model_lock:  # several task threads asking at once build it once
-        return _cached_model(spec)
-
-
 def run_partition(index: int, paths: list[str], job: Job, output: str) -> PartitionResult:
     """Classify or embed the images of partition `index` and write its files; a partition
     finished already is not run again."""
     done = finished(output, index)
     if done is not None:
         return done
-    if _task_threads is not None:
-        numba.set_num_threads(min(_task_threads, numba.config.NUMBA_NUM_THREADS))  # this thread's count
+    threads = task_threads()
+    if threads is not None:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # this thread's count
     model, config = worker_model(job.spec)
     rows, embeddings, embedded = [], [], []
     for start in range(0, len(paths), job.batch_size):

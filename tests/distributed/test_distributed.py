@@ -19,8 +19,8 @@ from safetensors.numpy import save_file
 
 import npconvnext
 from npconvnext import cli
-from npconvnext.distributed import Job, ModelSpec, cluster, jobs, list_images, run
-from npconvnext.distributed.remote import fetched
+from npconvnext.batch import fetched
+from npconvnext.distributed import Job, ModelSpec, cluster, jobs, list_images, run, worker
 from npconvnext.errors import ImageError, InputError, NpConvNeXtError
 from npconvnext.params import random_state_dict
 
@@ -74,7 +74,7 @@ def test_workers_run_this_checkout_with_their_share_of_the_cores(client, weights
     job = Job("classify", ModelSpec(weights=weights, input_size=64))
     run(client, list_images([images]), str(tmp_path / "out"), job)
     expected = min(max(1, cluster.available_cores() // 2), int(os.environ["NUMBA_NUM_THREADS"]))
-    assert set(client.run(lambda: jobs._task_threads).values()) == {expected}
+    assert set(client.run(lambda: worker.task_threads()).values()) == {expected}
 
 
 def test_classify_on_the_cluster_equals_the_single_process_command(client, weights, images, tmp_path, capsys):

@@ -218,7 +218,7 @@ def test_evaluate_on_a_labelled_folder(weights, tmp_path):
 
 
 def test_balanced_subset_is_seeded_and_even():
-    from npconvnext.cli import balanced_subset
+    from npconvnext.evaluate import balanced_subset
 
     by_class = {c: [f"{c}/{i}" for i in range(n)] for c, n in [(3, 10), (7, 2), (9, 10), (11, 10)]}
     subsets = [balanced_subset(by_class, 9, seed) for seed in range(5)]

@@ -1,11 +1,11 @@
 """Can the peers be run as on an AVX2 machine here? And our AVX2 code's rates on this CPU.
 
-    python avx2_probe.py peers    # OpenVINO's FullyConnected: its kernel and rate, as is and
-                                  # with ONEDNN_MAX_CPU_ISA=AVX2 (run twice, the variable set in
-                                  # the second run's environment)
-    python avx2_probe.py ours     # run with NUMBA_CPU_NAME=haswell and NUMBA_CPU_FEATURES
-                                  # without AVX-512 (run.sh sets them): the tiles, and the
-                                  # micro-kernel's rate on the MLP shapes, caches warm
+    python benchmarks/probes/avx2_probe.py peers
+        OpenVINO's FullyConnected: its kernel and rate, as is and with ONEDNN_MAX_CPU_ISA=AVX2
+        (run twice, the variable set in the second run's environment)
+    python benchmarks/probes/avx2_probe.py ours
+        run with NUMBA_CPU_NAME=haswell and NUMBA_CPU_FEATURES without AVX-512 (benchmarks/run.sh's
+        avx2 steps set them): the tiles, and the micro-kernel's rate on the MLP shapes, caches warm
 
 OpenVINO and ONNX Runtime run the MLP's matmuls on MLAS, which picks its kernels from CPUID;
 oneDNN's ONEDNN_MAX_CPU_ISA caps only OpenVINO's convolutions and elementwise nodes. A

@@ -1,5 +1,6 @@
 """Resident memory after each step of a cold start: python rss_by_phase.py WEIGHTS.safetensors
-(run with the runtime-only interpreter, JIT cache warm). VmRSS, RssAnon and RssFile in MB."""
+(run with the runtime-only interpreter, JIT cache warm). VmRSS, RssAnon and RssFile in MB;
+recorded in results/2026-12-03b-epyc-zen5-avx512/rss_by_phase.log."""
 import sys
 
 

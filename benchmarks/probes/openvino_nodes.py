@@ -1,6 +1,6 @@
 """Where OpenVINO's time goes, node type by node type, beside npconvnext's split (bench_kernels.py).
 
-    python openvino_nodes.py [--threads 1] [--batch 1]
+    python benchmarks/probes/openvino_nodes.py [--threads 1] [--batch 1]
 
 convnext_tiny with seeded random weights, exported to ONNX as bench_engines.py does, compiled
 with the benchmark's OpenVINO configuration and PERF_COUNT; the per-node times of RUNS
@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # benchmarks/, for bench_engines
 import bench_engines  # noqa: E402
 
 RUNS = 20

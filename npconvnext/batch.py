@@ -4,24 +4,35 @@ cluster's tasks share, so that both give the same rows for the same images.
 A batch is read image by image (an image that cannot be read or preprocessed, for whatever
 reason, becomes a failure naming the file and the problem, and the others go on), stacked, run
 through the model once, and turned into rows: the top-k classes with their probabilities, or
-the pooled pre-logits embeddings. Nothing here imports Dask.
+the pooled pre-logits embeddings. Nothing here imports Dask; distributed/ runs the same code
+on a cluster's workers.
+
+Images behind fsspec URLs (s3://, gs://, http://, ...) are copied to a private temporary file
+first and preprocessed from there (`fetched`), so a remote image goes through exactly the
+checks a local one does (a regular file, PIL's decompression-bomb limit, the resized-size
+limit); the copy stops at MAX_IMAGE_BYTES, so a huge or endless remote file cannot fill the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .. import preprocessing
-from ..errors import InputError
-from ..factory import create_model
-from ..labels import imagenet_labels
-from ..model import ConvNeXt
-from ..preprocessing import DataConfig
+from . import preprocessing
+from .errors import ImageError, InputError
+from .factory import create_model
+from .labels import imagenet_labels
+from .model import ConvNeXt
+from .preprocessing import DataConfig
 
+MAX_IMAGE_BYTES = 1 << 28  # a remote file larger than this is refused before its pixels are decoded
+_CHUNK = 1 << 20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DEFAULT_MODEL = "convnext_tiny.fb_in1k"
 
@@ -148,10 +159,35 @@ def read_batch(paths: list[str], config: DataConfig) -> tuple[list[str], np.ndar
 def _preprocess(path: str, config: DataConfig) -> np.ndarray:
     if "://" not in path:
         return preprocessing.preprocess(path, config)
-    from .remote import fetched
-
     with fetched(path) as local:
         return preprocessing.preprocess(local, config)
+
+
+@contextlib.contextmanager
+def fetched(url: str, limit: int = MAX_IMAGE_BYTES) -> Iterator[str]:
+    """A local temporary copy of the file at `url`, removed afterwards."""
+    import fsspec
+
+    fd, local = tempfile.mkstemp(prefix="npconvnext-", suffix=os.path.splitext(url)[1][:16])
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with fsspec.open(url, "rb") as source:
+                    copied = 0
+                    while chunk := source.read(min(_CHUNK, limit + 1 - copied)):
+                        copied += len(chunk)
+                        if copied > limit:
+                            raise ImageError(f"{url}: larger than {limit} bytes, not read")
+                        out.write(chunk)
+            except ImageError:
+                raise
+            except FileNotFoundError:
+                raise ImageError(f"{url}: no such file") from None
+            except Exception as exc:  # each filesystem has its own errors (network, permissions)
+                raise ImageError(f"{url}: cannot read ({type(exc).__name__}: {exc})") from None
+        yield local
+    finally:
+        os.unlink(local)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """A/B of two npconvnext checkouts, one process per run: convnext_tiny float32 with seeded random
 weights, median ms per image of RUNS forwards at batch 1 and 8 on T threads, and a checksum of
 the outputs (equal: the same bits). Run it alternately with each checkout first on PYTHONPATH and
-its own NUMBA_CACHE_DIR (Numba's cache does not key on gemm.py): see prefetch_ab.log."""
+its own NUMBA_CACHE_DIR (Numba's cache does not key on gemm.py): see
+results/2026-12-03c-epyc-zen5-avx512/prefetch_ab.log."""
 import json
 import os
 import time
