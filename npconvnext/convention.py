@@ -7,8 +7,8 @@ layer takes 0-255 RGB NHWC pixels; an Open Model Zoo IR takes 0-255 BGR NCHW and
 its mean and divides by its scale inside. A model loaded from such a file keeps that
 convention, so the caller feeds npconvnext what it fed the framework and gets its numbers;
 that includes the output, probabilities where the file's model ends in a softmax.
-`to_network_input`, `to_outputs` and `with_convention` apply a convention; the model calls them
-at its boundary.
+`to_network_input`, `to_outputs`, `with_convention` and `describe_input` apply a convention;
+the model calls them at its boundary.
 """
 
 from __future__ import annotations
@@ -90,3 +90,17 @@ def with_convention(data_config, convention: Convention):
     return replace(data_config, layout=convention.layout, channel_order=convention.channel_order,
                    scale=convention.scale, mean=None if inside else data_config.mean,
                    std=None if inside else data_config.std)
+
+
+def describe_input(convention: Convention, data_config, data_config_source: str) -> list[str]:
+    """Two lines for a model's summary: what it takes and gives, and the preprocessing
+    (a `preprocessing.DataConfig`) that gives it that, with where each comes from."""
+    conv, data = convention, data_config
+    inside = (f"normalised inside the model: (x - {list(conv.mean)}) / {list(conv.std)}" if conv.normalises_inside
+              else f"normalised by the caller: mean {list(data.mean)}, std {list(data.std)} on [0, 1] pixels")
+    return [
+        f"input: {conv.layout} {conv.channel_order}, {'0-255' if conv.scale == '255' else '0-1'} pixels, "
+        f"{inside}; outputs {conv.outputs} (convention of {conv.source})",
+        f"preprocessing: {data.input_size[0]}x{data.input_size[1]}, crop_pct {data.crop_pct}, {data.crop_mode}, "
+        f"{data.interpolation} (from {data_config_source})",
+    ]

@@ -15,10 +15,10 @@ import numpy as np
 
 from . import engine, network
 from .config import ConvNeXtConfig
-from .convention import TIMM, Convention, to_network_input, to_outputs, with_convention
+from .convention import TIMM, Convention, describe_input, to_network_input, to_outputs, with_convention
 from .errors import InputError
-from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, to_compute_layout,
-                     to_timm_layout)
+from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, timm_name,
+                     to_compute_layout, to_timm_layout)
 from .preprocessing import DataConfig
 from .weights import NetworkWeights, frozen_after, owned
 
@@ -90,7 +90,7 @@ class ConvNeXt:
         """The weights typed as the network uses them: stem, stages of blocks, head."""
         return self._weights
 
-    # ---- training state: kept here, as torch keeps it on the model; train/ uses it ------------
+    # ---- for training (train/): thin methods over weights.py's helpers, on the model as in torch
 
     def trainable_params(self) -> dict[str, np.ndarray]:
         """The weights by timm name in compute layout, each writable and owned by the model, for
@@ -117,7 +117,8 @@ class ConvNeXt:
         self.config = replace(self.config, num_classes=num_classes)
         self.class_names = None
         fresh = init_state_dict(self.config, seed)
-        state["head.fc.weight"], state["head.fc.bias"] = fresh["head.fc.weight"], fresh["head.fc.bias"]
+        for name in (timm_name("head", "fc_weight"), timm_name("head", "fc_bias")):
+            state[name] = fresh[name]
         self.load_state_dict(state, "reset_classifier")
 
     @property
@@ -204,17 +205,11 @@ class ConvNeXt:
 
     def describe(self) -> str:
         """Where the weights, the input convention and the preprocessing come from, in a few lines."""
-        conv, data = self.convention, self.data_config
-        inside = (f"normalised inside the model: (x - {list(conv.mean)}) / {list(conv.std)}" if conv.normalises_inside
-                  else f"normalised by the caller: mean {list(data.mean)}, std {list(data.std)} on [0, 1] pixels")
         return "\n".join([
             f"{self.config.name}: {self.num_params():,} parameters, {self.config.num_classes} classes, "
             f"{self.dtype.name}, backend {self.backend}",
             f"weights: {self.source}",
-            f"input: {conv.layout} {conv.channel_order}, {'0-255' if conv.scale == '255' else '0-1'} pixels, "
-            f"{inside}; outputs {conv.outputs} (convention of {conv.source})",
-            f"preprocessing: {data.input_size[0]}x{data.input_size[1]}, crop_pct {data.crop_pct}, {data.crop_mode}, "
-            f"{data.interpolation} (from {self.data_config_source})",
+            *describe_input(self.convention, self.data_config, self.data_config_source),
         ])
 
     def __repr__(self) -> str:
