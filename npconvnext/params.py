@@ -31,7 +31,7 @@ class Param(NamedTuple):
 
     module: str       # "stem", "downsample", "block" or "head"
     field: str        # its field in the module's typed weights (weights.py)
-    timm: str         # timm's name below the module's prefix (see `modules`)
+    timm: str         # timm's name below the module's prefix (`PREFIXES`)
     shape: Callable[[ConvNeXtConfig, int], Shape]   # PyTorch shape, from the config and the stage i
     layout: str | None  # "patchify", "depthwise", "linear": its compute layout; None: kept as it is
     role: str         # what it is, for initialising: "kernel", "bias", "norm" (a LayerNorm's scale),
@@ -93,6 +93,7 @@ def rows(module: str) -> tuple[Param, ...]:
 
 _ROWS = {module: tuple(p for p in TABLE if p.module == module) for module in PREFIXES}
 _BY_TIMM_NAME = {(p.module, p.timm): p for p in TABLE}
+# a module's prefix with any stage and block number in it
 _PREFIX_PATTERNS = {module: re.compile(re.escape(prefix).replace(r"\{i\}", r"\d+").replace(r"\{j\}", r"\d+"))
                     for module, prefix in PREFIXES.items()}
 
