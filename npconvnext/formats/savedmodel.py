@@ -40,7 +40,8 @@ import numpy as np
 from ..convention import Convention
 from ..errors import CheckpointError
 from .keras import _KERAS_ROLES, KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, _timm_name, _to_timm_layout
-from .registry import WeightFormat, open_weight_file, reading, register
+from .guard import open_weight_file, reading
+from .registry import Reading, WeightFormat
 from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
 
 GRAPH_FILE = "saved_model.pb"
@@ -374,5 +375,6 @@ def _is_saved_model_graph(head: bytes, path: str) -> bool:
     return head[:3] == b"\x08\x01\x12" and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), "variables"))
 
 
-register(WeightFormat("tf-savedmodel", _is_saved_model_graph, read_saved_model, saved_model_convention,
-                      recognises_directory=is_saved_model_dir, files=saved_model_files))
+FORMAT = WeightFormat("tf-savedmodel", _is_saved_model_graph,
+                      lambda path: Reading(read_saved_model(path), saved_model_convention(path)),
+                      recognises_directory=is_saved_model_dir, files=saved_model_files)
