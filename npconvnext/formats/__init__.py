@@ -9,7 +9,7 @@ One reader per container format, each with how it recognises a file's first byte
     savedmodel.py    TensorFlow SavedModel directories (keras.applications, the TF-Hub port),
                      their variables read by tf_bundle.py
 Names inside the PyTorch-world files follow timm, the official code or transformers and are
-mapped to timm's by `naming.py`.
+mapped to timm's by `names.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..errors import CheckpointError
 from ..preprocessing import DataConfig
 from . import keras, openvino_ir, safetensors, savedmodel, torch_zip
 from .data_config import class_names_from, data_config_from
-from .naming import detect_naming, to_timm_names
+from .names import detect_naming, to_timm_names
 from .registry import WeightFormat, sha256_of_files, sniff
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 

@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..params import expected_shapes
 
 MAX_DIMS = 64            # NumPy's limit on an array's dimensions
-MAX_CLASSES = 1 << 16    # a classifier's outputs; ImageNet-22k's 21841 fit with room to spare
+MAX_CLASSES = 1 << 15    # a classifier's outputs; ImageNet-22k's 21841 fit
 MAX_ITEMSIZE = 8         # float64, the widest dtype a weight is stored in
 
 
