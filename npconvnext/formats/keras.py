@@ -34,12 +34,11 @@ from ..convention import Convention
 from ..errors import CheckpointError
 from ..params import detect_architecture, expected_shapes
 from .guard import MAX_MODEL_BYTES, MAX_PARAMETER_ELEMENTS, describe, open_weight_file, reading
-from .names import KERAS_KINDS, fix_layout, fixed_shape, keras_layer, keras_role, squeezed
+from .names import (KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_KINDS, fix_layout, fixed_shape,
+                    keras_layer, keras_role, squeezed)
 from .registry import Reading, WeightFormat
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-KERAS_APPLICATIONS_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-KERAS_APPLICATIONS_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 MAX_WEIGHTS_BYTES = MAX_MODEL_BYTES  # a .keras's model.weights.h5 is decompressed up to this, never past it
 _MAX_CONFIG = 64 << 20               # a .keras's config.json
 _KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")  # what Keras writes, in this order

@@ -114,6 +114,9 @@ KERAS_KINDS = {"conv": KerasKind("hwio", ("weight", "bias")), "depthwise": Keras
                "scale": KerasKind(None, ("",))}
 # a Keras weight's own name (less any _3 or :0) -> its role in timm's parameter name
 KERAS_ROLES = {"kernel": "weight", "gamma": "weight", "bias": "bias", "beta": "bias", "variable": ""}
+# what keras.applications' ConvNeXt does to its input in its Normalization layer (0-255 RGB)
+KERAS_APPLICATIONS_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+KERAS_APPLICATIONS_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 FIXES = {"hwio": lambda a: a.transpose(3, 2, 0, 1), "io": lambda a: a.T}
 
 

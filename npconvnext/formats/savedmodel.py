@@ -39,8 +39,8 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
-from .keras import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD
-from .names import KERAS_ROLES as _KERAS_ROLES, fix_layout, keras_layer as _timm_name
+from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES as _KERAS_ROLES, fix_layout
+from .names import keras_layer as _timm_name
 from .guard import open_weight_file, reading
 from .registry import Reading, WeightFormat
 from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
