@@ -63,9 +63,10 @@ from ..config import VARIANTS
 from ..convention import Convention
 from ..errors import CheckpointError
 from ..params import detect_architecture, expected_shapes
-from .registry import WeightFormat, open_weight_file, reading, register
+from .guard import open_weight_file, reading
+from .registry import Reading, WeightFormat
 
-FORMAT = "openvino-ir"
+NAME = "openvino-ir"
 _MAX_XML = 16 << 20           # an IR's graph description; a ConvNeXt's is a few megabytes at most
 _MAX_ELEMENTS = 1 << 31       # a constant larger than this is refused before reading
 _READ_SLACK = 16 << 20        # constants may share bytes (OpenVINO stores equal ones once): reads
@@ -837,22 +838,7 @@ def _paths(path: str) -> tuple[str, str]:
     return path, stem + ".bin"
 
 
-_CACHE: dict[tuple, Convention] = {}  # (files' identities) -> convention: read() works it out too
-
-
-def _identity(path: str) -> tuple:
-    xml, bin_ = _paths(path)
-    ids = []
-    for p in (xml, bin_):
-        try:
-            s = os.stat(p)
-            ids.append((os.path.realpath(p), s.st_ino, s.st_size, s.st_mtime_ns))
-        except OSError:
-            ids.append((p, None))
-    return tuple(ids)
-
-
-def _read(path: str) -> tuple[dict[str, np.ndarray], Convention]:
+def _read(path: str) -> Reading:
     xml, bin_ = _paths(path)
     with reading(xml, "OpenVINO IR"):
         with _Graph(xml, bin_) as graph:
@@ -862,9 +848,7 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], Convention]:
         state["stem.0.weight"], state["stem.0.bias"] = _for_convention(raw, raw_bias, convention)
         config = detect_architecture(_with_layer_scale(state))
         state = _to_config(state, config)
-    _CACHE.clear()
-    _CACHE[_identity(path)] = convention
-    return state, convention
+    return Reading(state, convention)
 
 
 def _with_layer_scale(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -890,17 +874,6 @@ def _to_config(state: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
     return out
 
 
-def read_openvino_ir(path: str) -> dict[str, np.ndarray]:
-    """An IR's ConvNeXt: timm-named arrays in timm layouts, its stem for `openvino_ir_convention`."""
-    return _read(path)[0]
-
-
-def openvino_ir_convention(path: str) -> Convention:
-    """What the IR's model takes and gives (see the module docstring)."""
-    found = _CACHE.get(_identity(path))  # one lookup: another thread's _read may clear the cache meanwhile
-    return found if found is not None else _read(path)[1]
-
-
 def _recognises(head: bytes, path: str) -> bool:
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith((b"<?xml", b"<net")):
@@ -922,5 +895,4 @@ def _recognises(head: bytes, path: str) -> bool:
         return False
 
 
-register(WeightFormat(FORMAT, _recognises, read_openvino_ir, openvino_ir_convention,
-                      files=lambda path: list(_paths(path)), restate=restate_stem))
+FORMAT = WeightFormat(NAME, _recognises, _read, files=lambda path: list(_paths(path)), restate=restate_stem)

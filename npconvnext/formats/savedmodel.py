@@ -39,8 +39,10 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
-from .keras import _KERAS_ROLES, KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, _timm_name, _to_timm_layout
-from .registry import WeightFormat, open_weight_file, reading, register
+from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES as _KERAS_ROLES, fix_layout
+from .names import keras_layer as _timm_name
+from .guard import open_weight_file, reading
+from .registry import Reading, WeightFormat
 from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
 
 GRAPH_FILE = "saved_model.pb"
@@ -278,8 +280,8 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
 
 
 def _layout(variable: _Variable) -> str:
-    """keras.py's layout name of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
-    return "conv" if len(variable.shape) == 4 else "dense"
+    """names.py's layout fix of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
+    return "hwio" if len(variable.shape) == 4 else "io"
 
 
 class _SavedModel:
@@ -299,7 +301,7 @@ class _SavedModel:
 
     def state(self) -> dict[str, np.ndarray]:
         """timm-named arrays in timm's layouts (vectors as stored, kernels transposed)."""
-        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
+        return {name: fix_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
                 else self.bundle.read(v.key) for name, v in self.mapping.items()}
 
 
@@ -374,5 +376,6 @@ def _is_saved_model_graph(head: bytes, path: str) -> bool:
     return head[:3] == b"\x08\x01\x12" and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), "variables"))
 
 
-register(WeightFormat("tf-savedmodel", _is_saved_model_graph, read_saved_model, saved_model_convention,
-                      recognises_directory=is_saved_model_dir, files=saved_model_files))
+FORMAT = WeightFormat("tf-savedmodel", _is_saved_model_graph,
+                      lambda path: Reading(read_saved_model(path), saved_model_convention(path)),
+                      recognises_directory=is_saved_model_dir, files=saved_model_files)

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from ..errors import CheckpointError
-from .registry import open_weight_file
+from .guard import open_weight_file
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48        # two block handles of up to 20 bytes each, padded, then 8 bytes of magic
