@@ -307,7 +307,8 @@ def _varint(value: int) -> bytes:
 
 def _table(entries: dict[bytes, bytes]) -> bytes:
     """An SSTable as TensorFlow's table builder lays it out: one data block, one index block."""
-    from npconvnext.formats.tf_bundle import TABLE_MAGIC, crc32c_naive
+    from npconvnext.formats.crc32c import crc32c_naive, mask_crc
+    from npconvnext.formats.tf_bundle import TABLE_MAGIC
 
     def block(pairs):
         body = b"".join(_varint(0) + _varint(len(k)) + _varint(len(v)) + k + v for k, v in pairs)
@@ -315,7 +316,7 @@ def _table(entries: dict[bytes, bytes]) -> bytes:
 
     def trailer(contents):
         crc = crc32c_naive(contents + b"\x00")
-        return contents + b"\x00" + struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+        return contents + b"\x00" + struct.pack("<I", mask_crc(crc))
 
     data = trailer(block(sorted(entries.items())))
     index = block([(max(entries), _varint(0) + _varint(len(data) - 5))])
