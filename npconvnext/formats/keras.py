@@ -28,7 +28,8 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
-from .registry import WeightFormat, open_weight_file, reading, register
+from .guard import open_weight_file, reading
+from .registry import Reading, WeightFormat
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_WEIGHTS_MEMBER = 8 << 30  # a .keras member larger than this is refused before reading
@@ -258,7 +259,7 @@ def is_keras_zip(path: str) -> bool:
     return "model.weights.h5" in names and ("config.json" in names or "metadata.json" in names)
 
 
-register(WeightFormat("keras-h5", lambda head, path: head.startswith(HDF5_SIGNATURE), read_keras_h5,
-                      keras_h5_convention))
-register(WeightFormat("keras-zip", lambda head, path: head[:4] == b"PK\x03\x04" and is_keras_zip(path),
-                      read_keras_zip, keras_zip_convention))
+FORMATS = (WeightFormat("keras-h5", lambda head, path: head.startswith(HDF5_SIGNATURE),
+                       lambda path: Reading(read_keras_h5(path), keras_h5_convention(path))),
+           WeightFormat("keras-zip", lambda head, path: head[:4] == b"PK\x03\x04" and is_keras_zip(path),
+                       lambda path: Reading(read_keras_zip(path), keras_zip_convention(path))))

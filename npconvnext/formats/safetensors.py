@@ -19,13 +19,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CheckpointError
-from .registry import WeightFormat, describe, open_weight_file, reading, register
+from .guard import MAX_DIMS, describe, open_weight_file, reading
+from .registry import Reading, WeightFormat
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-_MAX_DIMS = 64  # NumPy's limit on an array's dimensions
 
 
 class _Entry(NamedTuple):
@@ -135,8 +135,8 @@ def _entry(name: str, info: object) -> _Entry:
         raise CheckpointError(f"tensor {describe(name)}: data_offsets is not [start, end] with "
                               "0 <= start <= end")
     start, end = offsets
-    if len(shape) > _MAX_DIMS:
-        raise CheckpointError(f"tensor {describe(name)} has {len(shape)} dimensions (at most {_MAX_DIMS})")
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(f"tensor {describe(name)} has {len(shape)} dimensions (at most {MAX_DIMS})")
     needed = _bytes_needed(shape, _itemsize(dtype), limit=end - start)
     if needed != end - start:
         shown = "more" if needed is None else needed
@@ -183,8 +183,14 @@ def _array(body: memoryview, e: _Entry) -> np.ndarray:
     return (bfloat16_to_float32(raw) if e.dtype == "BF16" else raw).reshape(e.shape)
 
 
-def _recognises(head: bytes, path: str) -> bool:
+def _read(path: str) -> Reading:
+    arrays, metadata = read_safetensors_with_metadata(path)
+    return Reading(arrays, metadata=metadata)
+
+
+def recognises(head: bytes, path: str) -> bool:
+    """A safetensors file: an 8-byte header length, then the JSON header's opening brace."""
     return len(head) >= 9 and head[8:9] == b"{"
 
 
-register(WeightFormat("safetensors", _recognises, read_safetensors))
+FORMAT = WeightFormat("safetensors", recognises, _read)

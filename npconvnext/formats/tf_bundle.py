@@ -32,8 +32,8 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .crc32c import crc32c, unmask_crc
+from .guard import open_weight_file
 from .protobuf import as_bytes, as_int, as_text, fields, signed64, varint
-from .registry import open_weight_file
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48        # two block handles of up to 20 bytes each, padded, then 8 bytes of magic
