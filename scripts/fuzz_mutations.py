@@ -270,3 +270,47 @@ def mutate_savedmodel(files: dict[str, bytes], rng, seeds) -> dict[str, bytes]:
     elif _SHARD in files:  # truncate the shard
         files[_SHARD] = files[_SHARD][: int(rng.integers(len(files[_SHARD]) + 1))]
     return files
+
+
+# ---- OpenVINO IRs: model.xml and model.bin ---------------------------------------------------------
+
+IR_XML, IR_BIN = "model.xml", "model.bin"
+_IR_TYPES = ["Const", "Add", "Multiply", "MVN", "Convolution", "GroupConvolution", "MatMul", "Gelu", "Transpose",
+             "Result", "Parameter", "Concat", "Split", "Gather", "Subtract", "Convert", "Reshape", "Unknown"]
+_IR_VALUES = ["0", "1", "3", "7", "-1", "?", "", "1.5", "x", "i32", "f16", "f64", "65535", str(2**31), str(2**63),
+              str(10**30)]
+
+
+def mutate_ir(files: dict[str, bytes], rng, seeds) -> dict[str, bytes]:
+    """An IR's graph edited (a number, an operation's type, an attribute's value, a character, a
+    layer or edge line dropped or repeated) or its weights truncated or flipped."""
+    import re
+
+    files = dict(files)
+    action = int(rng.integers(7))
+    if action >= 5 and IR_BIN in files:
+        data = files[IR_BIN]
+        files[IR_BIN] = data[: int(rng.integers(len(data) + 1))] if action == 5 else mutate_bytes(data, rng, seeds)
+        return files
+    text = files.get(IR_XML, b"").decode("utf-8", "replace")
+    if not text:
+        return files
+    patterns = [r"\d+", r'type="(\w+)"', r'="([^"]*)"']
+    if action < 3:
+        spans = [m.span(m.lastindex or 0) for m in re.finditer(patterns[action], text)]
+        if spans:
+            start, end = spans[int(rng.integers(len(spans)))]
+            new = _IR_TYPES if action == 1 else _IR_VALUES
+            text = text[:start] + new[int(rng.integers(len(new)))] + text[end:]
+    elif action == 3:
+        at = int(rng.integers(len(text)))
+        text = text[:at] + chr(int(rng.integers(32, 127))) + text[at + 1:]
+    else:
+        lines = text.split("\n")
+        picks = [i for i, line in enumerate(lines) if "<edge " in line or "<layer " in line]
+        if picks:
+            i = picks[int(rng.integers(len(picks)))]
+            lines[i:i + 1] = [] if rng.random() < 0.5 else [lines[i], lines[i]]
+        text = "\n".join(lines)
+    files[IR_XML] = text.encode("utf-8")
+    return files

@@ -1,6 +1,7 @@
 """Fuzz npconvnext's weight readers with mutated safetensors and PyTorch zip files.
 
-    python scripts/fuzz_readers.py N [--seed S] [--timeout SECONDS] [--json] [--savedmodel]
+    python scripts/fuzz_readers.py N [--seed S] [--timeout SECONDS] [--json] [--savedmodel] [--ir]
+                                     [--kinds safetensors,torch,savedmodel,ir]
 
 Seeds are real files: `safetensors.numpy.save_file` and `torch.save` (protocols 2 and 4, the
 official {"model": ...} wrapper, a module's state dict with its _metadata, views sharing a
@@ -11,10 +12,15 @@ globals, BUILD, nesting), of the storage entries and of the zip's compression an
 With --savedmodel, TensorFlow SavedModel directories join them: seeds written by
 `tf.saved_model.save` in a subprocess (tensorflow-cpu), mutated in their index's bytes, in a
 bundle entry's fields (re-encoded into a valid table), in the data shard, or by losing files.
+With --ir, OpenVINO IRs join them: FP16 IRs of convnext_atto and convnextv2_atto written by
+OpenVINO in a subprocess, mutated in their graph (numbers, operation types, attribute values,
+characters, layer and edge lines dropped or repeated) or their weights (truncated, flipped).
 
-The mutations are in fuzz_mutations.py, beside this script. Each input is read by
-`npconvnext.formats.read_checkpoint` in a worker process with a bounded address space, so a
-crash or a hang costs only the worker, which is restarted and the input counted. Prints: inputs tried, outcomes by type (loaded / CheckpointError / other), crashes,
+The mutations are in fuzz_mutations.py, beside this script. Each input is read by its format's
+reader (`npconvnext.formats.sniff_format(path).read`) in a worker process with a bounded address
+space, so a crash or a hang costs only the worker, which is restarted and the input counted. A
+SavedModel or IR whose weights' bytes the mutation left alone and which loads must give its
+seed's weights and convention; one that gives others is counted as silently changed. Prints: inputs tried, outcomes by type (loaded / CheckpointError / other), crashes,
 hangs, unnamed errors (a CheckpointError not naming the file), peak RSS and the slowest input.
 """
 
@@ -35,7 +41,8 @@ from collections import Counter
 
 import numpy as np
 
-from fuzz_mutations import mutate_bytes, mutate_safetensors_header, mutate_savedmodel, mutate_torch_zip
+from fuzz_mutations import IR_XML, mutate_bytes, mutate_ir, mutate_safetensors_header, mutate_savedmodel, \
+    mutate_torch_zip
 
 BUDGET = 1 << 30      # address space a worker may map beyond what it maps after importing npconvnext
 
@@ -100,21 +107,50 @@ def savedmodel_seeds() -> list[tuple[str, dict[str, bytes]]]:
     return seeds
 
 
-def make_input(seeds, rng, kinds=("safetensors", "torch")) -> tuple[str, bytes]:
+_IR_WRITER = """
+import sys
+import openvino as ov
+import timm
+import torch
+torch.manual_seed(0)
+net = timm.create_model(sys.argv[2], pretrained=False, num_classes=3).eval()
+with torch.no_grad():  # off the init: OpenVINO folds away a GRN of zeros, and layer scales of 1e-6
+    for p in net.parameters():
+        if p.ndim == 1:
+            p.uniform_(0.1, 1.0)
+ov.save_model(ov.convert_model(net, example_input=torch.zeros(1, 3, 32, 32)), sys.argv[1])
+"""
+
+
+def ir_seeds() -> list[tuple[str, dict[str, bytes]]]:
+    """OpenVINO IRs (FP16) of small ConvNeXts written by OpenVINO (in a subprocess: it must not
+    share a process with TensorFlow, which the SavedModel seeds use)."""
+    seeds = []
+    with tempfile.TemporaryDirectory() as out:
+        for arch in ("convnext_atto", "convnextv2_atto"):
+            xml = os.path.join(out, arch + ".xml")
+            subprocess.run([sys.executable, "-c", _IR_WRITER, xml, arch], check=True, capture_output=True)
+            with open(xml, "rb") as f, open(xml[:-4] + ".bin", "rb") as g:
+                seeds.append(("ir", {IR_XML: f.read(), "model.bin": g.read()}))
+    return seeds
+
+
+def make_input(seeds, rng, kinds=("safetensors", "torch")) -> tuple[str, bytes, object]:
+    """(kind, the mutated input, the seed it was made from)"""
     kind = kinds[int(rng.integers(len(kinds)))]
     of_kind = [data for k, data in seeds if k == kind]
-    data = of_kind[int(rng.integers(len(of_kind)))]
-    if kind == "savedmodel":
+    data = origin = of_kind[int(rng.integers(len(of_kind)))]
+    if kind in ("savedmodel", "ir"):
         for _ in range(int(rng.choice([1, 1, 2, 3]))):
-            data = mutate_savedmodel(data, rng, seeds)
-        return kind, data
+            data = (mutate_savedmodel if kind == "savedmodel" else mutate_ir)(data, rng, seeds)
+        return kind, data, origin
     for _ in range(int(rng.choice([1, 1, 2, 3]))):
         structured = mutate_safetensors_header if kind == "safetensors" else mutate_torch_zip
         try:
             data = mutate_bytes(data, rng, seeds) if rng.random() < 0.3 else structured(data, rng, seeds)
         except Exception:  # noqa: BLE001 (an earlier edit left nothing this one can edit)
             data = mutate_bytes(data, rng, seeds)
-    return kind, data
+    return kind, data, origin
 
 
 # ---- the worker: reads one file per line of stdin, answers one JSON line --------------------------
@@ -125,6 +161,18 @@ def _status_kb(field: str) -> int:
     getrusage's ru_maxrss survives exec on Linux, so it would report the parent's peak."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _digest(got) -> str:
+    """sha256 of what a read gives: every array's name, type, shape and bytes, and the convention."""
+    import hashlib
+
+    h = hashlib.sha256(repr(got.convention).encode())
+    for name in sorted(got.arrays):
+        array = np.ascontiguousarray(got.arrays[name])
+        h.update(f"{name} {array.dtype.str} {array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
 
 
 def worker() -> None:
@@ -139,16 +187,18 @@ def worker() -> None:
     for line in sys.stdin:
         path = line.strip()
         start = time.perf_counter()
+        digest = None
         try:
-            state, _ = npconvnext.formats.read_checkpoint(path)
-            ok = all(type(k) is str and isinstance(v, np.ndarray) for k, v in state.items())
+            got = npconvnext.formats.sniff_format(path).read(path)
+            ok = all(type(k) is str and isinstance(v, np.ndarray) for k, v in got.arrays.items())
             outcome, message = ("loaded" if ok else "bad result"), ""
+            digest = _digest(got) if ok else None
         except CheckpointError as exc:
             outcome, message = "CheckpointError", str(exc)
         except BaseException as exc:  # noqa: BLE001 (what the fuzzer is looking for)
             outcome, message = type(exc).__name__, str(exc)[:300]
         seconds = time.perf_counter() - start
-        print(json.dumps({"outcome": outcome, "named": path in message, "seconds": seconds,
+        print(json.dumps({"outcome": outcome, "named": path in message, "seconds": seconds, "digest": digest,
                           "memory": "MemoryError" in message, "message": message[:300],
                           "maxrss": _status_kb("VmHWM")}), flush=True)
 
@@ -193,8 +243,9 @@ def _reason(message: str, path: str) -> str:
 
 
 def _write_input(path: str, kind: str, data) -> str:
-    """The input on disk: a file, or a SavedModel directory."""
-    if kind != "savedmodel":
+    """The input on disk: a file, or a directory of files (a SavedModel; an IR's .xml and .bin,
+    read by the .xml). -> the path to read"""
+    if kind not in ("savedmodel", "ir"):
         with open(path, "wb") as f:
             f.write(data)
         return path
@@ -203,20 +254,38 @@ def _write_input(path: str, kind: str, data) -> str:
         os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
         with open(os.path.join(path, name), "wb") as f:
             f.write(content)
-    return path
+    return os.path.join(path, IR_XML) if kind == "ir" else path
 
 
 def _remove(path: str) -> None:
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def campaign(n: int, seed: int, timeout: float, log=None, savedmodel: bool = False) -> dict:
+KINDS = ("safetensors", "torch", "savedmodel", "ir")
+
+
+def _clean_digest(work: "Worker", where: str, kind: str, files: dict, timeout: float) -> str | None:
+    """What a seed of several files reads as, unmutated (None where it is refused)."""
+    result = work.read(_write_input(where, kind, files), timeout)
+    _remove(where)
+    return result.get("digest")
+
+
+def _same_weight_bytes(kind: str, data: dict, origin: dict) -> bool:
+    """Whether a mutation left the weights' bytes as they were: the IR's .bin, a SavedModel's shards.
+    A load must then give the clean seed's weights and convention, or be refused."""
+    return all(data.get(name) == content for name, content in origin.items()
+               if (name.endswith(".bin") if kind == "ir" else ".data-" in name))
+
+
+def campaign(n: int, seed: int, timeout: float, log=None, kinds=("safetensors", "torch")) -> dict:
     rng = np.random.default_rng(seed)
-    seeds = seed_files(rng) + (savedmodel_seeds() if savedmodel else [])
-    kinds = ("safetensors", "torch", "savedmodel") if savedmodel else ("safetensors", "torch")
+    seeds = (seed_files(rng) + (savedmodel_seeds() if "savedmodel" in kinds else [])
+             + (ir_seeds() if "ir" in kinds else []))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outcomes, by_kind, reasons = Counter(), Counter(), Counter()
-    crashes, hangs, unnamed, memory, others = [], [], [], [], []
+    crashes, hangs, unnamed, memory, others, silent = [], [], [], [], [], []
+    clean: dict[int, str | None] = {}  # id(seed) -> the digest of what its clean files read as
     slowest = (0.0, "", "")
     peak_kb = 0
     keep = os.path.join(tempfile.gettempdir(), f"npconvnext-fuzz-seed{seed}")  # inputs that crash or hang
@@ -224,16 +293,19 @@ def campaign(n: int, seed: int, timeout: float, log=None, savedmodel: bool = Fal
         work = Worker(repo)
         baseline_kb = work.baseline
         for i in range(n):
-            kind, data = make_input(seeds, rng, kinds)
-            suffix = {"safetensors": ".safetensors", "torch": ".pth", "savedmodel": ""}[kind]
-            path = _write_input(os.path.join(tmp, f"input{i}{suffix}"), kind, data)
+            kind, data, origin = make_input(seeds, rng, kinds)
+            if kind in ("ir", "savedmodel") and id(origin) not in clean:
+                clean[id(origin)] = _clean_digest(work, os.path.join(tmp, "clean"), kind, origin, timeout)
+            suffix = {"safetensors": ".safetensors", "torch": ".pth", "savedmodel": "", "ir": ""}[kind]
+            where = os.path.join(tmp, f"input{i}{suffix}")  # the file, or the directory of files
+            path = _write_input(where, kind, data)
             result = work.read(path, timeout)
             by_kind[kind] += 1
             if result["outcome"] in ("hang", "crash"):  # keep the input, restart the worker
                 code = work.stop()
-                kept = os.path.join(keep, os.path.basename(path))
+                kept = os.path.join(keep, os.path.basename(where))
                 os.makedirs(keep, exist_ok=True)
-                os.replace(path, kept)
+                os.replace(where, kept)
                 (hangs if result["outcome"] == "hang" else crashes).append((i, kind, code, kept))
                 outcomes[result["outcome"]] += 1
                 work = Worker(repo)
@@ -250,11 +322,15 @@ def campaign(n: int, seed: int, timeout: float, log=None, savedmodel: bool = Fal
                 memory.append((i, result["message"]))
             if result["outcome"] not in ("loaded", "CheckpointError"):
                 others.append((i, result["outcome"], result["message"]))
+            if result["outcome"] == "loaded" and kind in ("ir", "savedmodel") and result["digest"] != clean[id(origin)] \
+                    and _same_weight_bytes(kind, data, origin):  # only the graph or index changed
+                silent.append((i, kind))
             if result["seconds"] > slowest[0]:
                 slowest = (result["seconds"], f"input {i} ({kind})", result["outcome"])
-            _remove(path)
+            _remove(where)
         work.stop()
-    return {"inputs": n, "by_kind": dict(by_kind), "outcomes": dict(outcomes), "crashes": crashes,
+    return {"inputs": n, "by_kind": dict(by_kind), "outcomes": dict(outcomes), "crashes": crashes, "silent": silent,
+            "clean_seeds_loaded": sum(d is not None for d in clean.values()),
             "hangs": hangs, "unnamed": unnamed[:10], "unnamed_count": len(unnamed), "memory": memory[:10],
             "others": others[:10], "peak_rss_mb": peak_kb / 1024, "baseline_rss_mb": baseline_kb / 1024,
             "reasons": dict(reasons.most_common()), "slowest_seconds": slowest[0], "slowest_input": slowest[1], "slowest_outcome": slowest[2]}
@@ -269,13 +345,20 @@ def main() -> None:
     parser.add_argument("--log", help="write each input's outcome to this file, one JSON line each")
     parser.add_argument("--savedmodel", action="store_true",
                         help="fuzz TensorFlow SavedModel directories too (needs tensorflow-cpu for the seeds)")
+    parser.add_argument("--ir", action="store_true", help="fuzz OpenVINO IRs too (needs openvino for the seeds)")
+    parser.add_argument("--kinds", help=f"the formats to fuzz, comma-separated, of {','.join(KINDS)} "
+                                        "(default: safetensors,torch and those asked for above)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker()
     start = time.perf_counter()
     with open(args.log or os.devnull, "w") as log:
-        summary = campaign(args.n, args.seed, args.timeout, log, args.savedmodel)
+        kinds = tuple(args.kinds.split(",")) if args.kinds else (
+            "safetensors", "torch", *(["savedmodel"] if args.savedmodel else []), *(["ir"] if args.ir else []))
+        if not set(kinds) <= set(KINDS):
+            parser.error(f"--kinds: {args.kinds} names a format not among {', '.join(KINDS)}")
+        summary = campaign(args.n, args.seed, args.timeout, log, kinds)
     summary["wall_seconds"] = time.perf_counter() - start
     if args.json:
         print(json.dumps(summary))
@@ -287,6 +370,8 @@ def main() -> None:
         print(f"  {count:6d}  {reason}")
     print(f"crashes           {len(summary['crashes'])}  {summary['crashes'][:5]}")
     print(f"hangs             {len(summary['hangs'])}  {summary['hangs'][:5]}")
+    print(f"silently changed  {len(summary['silent'])}  {summary['silent'][:5]} (loaded, weights' bytes as the "
+          "seed's, but not the seed's weights and convention)")
     print(f"unnamed errors    {summary['unnamed_count']}  {summary['unnamed'][:3]}")
     print(f"memory errors     {len(summary['memory'])}  {summary['memory'][:3]}")
     print(f"other errors      {summary['others'][:5]}")
