@@ -1,15 +1,17 @@
 """Weight files in, timm-named NumPy arrays out: no framework, no code execution.
 
-One reader per container format, each with how it recognises a file's first bytes
-(`registry.py`), listed below in the order they are tried; a file's name is never trusted:
-    safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
+One reader per container format, each a `WeightFormat` (`registry.py`): how it recognises a
+file's first bytes, and how one read of the file gives its arrays, its model's convention and
+its metadata (a `Reading`). They are tried in this order (`formats()`); a file's name is never
+trusted:
     keras.py         keras.applications ConvNeXt: legacy .h5, .weights.h5, .keras (needs h5py)
-    torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
-    openvino_ir.py   OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
+    safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
     savedmodel.py    TensorFlow SavedModel directories (keras.applications, the TF-Hub port),
                      their variables read by tf_bundle.py
-Names inside the PyTorch-world files follow timm, the official code or transformers and are
-mapped to timm's by `naming.py`.
+    torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
+    openvino_ir.py   OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
+What every reader shares when it meets an untrusted file is in `guard.py`. Foreign names (the
+official code's, transformers', Keras') and layouts are mapped to timm's by `names.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..errors import CheckpointError
 from ..preprocessing import DataConfig
 from . import keras, openvino_ir, safetensors, savedmodel, torch_zip
 from .data_config import class_names_from, data_config_from
-from .naming import detect_naming, to_timm_names
+from .names import detect_naming, to_timm_names
 from .registry import WeightFormat, sha256_of_files, sniff
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 

@@ -2,7 +2,8 @@
 
 `open_weight_file` opens regular files only (a FIFO or a device would block or never end),
 `reading` turns every failure inside into a CheckpointError naming the file, and `describe`
-puts a value read from a file into an error message, bounded. The limits below bound what a
+puts a value read from a file into an error message, bounded; `bfloat16_to_float32` widens
+the dtype NumPy lacks. The limits below bound what a
 reader may make of a file by what a ConvNeXt can hold, whatever the file claims.
 """
 
@@ -14,12 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
+import numpy as np
+
 from ..config import VARIANTS
 from ..errors import CheckpointError
 from ..params import expected_shapes
 
 MAX_DIMS = 64            # NumPy's limit on an array's dimensions
-MAX_CLASSES = 1 << 16    # a classifier's outputs; ImageNet-22k's 21841 fit with room to spare
+MAX_CLASSES = 1 << 15    # a classifier's outputs; ImageNet-22k's 21841 fit
 MAX_ITEMSIZE = 8         # float64, the widest dtype a weight is stored in
 
 
@@ -69,6 +72,11 @@ def open_weight_file(path: str):
     except BaseException:
         os.close(fd)
         raise
+
+
+def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32: widen the bits, exactly."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 def describe(value: object, limit: int = 60) -> str:

@@ -41,7 +41,8 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
-from .keras import _KERAS_ROLES, KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, _timm_name, _to_timm_layout
+from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES as _KERAS_ROLES, fix_layout
+from .names import keras_layer as _timm_name
 from .guard import open_weight_file, reading
 from .protobuf import as_bytes, as_text, iter_fields
 from .registry import Reading, WeightFormat
@@ -282,8 +283,8 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
 
 
 def _layout(variable: _Variable) -> str:
-    """keras.py's layout name of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
-    return "conv" if len(variable.shape) == 4 else "dense"
+    """names.py's layout fix of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
+    return "hwio" if len(variable.shape) == 4 else "io"
 
 
 class _SavedModel:
@@ -303,7 +304,7 @@ class _SavedModel:
 
     def state(self) -> dict[str, np.ndarray]:
         """timm-named arrays in timm's layouts (vectors as stored, kernels transposed)."""
-        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
+        return {name: fix_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
                 else self.bundle.read(v.key) for name, v in self.mapping.items()}
 
 

@@ -28,9 +28,8 @@ from collections import OrderedDict
 import numpy as np
 
 from ..errors import CheckpointError
-from .guard import MAX_DIMS, describe, open_weight_file, reading
+from .guard import MAX_DIMS, bfloat16_to_float32, describe, open_weight_file, reading
 from .registry import Reading, WeightFormat
-from .safetensors import bfloat16_to_float32
 
 _STORAGE_DTYPES = {"DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
                    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
