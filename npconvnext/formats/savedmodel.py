@@ -41,9 +41,8 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
-from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES as _KERAS_ROLES, fix_layout
-from .names import keras_layer as _timm_name
 from .guard import open_weight_file, reading
+from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES, fix_layout, keras_layer
 from .protobuf import as_bytes, as_text, iter_fields
 from .registry import Reading, WeightFormat
 from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
@@ -66,7 +65,7 @@ _PORT_SUBLAYERS = {"dw_conv_1": "conv_dw", "layer_norm": "norm", "pw_conv_1": "m
 
 def _role(leaf: str) -> str | None:
     """weight / bias / '' (a raw variable such as layer scale) of a variable's last name part."""
-    return _KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
+    return KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
 
 
 class _Variable:
@@ -163,7 +162,7 @@ def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
     out = {}
     for v in variables:
         parts = v.full_name.split("/")
-        found = _timm_name(parts[-2]) if len(parts) >= 2 else None
+        found = keras_layer(parts[-2]) if len(parts) >= 2 else None
         if found is None:
             continue
         role = "" if found[1] == "scale" else _role(parts[-1])  # layer scale: "variable" (Keras 3), "gamma" (Keras 2)
