@@ -57,6 +57,7 @@ import stat
 
 import numpy as np
 
+from ...errors import CheckpointError
 from ...params import detect_architecture, expected_shapes
 from ..guard import open_weight_file, reading
 from ..registry import Reading, WeightFormat
