@@ -73,13 +73,14 @@ def forward_features(x: np.ndarray, weights: NetworkWeights, config: ConvNeXtCon
 
 def forward_head(x: np.ndarray, head: HeadWeights, eps: float, pre_logits: bool = False,
                  ops: Ops | None = None, record: Recorder = no_record) -> np.ndarray:
-    """(N, h, w, C) -> (N, num_classes) logits, or the pooled and normed (N, C) if pre_logits"""
+    """(N, h, w, C) -> (N, num_classes) logits, or the pooled and normed (N, C) if pre_logits or
+    the model has no classifier (num_classes 0, as timm's Identity head.fc)"""
     ops = REFERENCE if ops is None else ops
     x = layers.global_avg_pool(x)                                     # (N, C)
     record("head.global_pool", x)
     x = ops.layer_norm(x, head.norm_weight, head.norm_bias, eps)
     record("head.norm", x)
-    if pre_logits:
+    if pre_logits or head.fc_weight is None:
         return x
     x = ops.linear(x, head.fc_weight, head.fc_bias)                   # (N, num_classes)
     record("head.fc", x)

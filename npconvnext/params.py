@@ -78,8 +78,10 @@ TABLE: tuple[Param, ...] = (
 
     Param("head", "norm_weight", "norm.weight", lambda c, i: (c.num_features,), None, "norm"),
     Param("head", "norm_bias", "norm.bias", lambda c, i: (c.num_features,), None, "bias"),
-    Param("head", "fc_weight", "fc.weight", lambda c, i: (c.num_classes, c.num_features), "linear", "kernel"),
-    Param("head", "fc_bias", "fc.bias", lambda c, i: (c.num_classes,), None, "bias"),
+    # num_classes 0: no classifier (timm's head.fc is an Identity then), the features are the output
+    Param("head", "fc_weight", "fc.weight", lambda c, i: (c.num_classes, c.num_features), "linear", "kernel",
+          only_if="num_classes"),
+    Param("head", "fc_bias", "fc.bias", lambda c, i: (c.num_classes,), None, "bias", only_if="num_classes"),
 )
 
 # timm's name of each module, to which a row's name is appended; i the stage, j the block
@@ -116,7 +118,7 @@ def modules(config: ConvNeXtConfig) -> Iterator[Module]:
 
 
 def present(param: Param, config: ConvNeXtConfig) -> bool:
-    """Whether an architecture has this row's parameter (V1's gamma, V2's GRN)."""
+    """Whether an architecture has this row's parameter (V1's gamma, V2's GRN, a classifier)."""
     return param.only_if is None or getattr(config, param.only_if)
 
 
@@ -248,7 +250,8 @@ def check_state_dict(state: Mapping[str, np.ndarray], config: ConvNeXtConfig, so
 
 
 def detect_architecture(state: Mapping[str, np.ndarray]) -> ConvNeXtConfig:
-    """The variant whose parameter shapes these timm-named weights have (num_classes from the head)."""
+    """The variant whose parameter shapes these timm-named weights have (num_classes from the
+    head, 0 without one)."""
 
     def shape(name):
         return tuple(np.shape(state[name])) if name in state else None
@@ -266,7 +269,7 @@ def detect_architecture(state: Mapping[str, np.ndarray]) -> ConvNeXtConfig:
     # no two variants share these; the MLP's storage (linear or 1x1 conv) is left to the loader
     for config in VARIANTS.values():
         if all(getattr(config, k) == v for k, v in found.items()):
-            head = shape(timm_name("head", "fc_weight"))
-            return replace(config, num_classes=head[0]) if head else config
+            head = shape(timm_name("head", "fc_weight"))  # none: a headless backbone
+            return replace(config, num_classes=head[0] if head else 0)
     raise CheckpointError(f"no ConvNeXt variant has depths {tuple(depths)} and widths {tuple(dims)} "
                           f"(GRN: {found['use_grn']}, layer scale: {found['layer_scale']})")

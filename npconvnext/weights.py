@@ -53,8 +53,8 @@ class StageWeights(NamedTuple):
 class HeadWeights(NamedTuple):
     norm_weight: np.ndarray   # (C_last,)
     norm_bias: np.ndarray     # (C_last,)
-    fc_weight: np.ndarray     # (C_last, num_classes)
-    fc_bias: np.ndarray       # (num_classes,)
+    fc_weight: np.ndarray | None   # (C_last, num_classes); None: no classifier (num_classes 0)
+    fc_bias: np.ndarray | None     # (num_classes,)
 
 
 TYPES = {"stem": StemWeights, "downsample": DownsampleWeights, "block": BlockWeights, "head": HeadWeights}
@@ -68,7 +68,8 @@ class NetworkWeights(NamedTuple):
     @classmethod
     def from_params(cls, p: Mapping[str, np.ndarray], config: ConvNeXtConfig) -> NetworkWeights:
         """The typed weights from compute-layout arrays under timm's names. KeyError for a
-        missing weight; only those the table marks optional (V1's gamma, V2's GRN) may be absent."""
+        missing weight; only those the table marks optional (V1's gamma, V2's GRN, the classifier)
+        may be absent."""
         def typed(kind, prefix):
             return TYPES[kind](**{r.field: p.get(prefix + r.timm) if r.only_if else p[prefix + r.timm]
                                   for r in rows(kind)})
