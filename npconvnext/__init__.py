@@ -1,11 +1,12 @@
 """npconvnext: ConvNeXt image classification in NumPy, matching timm, with no deep-learning framework."""
 
-from .config import VARIANTS, ConvNeXtConfig, get_config, list_models
+from .config import VARIANTS, ConvNeXtConfig, get_config
 from .convention import Convention
 from .engine import set_num_threads
 from .errors import CheckpointError, ImageError, InputError, NpConvNeXtError, TrainingError
 from .factory import create_model
 from .formats import load_state_dict
+from .hub import list_models, list_pretrained
 from .labels import imagenet_classes, imagenet_labels
 from .model import ConvNeXt
 from .preprocessing import DataConfig, data_config, preprocess
@@ -30,6 +31,7 @@ __all__ = [
     "imagenet_classes",
     "imagenet_labels",
     "list_models",
+    "list_pretrained",
     "load_state_dict",
     "preprocess",
     "set_num_threads",

@@ -1,9 +1,10 @@
 """Published ConvNeXt weights: which exist, where they live, how they were evaluated; download.
 
-The registry (data/pretrained.json) lists, for every `arch.tag` timm publishes with a classifier
-for an architecture npconvnext builds, the Hugging Face hub repo and file, the number of classes,
-the evaluation preprocessing (input size, crop_pct, crop_mode, interpolation, mean, std) and the
-licence. `tests/test_hub.py` checks every field of every entry against timm's pretrained configs.
+The registry (data/pretrained.json) lists, for every `arch.tag` timm publishes (classifiers and
+headless backbones, num_classes 0), the Hugging Face hub repo and file, the number of classes,
+the evaluation preprocessing (input size, crop_pct, crop_mode, interpolation, mean, std), the
+licence and whether timm loads it for `pretrained=True`. `tests/test_hub.py` checks every field
+of every entry against timm's pretrained configs, and the names against timm's list.
 Downloads go through huggingface-hub's cache, so offline (HF_HUB_OFFLINE=1 or no network) a file
 fetched once is found again; when the hub's host cannot even be resolved, only the cache is
 looked in, so the answer comes at once instead of after huggingface-hub's retries.
@@ -11,6 +12,7 @@ looked in, so the answer comes at once instead of after huggingface-hub's retrie
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import socket
 import threading
@@ -19,6 +21,7 @@ import urllib.request
 from functools import lru_cache
 from importlib import resources
 
+from .config import list_models as architectures
 from .errors import CheckpointError
 
 # How long the look-up of the hub's host name may take before the hub counts as unreachable.
@@ -31,9 +34,53 @@ def registry() -> dict[str, dict]:
     return json.loads(resources.files(__package__).joinpath("data/pretrained.json").read_text())
 
 
-def list_pretrained(arch: str | None = None) -> list[str]:
-    """Every `arch.tag` with published weights, or those of one architecture."""
-    return [n for n in registry() if arch is None or n.split(".", 1)[0] == arch]
+def _matches(name: str, patterns: str | list[str] | tuple[str, ...]) -> bool:
+    """timm's filter: a shell-style wildcard (fnmatch), or any of several."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def list_pretrained(filter: str | list[str] | None = None) -> list[str]:
+    """Every `arch.tag` with published weights, as timm's `list_pretrained`: all of them, those
+    matching a wildcard filter ("convnext_tiny.*", "*dinov3*"), or those of one architecture
+    named without wildcard ("convnext_tiny")."""
+    if not filter:
+        return list(registry())
+    if isinstance(filter, str) and not any(c in filter for c in "*?[."):
+        return [n for n in registry() if n.split(".", 1)[0] == filter]
+    return [n for n in registry() if _matches(n, filter)]
+
+
+def list_models(filter: str | list[str] = "", pretrained: bool = False, exclude_filters: str | list[str] = "",
+                include_tags: bool | None = None) -> list[str]:
+    """The architectures npconvnext builds, as timm's `list_models` lists them: those matching
+    the wildcard `filter` (all when empty) and not `exclude_filters`; with `pretrained` only those
+    with published weights, named `arch.tag` as timm names them then (`include_tags`, which
+    defaults to `pretrained`; a filter without a tag then also matches the architecture's tags)."""
+    include_tags = pretrained if include_tags is None else include_tags
+    names = list(architectures())
+    if include_tags:
+        tagged = {}
+        for name in registry():
+            tagged.setdefault(name.split(".", 1)[0], []).append(name)
+        names = [n for a in names for n in tagged.get(a, [a])]
+
+    def expand(patterns):
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        return [e for p in patterns if p for e in ([p, p + ".*"] if include_tags and "." not in p else [p])]
+
+    published = set(registry()) | {n.split(".", 1)[0] for n in registry()}
+    keep, drop = expand(filter), expand(exclude_filters)
+    return [n for n in names if (not keep or _matches(n, keep)) and not (drop and _matches(n, drop))
+            and (not pretrained or n in published)]
+
+
+def default_tag(arch: str) -> str:
+    """The tag timm loads for `create_model(arch, pretrained=True)`."""
+    tags = [n for n in list_pretrained(arch) if registry()[n].get("default")]
+    if not tags:
+        raise CheckpointError(f"no published weights for {arch!r}: timm has no pretrained=True choice for it")
+    return tags[0].split(".", 1)[1]
 
 
 def pretrained_entry(name: str) -> dict:

@@ -15,6 +15,7 @@ import npconvnext
 from npconvnext.errors import CheckpointError
 from npconvnext.hub import download_weights, registry
 from npconvnext.preprocessing import DataConfig
+from tests.support import NOT_BUILT_YET
 from tests.support.timm_reference import numpy_state_dict, random_timm_model, run_timm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,18 +40,63 @@ def test_registry_matches_timm():
     assert "convnext_tiny.fb_in22k_ft_in1k_384" in squash and "convnextv2_huge.fcmae_ft_in22k_in1k_512" in squash
 
 
-def test_registry_lists_every_timm_classifier():
-    """The registry is what scripts/make_pretrained_registry.py makes from the installed timm:
-    a tag timm adds for an architecture npconvnext builds shows up here as a failure."""
+def test_registry_lists_every_timm_tag():
+    """The registry is what scripts/make_pretrained_registry.py makes from the installed timm, and
+    holds every tag timm publishes: a tag timm adds shows up here as a failure."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
     spec = importlib.util.spec_from_file_location("make_registry", os.path.join(ROOT, "scripts",
                                                                                 "make_pretrained_registry.py"))
     make_registry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_registry)
     assert make_registry.entries() == registry()
+    assert sorted(registry()) == sorted(timm.list_pretrained("convnext*"))
     for name in ("convnext_tiny.fb_in1k", "convnext_tiny.in12k_ft_in1k", "convnextv2_tiny.fcmae_ft_in1k",
-                 "convnext_base.clip_laion2b_augreg_ft_in1k"):
+                 "convnext_base.clip_laion2b_augreg_ft_in1k", "convnextv2_tiny.fcmae", "convnext_base.clip_laion2b",
+                 "convnext_tiny.dinov3_lvd1689m", "convnext_small.eupe_lvd1689m"):
         assert name in registry()
-    assert not any(n.endswith(".fcmae") or n.endswith(".clip_laion2b") for n in registry())  # no classifier
+    headless = {n for n, e in registry().items() if e["num_classes"] == 0}
+    assert {"convnextv2_atto.fcmae", "convnext_large.dinov3_lvd1689m", "convnext_base.eupe_lvd1689m"} <= headless
+    for arch in {n.split(".")[0] for n in registry()}:  # timm's pretrained=True choice
+        assert [n for n in npconvnext.list_pretrained(arch) if registry()[n]["default"]] == [
+            f"{arch}.{get_pretrained_cfg(arch).tag}"], arch
+
+
+def test_list_models_and_list_pretrained_filter_as_timm():
+    import timm
+
+    assert set(NOT_BUILT_YET) == set(timm.list_models("convnext*")) - set(npconvnext.list_models())
+    for kwargs in ({}, {"filter": "convnext_t*"}, {"filter": "convnextv2_*", "pretrained": True},
+                   {"filter": ["*atto*", "*huge"]}, {"filter": "convnext_tiny", "pretrained": True},
+                   {"pretrained": True, "exclude_filters": "*v2*"}, {"filter": "*nano*", "include_tags": True}):
+        expected = {n for n in timm.list_models(**kwargs)
+                    if n.startswith("convnext") and n.split(".")[0] not in NOT_BUILT_YET}
+        assert set(npconvnext.list_models(**kwargs)) == expected, kwargs
+    assert npconvnext.list_models()[:2] == ["convnext_atto", "convnext_femto"]  # the table's order, as before
+    for pattern in ("convnext_tiny.*", "*dinov3*", "convnextv2_?ico.*"):
+        expected = sorted(n for n in timm.list_pretrained(pattern) if n.startswith("convnext"))
+        assert npconvnext.list_pretrained(pattern) == expected, pattern
+    assert npconvnext.list_pretrained("convnext_tiny") == sorted(timm.list_pretrained("convnext_tiny.*"))
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_every_tag_builds_as_timm(name):
+    """Every published tag's architecture and head, as timm builds it (on torch's meta device:
+    shapes only), has the parameters npconvnext expects."""
+    import timm
+    import torch
+
+    from npconvnext.params import expected_shapes
+
+    arch = name.split(".")[0]
+    if arch in NOT_BUILT_YET:
+        pytest.skip(f"{arch}: {NOT_BUILT_YET[arch]}")
+    with torch.device("meta"):
+        model = timm.create_model(arch, num_classes=registry()[name]["num_classes"])
+    timm_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    config = npconvnext.get_config(arch, num_classes=registry()[name]["num_classes"])
+    assert expected_shapes(config) == timm_shapes, name
 
 
 @pytest.fixture(scope="module")
