@@ -7,7 +7,7 @@ engine) and converts at the public boundary: inputs and `forward_features` outpu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -111,14 +111,15 @@ class ConvNeXt:
 
     def reset_classifier(self, num_classes: int, seed: int = 0) -> None:
         """A new head.fc for `num_classes` classes, initialised as timm initialises it (see
-        params.init_state_dict), for fine-tuning."""
+        params.init_state_dict), for fine-tuning; 0 drops the classifier, as timm's (the model
+        then gives the pooled, normed features)."""
+        fc = (timm_name("head", "fc_weight"), timm_name("head", "fc_bias"))
         state = {name: to_timm_layout(name, self._params[name], shape)
-                 for name, shape in expected_shapes(self.config).items()}
+                 for name, shape in expected_shapes(self.config).items() if name not in fc}
         self.config = replace(self.config, num_classes=num_classes)
         self.class_names = None
         fresh = init_state_dict(self.config, seed)
-        for name in (timm_name("head", "fc_weight"), timm_name("head", "fc_bias")):
-            state[name] = fresh[name]
+        state.update({name: fresh[name] for name in fc if name in fresh})
         self.load_state_dict(state, "reset_classifier")
 
     @property
@@ -144,8 +145,44 @@ class ConvNeXt:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits (or probabilities, if the model's file ends in a softmax: see `convention`).
-        x: (N, 3, H, W) normalised images, or what `convention` says -> (N, num_classes)"""
-        return to_outputs(self._run(network.forward, self.network_input(x)), self.convention)
+        x: (N, 3, H, W) normalised images, or what `convention` says -> (N, num_classes); without
+        a classifier (num_classes 0) the pooled, normed features (N, C_last), as timm's."""
+        out = self._run(network.forward, self.network_input(x))
+        return out if self.config.num_classes == 0 else to_outputs(out, self.convention)
+
+    def forward_intermediates(self, x: np.ndarray, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's `forward_intermediates`: the outputs of the stages `indices` (None: all; an int
+        n: the last n; a sequence: those, negative from the end), NCHW, and unless
+        `intermediates_only` the last feature map first: (features, [stage outputs]). `stop_early`
+        stops after the last stage taken (the features are then its output). `norm` applies
+        timm's norm_pre, an identity for every architecture built here."""
+        if output_fmt != "NCHW":
+            raise InputError(f"output_fmt must be 'NCHW', as timm's ConvNeXt, not {output_fmt!r}")
+        take = take_indices(len(self.config.depths), indices)
+        last = max(take) if stop_early else len(self.config.depths) - 1
+        stages: dict[int, np.ndarray] = {}
+
+        def record(name: str, a: np.ndarray) -> None:
+            if name.startswith("stages.") and name.count(".") == 1:
+                stages[int(name.split(".")[1])] = a
+                if int(name.split(".")[1]) == last:
+                    raise _Stop
+
+        try:
+            network.forward_features(self.network_input(x), self._weights, self.config, self._ops(), record)
+        except _Stop:
+            pass
+        nchw = {i: np.ascontiguousarray(a.transpose(0, 3, 1, 2)) for i, a in stages.items()}
+        intermediates = [nchw[i] for i in take]
+        return intermediates if intermediates_only else (nchw[last], intermediates)
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's feature_info: per stage its channels, total stride and module name."""
+        return [dict(num_chs=c, reduction=self.config.patch_size * 2 ** i, module=f"stages.{i}")
+                for i, c in enumerate(self.config.dims)]
 
     def forward_features(self, x: np.ndarray) -> np.ndarray:
         """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32) (NCHW, as
@@ -253,3 +290,51 @@ def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype, lay
                          f"{config.reduction}: every side must be at least {config.reduction}")
     return np.ascontiguousarray(x, dtype=dtype)
 
+
+
+class _Stop(Exception):
+    """Raised by forward_intermediates' recorder once the last stage it needs has run."""
+
+
+def take_indices(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's feature_take_indices: None all stages, an int n the last n, a sequence those
+    (negative from the end), as absolute indices; InputError out of range."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, (int, np.integer)):
+        if not 0 < indices <= num_stages:
+            raise InputError(f"last-n ({indices}) is out of range (1 to {num_stages})")
+        return list(range(num_stages - indices, num_stages))
+    taken = [num_stages + i if i < 0 else i for i in indices]
+    if any(not 0 <= i < num_stages for i in taken):
+        raise InputError(f"stage indices {list(indices)} out of range for {num_stages} stages")
+    return taken
+
+
+class FeatureModel:
+    """timm's `features_only=True` model: calling it gives the outputs of the stages
+    `out_indices` as a list of NCHW arrays; `feature_info` says their channels and strides."""
+
+    def __init__(self, model: ConvNeXt, out_indices: Sequence[int] = (0, 1, 2, 3)):
+        self.model = model
+        self.out_indices = tuple(take_indices(len(model.config.depths), out_indices))
+        self.feature_info = FeatureInfo([model.feature_info[i] for i in self.out_indices])
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.model.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)
+
+    def __repr__(self) -> str:
+        return f"FeatureModel({self.model!r}, out_indices={self.out_indices})"
+
+
+class FeatureInfo(list):
+    """The taken stages' feature info, with timm's `channels()`, `reduction()` and `module_name()`."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
