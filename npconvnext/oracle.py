@@ -143,8 +143,10 @@ def golden_weights(golden: str, metadata: dict[str, str], weights: str | None, w
 
 def timm_trace(model, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     """timm's activations for `model`'s weights and input x, through forward hooks on the
-    modules `names` lists (the keys of `model.trace(x)`); "layer_scale" is block output minus
-    block input."""
+    modules `names` lists (the keys of `model.trace(x)`). Each is timm's own module output, so a
+    correct model never fails: "layer_scale", which timm computes inline, is the output of the
+    block's drop_path (an identity at inference) that it goes through, not block output minus
+    block input (which loses every digit when the layer scale is small, 1e-6 at timm's init)."""
     import timm
     import torch
 
@@ -154,19 +156,15 @@ def timm_trace(model, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     net = net.to(torch.float64 if model.dtype == np.float64 else torch.float32)
     wanted = set(names)
     out: dict[str, np.ndarray] = {"input": np.asarray(x, dtype=model.dtype)}
-    inputs: dict[str, np.ndarray] = {}
     hooks = []
     for name, module in net.named_modules():
-        if name in wanted:
+        block, _, leaf = name.rpartition(".")
+        key = f"{block}.layer_scale" if leaf == "drop_path" else name
+        if key in wanted:
             hooks.append(module.register_forward_hook(
-                lambda m, args, result, name=name: out.__setitem__(name, result.detach().numpy().copy())))
-        if f"{name}.layer_scale" in wanted:
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: inputs.__setitem__(name, args[0].detach().numpy().copy())))
+                lambda m, args, result, key=key: out.__setitem__(key, result.detach().numpy().copy())))
     with torch.no_grad():
         net(torch.from_numpy(np.asarray(x, dtype=model.dtype)))
     for h in hooks:
         h.remove()
-    for name, block_in in inputs.items():
-        out[f"{name}.layer_scale"] = out[name] - block_in
     return {name: out[name] for name in names if name in out}

@@ -149,3 +149,24 @@ def test_golden_from_a_photo_with_weights(tmp_path):
 def test_parity_against_timm_command():
     out = cli("parity", "--model", "convnextv2_atto", "--input-size", "64")
     assert "against timm" in out.stdout and "mlp.grn" in out.stdout and "all within" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parity_passes_on_a_timm_initialised_model(dtype):
+    """timm's own init: layer scale 1e-6, GRN zero. The layer_scale reference is timm's module
+    output, not block output minus input (which lost every digit there and failed 18 rows)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model("convnext_atto", pretrained=False).eval()
+    state = numpy_state_dict(timm_model)
+    assert np.allclose(state["stages.0.blocks.0.gamma"], 1e-6)
+    model = npconvnext.create_model("convnext_atto", weights=state, dtype=dtype)
+    x = random_images((1, 3, 64, 64), np.dtype(dtype))
+    ours = model.trace(x)
+    theirs = timm_trace(model, x, list(ours))
+    assert list(theirs) == list(ours)
+    rows = compare(ours, theirs, TOLERANCE[dtype])
+    assert sum(r.name.endswith("layer_scale") for r in rows) == 12
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok][:3]
