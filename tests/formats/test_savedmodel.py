@@ -74,13 +74,15 @@ def test_npconvnext_gives_tensorflows_outputs(saved_models, name):
 
 
 KERAS2_MODELS = {"hub_tiny_keras2": ("TF-Hub", "logits"), "keras_tiny_keras2": ("keras.applications", "probabilities")}
+FEATURE_VECTOR = "hub_tiny_features_keras2"  # TF-Hub's feature-vector twin: no classification_head
 
 
 @pytest.fixture(scope="module")
 def keras2_saved_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("keras2")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, WRITER, str(folder), *KERAS2_MODELS], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, WRITER, str(folder), FEATURE_VECTOR, *KERAS2_MODELS], capture_output=True,
+                         text=True,
                          env=env, timeout=900)
     _check_writer(out)
     yield folder
@@ -99,6 +101,20 @@ def test_saved_models_written_by_keras_2(keras2_saved_models, name):
     error = np.abs(model(x) - expected).max() / np.abs(expected).max()
     print(f"{name}: max relative error {error:.2e}")
     assert error <= 1e-4
+
+
+def test_a_tf_hub_feature_vector_saved_model_loads_headless(keras2_saved_models):
+    """The classifier cut before its classification_head, as TF-Hub publishes beside each: a
+    headless model whose output is TensorFlow's, the pooled, normed features."""
+    x, expected = _outputs(keras2_saved_models, FEATURE_VECTOR)
+    assert expected.shape == (2, 768)
+    model = npconvnext.create_model(None, weights=keras2_saved_models / FEATURE_VECTOR)
+    assert model.config.name == "convnext_tiny" and model.config.num_classes == 0
+    assert "head.fc.weight" not in model.params
+    error = np.abs(model(x) - expected).max() / np.abs(expected).max()
+    assert error <= 1e-4
+    named = npconvnext.create_model("convnext_tiny", weights=keras2_saved_models / FEATURE_VECTOR, dtype="float64")
+    assert np.abs(named(x.astype(np.float64)) - expected).max() / np.abs(expected).max() <= 1e-4
 
 
 def test_saved_model_pb_names_its_directory(saved_models):

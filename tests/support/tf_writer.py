@@ -12,7 +12,8 @@ models/convnext_tf.py), rebuilt here with the same layer names and variable stru
 Sequential (conv, layer norm), `downsampling_block_i` Sequentials (layer norm, conv),
 `convnext_stage_i` Sequentials of `convnext_block_i_j` blocks, each a model holding a depthwise
 conv, a layer norm, two dense layers and a raw tf.Variable `gamma`, then global pooling, an
-unnamed layer norm and a dense `classification_head` giving logits.
+unnamed layer norm and a dense `classification_head` giving logits (left out in TF-Hub's
+feature-vector twins, which give the normed, pooled features).
 """
 
 import os
@@ -65,7 +66,8 @@ def hub_port(depths, dims, num_classes, name, k=keras):
                          name=f"convnext_stage_{i}")(x)
     x = k.layers.GlobalAveragePooling2D()(x)
     x = k.layers.LayerNormalization(epsilon=1e-6)(x)
-    outputs = k.layers.Dense(num_classes, name="classification_head")(x)
+    # num_classes 0: TF-Hub's feature-vector twin, the classifier cut before its classification_head
+    outputs = k.layers.Dense(num_classes, name="classification_head")(x) if num_classes else x
     return k.Model(inputs, outputs, name=name)
 
 
@@ -91,6 +93,8 @@ MODELS = {  # name -> (builder, how TensorFlow writes it)
     # as the TF-Hub modules were written: Keras 2's model.save to a directory
     "hub_tiny_keras2": (lambda: hub_port([3, 3, 9, 3], [96, 192, 384, 768], 5, "convnext_tiny_1k_224", keras2()),
                         "keras2 model.save"),
+    "hub_tiny_features_keras2": (lambda: hub_port([3, 3, 9, 3], [96, 192, 384, 768], 0,
+                                                  "convnext_tiny_1k_224_fe", keras2()), "keras2 model.save"),
     "keras_tiny_keras2": (lambda: keras2().applications.ConvNeXtTiny(weights=None, input_shape=(SIZE, SIZE, 3),
                                                                       classes=7), "keras2 model.save"),
     # Keras 3's export lists the port's raw gamma variables apart from their blocks: refused
