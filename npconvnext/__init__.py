@@ -4,9 +4,9 @@ from .config import VARIANTS, ConvNeXtConfig, get_config
 from .convention import Convention
 from .engine import set_num_threads
 from .errors import CheckpointError, ImageError, InputError, NpConvNeXtError, TrainingError
-from .factory import create_model
+from .factory import create_model, list_models
 from .formats import load_state_dict
-from .hub import list_models, list_pretrained
+from .hub import list_pretrained
 from .labels import imagenet_classes, imagenet_labels
 from .model import ConvNeXt
 from .preprocessing import DataConfig, data_config, preprocess

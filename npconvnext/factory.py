@@ -1,5 +1,5 @@
 """`create_model`: an architecture by name, with weights from a mapping, a file, the hub, or seeded
-random ones."""
+random ones; `list_models`, the architectures it builds, filtered as timm's."""
 
 from __future__ import annotations
 
@@ -10,13 +10,38 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import ConvNeXtConfig, get_config
+from .config import ConvNeXtConfig, get_config, list_models as config_models
 from .convention import TIMM, Convention
 from .errors import CheckpointError, InputError
 from .formats import detect_naming, format_named, read_weight_file, to_timm_names
+from .hub import default_tag, matches, registry
 from .model import ConvNeXt, FeatureModel
 from .params import check_state_dict, detect_architecture, init_state_dict, random_state_dict, timm_name
 from .preprocessing import DataConfig, data_config
+
+
+def list_models(filter: str | list[str] = "", pretrained: bool = False, exclude_filters: str | list[str] = "",
+                include_tags: bool | None = None) -> list[str]:
+    """The architectures npconvnext builds, as timm's `list_models` lists them: those matching
+    the wildcard `filter` (all when empty) and not `exclude_filters`; with `pretrained` only those
+    with published weights, named `arch.tag` as timm names them then (`include_tags`, which
+    defaults to `pretrained`; a filter without a tag then also matches the architecture's tags)."""
+    include_tags = pretrained if include_tags is None else include_tags
+    names = list(config_models())
+    if include_tags:
+        tagged = {}
+        for name in registry():
+            tagged.setdefault(name.split(".", 1)[0], []).append(name)
+        names = [n for a in names for n in tagged.get(a, [a])]
+
+    def expand(patterns):
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        return [e for p in patterns if p for e in ([p, p + ".*"] if include_tags and "." not in p else [p])]
+
+    published = set(registry()) | {n.split(".", 1)[0] for n in registry()}
+    keep, drop = expand(filter), expand(exclude_filters)
+    return [n for n in names if (not keep or matches(n, keep)) and not (drop and matches(n, drop))
+            and (not pretrained or n in published)]
 
 
 def _data_config(arch: str, tag: str | None, path: str | None, carried: DataConfig | None) -> tuple[DataConfig, str]:
@@ -103,13 +128,11 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         if pretrained is None and weights is None:
             pretrained = tag
     if pretrained is True:
-        from .hub import default_tag
-
         pretrained = tag = default_tag(get_config(name).name if name else "")
     if pretrained is not None:
         if weights is not None:
             raise InputError("pass either weights= or pretrained=, not both")
-        from .hub import download_weights
+        from .hub import download_weights  # looked up at the call: tests stand a fake in for it
 
         weights = download_weights(f"{name}.{pretrained}")
     source, path, file = "a mapping of arrays", None, None

@@ -21,7 +21,6 @@ import urllib.request
 from functools import lru_cache
 from importlib import resources
 
-from .config import list_models as architectures
 from .errors import CheckpointError
 
 # How long the look-up of the hub's host name may take before the hub counts as unreachable.
@@ -34,7 +33,7 @@ def registry() -> dict[str, dict]:
     return json.loads(resources.files(__package__).joinpath("data/pretrained.json").read_text())
 
 
-def _matches(name: str, patterns: str | list[str] | tuple[str, ...]) -> bool:
+def matches(name: str, patterns: str | list[str] | tuple[str, ...]) -> bool:
     """timm's filter: a shell-style wildcard (fnmatch), or any of several."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -48,31 +47,7 @@ def list_pretrained(filter: str | list[str] | None = None) -> list[str]:
         return list(registry())
     if isinstance(filter, str) and not any(c in filter for c in "*?[."):
         return [n for n in registry() if n.split(".", 1)[0] == filter]
-    return [n for n in registry() if _matches(n, filter)]
-
-
-def list_models(filter: str | list[str] = "", pretrained: bool = False, exclude_filters: str | list[str] = "",
-                include_tags: bool | None = None) -> list[str]:
-    """The architectures npconvnext builds, as timm's `list_models` lists them: those matching
-    the wildcard `filter` (all when empty) and not `exclude_filters`; with `pretrained` only those
-    with published weights, named `arch.tag` as timm names them then (`include_tags`, which
-    defaults to `pretrained`; a filter without a tag then also matches the architecture's tags)."""
-    include_tags = pretrained if include_tags is None else include_tags
-    names = list(architectures())
-    if include_tags:
-        tagged = {}
-        for name in registry():
-            tagged.setdefault(name.split(".", 1)[0], []).append(name)
-        names = [n for a in names for n in tagged.get(a, [a])]
-
-    def expand(patterns):
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        return [e for p in patterns if p for e in ([p, p + ".*"] if include_tags and "." not in p else [p])]
-
-    published = set(registry()) | {n.split(".", 1)[0] for n in registry()}
-    keep, drop = expand(filter), expand(exclude_filters)
-    return [n for n in names if (not keep or _matches(n, keep)) and not (drop and _matches(n, drop))
-            and (not pretrained or n in published)]
+    return [n for n in registry() if matches(n, filter)]
 
 
 def default_tag(arch: str) -> str:
