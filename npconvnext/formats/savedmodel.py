@@ -29,11 +29,16 @@ Two layouts, each with its table below:
                          It takes NHWC images normalised outside the model with the ImageNet
                          mean and std, and gives logits.
 Layouts as in Keras: conv kernels (kh, kw, in, out), depthwise ones (kh, kw, 1, C), dense (in, out).
+
+TF-Hub's feature-vector twins (the port cut before its classification_head) have no head.fc:
+they load as headless models. The asset as TF-Hub serves it, a `.tar.gz` of the SavedModel
+directory, is read in place (`tar.py`: members checked, nothing extracted).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import stat
 
@@ -43,9 +48,10 @@ from ..convention import Convention
 from ..errors import CheckpointError
 from .guard import open_weight_file, reading
 from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES, fix_layout, keras_layer
-from .protobuf import as_bytes, as_text, iter_fields
+from .protobuf import as_bytes, as_int, as_text, iter_fields
 from .registry import Reading, WeightFormat
-from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
+from .tar import TarArchive, is_gzip
+from .tf_bundle import MAX_INDEX_BYTES, OBJECT_GRAPH_KEY, Bundle, parse_entry, parse_object_graph, read_table
 
 GRAPH_FILE = "saved_model.pb"
 VARIABLES_PREFIX = os.path.join("variables", "variables")
@@ -286,12 +292,58 @@ def _layout(variable: _Variable) -> str:
     return "hwio" if len(variable.shape) == 4 else "io"
 
 
-class _SavedModel:
-    """A SavedModel directory's bundle and which variable is which timm parameter."""
+class _TarBundle(Bundle):
+    """A tensor bundle inside a tar archive: the index and shards are members, each read once
+    into memory."""
 
-    def __init__(self, path: str):
-        self.directory = _directory(path)
-        self.bundle = Bundle(os.path.join(self.directory, VARIABLES_PREFIX))
+    def __init__(self, archive: TarArchive, prefix: str):
+        self.prefix, self.archive, self.shards = prefix, archive, {}
+        try:
+            table = read_table(archive.read(prefix + ".index", MAX_INDEX_BYTES))
+            if "" not in table:
+                raise CheckpointError("no bundle header (the empty key)")
+            header = dict(iter_fields(table.pop("")))
+            self.num_shards = as_int(header.get(1, 1), "num_shards")
+            self.byte_order = ">" if as_int(header.get(2, 0), "endianness") == 1 else "<"
+            if not 1 <= self.num_shards <= 100_000:
+                raise CheckpointError(f"{self.num_shards} shards")
+            self.entries = {key: parse_entry(value, key) for key, value in table.items()}
+        except CheckpointError as exc:
+            raise CheckpointError(f"{prefix}.index: {exc}") from None
+        for shard in range(self.num_shards):
+            if self.shard_path(shard) not in archive.members:
+                raise CheckpointError(f"no member {self.shard_path(shard)} (shard {shard} its index names)")
+
+    def files(self) -> list[str]:
+        return [self.archive.path]
+
+    def _raw(self, key, entry) -> bytes:
+        if not 0 <= entry.shard_id < self.num_shards:
+            raise CheckpointError(f"tensor {key!r}: shard {entry.shard_id} of {self.num_shards}")
+        if entry.shard_id not in self.shards:
+            self.shards[entry.shard_id] = memoryview(self.archive.read(self.shard_path(entry.shard_id)))
+        shard = self.shards[entry.shard_id]
+        if entry.offset + entry.size > len(shard):
+            raise CheckpointError(f"{self.shard_path(entry.shard_id)}: tensor {key!r} at {entry.offset}+"
+                                  f"{entry.size} lies beyond the shard's {len(shard)} bytes (truncated shard?)")
+        return bytes(shard[entry.offset:entry.offset + entry.size])
+
+
+class _SavedModel:
+    """A SavedModel directory's (or its tar archive's) bundle and which variable is which timm parameter."""
+
+    def __init__(self, path: str, archive: TarArchive | None = None):
+        if archive is None:
+            self.directory = _directory(path)
+            self.bundle = Bundle(os.path.join(self.directory, VARIABLES_PREFIX))
+            with open_weight_file(os.path.join(self.directory, GRAPH_FILE)) as f:
+                self.graph = f.read(MAX_GRAPH_BYTES + 1)
+        else:
+            self.directory = archive.find(GRAPH_FILE)
+            if self.directory is None:
+                raise CheckpointError(f"an archive without {GRAPH_FILE}: not a SavedModel's")
+            self.bundle = _TarBundle(archive, posixpath.join(self.directory, "variables", "variables"))
+            self.graph = archive.read(posixpath.join(self.directory, GRAPH_FILE), MAX_GRAPH_BYTES + 1)
         variables = _variables(self.bundle)
         self.layout, self.mapping = "keras.applications", _keras_applications(variables)
         if "stem.0.weight" not in self.mapping:
@@ -322,9 +374,12 @@ def graph_names(directory: str) -> frozenset[str]:
     inside a function (a Keras layer's operations are named after it). The file is parsed as the
     SavedModel message it must be (protobuf wire format): one that does not parse, a truncated
     one say, is refused."""
-    path = os.path.join(directory, GRAPH_FILE)
-    with open_weight_file(path) as f:
-        data = f.read(MAX_GRAPH_BYTES + 1)
+    with open_weight_file(os.path.join(directory, GRAPH_FILE)) as f:
+        return graph_names_of(f.read(MAX_GRAPH_BYTES + 1))
+
+
+def graph_names_of(data: bytes) -> frozenset[str]:
+    """`graph_names` of saved_model.pb's bytes."""
     if len(data) > MAX_GRAPH_BYTES:
         raise CheckpointError(f"{GRAPH_FILE} is over {MAX_GRAPH_BYTES >> 20} MB; a ConvNeXt's graph is far smaller")
     names: set[str] = set()
@@ -375,9 +430,17 @@ def read(path: str) -> Reading:
     """A SavedModel directory (or its saved_model.pb): timm-named arrays and what its model takes
     and gives (see the module docstring), from one read of its files."""
     with reading(path, "TensorFlow SavedModel"):
+        if not os.path.isdir(path) and _is_archive(path):
+            with TarArchive(path) as archive:
+                model = _SavedModel(path, archive)
+                return Reading(model.state(), _convention(model.layout, graph_names_of(model.graph)))
         model = _SavedModel(path)
-        names = graph_names(model.directory)
-        return Reading(model.state(), _convention(model.layout, names))
+        return Reading(model.state(), _convention(model.layout, graph_names_of(model.graph)))
+
+
+def _is_archive(path: str) -> bool:
+    with open_weight_file(path) as f:
+        return is_gzip(f.read(2))
 
 
 def _convention(layout: str, names: frozenset[str]) -> Convention:
@@ -397,6 +460,8 @@ def _convention(layout: str, names: frozenset[str]) -> Convention:
 def saved_model_files(path: str) -> list[str]:
     """The files that make up a SavedModel's weights, for hashing: the graph, the index, the shards."""
     with reading(path, "TensorFlow SavedModel"):
+        if not os.path.isdir(path) and _is_archive(path):
+            return [path]
         directory = _directory(path)
         bundle = Bundle(os.path.join(directory, VARIABLES_PREFIX))
         return [os.path.join(directory, GRAPH_FILE)] + bundle.files()
@@ -416,5 +481,10 @@ def _is_saved_model_graph(head: bytes, path: str) -> bool:
     return head[:3] == b"\x08\x01\x12" and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), "variables"))
 
 
-FORMAT = WeightFormat("tf-savedmodel", _is_saved_model_graph, read, recognises_directory=is_saved_model_dir,
+def _recognises(head: bytes, path: str) -> bool:
+    """saved_model.pb beside its variables/, or a gzip-compressed tar (TF-Hub's asset)."""
+    return _is_saved_model_graph(head, path) or is_gzip(head)
+
+
+FORMAT = WeightFormat("tf-savedmodel", _recognises, read, recognises_directory=is_saved_model_dir,
                       files=saved_model_files)

@@ -384,3 +384,77 @@ def test_a_truncated_graph_is_refused(saved_models, tmp_path):
         _refused(model, "saved_model.pb does not parse")
     graph.write_bytes(data[:2])  # the schema version alone: parses, and holds no graph
     _refused(model, "no graph")
+
+
+def _tar_gz(source_dir, path, extra=()):
+    """A .tar.gz of a SavedModel directory as TF-Hub serves it (members under ./), plus `extra`
+    (TarInfo, bytes or None) members."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(source_dir, arcname=".")
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def test_a_tf_hub_tar_gz_loads_in_place(keras2_saved_models, tmp_path):
+    asset = _tar_gz(keras2_saved_models / FEATURE_VECTOR, tmp_path / "asset.tar.gz")
+    before = sorted(os.listdir(tmp_path))
+    x, expected = _outputs(keras2_saved_models, FEATURE_VECTOR)
+    model = npconvnext.create_model(None, weights=asset)
+    assert model.config.num_classes == 0 and "tf-savedmodel" in model.describe()
+    assert np.abs(model(x) - expected).max() / np.abs(expected).max() <= 1e-4
+    assert sorted(os.listdir(tmp_path)) == before  # read in place: nothing extracted
+    assert npconvnext.formats.weight_files(asset) == [str(asset)]
+    nested = tmp_path / "nested"  # the directory itself as the archive's top member
+    nested.mkdir()
+    with_top = _tar_gz(keras2_saved_models / "hub_tiny_keras2", nested / "classifier.tar.gz")
+    x, expected = _outputs(keras2_saved_models, "hub_tiny_keras2")
+    assert np.abs(npconvnext.create_model(None, weights=with_top)(x) - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def _member(name, kind, **fields):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink", "hardlink", "device", "fifo", "oversized"])
+def test_hostile_tar_members_are_refused(keras2_saved_models, tmp_path, monkeypatch, case):
+    import tarfile
+
+    import npconvnext.formats.tar as tar_module
+
+    data = b"x" * 64
+    members = {
+        "absolute": ((_member("/etc/evil", tarfile.REGTYPE, size=len(data)), data), "absolute path"),
+        "dotdot": ((_member("variables/../../evil", tarfile.REGTYPE, size=len(data)), data), "'..'"),
+        "symlink": ((_member("variables/link", tarfile.SYMTYPE, linkname="/etc/passwd"), None), "a link"),
+        "hardlink": ((_member("variables/hard", tarfile.LNKTYPE, linkname="saved_model.pb"), None), "a link"),
+        "device": ((_member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), None), "device"),
+        "fifo": ((_member("pipe", tarfile.FIFOTYPE), None), "device, FIFO"),
+        "oversized": ((_member("big", tarfile.REGTYPE, size=len(data)), data), "add up to more|more than any"),
+    }
+    extra, message = members[case]
+    if case == "oversized":
+        monkeypatch.setattr(tar_module, "MAX_MODEL_BYTES", 4096)
+    asset = _tar_gz(keras2_saved_models / FEATURE_VECTOR, tmp_path / "hostile.tar.gz", [extra])
+    with pytest.raises(npconvnext.CheckpointError, match=message) as caught:
+        npconvnext.create_model(None, weights=asset)
+    assert str(asset) in str(caught.value)
+    assert sorted(os.listdir(tmp_path)) == ["hostile.tar.gz"]
+
+
+def test_a_gzip_that_is_no_saved_model_archive_is_refused(tmp_path):
+    import gzip
+
+    path = tmp_path / "notes.gz"
+    path.write_bytes(gzip.compress(b"just text, no tar"))
+    with pytest.raises(npconvnext.CheckpointError, match="notes.gz"):
+        npconvnext.create_model(None, weights=path)
