@@ -1,0 +1,102 @@
+"""npconvnext.explain against torch autograd on timm; the figures it draws."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import npconvnext
+from npconvnext.explain import effective_receptive_field, grad_cam, stage_feature_maps, strongest_channels
+from npconvnext.errors import InputError
+from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model
+
+TOLERANCE = {"float32": 1e-4, "float64": 1e-8}  # relative to the largest magnitude (the issue's)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def torch_grad_cam(net, x: np.ndarray, target, stage: int) -> np.ndarray:
+    """Grad-CAM by its definition, with autograd: a forward hook keeps the stage's output A."""
+    kept = {}
+    hook = net.stages[stage].register_forward_hook(lambda m, args, out: kept.__setitem__("A", out))
+    logits = net(torch.from_numpy(x))
+    hook.remove()
+    chosen = logits.argmax(dim=1) if target is None else torch.as_tensor(target).expand(len(x))
+    (d_a,) = torch.autograd.grad(logits[torch.arange(len(x)), chosen].sum(), kept["A"])
+    alpha = d_a.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((alpha * kept["A"]).sum(dim=1)).detach().numpy()
+
+
+def torch_erf(net, x: np.ndarray, stage: int) -> np.ndarray:
+    images = torch.from_numpy(x).requires_grad_(True)
+    out = net.stem(images)
+    for i in range(stage + 1):
+        out = net.stages[i](out)
+    out[:, :, out.shape[2] // 2, out.shape[3] // 2].sum().backward()
+    return images.grad.abs().mean(dim=(0, 1)).numpy()
+
+
+def pair(name: str, dtype: str, backend: str):
+    net = random_timm_model(name, seed=3).to(getattr(torch, dtype))
+    model = npconvnext.create_model(name, weights=numpy_state_dict(net), dtype=dtype, backend=backend)
+    return net, model
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_femto"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_grad_cam_equals_torch_autograd(name, dtype, backend):
+    net, model = pair(name, dtype, backend)
+    x = random_images((2, 3, 67, 99), np.dtype(dtype), seed=1)  # odd sizes: the stem drops a remainder
+    for layer, target in (("stages.3", None), ("stages.2", 5), ("stages.1", [7, 11])):
+        stage = int(layer[-1])
+        ours = grad_cam(model, x, target, layer)
+        theirs = torch_grad_cam(net, x, target, stage)
+        assert ours.shape == theirs.shape == (2, *model.trace(x)[layer].shape[2:])
+        assert ours.dtype == np.dtype(dtype)
+        assert relative_error(ours, theirs) <= TOLERANCE[dtype], (layer, relative_error(ours, theirs))
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_femto"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_effective_receptive_field_equals_torch_autograd(name, dtype):
+    net, model = pair(name, dtype, "numba")
+    x = random_images((2, 3, 75, 69), np.dtype(dtype), seed=2)
+    for stage in range(4):
+        ours = effective_receptive_field(model, stage, images=x)
+        theirs = torch_erf(net, x, stage)
+        assert ours.shape == theirs.shape == (75, 69)
+        assert relative_error(ours, theirs) <= TOLERANCE[dtype], (stage, relative_error(ours, theirs))
+
+
+def test_erf_grows_stage_by_stage_and_random_images_default():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = npconvnext.create_model("convnext_atto", dtype="float64")
+    reach = []
+    for stage in range(4):
+        erf = effective_receptive_field(model, stage, input_size=64, count=2)
+        assert erf.shape == (64, 64)
+        reach.append(int((erf > 1e-12 * erf.max()).sum()))
+    assert reach == sorted(reach) and reach[0] < reach[-1]
+
+
+def test_feature_maps_and_bad_input():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = npconvnext.create_model("convnext_atto")
+    x = random_images((1, 3, 64, 64))
+    maps = stage_feature_maps(model, x[0])
+    assert [m.shape for m in maps.values()] == [(40, 16, 16), (80, 8, 8), (160, 4, 4), (320, 2, 2)]
+    top = strongest_channels(maps["stages.0"], 5)
+    strength = np.abs(maps["stages.0"]).mean(axis=(1, 2))
+    assert strength[top[0]] == strength.max() and list(strength[top]) == sorted(strength[top], reverse=True)
+    with pytest.raises(InputError, match="stages.0, stages.1"):
+        grad_cam(model, x, layer="stages.4")
+    with pytest.raises(InputError, match="target"):
+        grad_cam(model, x, target=1000)
+    with pytest.raises(InputError, match="one image"):
+        stage_feature_maps(model, random_images((2, 3, 64, 64)))
