@@ -100,3 +100,84 @@ def test_feature_maps_and_bad_input():
         grad_cam(model, x, target=1000)
     with pytest.raises(InputError, match="one image"):
         stage_feature_maps(model, random_images((2, 3, 64, 64)))
+
+
+# ---- the figures (matplotlib) --------------------------------------------------------------
+
+DARK_RED = (139, 0, 0)  # the random-weights warning's colour
+
+
+def pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def has_warning(image: np.ndarray) -> bool:
+    return bool((np.abs(image.astype(int) - DARK_RED).sum(axis=2) < 30).sum() > 50)
+
+
+@pytest.fixture(scope="module")
+def atto():
+    pytest.importorskip("matplotlib")
+    from dataclasses import replace
+
+    from npconvnext.explain_cli import load
+
+    model = load("convnext_atto", None)
+    model.data_config = replace(model.data_config, input_size=(96, 96))  # small: fast
+    return model
+
+
+def test_explain_figure_size_target_and_warning(atto, tmp_path):
+    from npconvnext.explain_cli import draw_explanation
+    from tests.support import DATA
+
+    photo = f"{DATA}/chelsea.png"
+    draw_explanation(atto, photo, str(tmp_path / "top1.png"))
+    draw_explanation(atto, photo, str(tmp_path / "other.png"), target=281, size=(900, 700))
+    top1, other = pixels(tmp_path / "top1.png"), pixels(tmp_path / "other.png")
+    assert top1.shape == (900, 1200, 3) and other.shape == (700, 900, 3)
+    draw_explanation(atto, photo, str(tmp_path / "again.png"), target=281, size=(1200, 900))
+    again = pixels(tmp_path / "again.png")
+    photo_panel = (slice(100, 330), slice(170, 440))  # inside the photo, below its title
+    assert (again[photo_panel] != top1[photo_panel]).any(axis=2).sum() > 1000  # another class, another map
+    assert has_warning(top1) and has_warning(other)
+    atto.source, source = "real.safetensors", atto.source
+    try:
+        draw_explanation(atto, photo, str(tmp_path / "real.png"))
+    finally:
+        atto.source = source
+    assert not has_warning(pixels(tmp_path / "real.png"))
+
+
+def test_erf_and_parity_figures(atto, tmp_path):
+    from npconvnext.explain_cli import draw_erf, draw_parity
+    from npconvnext.oracle import compare
+
+    draw_erf(atto, str(tmp_path / "erf.png"), input_size=64, count=1, size=(800, 300))
+    erf = pixels(tmp_path / "erf.png")
+    assert erf.shape == (300, 800, 3) and has_warning(erf)
+    trace = atto.trace(random_images((1, 3, 64, 64)))
+    drifted = dict(trace, **{"stages.1.blocks.0.mlp.fc2": trace["stages.1.blocks.0.mlp.fc2"] * 1.01})
+    for name, reference in (("same", trace), ("drift", drifted)):
+        draw_parity(atto, compare(trace, reference, 1e-4), 1e-4, "itself", str(tmp_path / f"{name}.png"))
+    same, drift = pixels(tmp_path / "same.png"), pixels(tmp_path / "drift.png")
+    assert same.shape == drift.shape == (600, 1400, 3) and (same != drift).any()
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    import builtins
+
+    from npconvnext import figures
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(InputError, match=r'pip install -e "\.\[plot\]"'):
+        figures.pyplot()
