@@ -13,7 +13,7 @@ if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
     os.environ["NUMBA_NUM_THREADS"] = "2"
 
 # The kernels start parallel loops only where Numba's OpenMP workers sleep between them
-# (engine/kernels.py, _workers_sleep): ask for that here so the parallel paths are tested;
+# (engine/jit.py, workers_sleep): ask for that here so the parallel paths are tested;
 # tests/engine/test_threads.py checks the default, where they run serially.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

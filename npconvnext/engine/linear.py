@@ -226,6 +226,6 @@ def patchify_conv(x, weight, bias, patch):
     d = last_dimension(weight)
     check_arguments("patchify_conv", "x", x, 4, weight=(weight, (patch * patch * x.shape[-1], d)), bias=(bias, (d,)))
     n, h, w, _ = x.shape
-    patches = layers._patches(x, patch)                                       # (M, p * p * Cin)
+    patches = layers.patches(x, patch)                                       # (M, p * p * Cin)
     out = panels_linear(to_panels(patches), weight, bias, pixels=patches.shape[0])  # (M, Cout)
     return out.reshape(n, h // patch, w // patch, weight.shape[1])
