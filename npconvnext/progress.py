@@ -55,13 +55,16 @@ def counter(progress_bar: tqdm) -> Callable[[int, int], None]:
 
 
 class NotesHandler(logging.Handler):
-    """The `npconvnext` logger's records as lines on stderr, above any progress bar."""
+    """The `npconvnext` logger's records as lines on stderr, above any progress bar; not those
+    logged with extra={"result": True}, results a command prints on stdout itself."""
 
     def __init__(self, prefix: str = "npconvnext: ", level: int = logging.NOTSET):
         super().__init__(level)
         self.prefix = prefix
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "result", False):
+            return
         try:
             note(f"{self.prefix}{record.getMessage()}")
         except Exception:  # as logging.StreamHandler does: a broken stderr must not stop the work

@@ -248,3 +248,17 @@ def test_inputs_from_globs_and_urls(images, tmp_path):
         pass
     with pytest.raises(ImageError, match="no such file"), fetched("file://" + images + "/missing.png"):
         pass
+
+
+def test_a_job_from_python_reports_through_the_logger_and_the_command_prints_it_once(weights, images, tmp_path,
+                                                                                      caplog, capsys):
+    job = Job("classify", ModelSpec(weights=weights, input_size=64), partition_size=8)
+    with caplog.at_level("INFO", logger="npconvnext"):
+        summary = run(None, list_images([images]), str(tmp_path / "out"), job)
+    (record,) = [r for r in caplog.records if r.name == "npconvnext.distributed.jobs"]
+    assert record.getMessage() == (f"classify: 13 images in 2 partitions -> {summary.output} (2 run now, "
+                                   "0 finished before); 1 could not be read")
+    args = ["classify", images, "--weights", weights, "--input-size", SIZE, "--output", str(tmp_path / "o2")]
+    assert cli.main(args) == cli.EXIT_SKIPPED
+    out, err = capsys.readouterr()
+    assert out.count("13 images in 1 partitions") == 1 and "13 images in" not in err
