@@ -43,18 +43,22 @@ def patchify_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, patch: in
     n, h, w, _ = x.shape
     ho, wo = h // patch, w // patch
     # one 2-D matmul: on a 4-D array NumPy would call BLAS once per row of patches
-    out = _patches(x, patch) @ weight                       # (N * Ho * Wo, Cout)
+    out = patches(x, patch) @ weight                        # (N * Ho * Wo, Cout)
     out += bias
     return out.reshape(n, ho, wo, weight.shape[1])          # (N, Ho, Wo, Cout)
 
 
-def _patches(x: np.ndarray, patch: int) -> np.ndarray:
-    """(N, H, W, Cin) -> (N * Ho * Wo, patch * patch * Cin), the rows patchify_conv multiplies."""
+def patches(x: np.ndarray, patch: int) -> np.ndarray:
+    """(N, H, W, Cin) -> (N * Ho * Wo, patch * patch * Cin), the rows patchify_conv multiplies
+    (the engine's patchify multiplies the same rows)."""
     n, h, w, cin = x.shape
     ho, wo = h // patch, w // patch
-    patches = x[:, : ho * patch, : wo * patch, :].reshape(n, ho, patch, wo, patch, cin)  # (N, Ho, kh, Wo, kw, Cin)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5)                                          # (N, Ho, Wo, kh, kw, Cin)
-    return patches.reshape(n * ho * wo, patch * patch * cin)
+    cut = x[:, : ho * patch, : wo * patch, :].reshape(n, ho, patch, wo, patch, cin)  # (N, Ho, kh, Wo, kw, Cin)
+    cut = cut.transpose(0, 1, 3, 2, 4, 5)                                              # (N, Ho, Wo, kh, kw, Cin)
+    return cut.reshape(n * ho * wo, patch * patch * cin)
+
+
+_patches = patches  # the old name, until engine/kernels.py calls layers.patches
 
 
 def patchify_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, patch: int):
@@ -68,7 +72,7 @@ def patchify_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, 
     n, h, w, cin = x.shape
     ho, wo = h // patch, w // patch
     d = dout.reshape(n * ho * wo, -1)                                        # (M, Cout)
-    dweight = _patches(x, patch).T @ d                                       # (p * p * Cin, Cout)
+    dweight = patches(x, patch).T @ d                                        # (p * p * Cin, Cout)
     dpatches = (d @ weight.T).reshape(n, ho, wo, patch, patch, cin)          # (N, Ho, Wo, kh, kw, Cin)
     dx = np.zeros_like(x)
     dx[:, : ho * patch, : wo * patch, :] = dpatches.transpose(0, 1, 3, 2, 4, 5).reshape(

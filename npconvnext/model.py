@@ -15,11 +15,12 @@ import numpy as np
 
 from . import engine, network
 from .config import ConvNeXtConfig
-from .convention import TIMM, Convention
+from .convention import TIMM, Convention, describe_input, to_network_input, to_outputs, with_convention
 from .errors import InputError
+from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, timm_name,
+                     to_compute_layout, to_timm_layout)
 from .preprocessing import DataConfig
-from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, to_compute_layout,
-                     to_timm_layout)
+from .weights import NetworkWeights, frozen_after, owned
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 BACKENDS = ("numba", "numpy")  # numba: the fused engine (default); numpy: the readable reference
@@ -72,7 +73,7 @@ class ConvNeXt:
         self.backend = backend
         self.source = source
         self.convention = convention
-        self.data_config = _with_convention(data_config or DataConfig(), convention)
+        self.data_config = with_convention(data_config or DataConfig(), convention)
         self.data_config_source = data_config_source
         self.class_names: tuple[str, ...] | None = None  # the classifier's labels, where the weights say
         self.frozen: set[str] = set()  # timm names an optimizer leaves alone (see requires_grad_)
@@ -82,31 +83,30 @@ class ConvNeXt:
         """Replace every weight (timm names and layouts), checked strictly first."""
         check_state_dict(state_dict, self.config, source)
         self._params = {name: _stored(name, np.asarray(array), self.dtype) for name, array in state_dict.items()}
-        self._weights = network.NetworkWeights.from_params(self._params, self.config)
+        self._weights = NetworkWeights.from_params(self._params, self.config)
 
     @property
-    def weights(self) -> network.NetworkWeights:
+    def weights(self) -> NetworkWeights:
         """The weights typed as the network uses them: stem, stages of blocks, head."""
         return self._weights
+
+    # ---- for training (train/): thin methods over weights.py's helpers, on the model as in torch
 
     def trainable_params(self) -> dict[str, np.ndarray]:
         """The weights by timm name in compute layout, each writable and owned by the model, for
         an optimizer to update in place. Weights mapped from a file are copied here, once:
         nothing is ever written back to the file."""
-        if not all(a.flags.writeable for a in self._params.values()):  # only mapped ones are read-only
-            self._params = {name: a if a.flags.writeable else np.array(a, order="K")
-                            for name, a in self._params.items()}
-            self._weights = network.NetworkWeights.from_params(self._params, self.config)
+        copies = owned(self._params)
+        if copies is not None:
+            self._params = copies
+            self._weights = NetworkWeights.from_params(self._params, self.config)
         return self._params
 
     def requires_grad_(self, prefix: str = "", requires_grad: bool = True) -> ConvNeXt:
         """Freeze (False) or unfreeze the weights whose timm names start with `prefix`, e.g.
         model.requires_grad_("", False).requires_grad_("head", True) trains the head only.
         Returns the model, as torch's method of the same name does."""
-        names = [name for name in self._params if name.startswith(prefix)]
-        if not names:
-            raise InputError(f"no weight's name starts with {prefix!r}")
-        (self.frozen.difference_update if requires_grad else self.frozen.update)(names)
+        self.frozen = frozen_after(self.frozen, list(self._params), prefix, requires_grad)
         return self
 
     def reset_classifier(self, num_classes: int, seed: int = 0) -> None:
@@ -117,7 +117,8 @@ class ConvNeXt:
         self.config = replace(self.config, num_classes=num_classes)
         self.class_names = None
         fresh = init_state_dict(self.config, seed)
-        state["head.fc.weight"], state["head.fc.bias"] = fresh["head.fc.weight"], fresh["head.fc.bias"]
+        for name in (timm_name("head", "fc_weight"), timm_name("head", "fc_bias")):
+            state[name] = fresh[name]
         self.load_state_dict(state, "reset_classifier")
 
     @property
@@ -144,11 +145,7 @@ class ConvNeXt:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits (or probabilities, if the model's file ends in a softmax: see `convention`).
         x: (N, 3, H, W) normalised images, or what `convention` says -> (N, num_classes)"""
-        logits = self._run(network.forward, self.network_input(x))
-        if self.convention.outputs == "probabilities":
-            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-            return shifted / shifted.sum(axis=1, keepdims=True)
-        return logits
+        return to_outputs(self._run(network.forward, self.network_input(x)), self.convention)
 
     def forward_features(self, x: np.ndarray) -> np.ndarray:
         """Last stage's feature map. x: (N, 3, H, W) -> (N, C_last, H // 32, W // 32) (NCHW, as
@@ -208,17 +205,11 @@ class ConvNeXt:
 
     def describe(self) -> str:
         """Where the weights, the input convention and the preprocessing come from, in a few lines."""
-        conv, data = self.convention, self.data_config
-        inside = (f"normalised inside the model: (x - {list(conv.mean)}) / {list(conv.std)}" if conv.normalises_inside
-                  else f"normalised by the caller: mean {list(data.mean)}, std {list(data.std)} on [0, 1] pixels")
         return "\n".join([
             f"{self.config.name}: {self.num_params():,} parameters, {self.config.num_classes} classes, "
             f"{self.dtype.name}, backend {self.backend}",
             f"weights: {self.source}",
-            f"input: {conv.layout} {conv.channel_order}, {'0-255' if conv.scale == '255' else '0-1'} pixels, "
-            f"{inside}; outputs {conv.outputs} (convention of {conv.source})",
-            f"preprocessing: {data.input_size[0]}x{data.input_size[1]}, crop_pct {data.crop_pct}, {data.crop_mode}, "
-            f"{data.interpolation} (from {self.data_config_source})",
+            *describe_input(self.convention, self.data_config, self.data_config_source),
         ])
 
     def __repr__(self) -> str:
@@ -241,13 +232,7 @@ class ConvNeXt:
     def network_input(self, x: np.ndarray) -> np.ndarray:
         """The caller's images, as `convention` says they come, as the network takes them:
         channels last, RGB, normalised, in the model's dtype. -> (N, H, W, 3)"""
-        convention = self.convention
-        x = to_channels_last(x, self.config, self.dtype, convention.layout)
-        if convention.channel_order == "BGR":
-            x = x[..., ::-1]
-        if convention.normalises_inside:
-            x = (x - np.asarray(convention.mean, self.dtype)) / np.asarray(convention.std, self.dtype)
-        return np.ascontiguousarray(x)
+        return to_network_input(to_channels_last(x, self.config, self.dtype, self.convention.layout), self.convention)
 
 
 def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype, layout: str = "NCHW") -> np.ndarray:
@@ -268,10 +253,3 @@ def to_channels_last(x: np.ndarray, config: ConvNeXtConfig, dtype: np.dtype, lay
                          f"{config.reduction}: every side must be at least {config.reduction}")
     return np.ascontiguousarray(x, dtype=dtype)
 
-
-def _with_convention(data_config: DataConfig, convention: Convention) -> DataConfig:
-    """The preprocessing that gives a model of this convention its input."""
-    inside = convention.normalises_inside
-    return replace(data_config, layout=convention.layout, channel_order=convention.channel_order,
-                   scale=convention.scale, mean=None if inside else data_config.mean,
-                   std=None if inside else data_config.std)

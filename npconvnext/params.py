@@ -1,64 +1,143 @@
-"""ConvNeXt's parameters: timm's names and shapes, the compute layouts, random weights, strict checks.
+"""ConvNeXt's parameters as one table: timm's names and shapes, the compute layouts, random
+weights, strict checks, all read off `TABLE`.
 
-timm's names and PyTorch layouts are the native ones; every weight format maps onto them (see
-`formats/`), and the network multiplies with the compute layouts below. These are all the
-layout changes there are, done once when a model is built, each with its inverse for writing
-timm-layout files back out; names not listed keep their layout:
+timm's names and PyTorch layouts are the native ones (timm/models/convnext.py); every weight
+format maps onto them (see `formats/`), and the network multiplies with the compute layouts
+below. These are all the layout changes there are, done once when a model is built, each with
+its inverse for writing timm-layout files back out; a row without one keeps its layout:
     patchify conv   (out, in, k, k)              <-> (k * k * in, out)
     depthwise conv  (C, 1, k, k)                 <-> (k, k, C)
     linear          (out, in) or (out, in, 1, 1) <-> (in, out)
+The typed weights the network reads (`weights.py`) take their fields from the same table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
 from .config import VARIANTS, ConvNeXtConfig
 from .errors import CheckpointError
 
+Shape = tuple[int, ...]
 
-def expected_shapes(config: ConvNeXtConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the architecture, with timm's name and PyTorch shape, in timm's order."""
-    c = config
-    shapes: dict[str, tuple[int, ...]] = {
-        "stem.0.weight": (c.dims[0], c.in_chans, c.patch_size, c.patch_size),
-        "stem.0.bias": (c.dims[0],),
-        "stem.1.weight": (c.dims[0],),
-        "stem.1.bias": (c.dims[0],),
-    }
-    mlp_tail = (1, 1) if c.conv_mlp else ()
-    for i, (depth, dim) in enumerate(zip(c.depths, c.dims)):
-        stage = f"stages.{i}"
-        if i > 0:
-            prev = c.dims[i - 1]
-            shapes[f"{stage}.downsample.0.weight"] = (prev,)
-            shapes[f"{stage}.downsample.0.bias"] = (prev,)
-            shapes[f"{stage}.downsample.1.weight"] = (dim, prev, 2, 2)
-            shapes[f"{stage}.downsample.1.bias"] = (dim,)
-        hidden = c.mlp_ratio * dim
+
+class Param(NamedTuple):
+    """One parameter of a module: a row of `TABLE`."""
+
+    module: str       # "stem", "downsample", "block" or "head"
+    field: str        # its field in the module's typed weights (weights.py)
+    timm: str         # timm's name below the module's prefix (`PREFIXES`)
+    shape: Callable[[ConvNeXtConfig, int], Shape]   # PyTorch shape, from the config and the stage i
+    layout: str | None  # "patchify", "depthwise", "linear": its compute layout; None: kept as it is
+    role: str         # what it is, for initialising: "kernel", "bias", "norm" (a LayerNorm's scale),
+                      # "gamma" (layer scale), "grn" (GRN's scale)
+    only_if: str | None = None  # the config flag without which the module has no such parameter
+
+
+def _mlp_tail(c: ConvNeXtConfig) -> Shape:
+    return (1, 1) if c.conv_mlp else ()  # the small V1 sizes store the MLP as 1x1 convs
+
+
+def _hidden(c: ConvNeXtConfig, i: int) -> int:
+    return c.mlp_ratio * c.dims[i]  # the inverted bottleneck's width, 4C
+
+
+# Every parameter of ConvNeXt, module by module in timm's order (timm's state_dict order).
+# Shapes: C = c.dims[i] the stage's width, c.dims[i - 1] the previous stage's, 4C the MLP's.
+TABLE: tuple[Param, ...] = (
+    Param("stem", "conv_weight", "0.weight", lambda c, i: (c.dims[0], c.in_chans, c.patch_size, c.patch_size),
+          "patchify", "kernel"),
+    Param("stem", "conv_bias", "0.bias", lambda c, i: (c.dims[0],), None, "bias"),
+    Param("stem", "norm_weight", "1.weight", lambda c, i: (c.dims[0],), None, "norm"),
+    Param("stem", "norm_bias", "1.bias", lambda c, i: (c.dims[0],), None, "bias"),
+
+    Param("downsample", "norm_weight", "0.weight", lambda c, i: (c.dims[i - 1],), None, "norm"),
+    Param("downsample", "norm_bias", "0.bias", lambda c, i: (c.dims[i - 1],), None, "bias"),
+    Param("downsample", "conv_weight", "1.weight", lambda c, i: (c.dims[i], c.dims[i - 1], 2, 2), "patchify", "kernel"),
+    Param("downsample", "conv_bias", "1.bias", lambda c, i: (c.dims[i],), None, "bias"),
+
+    Param("block", "gamma", "gamma", lambda c, i: (c.dims[i],), None, "gamma", only_if="layer_scale"),
+    Param("block", "conv_dw_weight", "conv_dw.weight", lambda c, i: (c.dims[i], 1, c.kernel_size, c.kernel_size),
+          "depthwise", "kernel"),
+    Param("block", "conv_dw_bias", "conv_dw.bias", lambda c, i: (c.dims[i],), None, "bias"),
+    Param("block", "norm_weight", "norm.weight", lambda c, i: (c.dims[i],), None, "norm"),
+    Param("block", "norm_bias", "norm.bias", lambda c, i: (c.dims[i],), None, "bias"),
+    Param("block", "fc1_weight", "mlp.fc1.weight", lambda c, i: (_hidden(c, i), c.dims[i], *_mlp_tail(c)),
+          "linear", "kernel"),
+    Param("block", "fc1_bias", "mlp.fc1.bias", lambda c, i: (_hidden(c, i),), None, "bias"),
+    Param("block", "grn_weight", "mlp.grn.weight", lambda c, i: (_hidden(c, i),), None, "grn", only_if="use_grn"),
+    Param("block", "grn_bias", "mlp.grn.bias", lambda c, i: (_hidden(c, i),), None, "bias", only_if="use_grn"),
+    Param("block", "fc2_weight", "mlp.fc2.weight", lambda c, i: (c.dims[i], _hidden(c, i), *_mlp_tail(c)),
+          "linear", "kernel"),
+    Param("block", "fc2_bias", "mlp.fc2.bias", lambda c, i: (c.dims[i],), None, "bias"),
+
+    Param("head", "norm_weight", "norm.weight", lambda c, i: (c.num_features,), None, "norm"),
+    Param("head", "norm_bias", "norm.bias", lambda c, i: (c.num_features,), None, "bias"),
+    Param("head", "fc_weight", "fc.weight", lambda c, i: (c.num_classes, c.num_features), "linear", "kernel"),
+    Param("head", "fc_bias", "fc.bias", lambda c, i: (c.num_classes,), None, "bias"),
+)
+
+# timm's name of each module, to which a row's name is appended; i the stage, j the block
+PREFIXES = {"stem": "stem.", "downsample": "stages.{i}.downsample.", "block": "stages.{i}.blocks.{j}.", "head": "head."}
+
+
+def rows(module: str) -> tuple[Param, ...]:
+    """The table's rows of one module, in timm's order."""
+    return _ROWS[module]
+
+
+_ROWS = {module: tuple(p for p in TABLE if p.module == module) for module in PREFIXES}
+_BY_TIMM_NAME = {(p.module, p.timm): p for p in TABLE}
+# a module's prefix with any stage and block number in it
+_PREFIX_PATTERNS = {module: re.compile(re.escape(prefix).replace(r"\{i\}", r"\d+").replace(r"\{j\}", r"\d+"))
+                    for module, prefix in PREFIXES.items()}
+
+
+class Module(NamedTuple):
+    kind: str     # a module of the table: "stem", "downsample", "block", "head"
+    prefix: str   # timm's name of the module, with the dot: "stages.1.blocks.0."
+    stage: int    # the stage it belongs to (the head: the last)
+
+
+def modules(config: ConvNeXtConfig) -> Iterator[Module]:
+    """Every module holding parameters, in timm's order."""
+    yield Module("stem", PREFIXES["stem"], 0)
+    for i, depth in enumerate(config.depths):
+        if i > 0:  # stage 0 takes the stem's output as it is
+            yield Module("downsample", PREFIXES["downsample"].format(i=i), i)
         for j in range(depth):
-            block = f"{stage}.blocks.{j}"
-            if c.layer_scale:
-                shapes[f"{block}.gamma"] = (dim,)
-            shapes[f"{block}.conv_dw.weight"] = (dim, 1, c.kernel_size, c.kernel_size)
-            shapes[f"{block}.conv_dw.bias"] = (dim,)
-            shapes[f"{block}.norm.weight"] = (dim,)
-            shapes[f"{block}.norm.bias"] = (dim,)
-            shapes[f"{block}.mlp.fc1.weight"] = (hidden, dim, *mlp_tail)
-            shapes[f"{block}.mlp.fc1.bias"] = (hidden,)
-            if c.use_grn:
-                shapes[f"{block}.mlp.grn.weight"] = (hidden,)
-                shapes[f"{block}.mlp.grn.bias"] = (hidden,)
-            shapes[f"{block}.mlp.fc2.weight"] = (dim, hidden, *mlp_tail)
-            shapes[f"{block}.mlp.fc2.bias"] = (dim,)
-    shapes["head.norm.weight"] = (c.num_features,)
-    shapes["head.norm.bias"] = (c.num_features,)
-    shapes["head.fc.weight"] = (c.num_classes, c.num_features)
-    shapes["head.fc.bias"] = (c.num_classes,)
-    return shapes
+            yield Module("block", PREFIXES["block"].format(i=i, j=j), i)
+    yield Module("head", PREFIXES["head"], len(config.depths) - 1)
+
+
+def present(param: Param, config: ConvNeXtConfig) -> bool:
+    """Whether an architecture has this row's parameter (V1's gamma, V2's GRN)."""
+    return param.only_if is None or getattr(config, param.only_if)
+
+
+def timm_name(module: str, field: str, stage: int = 0, block: int = 0) -> str:
+    """timm's full name of one parameter, e.g. ("block", "gamma", 0, 0) -> "stages.0.blocks.0.gamma"."""
+    return PREFIXES[module].format(i=stage, j=block) + next(p.timm for p in _ROWS[module] if p.field == field)
+
+
+def param_of(name: str) -> Param | None:
+    """The table's row of a timm name ("stages.1.blocks.0.mlp.fc1.weight"), None if it has none."""
+    for module, pattern in _PREFIX_PATTERNS.items():
+        prefix = pattern.match(name)
+        if prefix:
+            return _BY_TIMM_NAME.get((module, name[prefix.end():]))
+    return None
+
+
+def expected_shapes(config: ConvNeXtConfig) -> dict[str, Shape]:
+    """Every parameter of the architecture, with timm's name and PyTorch shape, in timm's order."""
+    return {m.prefix + p.timm: p.shape(config, m.stage)
+            for m in modules(config) for p in _ROWS[m.kind] if present(p, config)}
 
 
 # ---- layouts ----------------------------------------------------------------------------------
@@ -66,13 +145,8 @@ def expected_shapes(config: ConvNeXtConfig) -> dict[str, tuple[int, ...]]:
 
 def layout_kind(name: str) -> str | None:
     """'patchify', 'depthwise', 'linear', or None for a parameter kept as it is."""
-    if name == "stem.0.weight" or name.endswith(".downsample.1.weight"):
-        return "patchify"
-    if name.endswith(".conv_dw.weight"):
-        return "depthwise"
-    if name.endswith((".mlp.fc1.weight", ".mlp.fc2.weight")) or name == "head.fc.weight":
-        return "linear"
-    return None
+    param = param_of(name)
+    return param.layout if param else None
 
 
 def to_compute_layout(name: str, array: np.ndarray) -> np.ndarray:
@@ -88,20 +162,28 @@ def to_compute_layout(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def to_timm_layout(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def to_timm_layout(name: str, array: np.ndarray, shape: Shape) -> np.ndarray:
     """Inverse of `to_compute_layout`, given the timm shape (from `expected_shapes`)."""
     kind = layout_kind(name)
     if kind == "patchify":
         out_ch, in_ch, k, _ = shape
-        return array.reshape(k, k, in_ch, out_ch).transpose(3, 2, 0, 1)
+        return array.reshape(k, k, in_ch, out_ch).transpose(3, 2, 0, 1)    # (k*k*in, out) -> (out, in, k, k)
     if kind == "depthwise":
-        return array.transpose(2, 0, 1)[:, None]
+        return array.transpose(2, 0, 1)[:, None]                            # (k, k, C) -> (C, 1, k, k)
     if kind == "linear":
-        return array.T.reshape(shape)
+        return array.T.reshape(shape)                                       # (in, out) -> (out, in[, 1, 1])
     return array
 
 
 # ---- random weights and strict checking ----------------------------------------------------------
+
+
+def _roles(config: ConvNeXtConfig) -> Iterator[tuple[str, Shape, str]]:
+    """(timm name, shape, role) of every parameter, in timm's order."""
+    for m in modules(config):
+        for p in _ROWS[m.kind]:
+            if present(p, config):
+                yield m.prefix + p.timm, p.shape(config, m.stage), p.role
 
 
 def random_state_dict(config: ConvNeXtConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -109,16 +191,16 @@ def random_state_dict(config: ConvNeXtConfig, seed: int = 0) -> dict[str, np.nda
 
     Not timm's training init: that init sets gamma to 1e-6, which makes every block an identity
     and hides mistakes. Here every parameter moves the output: weights ~ N(0, 1/fan_in),
-    norm scales around 1, biases and gammas of a few tenths, as trained checkpoints have.
+    norm scales around 1, biases, GRN scales and gammas of a few tenths, as trained checkpoints have.
     """
     rng = np.random.default_rng(seed)
     state = {}
-    for name, shape in expected_shapes(config).items():
-        if name.endswith(".gamma"):
+    for name, shape, role in _roles(config):
+        if role == "gamma":
             value = rng.uniform(0.05, 0.5, shape)
-        elif name.endswith("norm.weight") or name.endswith("downsample.0.weight") or name == "stem.1.weight":
+        elif role == "norm":
             value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith(".bias") or name.endswith("grn.weight"):
+        elif role in ("bias", "grn"):
             value = 0.2 * rng.standard_normal(shape)
         else:
             fan_in = int(np.prod(shape[1:]))
@@ -133,14 +215,14 @@ def init_state_dict(config: ConvNeXtConfig, seed: int = 0, layer_scale_init: flo
     scale `layer_scale_init`, GRN 0. timm names and layouts, float32."""
     rng = np.random.default_rng(seed)
     state = {}
-    for name, shape in expected_shapes(config).items():
-        if name.endswith(".gamma"):
+    for name, shape, role in _roles(config):
+        if role == "gamma":
             value = np.full(shape, layer_scale_init)
-        elif layout_kind(name) is not None:
+        elif role == "kernel":
             value = np.clip(0.02 * rng.standard_normal(shape), -2.0, 2.0)
-        elif name.endswith(".weight") and "grn" not in name:  # LayerNorm scales
+        elif role == "norm":
             value = np.ones(shape)
-        else:
+        else:  # biases and GRN
             value = np.zeros(shape)
         state[name] = value.astype(np.float32)
     return state
@@ -173,17 +255,18 @@ def detect_architecture(state: Mapping[str, np.ndarray]) -> ConvNeXtConfig:
 
     dims, depths = [], []
     for i in range(4):
-        dw = shape(f"stages.{i}.blocks.0.conv_dw.weight")
-        if dw is None:
-            raise CheckpointError(f"cannot tell the architecture: no stages.{i}.blocks.0.conv_dw.weight")
-        dims.append(dw[0])
-        depths.append(len({n.split(".")[3] for n in state if n.startswith(f"stages.{i}.blocks.")}))
-    found = dict(depths=tuple(depths), dims=tuple(dims), use_grn="stages.0.blocks.0.mlp.grn.weight" in state,
-                 layer_scale="stages.0.blocks.0.gamma" in state)
+        conv_dw = timm_name("block", "conv_dw_weight", i)
+        if shape(conv_dw) is None:
+            raise CheckpointError(f"cannot tell the architecture: no {conv_dw}")
+        dims.append(shape(conv_dw)[0])
+        blocks = PREFIXES["block"].split("{j}")[0].format(i=i)                   # "stages.{i}.blocks."
+        depths.append(len({n[len(blocks):].split(".")[0] for n in state if n.startswith(blocks)}))
+    found = dict(depths=tuple(depths), dims=tuple(dims), use_grn=timm_name("block", "grn_weight") in state,
+                 layer_scale=timm_name("block", "gamma") in state)
     # no two variants share these; the MLP's storage (linear or 1x1 conv) is left to the loader
     for config in VARIANTS.values():
         if all(getattr(config, k) == v for k, v in found.items()):
-            head = shape("head.fc.weight")
+            head = shape(timm_name("head", "fc_weight"))
             return replace(config, num_classes=head[0]) if head else config
     raise CheckpointError(f"no ConvNeXt variant has depths {tuple(depths)} and widths {tuple(dims)} "
                           f"(GRN: {found['use_grn']}, layer scale: {found['layer_scale']})")

@@ -1,11 +1,14 @@
-"""Every row of the variant table against the architecture timm builds under the same name."""
+"""Every row of the variant table against the architecture timm builds under the same name, and
+the parameter table (params.TABLE) against the typed weights it names."""
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 import npconvnext
-from npconvnext.params import expected_shapes
+from npconvnext.params import TABLE, expected_shapes, layout_kind, param_of, rows, timm_name
+from npconvnext.weights import TYPES, NetworkWeights
 
 TIMM_NAMES = sorted(n for n in timm.list_models("convnext*")
                     if n.count("_") == 1 and not n.startswith("convnext_tiny_hnf"))
@@ -45,3 +48,22 @@ def test_unknown_name_lists_the_known_ones():
 
 def test_tag_suffix_names_the_architecture():
     assert npconvnext.get_config("convnext_tiny.fb_in1k") is npconvnext.VARIANTS["convnext_tiny"]
+
+
+def test_the_typed_weights_have_the_parameter_tables_fields():
+    for module, kind in TYPES.items():
+        assert sorted(kind._fields) == sorted(r.field for r in rows(module)), module
+    assert sorted(TYPES) == sorted({r.module for r in TABLE})
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_tiny", "convnextv2_tiny"])
+def test_every_timm_name_goes_through_the_typed_weights_and_back(name):
+    shapes = expected_shapes(npconvnext.get_config(name))
+    state = {k: np.zeros(1) for k in shapes}  # only the names matter here
+    weights = NetworkWeights.from_params(state, npconvnext.get_config(name))
+    assert sorted(weights.named()) == sorted(shapes)
+    for k in shapes:
+        assert param_of(k).layout == layout_kind(k)
+        assert timm_name(param_of(k).module, param_of(k).field, int(k.split(".")[1]) if k.startswith("stages") else 0,
+                         int(k.split(".")[3]) if ".blocks." in k else 0) == k
+    assert param_of("stages.0.blocks.0.mlp.fc3.weight") is None and param_of("stages.x") is None

@@ -1,9 +1,10 @@
 """Training forward and backward through the whole network, in readable NumPy.
 
-The forward here is `network.forward` with two training-only additions and with each block
-keeping what its backward needs; inference never runs it. The backward walks the same steps in
-reverse with the layers' backward twins (`layers.py`), and returns gradients with the
-network's typed weights' shapes (`network.NetworkWeights`).
+The forward here is `network.forward` with two training-only additions; each block is
+`network.block` itself, run with a recorder that keeps what its backward needs (one block
+forward for inference and training). The backward walks the same steps in reverse with the
+layers' backward twins (`layers.py`), and returns gradients with the network's typed weights'
+shapes (`weights.NetworkWeights`). The loss, `cross_entropy`, closes the module.
 
 Training additions, as timm has them:
     stochastic depth (drop path)  each block's residual branch is dropped for a whole image
@@ -38,9 +39,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import layers
+from .. import layers, network
 from ..config import ConvNeXtConfig
-from ..network import BlockWeights, DownsampleWeights, HeadWeights, NetworkWeights, StageWeights, StemWeights
+from ..weights import BlockWeights, DownsampleWeights, HeadWeights, NetworkWeights, StageWeights, StemWeights
 
 
 class BlockCache(NamedTuple):
@@ -54,16 +55,14 @@ class BlockCache(NamedTuple):
 def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
                   keep: np.ndarray | None) -> tuple[np.ndarray, BlockCache]:
     """network.block, keeping what block_backward needs. x: (N, H, W, C) -> (N, H, W, C)"""
-    conv = layers.depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias)
-    hidden = layers.linear(layers.layer_norm(conv, w.norm_weight, w.norm_bias, eps), w.fc1_weight, w.fc1_bias)
-    activated = layers.gelu(hidden)
-    if w.grn_weight is not None:
-        activated = layers.global_response_norm(activated, w.grn_weight, w.grn_bias, grn_eps)
-    branch = layers.linear(activated, w.fc2_weight, w.fc2_bias)
-    scaled = branch * w.gamma if w.gamma is not None else branch
-    if keep is not None:
-        scaled = scaled * keep[:, None, None, None]
-    return x + scaled, BlockCache(x, conv, hidden, branch, keep)
+    kept = {}
+
+    def keep_some(step: str, activation: np.ndarray) -> None:
+        if step in ("conv_dw", "mlp.fc1", "mlp.fc2"):
+            kept[step] = activation
+
+    out = network.block(x, w, eps, grn_eps, keep_some, keep)
+    return out, BlockCache(x, kept["conv_dw"], kept["mlp.fc1"], kept["mlp.fc2"], keep)
 
 
 def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: float,
