@@ -49,8 +49,9 @@ class Result:
                 f"throughput: {self.images_per_s:.2f} images/s")
 
 
-def run(model: ConvNeXt, name: str, batch_size: int = 1, seconds: float = 10.0, input_size: tuple[int, int] | None = None,
-        threads: int = 1, seed: int = 0, tick: Callable[[float], None] | None = None) -> Result:
+def run(model: ConvNeXt, name: str, batch_size: int = 1, seconds: float = 10.0,
+        input_size: tuple[int, int] | None = None, threads: int = 1, seed: int = 0,
+        tick: Callable[[float], None] | None = None) -> Result:
     """Time `model` on batches of `batch_size` random images for about `seconds` seconds.
     tick(elapsed seconds) is called after each timed batch (a progress bar's hook)."""
     h, w = input_size or model.data_config.input_size

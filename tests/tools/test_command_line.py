@@ -172,12 +172,16 @@ def test_evaluate_a_fine_tuned_file_on_its_own_class_names(tmp_path):
         in done.stderr
 
 
-def test_finetune_prints_one_line_per_epoch(tmp_path):
+def image_folders(root):
     rng = np.random.default_rng(0)
     for label in ("a", "b"):
-        (tmp_path / "data" / label).mkdir(parents=True)
+        (root / label).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+
+
+def test_finetune_prints_one_line_per_epoch(tmp_path):
+    image_folders(tmp_path / "data")
     done = npconvnext_command("finetune", tmp_path / "data", "--model", "convnext_atto", "--epochs", "2",
                               "--img-size", "32", "--batch-size", "4", "-o", tmp_path / "out.safetensors",
                               env={"NPCONVNEXT_PROGRESS": "1"})
@@ -185,3 +189,16 @@ def test_finetune_prints_one_line_per_epoch(tmp_path):
     epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
     assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 2"]
     assert not any(line.startswith("epoch 1:") for line in bar_and_notes(done.stderr))  # not twice
+    assert re.fullmatch(r"epoch 2: loss [\d.]+, validation top-1 [\d.]+ %, [\d.]+ images/s, checkpoint .*", epochs[1])
+
+
+def test_finetune_from_python_logs_one_line_per_epoch(tmp_path, caplog, capsys):
+    from npconvnext.train.finetune import Recipe, finetune
+
+    image_folders(tmp_path / "data")
+    recipe = Recipe(epochs=2, batch_size=4, img_size=32, val_split=0.25)
+    with caplog.at_level("INFO", logger="npconvnext"):
+        finetune(str(tmp_path / "data"), str(tmp_path / "out.safetensors"), "convnext_atto", recipe=recipe)
+    lines = [r.getMessage() for r in caplog.records if r.name == "npconvnext.train.finetune"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert capsys.readouterr() == ("", "")  # no bar where stderr is no terminal, and nothing printed
