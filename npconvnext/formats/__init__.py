@@ -1,15 +1,17 @@
 """Weight files in, timm-named NumPy arrays out: no framework, no code execution.
 
-One reader per container format, each registered with how it recognises a file's first bytes
-(`registry.py`); a file's name is never trusted:
-    safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
+One reader per container format, each a `WeightFormat` (`registry.py`): how it recognises a
+file's first bytes, and how one read of the file gives its arrays, its model's convention and
+its metadata (a `Reading`). They are tried in this order (`formats()`); a file's name is never
+trusted:
     keras.py         keras.applications ConvNeXt: legacy .h5, .weights.h5, .keras (needs h5py)
-    torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
-    openvino_ir.py   OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
+    safetensors.py   timm's and transformers' model.safetensors, npconvnext's own output
     savedmodel.py    TensorFlow SavedModel directories (keras.applications, the TF-Hub port),
                      their variables read by tf_bundle.py
-Names inside the PyTorch-world files follow timm, the official code or transformers and are
-mapped to timm's by `naming.py`.
+    torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
+    openvino_ir/     OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
+What every reader shares when it meets an untrusted file is in `guard.py`. Foreign names (the
+official code's, transformers', Keras') and layouts are mapped to timm's by `names.py`.
 """
 
 from __future__ import annotations
@@ -24,17 +26,51 @@ from ..config import get_config
 from ..convention import Convention
 from ..errors import CheckpointError
 from ..preprocessing import DataConfig
-# each registers its format; keras before torch_zip: both read zips, and keras checks the members
-from . import keras, safetensors, savedmodel, torch_zip  # noqa: F401
-from . import openvino_ir  # noqa: F401  after the others: it takes a .bin none of them recognises
+from . import keras, openvino_ir, safetensors, savedmodel, torch_zip
 from .data_config import class_names_from, data_config_from
-from .naming import detect_naming, to_timm_names
-from .registry import format_named, formats, sha256_of, sniff_format, weight_files
+from .names import detect_naming, to_timm_names
+from .registry import WeightFormat, sha256_of_files, sniff
 from .safetensors import read_safetensors, read_safetensors_with_metadata
 
 __all__ = ["WeightFile", "convention_of", "detect_naming", "format_named", "formats", "load_state_dict",
            "read_checkpoint", "read_safetensors", "read_safetensors_with_metadata", "read_weight_file",
            "sha256_of", "sniff_format", "to_timm_names", "weight_files"]
+
+
+# The order they are tried in: keras before torch_zip, since both are zips and keras checks the
+# members; openvino last, since it takes a .bin none of the others recognises.
+_FORMATS: tuple[WeightFormat, ...] = (*keras.FORMATS, safetensors.FORMAT, savedmodel.FORMAT, *torch_zip.FORMATS,
+                                      openvino_ir.FORMAT)
+
+
+def formats() -> tuple[WeightFormat, ...]:
+    """Every format npconvnext reads, in the order a file is tried against them."""
+    return _FORMATS
+
+
+def format_named(name: str) -> WeightFormat:
+    return next(fmt for fmt in _FORMATS if fmt.name == name)
+
+
+def sniff_format(path: str | os.PathLike) -> WeightFormat:
+    """The format of the weights at `path`, from the file's first bytes (or, for a directory,
+    from what it holds); errors name the file."""
+    return sniff(os.fspath(path), _FORMATS)
+
+
+def weight_files(path: str | os.PathLike) -> list[str]:
+    """The files that make up the weights at `path` (to hash them): the file itself, or the files
+    a directory format or a multi-file format names."""
+    path = os.fspath(path)
+    fmt = sniff_format(path)
+    return fmt.files(path) if fmt.files else [path]
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of the weights at `path`: of its files' bytes in order (one file; an IR's .xml and
+    .bin; a SavedModel's files), so that a change to any of them shows. Regular files only: a
+    FIFO or a missing file is a CheckpointError."""
+    return sha256_of_files(weight_files(path))
 
 
 class WeightFile(NamedTuple):
@@ -51,15 +87,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
     """The raw named arrays of a weight file and its format's name, names as stored."""
     path = os.fspath(path)
     fmt = sniff_format(path)
-    return fmt.read(path), fmt.name
+    return fmt.read(path).arrays, fmt.name
 
 
 def convention_of(path: str | os.PathLike) -> Convention | None:
     """What the model in a weight file takes and gives, where its format records it (Keras);
     None for formats that hold weights only (timm's convention then)."""
     path = os.fspath(path)
-    fmt = sniff_format(path)
-    return fmt.convention(path) if fmt.convention else None
+    return sniff_format(path).read(path).convention
 
 
 def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> WeightFile:
@@ -67,12 +102,9 @@ def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite
     says about its model. See `load_state_dict` for `nonfinite`."""
     path = os.fspath(path)
     fmt = sniff_format(path)
-    if fmt.name == "safetensors":  # the arrays and the metadata from one read of the header
-        raw, metadata = read_safetensors_with_metadata(path)
-    else:
-        raw, metadata = fmt.read(path), {}
+    found = fmt.read(path)
     try:
-        state = to_timm_names(raw, get_config(arch) if arch else None)
+        state = to_timm_names(found.arrays, get_config(arch) if arch else None)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     bad = [name for name, a in state.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
@@ -81,8 +113,8 @@ def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite
         if nonfinite == "error":
             raise CheckpointError(message + " (pass nonfinite='warn' to load them anyway)")
         warnings.warn(message, stacklevel=3)
-    return WeightFile(state, fmt.name, fmt.convention(path) if fmt.convention else None,
-                      data_config_from(path, metadata), class_names_from(path, metadata))
+    return WeightFile(state, fmt.name, found.convention, data_config_from(path, found.metadata),
+                      class_names_from(path, found.metadata))
 
 
 def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:

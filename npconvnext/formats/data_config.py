@@ -9,13 +9,18 @@ from collections.abc import Mapping
 
 from ..errors import CheckpointError
 from ..preprocessing import TIMM_FIELDS, DataConfig, from_timm_cfg
-from .registry import sniff_format
-from .safetensors import read_safetensors_with_metadata
+from .guard import open_weight_file
+from .registry import HEAD_BYTES
+from .safetensors import read_safetensors_with_metadata, recognises
 
 
 def _metadata(path: str) -> Mapping[str, str]:
-    """A safetensors file's metadata; other formats have none."""
-    return read_safetensors_with_metadata(path)[1] if sniff_format(path).name == "safetensors" else {}
+    """A safetensors file's metadata; other formats have none (none of them starts like one)."""
+    if os.path.isdir(path):
+        return {}
+    with open_weight_file(path) as f:
+        head = f.read(HEAD_BYTES)
+    return read_safetensors_with_metadata(path)[1] if recognises(head, path) else {}
 
 
 def data_config_for_weights(path: str | os.PathLike) -> DataConfig | None:

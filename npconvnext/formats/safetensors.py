@@ -19,13 +19,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CheckpointError
-from .registry import WeightFormat, describe, open_weight_file, reading, register
+from .guard import MAX_DIMS, bfloat16_to_float32, describe, open_weight_file, reading
+from .registry import Reading, WeightFormat
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-_MAX_DIMS = 64  # NumPy's limit on an array's dimensions
 
 
 class _Entry(NamedTuple):
@@ -37,13 +37,8 @@ class _Entry(NamedTuple):
     end: int
 
 
-def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: widen the bits, exactly."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
-
-
 def _itemsize(dtype_name: str) -> int:
-    return 2 if dtype_name == "BF16" else np.dtype(_DTYPES[dtype_name]).itemsize
+    return 2 if dtype_name == "BF16" else np.dtype(DTYPES[dtype_name]).itemsize
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -125,9 +120,9 @@ def _entry(name: str, info: object) -> _Entry:
         raise CheckpointError(f"tensor {describe(name)}: header entry is not "
                               "{dtype, shape, data_offsets}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"tensor {describe(name)}: unsupported dtype {describe(dtype)} "
-                              f"(npconvnext reads {', '.join(_DTYPES)})")
+                              f"(npconvnext reads {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise CheckpointError(f"tensor {describe(name)}: shape is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
@@ -135,8 +130,8 @@ def _entry(name: str, info: object) -> _Entry:
         raise CheckpointError(f"tensor {describe(name)}: data_offsets is not [start, end] with "
                               "0 <= start <= end")
     start, end = offsets
-    if len(shape) > _MAX_DIMS:
-        raise CheckpointError(f"tensor {describe(name)} has {len(shape)} dimensions (at most {_MAX_DIMS})")
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(f"tensor {describe(name)} has {len(shape)} dimensions (at most {MAX_DIMS})")
     needed = _bytes_needed(shape, _itemsize(dtype), limit=end - start)
     if needed != end - start:
         shown = "more" if needed is None else needed
@@ -178,13 +173,19 @@ def _check_tiling(entries: list[_Entry], body_len: int) -> None:
 
 def _array(body: memoryview, e: _Entry) -> np.ndarray:
     """The tensor as a read-only view of the file (bfloat16 widened to a float32 copy)."""
-    dtype = np.dtype("<u2" if e.dtype == "BF16" else _DTYPES[e.dtype]).newbyteorder("<")
+    dtype = np.dtype("<u2" if e.dtype == "BF16" else DTYPES[e.dtype]).newbyteorder("<")
     raw = np.frombuffer(body[e.start : e.end], dtype=dtype)
     return (bfloat16_to_float32(raw) if e.dtype == "BF16" else raw).reshape(e.shape)
 
 
-def _recognises(head: bytes, path: str) -> bool:
+def _read(path: str) -> Reading:
+    arrays, metadata = read_safetensors_with_metadata(path)
+    return Reading(arrays, metadata=metadata)
+
+
+def recognises(head: bytes, path: str) -> bool:
+    """A safetensors file: an 8-byte header length, then the JSON header's opening brace."""
     return len(head) >= 9 and head[8:9] == b"{"
 
 
-register(WeightFormat("safetensors", _recognises, read_safetensors))
+FORMAT = WeightFormat("safetensors", recognises, _read)

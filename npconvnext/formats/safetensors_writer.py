@@ -7,10 +7,10 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from .safetensors import _DTYPES as _READ_DTYPES
+from .safetensors import DTYPES
 
 # the reader's table inverted (NumPy has no bfloat16 to write)
-_SAFETENSORS_DTYPES = {np.dtype(t): name for name, t in _READ_DTYPES.items() if t != "bfloat16"}
+_SAFETENSORS_DTYPES = {np.dtype(t): name for name, t in DTYPES.items() if t != "bfloat16"}
 
 
 def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Iterator[bytes | memoryview]:

@@ -16,7 +16,9 @@ Two layouts, each with its table below:
                          or `tf.saved_model.save`): layer names as in `keras.py`, whose table
                          this reuses. Its Normalization layer and softmax stay part of the model:
                          keras.applications' values (the graph holds them as constants, not
-                         variables), present when the graph has the layer (NHWC, 0-255 RGB).
+                         variables), present when the graph has the layer (NHWC, 0-255 RGB):
+                         saved_model.pb is parsed (`protobuf.py`) for its nodes' and functions'
+                         names, which name the layers; a .pb that does not parse is refused.
     TF-Hub port          sayakpaul/ConvNeXt-TF (tfhub.dev/sayakpaul/convnext_*): `stem`,
                          `downsampling_block_{i}`, `convnext_stage_{i}` of `convnext_block_{i}_{j}`
                          (attributes dw_conv_1, layer_norm, pw_conv_1, pw_conv_2 and a raw
@@ -39,14 +41,16 @@ import numpy as np
 
 from ..convention import Convention
 from ..errors import CheckpointError
-from .keras import _KERAS_ROLES, KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, _timm_name, _to_timm_layout
-from .registry import WeightFormat, open_weight_file, reading, register
+from .guard import open_weight_file, reading
+from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES, fix_layout, keras_layer
+from .protobuf import as_bytes, as_text, iter_fields
+from .registry import Reading, WeightFormat
 from .tf_bundle import OBJECT_GRAPH_KEY, Bundle, parse_object_graph
 
 GRAPH_FILE = "saved_model.pb"
 VARIABLES_PREFIX = os.path.join("variables", "variables")
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-_GRAPH_CHUNK, _GRAPH_OVERLAP = 1 << 22, 256  # saved_model.pb is searched for layer names in chunks
+MAX_GRAPH_BYTES = 1 << 28  # saved_model.pb: a few megabytes for any ConvNeXt (its weights are in variables/)
 
 # the TF-Hub port: group of layers -> timm module; {i} stage, {j} block, {k} downsampling block
 _PORT_GROUPS = [
@@ -61,7 +65,7 @@ _PORT_SUBLAYERS = {"dw_conv_1": "conv_dw", "layer_norm": "norm", "pw_conv_1": "m
 
 def _role(leaf: str) -> str | None:
     """weight / bias / '' (a raw variable such as layer scale) of a variable's last name part."""
-    return _KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
+    return KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
 
 
 class _Variable:
@@ -158,7 +162,7 @@ def _keras_applications(variables: list[_Variable]) -> dict[str, _Variable]:
     out = {}
     for v in variables:
         parts = v.full_name.split("/")
-        found = _timm_name(parts[-2]) if len(parts) >= 2 else None
+        found = keras_layer(parts[-2]) if len(parts) >= 2 else None
         if found is None:
             continue
         role = "" if found[1] == "scale" else _role(parts[-1])  # layer scale: "variable" (Keras 3), "gamma" (Keras 2)
@@ -278,8 +282,8 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
 
 
 def _layout(variable: _Variable) -> str:
-    """keras.py's layout name of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
-    return "conv" if len(variable.shape) == 4 else "dense"
+    """names.py's layout fix of a weight, by its rank: conv kernels (depthwise ones included) or dense."""
+    return "hwio" if len(variable.shape) == 4 else "io"
 
 
 class _SavedModel:
@@ -299,7 +303,7 @@ class _SavedModel:
 
     def state(self) -> dict[str, np.ndarray]:
         """timm-named arrays in timm's layouts (vectors as stored, kernels transposed)."""
-        return {name: _to_timm_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
+        return {name: fix_layout(self.bundle.read(v.key), _layout(v)) if len(v.shape) >= 2
                 else self.bundle.read(v.key) for name, v in self.mapping.items()}
 
 
@@ -313,43 +317,81 @@ def _directory(path: str) -> str:
     return directory
 
 
-def _graph_mentions(directory: str, *patterns: bytes) -> list[bool]:
-    """Whether saved_model.pb holds a match of each pattern (op names hold the Keras layers'
-    names), read in chunks that overlap by more than a match's length."""
-    found = [False] * len(patterns)
-    with open_weight_file(os.path.join(directory, GRAPH_FILE)) as f:
-        tail = b""
-        while not all(found):
-            chunk = f.read(_GRAPH_CHUNK)
-            if not chunk:
-                break
-            window = tail + chunk
-            found = [done or re.search(p, window) is not None for done, p in zip(found, patterns)]
-            tail = window[-_GRAPH_OVERLAP:]
-    return found
+def graph_names(directory: str) -> frozenset[str]:
+    """The names in saved_model.pb's graphs: every node's and every function's, and every node's
+    inside a function (a Keras layer's operations are named after it). The file is parsed as the
+    SavedModel message it must be (protobuf wire format): one that does not parse, a truncated
+    one say, is refused."""
+    path = os.path.join(directory, GRAPH_FILE)
+    with open_weight_file(path) as f:
+        data = f.read(MAX_GRAPH_BYTES + 1)
+    if len(data) > MAX_GRAPH_BYTES:
+        raise CheckpointError(f"{GRAPH_FILE} is over {MAX_GRAPH_BYTES >> 20} MB; a ConvNeXt's graph is far smaller")
+    names: set[str] = set()
+    try:
+        graphs = 0
+        for number, value in iter_fields(data):  # SavedModel: 1 schema version, 2 meta graphs
+            if number == 2:
+                for n, v in iter_fields(as_bytes(value, "meta_graphs")):  # MetaGraphDef: 2 graph_def
+                    if n == 2:
+                        graphs += 1
+                        _graph_def_names(as_bytes(v, "graph_def"), names)
+        if not graphs:
+            raise CheckpointError("it holds no graph")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{GRAPH_FILE} does not parse as a SavedModel ({exc}): truncated or corrupted") from None
+    return frozenset(names)
 
 
-def read_saved_model(path: str) -> dict[str, np.ndarray]:
-    """A SavedModel directory (or its saved_model.pb): timm-named arrays."""
-    with reading(path, "TensorFlow SavedModel"):
-        return _SavedModel(path).state()
+def _graph_def_names(graph: bytes, names: set[str]) -> None:
+    """GraphDef: 1 node (NodeDef: 1 name), 2 library (FunctionDefLibrary: 1 function, FunctionDef:
+    1 signature (OpDef: 1 name), 3 node_def)."""
+    for number, value in iter_fields(graph):
+        if number == 1:
+            names.add(_name_of(as_bytes(value, "node")))
+        elif number == 2:
+            for n, function in iter_fields(as_bytes(value, "library")):
+                if n != 1:
+                    continue
+                for k, part in iter_fields(as_bytes(function, "function")):
+                    if k in (1, 3):  # the signature's name, a node's name
+                        names.add(_name_of(as_bytes(part, "function part")))
 
 
-def saved_model_convention(path: str) -> Convention:
-    """What the SavedModel's model takes and gives (see the module docstring)."""
+def _name_of(message: bytes) -> str:
+    """Field 1 of a NodeDef or an OpDef: its name."""
+    name = ""
+    for number, value in iter_fields(message):
+        if number == 1:
+            name = as_text(value)
+    return name
+
+
+def _mentions(names: frozenset[str], *patterns: str) -> list[bool]:
+    return [any(re.search(p, name) for name in names) for p in patterns]
+
+
+def read(path: str) -> Reading:
+    """A SavedModel directory (or its saved_model.pb): timm-named arrays and what its model takes
+    and gives (see the module docstring), from one read of its files."""
     with reading(path, "TensorFlow SavedModel"):
         model = _SavedModel(path)
-        if model.layout != "keras.applications":
-            return Convention(layout="NHWC", outputs="logits", source="the TF-Hub ConvNeXt port "
-                              "(tfhub.dev/sayakpaul/convnext_*: NHWC input normalised by the caller, logits)")
-        normalises, softmax = _graph_mentions(model.directory, rb"prestem_normalization", rb"head_dense(_\d+)?/Softmax")
-        outputs = "probabilities" if softmax else "logits"
-        source = (f"keras.applications' ConvNeXt: saved_model.pb has {'a' if normalises else 'no'} Normalization "
-                  f"layer{' (keras.applications mean and std)' if normalises else ''} and {'a' if softmax else 'no'} softmax")
-        if normalises:
-            return Convention(layout="NHWC", scale="255", mean=KERAS_APPLICATIONS_MEAN, std=KERAS_APPLICATIONS_STD,
-                              outputs=outputs, source=source)
-        return Convention(layout="NHWC", outputs=outputs, source=source)
+        names = graph_names(model.directory)
+        return Reading(model.state(), _convention(model.layout, names))
+
+
+def _convention(layout: str, names: frozenset[str]) -> Convention:
+    if layout != "keras.applications":
+        return Convention(layout="NHWC", outputs="logits", source="the TF-Hub ConvNeXt port "
+                          "(tfhub.dev/sayakpaul/convnext_*: NHWC input normalised by the caller, logits)")
+    normalises, softmax = _mentions(names, r"prestem_normalization", r"head_dense(_\d+)?/Softmax")
+    outputs = "probabilities" if softmax else "logits"
+    source = (f"keras.applications' ConvNeXt: saved_model.pb has {'a' if normalises else 'no'} Normalization "
+              f"layer{' (keras.applications mean and std)' if normalises else ''} and {'a' if softmax else 'no'} softmax")
+    if normalises:
+        return Convention(layout="NHWC", scale="255", mean=KERAS_APPLICATIONS_MEAN, std=KERAS_APPLICATIONS_STD,
+                          outputs=outputs, source=source)
+    return Convention(layout="NHWC", outputs=outputs, source=source)
 
 
 def saved_model_files(path: str) -> list[str]:
@@ -374,5 +416,5 @@ def _is_saved_model_graph(head: bytes, path: str) -> bool:
     return head[:3] == b"\x08\x01\x12" and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), "variables"))
 
 
-register(WeightFormat("tf-savedmodel", _is_saved_model_graph, read_saved_model, saved_model_convention,
-                      recognises_directory=is_saved_model_dir, files=saved_model_files))
+FORMAT = WeightFormat("tf-savedmodel", _is_saved_model_graph, read, recognises_directory=is_saved_model_dir,
+                      files=saved_model_files)

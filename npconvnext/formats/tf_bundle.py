@@ -12,203 +12,42 @@ type and a masked crc32c. Keys inside a block share a prefix with the previous k
 bundle writer never compresses (tensor_bundle.cc sets kNoCompression), so a snappy block is
 refused rather than decoded.
 
-Values are decoded by hand from the protobuf wire format, for the three messages read here
-(tensor_bundle.proto, tensor_shape.proto, trackable_object_graph.proto); no protobuf library.
+Values are decoded from the protobuf wire format (`protobuf.py`), for the three messages read
+here (tensor_bundle.proto, tensor_shape.proto, trackable_object_graph.proto); no protobuf library.
 
 Every offset, length, varint and shape read from the files is checked before it is used: a
 hostile bundle gets a CheckpointError, never a crash, a hang or an allocation its files do not
-back. Each tensor's crc32c is checked (`crc32c`: a compiled loop; its Python twin `crc32c_naive`).
+back; keys restored from a block are bounded by its size. Every block's and tensor's crc32c is
+checked (`crc32c.py`).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from ..errors import CheckpointError
-from .registry import open_weight_file
+from .crc32c import crc32c, unmask_crc
+from .guard import open_weight_file
+from .protobuf import as_bytes, as_int, as_text, fields, signed64, varint
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48        # two block handles of up to 20 bytes each, padded, then 8 bytes of magic
 BLOCK_TRAILER = 5       # compression type (1 byte) + masked crc32c (4 bytes)
 MAX_INDEX_BYTES = 1 << 26  # an index holds names and offsets: kilobytes for any real model
 MAX_RANK = 8
+MAX_KEY_BYTES = 4096         # a tensor's name in the index: tens of bytes in real bundles
+KEY_BYTES_PER_BLOCK_BYTE = 8  # keys restored from a block, per byte of it (real bundles: below 1)
 
 # DataType enum values (types.proto) read here: float tensors, and the object graph's string
 DT_FLOAT, DT_DOUBLE, DT_STRING, DT_BFLOAT16, DT_HALF = 1, 2, 7, 14, 19
 _FLOAT_DTYPES = {DT_FLOAT: "f4", DT_DOUBLE: "f8", DT_HALF: "f2", DT_BFLOAT16: "u2"}  # bfloat16: raw bits
 _DTYPE_NAMES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 7: "string", 9: "int64", 10: "bool",
                 14: "bfloat16", 19: "float16"}
-
-
-# ---- crc32c (Castagnoli), as LevelDB and TensorFlow use it ------------------------------------------
-
-def _crc_table() -> np.ndarray:
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-_CRC_LIST = _CRC_TABLE.tolist()
-_LANE_BYTES = 4096  # bytes per lane in the vectorised crc32c
-
-
-def crc32c_naive(data: bytes, crc: int = 0) -> int:
-    """crc32c of `data`, one byte at a time: the slow twin `crc32c` is tested against."""
-    crc ^= 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_LIST[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _zeros_operator(n: int) -> np.ndarray:
-    """(4, 256) tables T with raw(state followed by n zero bytes) = T[0][s0] ^ T[1][s1] ^ T[2][s2] ^ T[3][s3],
-    s0..s3 the state's bytes: appending zeros is linear over GF(2) in the (un-inverted) state."""
-    tables = np.zeros((4, 256), np.uint32)
-    for k in range(4):
-        state = np.arange(256, dtype=np.uint32) << np.uint32(8 * k)  # every value of byte k, others 0
-        for _ in range(n):
-            state = _CRC_TABLE[state & 0xFF] ^ (state >> 8)
-        tables[k] = state
-    return tables
-
-
-_ZEROS_LANE = None
-
-
-def _crc32c_lanes(view: np.ndarray) -> int:
-    """crc32c in NumPy, for runs without the JIT (NUMBA_DISABLE_JIT=1). The bytes are cut into
-    lanes of _LANE_BYTES whose raw CRC states advance together, one NumPy step per byte
-    position; the lanes' states are then chained in order with a precomputed 'append a lane of
-    zeros' operator (CRC is affine: crc(A + B) = zeros_op(state after A) ^ raw(B))."""
-    global _ZEROS_LANE
-    lanes = len(view) // _LANE_BYTES
-    if lanes < 4:
-        return crc32c_naive(bytes(view))
-    if _ZEROS_LANE is None:
-        _ZEROS_LANE = _zeros_operator(_LANE_BYTES)
-    block = view[: lanes * _LANE_BYTES].reshape(lanes, _LANE_BYTES)  # (lanes, bytes)
-    states = np.zeros(lanes, np.uint32)  # raw states from 0: each lane's own contribution
-    for i in range(_LANE_BYTES):
-        states = _CRC_TABLE[(states ^ block[:, i]) & 0xFF] ^ (states >> 8)
-    zeros = _ZEROS_LANE.tolist()
-    crc = 0xFFFFFFFF  # the initial inversion, carried through as the first lane's starting state
-    for lane_state in states.tolist():
-        crc = (zeros[0][crc & 0xFF] ^ zeros[1][(crc >> 8) & 0xFF] ^ zeros[2][(crc >> 16) & 0xFF]
-               ^ zeros[3][crc >> 24] ^ lane_state)
-    return crc32c_naive(bytes(view[lanes * _LANE_BYTES:]), crc ^ 0xFFFFFFFF)
-
-
-def _slicing_tables() -> np.ndarray:
-    """(4, 256): T[k][b] is the state after byte b followed by k zero bytes, for 4 bytes a step."""
-    tables = np.empty((4, 256), np.uint32)
-    tables[0] = _CRC_TABLE
-    for k in range(1, 4):
-        tables[k] = (tables[k - 1] >> 8) ^ _CRC_TABLE[tables[k - 1] & 0xFF]
-    return tables
-
-
-_SLICING_TABLES = _slicing_tables()
-
-
-@numba.njit(cache=True, nogil=True)
-def _crc32c_kernel(data, tables):  # (bytes,) uint8, (4, 256) uint32 -> the crc32c
-    crc = np.uint32(0xFFFFFFFF)
-    n4 = len(data) // 4 * 4
-    for i in range(0, n4, 4):  # four bytes a step ("slicing by 4")
-        crc ^= (np.uint32(data[i]) | (np.uint32(data[i + 1]) << 8) | (np.uint32(data[i + 2]) << 16)
-                | (np.uint32(data[i + 3]) << 24))
-        crc = (tables[3, crc & 0xFF] ^ tables[2, (crc >> 8) & 0xFF] ^ tables[1, (crc >> 16) & 0xFF]
-               ^ tables[0, crc >> 24])
-    for i in range(n4, len(data)):
-        crc = tables[0, (crc ^ data[i]) & 0xFF] ^ (crc >> 8)
-    return crc ^ np.uint32(0xFFFFFFFF)
-
-
-def crc32c(data) -> int:
-    """crc32c of a bytes-like `data`: the compiled loop, or the NumPy lanes without the JIT."""
-    view = np.frombuffer(data, np.uint8)
-    if numba.config.DISABLE_JIT:
-        return _crc32c_lanes(view)
-    return int(_crc32c_kernel(view, _SLICING_TABLES))
-
-
-def unmask_crc(masked: int) -> int:
-    """LevelDB stores crc32c 'masked' (rotated and offset) so that CRCs of CRCs stay strong."""
-    rotated = (masked - 0xA282EAD8) & 0xFFFFFFFF
-    return ((rotated >> 17) | (rotated << 15)) & 0xFFFFFFFF
-
-
-# ---- protobuf wire format ----------------------------------------------------------------------------
-
-def varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """A base-128 varint at buf[pos:end] (at most 10 bytes, below 2**64): (value, next position)."""
-    value = shift = 0
-    while True:
-        if pos >= end:
-            raise CheckpointError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift >= 70:
-            raise CheckpointError("varint longer than 10 bytes")
-    if value >= 1 << 64:
-        raise CheckpointError("varint beyond 64 bits")
-    return value, pos
-
-
-def fields(buf: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of a protobuf message: ints for varint and fixed fields, bytes for
-    length-delimited ones. Groups (wire types 3, 4) are refused: none of the messages read has one."""
-    out, pos, end = [], 0, len(buf)
-    while pos < end:
-        key, pos = varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise CheckpointError("protobuf field number 0")
-        if wire == 0:
-            value, pos = varint(buf, pos, end)
-        elif wire == 1 or wire == 5:
-            width = 8 if wire == 1 else 4
-            if pos + width > end:
-                raise CheckpointError("truncated protobuf fixed field")
-            value = int.from_bytes(buf[pos : pos + width], "little")
-            pos += width
-        elif wire == 2:
-            length, pos = varint(buf, pos, end)
-            if length > end - pos:
-                raise CheckpointError(f"protobuf field of {length} bytes overruns its message")
-            value = bytes(buf[pos : pos + length])
-            pos += length
-        else:
-            raise CheckpointError(f"protobuf wire type {wire} not expected here")
-        out.append((number, value))
-    return out
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _int(value, what: str) -> int:
-    if not isinstance(value, int):
-        raise CheckpointError(f"{what} is not an integer field")
-    return value
-
-
-def _bytes(value, what: str) -> bytes:
-    if not isinstance(value, bytes):
-        raise CheckpointError(f"{what} is not a length-delimited field")
-    return value
 
 
 @dataclass(frozen=True)
@@ -228,17 +67,17 @@ def parse_entry(buf: bytes, key: str) -> Entry:
     dtype, shape, shard, offset, size, crc, sliced = 0, None, 0, 0, 0, None, False
     for number, value in fields(buf):
         if number == 1:
-            dtype = _int(value, "dtype")
+            dtype = as_int(value, "dtype")
         elif number == 2:
-            shape = _parse_shape(_bytes(value, "shape"), key)
+            shape = _parse_shape(as_bytes(value, "shape"), key)
         elif number == 3:
-            shard = _int(value, "shard_id")
+            shard = as_int(value, "shard_id")
         elif number == 4:
-            offset = _signed64(_int(value, "offset"))
+            offset = signed64(as_int(value, "offset"))
         elif number == 5:
-            size = _signed64(_int(value, "size"))
+            size = signed64(as_int(value, "size"))
         elif number == 6:
-            crc = _int(value, "crc32c")
+            crc = as_int(value, "crc32c")
         elif number == 7:
             sliced = True
     if offset < 0 or size < 0:
@@ -251,9 +90,9 @@ def _parse_shape(buf: bytes, key: str) -> tuple[int, ...]:
     for number, value in fields(buf):
         if number == 2:
             size = 0
-            for n, v in fields(_bytes(value, "dim")):
+            for n, v in fields(as_bytes(value, "dim")):
                 if n == 1:
-                    size = _signed64(_int(v, "dim size"))
+                    size = signed64(as_int(v, "dim size"))
             if size < 0 or size >= 1 << 40:
                 raise CheckpointError(f"tensor {key!r}: dimension {size} out of range")
             dims.append(size)
@@ -292,13 +131,20 @@ def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
     if restarts == 0 or restarts > (len(block) - 4) // 4:
         raise CheckpointError(f"table block with {restarts} restart points in {len(block)} bytes")
     end = len(block) - 4 - 4 * restarts
-    out, pos, key = [], 0, b""
+    out, pos, key, built = [], 0, b"", 0
+    budget = KEY_BYTES_PER_BLOCK_BYTE * len(block) + MAX_KEY_BYTES
     while pos < end:
         shared, pos = varint(block, pos, end)
         unshared, pos = varint(block, pos, end)
         length, pos = varint(block, pos, end)
         if shared > len(key) or unshared > end - pos or length > end - pos - unshared:
             raise CheckpointError("table entry overruns its block")
+        # checked before the key is built: each key may repeat all of the previous one, so keys
+        # could otherwise total the square of the block's size
+        built += shared + unshared
+        if shared + unshared > MAX_KEY_BYTES or built > budget:
+            raise CheckpointError(f"table block of {len(block)} bytes restores keys of {built} bytes "
+                                  f"(one of {shared + unshared}): a bundle's tensor names are far shorter")
         key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
         out.append((key, block[pos : pos + length]))
@@ -348,12 +194,22 @@ def _parse_index(data: bytes) -> tuple[int, str, dict[str, Entry]]:
     num_shards, big_endian = 1, False
     for number, value in fields(table.pop("")):
         if number == 1:
-            num_shards = _int(value, "num_shards")
+            num_shards = as_int(value, "num_shards")
         elif number == 2:
-            big_endian = _int(value, "endianness") == 1
+            big_endian = as_int(value, "endianness") == 1
     if not 1 <= num_shards <= 100_000:
         raise CheckpointError(f"{num_shards} shards")
     return num_shards, ">" if big_endian else "<", {key: parse_entry(value, key) for key, value in table.items()}
+
+
+def _check_regular(path: str, what: str) -> None:
+    """Refuse a missing file, or one that is not a regular file (a FIFO would block its reader)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path}: no such file ({what})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file ({what}: a pipe, socket, device or directory)")
 
 
 class Bundle:
@@ -370,11 +226,14 @@ class Bundle:
             self.num_shards, self.byte_order, self.entries = _parse_index(data)
         except CheckpointError as exc:
             raise CheckpointError(f"{prefix}.index: {exc}") from None
+        for shard in range(self.num_shards):  # the header's count is trusted only as far as files back it
+            _check_regular(self.shard_path(shard), f"shard {shard} of the {self.num_shards} its index names")
 
     def shard_path(self, shard: int) -> str:
         return f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}"
 
     def files(self) -> list[str]:
+        """The index and every shard (each a regular file, checked when the index was read)."""
         return [self.prefix + ".index"] + [self.shard_path(k) for k in range(self.num_shards)]
 
     def _raw(self, key: str, entry: Entry) -> bytes:
@@ -454,16 +313,13 @@ def parse_object_graph(buf: bytes) -> list[TrackedObject]:
         if number != 1:
             continue
         children, attributes = [], []
-        for n, v in fields(_bytes(value, "node")):
+        for n, v in fields(as_bytes(value, "node")):
             if n == 1:
-                ref = dict(fields(_bytes(v, "child")))
-                children.append((_int(ref.get(1, 0), "node_id"), _text(ref.get(2, b""))))
+                ref = dict(fields(as_bytes(v, "child")))
+                children.append((as_int(ref.get(1, 0), "node_id"), as_text(ref.get(2, b""))))
             elif n == 2:
-                tensor = dict(fields(_bytes(v, "attribute")))
-                attributes.append(tuple(_text(tensor.get(k, b"")) for k in (1, 2, 3)))
+                tensor = dict(fields(as_bytes(v, "attribute")))
+                attributes.append(tuple(as_text(tensor.get(k, b"")) for k in (1, 2, 3)))
         nodes.append(TrackedObject(tuple(children), tuple(attributes)))
     return nodes
 
-
-def _text(value) -> str:
-    return _bytes(value, "name").decode("utf-8", "replace")

@@ -28,8 +28,8 @@ from collections import OrderedDict
 import numpy as np
 
 from ..errors import CheckpointError
-from .registry import WeightFormat, describe, open_weight_file, reading, register
-from .safetensors import bfloat16_to_float32
+from .guard import MAX_DIMS, bfloat16_to_float32, describe, open_weight_file, reading
+from .registry import Reading, WeightFormat
 
 _STORAGE_DTYPES = {"DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
                    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
@@ -49,7 +49,6 @@ _OPCODES = frozenset({
 })
 _MAX_DEPTH = 32     # nesting of the pickle's data; a state dict needs under 10
 _EXPANSION = 16     # how many times its own size a pickle's data may expand to through the memo
-_MAX_DIMS = 64      # NumPy's limit on an array's dimensions
 _MAX_REUSE = 4      # elements all tensors may view, per element stored (views may share storage)
 _MAX_KEY = 64       # characters in a storage key (torch writes decimal numbers)
 
@@ -289,7 +288,7 @@ def _checked_view(storage, offset, size, stride) -> tuple[tuple[int, ...], tuple
     if not isinstance(storage, _Storage):
         raise CheckpointError(f"a tensor's storage is {describe(storage)}, not a storage")
     if not (_is_count(offset) and type(size) is tuple and type(stride) is tuple
-            and len(size) == len(stride) <= _MAX_DIMS and all(map(_is_count, size + stride))):
+            and len(size) == len(stride) <= MAX_DIMS and all(map(_is_count, size + stride))):
         raise CheckpointError(f"storage {describe(storage.key)}: a tensor's offset, size and stride "
                               "are not a count and two equally long tuples of counts")
     if _numel(size, limit=storage.numel) is None:
@@ -374,10 +373,14 @@ def _copy_view(data: np.ndarray, t: _Tensor) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(data[t.offset :], shape=t.size, strides=strides).copy()
 
 
-def _refuse_legacy(path: str) -> dict[str, np.ndarray]:
+def _refuse_legacy(path: str) -> Reading:
     raise CheckpointError(f"{path}: legacy (pre-1.6, non-zip) PyTorch pickle; re-save it with "
                           "torch.save in a current PyTorch, or convert it to safetensors")
 
 
-register(WeightFormat("torch-zip", lambda head, path: head[:4] == b"PK\x03\x04", read_torch_state_dict))
-register(WeightFormat("torch-legacy-pickle", lambda head, path: head[:1] == b"\x80", _refuse_legacy))
+def _read(path: str) -> Reading:
+    return Reading(read_torch_state_dict(path))
+
+
+FORMATS = (WeightFormat("torch-zip", lambda head, path: head[:4] == b"PK\x03\x04", _read),
+           WeightFormat("torch-legacy-pickle", lambda head, path: head[:1] == b"\x80", _refuse_legacy))

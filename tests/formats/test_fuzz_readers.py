@@ -1,9 +1,11 @@
-"""A bounded fuzzing campaign against both weight readers, run on every CI build.
+"""Bounded fuzzing campaigns against the weight readers, run on every CI build.
 
 scripts/fuzz_readers.py mutates real safetensors and torch.save files (bytes, JSON header,
-pickle opcodes, zip entries) and reads each in a worker process, so a segfault or a hang is
-counted instead of killing pytest. The campaign is seeded: a failure here reproduces with
-`python scripts/fuzz_readers.py N --seed S`.
+pickle opcodes, zip entries), OpenVINO IRs (graph edits, .bin truncations and flips) and
+TensorFlow SavedModels (index edits with valid checksums, shard damage, lost files), and reads
+each in a worker process with a time and memory limit, so a segfault or a hang is counted
+instead of killing pytest. The campaigns are seeded: a failure here reproduces with
+`python scripts/fuzz_readers.py N --seed S [--kinds ...]`.
 """
 
 import json
@@ -32,3 +34,24 @@ def test_mutated_weight_files_fail_cleanly_in_bounded_time_and_memory():
     # the campaign reached both readers and both verdicts, so the checks above had something to see
     assert min(summary["by_kind"].values()) > INPUTS // 4 and len(summary["by_kind"]) == 2, summary["by_kind"]
     assert summary["outcomes"].get("loaded", 0) > INPUTS // 50 and summary["outcomes"]["CheckpointError"] > INPUTS // 2
+
+
+IR_INPUTS, IR_SEED = 240, 20261206
+IR_MAX_SECONDS = 5.0  # per input: an IR of convnext_atto, a few megabytes
+
+
+def test_mutated_irs_and_saved_models_fail_cleanly_in_bounded_time_and_memory():
+    out = subprocess.run([sys.executable, SCRIPT, str(IR_INPUTS), "--seed", str(IR_SEED), "--timeout", "30",
+                          "--kinds", "ir,savedmodel", "--json"], capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["crashes"] == [] and summary["hangs"] == [], summary
+    assert summary["silent"] == [], summary  # a graph edit that loads gives the seed's weights and convention
+    assert set(summary["outcomes"]) <= {"loaded", "CheckpointError"}, summary["others"]
+    assert summary["unnamed_count"] == 0, summary["unnamed"]
+    assert summary["memory"] == [], summary["memory"]
+    assert summary["peak_rss_mb"] - summary["baseline_rss_mb"] < MAX_GROWTH_MB, summary
+    assert summary["slowest_seconds"] < IR_MAX_SECONDS, summary
+    # both formats were reached, and the IR seeds load clean, so a silent change could show
+    assert min(summary["by_kind"].values()) > IR_INPUTS // 4 and len(summary["by_kind"]) == 2, summary["by_kind"]
+    assert summary["clean_seeds_loaded"] >= 2 and summary["outcomes"].get("loaded", 0) > 0, summary

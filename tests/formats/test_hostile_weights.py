@@ -407,6 +407,35 @@ def test_every_reader_refuses_a_fifo_without_blocking(tmp_path):
                                      "read_checkpoint", "load_state_dict", "read_golden"], "True")
 
 
+_HASH = """
+import sys
+from npconvnext.errors import CheckpointError
+from npconvnext.formats import sha256_of
+try:
+    print("hashed", sha256_of(sys.argv[1]))
+except CheckpointError as exc:
+    print("refused", str(exc))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_sha256_of_hashes_only_regular_files(tmp_path):
+    """A multi-file format's other files (an IR's .bin here) are opened as the readers open them:
+    missing or a FIFO, the project's error naming it, never FileNotFoundError or a hang."""
+    xml = tmp_path / "model.xml"
+    xml.write_text('<?xml version="1.0"?>\n<net name="m" version="11"><layers/></net>\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for make, problem in ((lambda p: None, "no such file"), (os.mkfifo, "not a regular file")):
+        make(tmp_path / "model.bin")
+        try:
+            out = subprocess.run([sys.executable, "-c", _HASH, str(xml)], env=env, capture_output=True,
+                                 text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("sha256_of blocked on the IR's .bin")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.startswith(f"refused {tmp_path / 'model.bin'}: {problem}"), out.stdout
+
+
 def test_real_files_still_load_exactly(tmp_path):
     """The hardening refuses nothing torch.save or safetensors write: several dtypes, shared
     storages, non-contiguous views, the official wrapper, protocol 4."""

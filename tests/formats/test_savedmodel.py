@@ -9,6 +9,7 @@ tests import, and this process's Keras runs on torch.
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -18,8 +19,11 @@ import pytest
 
 import npconvnext
 import npconvnext.convert
+import npconvnext.formats.crc32c as crc32c_module
 from npconvnext.formats import tf_bundle
-from npconvnext.formats.tf_bundle import crc32c, crc32c_naive, read_table, unmask_crc
+from npconvnext.formats.crc32c import crc32c, crc32c_naive, mask_crc, unmask_crc
+from npconvnext.formats.protobuf import varint
+from npconvnext.formats.tf_bundle import read_table
 from tests.support import TESTS
 
 WRITER = os.path.join(TESTS, "support", "tf_writer.py")
@@ -200,21 +204,24 @@ def _encode_varint(value):
             return bytes(out)
 
 
-def _write_table(entries, mentions=1):
-    """An SSTable as TensorFlow's table builder lays it out: one data block, one index block
-    (which names the data block `mentions` times: once, unless testing a hostile index)."""
-    def block(pairs):
-        body = b"".join(_encode_varint(0) + _encode_varint(len(k)) + _encode_varint(len(v)) + k + v for k, v in pairs)
-        return body + struct.pack("<II", 0, 1)
+def _block(pairs):
+    """A table block of (key, value) pairs, every key written whole (no shared prefix)."""
+    body = b"".join(_encode_varint(0) + _encode_varint(len(k)) + _encode_varint(len(v)) + k + v for k, v in pairs)
+    return body + struct.pack("<II", 0, 1)
 
+
+def _write_table(entries, mentions=1, data=None):
+    """An SSTable as TensorFlow's table builder lays it out: one data block (`data` if given, its
+    last key at most max(entries)), one index block (which names the data block `mentions`
+    times: once, unless testing a hostile index)."""
     def with_trailer(contents):
         crc = crc32c_naive(contents + b"\x00")
-        masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+        masked = mask_crc(crc)
         assert unmask_crc(masked) == crc
         return contents + b"\x00" + struct.pack("<I", masked)
 
-    data = block(sorted(entries.items()))
-    index = block([(max(entries) + b"~" * i, _encode_varint(0) + _encode_varint(len(data))) for i in range(mentions)])
+    data = _block(sorted(entries.items())) if data is None else data
+    index = _block([(max(entries) + b"~" * i, _encode_varint(0) + _encode_varint(len(data))) for i in range(mentions)])
     body = with_trailer(data)
     footer = _encode_varint(len(body)) + _encode_varint(0)  # metaindex: empty, unread
     footer += _encode_varint(len(body)) + _encode_varint(len(index))
@@ -229,12 +236,26 @@ def test_an_index_naming_one_data_block_twice_is_refused():
         read_table(_write_table(entries, mentions=3))
 
 
-def _rewrite_entry(model, edit):
-    """Rewrite the index with `edit(key, entry bytes) -> entry bytes` applied to the stem kernel's entry."""
+def test_index_keys_growing_with_the_square_of_the_block_are_refused():
+    # each key shares the whole previous key and adds a byte: 4 bytes of block per entry, but
+    # the keys restored in full would total the square of that (issue #25, item 1)
+    n = 6000
+    growing = b"".join(_encode_varint(i) + _encode_varint(1) + _encode_varint(0) + b"a" for i in range(n))
+    data = growing + struct.pack("<II", 0, 1)
+    few = b"".join(_encode_varint(i) + _encode_varint(1) + _encode_varint(0) + b"a" for i in range(50))
+    assert len(read_table(_write_table({b"b": b""}, data=few + struct.pack("<II", 0, 1)))) == 50
+    with pytest.raises(npconvnext.CheckpointError, match="restores keys of"):
+        read_table(_write_table({b"b": b""}, data=data))
+
+
+def _rewrite_entry(model, edit, key=None):
+    """Rewrite the index with `edit(entry bytes) -> entry bytes` applied to the entry at `key`
+    (default: the stem kernel's)."""
     index = model / "variables" / "variables.index"
     table = {k.encode(): v for k, v in read_table(index.read_bytes()).items()}
-    bundle = tf_bundle.Bundle(str(model / "variables" / "variables"))
-    key = next(k for k, e in bundle.entries.items() if len(e.shape) == 4 and e.shape[:2] == (4, 4))
+    if key is None:
+        bundle = tf_bundle.Bundle(str(model / "variables" / "variables"))
+        key = next(k for k, e in bundle.entries.items() if len(e.shape) == 4 and e.shape[:2] == (4, 4))
     table[key.encode()] = edit(table[key.encode()])
     index.write_bytes(_write_table(table))
 
@@ -292,10 +313,10 @@ def test_snappy_blocks_are_refused_clearly(saved_models, tmp_path):
     index = model / "variables" / "variables.index"
     data = bytearray(index.read_bytes())
     handle_at = len(data) - tf_bundle.FOOTER_SIZE
-    _, pos = tf_bundle.varint(bytes(data), handle_at, len(data))
-    _, pos = tf_bundle.varint(bytes(data), pos, len(data))
-    offset, pos = tf_bundle.varint(bytes(data), pos, len(data))
-    size, _ = tf_bundle.varint(bytes(data), pos, len(data))
+    _, pos = varint(bytes(data), handle_at, len(data))
+    _, pos = varint(bytes(data), pos, len(data))
+    offset, pos = varint(bytes(data), pos, len(data))
+    size, _ = varint(bytes(data), pos, len(data))
     data[offset + size] = 1  # the index block's compression type
     index.write_bytes(bytes(data))
     _refused(model, "snappy")
@@ -308,4 +329,42 @@ def test_crc32c_matches_its_naive_twin():
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
         expected = crc32c_naive(data)
         assert crc32c(data) == expected, size
-        assert tf_bundle._crc32c_lanes(np.frombuffer(data, np.uint8)) == expected, size  # the no-JIT path
+        assert crc32c_module._crc32c_lanes(np.frombuffer(data, np.uint8)) == expected, size  # the no-JIT path
+
+
+@pytest.mark.parametrize("shard", ["missing", "a FIFO"])
+def test_shards_the_header_claims_must_be_regular_files(saved_models, tmp_path, shard):
+    # a header claiming 2 shards where only shard 0 exists (issue #25, item 8): shard 1 missing
+    # or a FIFO is refused by the reader and never listed to hash, so nothing opens or blocks
+    model = _copy(saved_models, tmp_path)
+    _rewrite_entry(model, lambda header: header + _field(1, 0, _encode_varint(2)), key="")
+    variables = model / "variables"
+    os.rename(variables / "variables.data-00000-of-00001", variables / "variables.data-00000-of-00002")
+    second = variables / "variables.data-00001-of-00002"
+    if shard == "a FIFO":
+        os.mkfifo(second)
+    problem = "no such file" if shard == "missing" else "not a regular file"
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on the FIFO"))
+    signal.alarm(60)
+    try:
+        _refused(model, problem)
+        for call in (npconvnext.formats.weight_files, npconvnext.formats.sha256_of,
+                     lambda m: npconvnext.convert.convert(m, tmp_path / "out.safetensors")):
+            with pytest.raises(npconvnext.CheckpointError, match=problem):
+                call(model)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_truncated_graph_is_refused(saved_models, tmp_path):
+    # cut to 4096 bytes, saved_model.pb still named the Normalization layer to a search of its
+    # bytes, and the model loaded with another convention (issue #25, item 9): it must parse
+    model = _copy(saved_models, tmp_path, "keras_tiny")
+    graph = model / "saved_model.pb"
+    data = graph.read_bytes()
+    for cut in (4096, len(data) // 2, len(data) - 1):
+        graph.write_bytes(data[:cut])
+        _refused(model, "saved_model.pb does not parse")
+    graph.write_bytes(data[:2])  # the schema version alone: parses, and holds no graph
+    _refused(model, "no graph")
