@@ -1,5 +1,5 @@
 """The commands that draw: `explain` (Grad-CAM, top-5, feature-map strips), `erf` (effective
-receptive fields), and the `--plot` of `parity`. cli.py adds them with `add_commands`.
+receptive fields), and the `--plot` of `parity`. cli/parser.py adds them with `add_commands`.
 
 The computing is explain.py's, the drawing figures.py's; this module loads the model and the
 photo and names what a figure shows. A model is `arch.tag` (pretrained weights, downloaded as
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,8 +21,10 @@ from .explain import effective_receptive_field, grad_cam, stage_feature_maps, st
 from .errors import InputError
 from .factory import create_model
 from .model import ConvNeXt
-from .oracle import LayerError
 from .preprocessing import preprocess
+
+if TYPE_CHECKING:
+    from .oracle import LayerError
 
 
 def is_random(model: ConvNeXt) -> bool:
@@ -73,7 +76,7 @@ def draw_erf(model: ConvNeXt, output: str, input_size: int = 224, count: int = 4
     figures.erf_figure(output, fields, title, is_random(model), size)
 
 
-def draw_parity(model: ConvNeXt, rows: list[LayerError], tolerance: float, against: str, output: str,
+def draw_parity(model: ConvNeXt, rows: list["LayerError"], tolerance: float, against: str, output: str,
                 size: tuple[int, int] = (1400, 600)) -> None:
     """The parity table as a plot: `parity --plot FILE` calls this after comparing."""
     title = figures.title_of(model.config.name, model.source, f"{model.dtype.name} against {against}")
@@ -89,6 +92,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def cmd_explain(args) -> None:
     model = load(args.model, args.weights, args.weight_seed)
+    if args.input_size:
+        model.data_config = replace(model.data_config, input_size=(args.input_size, args.input_size))
     stage_index(model, args.layer)  # a bad --layer fails before any image is read
     paths = batch.list_images(args.images)
     stem, ext = os.path.splitext(args.output)
@@ -105,31 +110,30 @@ def cmd_erf(args) -> None:
     print(f"{args.output}: effective receptive fields of {model.config.name}")
 
 
-def add_commands(sub) -> None:
-    """explain and erf, on the subparsers of cli.py's parser."""
+def add_commands(add) -> None:
+    """explain and erf, through cli/parser.py's add(name, run, help) -> the command's parser."""
 
     def model_options(p, default_size):
-        p.add_argument("--model", default=None, help="arch.tag (pretrained), or a bare architecture for "
-                       f"seeded random weights (default {batch.DEFAULT_MODEL}; with --weights, read off the file)")
+        p.add_argument("--model", default=None, help="arch.tag (pretrained), or a bare architecture for seeded "
+                       f"random weights (default {batch.DEFAULT_MODEL}; with --weights, read off the file)")
         p.add_argument("--weights", help="a local weight file instead")
         p.add_argument("--weight-seed", type=int, default=0, help="seed of the random weights")
         p.add_argument("--size", default=default_size, help=f"figure size in pixels (default {default_size})")
         p.add_argument("-o", "--output", required=True, help="the PNG to write")
 
-    p = sub.add_parser("explain", help="draw the Grad-CAM, top-5 and feature maps of photos")
+    p = add("explain", cmd_explain, "draw the Grad-CAM, top-5 and feature maps of photos")
     p.add_argument("images", nargs="+", help="image files or folders; several: OUT-<image>.png each")
     model_options(p, "1200x900")
     p.add_argument("--target", type=int, default=None, help="class index (default: each image's top-1)")
     p.add_argument("--layer", default="stages.3", help="the stage whose output the map is on")
     p.add_argument("--channels", type=int, default=8, help="strongest channels drawn per stage")
-    p.set_defaults(run=cmd_explain)
+    p.add_argument("--input-size", type=int, default=None, help="override the crop size")
 
-    p = sub.add_parser("erf", help="draw the effective receptive field of every stage")
+    p = add("erf", cmd_erf, "draw the effective receptive field of every stage")
     model_options(p, "1200x400")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--images", type=int, default=4, help="random images averaged over")
     p.add_argument("--seed", type=int, default=0, help="seed of the random images")
-    p.set_defaults(run=cmd_erf)
 
 
 def add_parity_plot(p) -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError
-from .oracle import LayerError
+
+if TYPE_CHECKING:
+    from .oracle import LayerError
 
 DPI = 100
 RANDOM_WARNING = ("RANDOM WEIGHTS: no trained weights were given, so this shows what an untrained "
@@ -130,7 +133,7 @@ def half_mass_share(erf: np.ndarray) -> float:
     return float((np.searchsorted(np.cumsum(values), 0.5 * total) + 1) / values.size)
 
 
-def parity_figure(path: str, rows: Sequence[LayerError], tolerance: float, title: str, random_weights: bool,
+def parity_figure(path: str, rows: Sequence["LayerError"], tolerance: float, title: str, random_weights: bool,
                   size: tuple[int, int] = (1400, 600)) -> None:
     """The relative error of every traced tensor in layer order (log scale; an exact 0 is drawn
     at the floor), the tolerance as a line, and the first tensor past it marked."""
@@ -146,7 +149,7 @@ def parity_figure(path: str, rows: Sequence[LayerError], tolerance: float, title
     x = np.arange(len(rows))
     ax.plot(x, shown, color="#999999", linewidth=0.6)
     ax.scatter(x[ok], shown[ok], s=8, color="#21918c", label="within tolerance")           # viridis teal
-    ax.scatter(x[~ok], shown[~ok], s=18, color="#440154", marker="x", label="past tolerance")  # viridis purple
+    ax.scatter(x[~ok], shown[~ok], s=18, color="#440154", marker="x", label="past tolerance")  # purple
     ax.axhline(tolerance, color="#b5de2b", linewidth=1.5, label=f"tolerance {tolerance:g}")
     ax.set_yscale("log")
     ax.set_ylim(floor, top)

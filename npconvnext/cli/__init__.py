@@ -1,5 +1,5 @@
 """The `npconvnext` command: classify, features, evaluate, benchmark, finetune, summary,
-download, convert, verify, golden, parity.
+download, convert, verify, golden, parity, explain, erf.
 
 parser.py holds the options, commands.py a function per command; `main` runs one. A bad input
 never shows a traceback: npconvnext's own errors, OS errors and the commands' refusals are
@@ -25,7 +25,8 @@ from .parser import build_parser
 __all__ = ["EXIT_CODES", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE",
            "CommandError", "build_parser", "main"]
 
-RUNS_THE_MODEL = ("classify", "features", "evaluate", "benchmark", "golden", "parity", "finetune")
+RUNS_THE_MODEL = ("classify", "features", "evaluate", "benchmark", "golden", "parity", "finetune", "explain",
+                  "erf")
 
 
 def show_library_notes(quiet: bool = False) -> None:

@@ -318,5 +318,10 @@ def cmd_parity(args):
     rows = compare(actual, expected, tolerance)
     print(f"npconvnext {model.config.name} ({dtype}) against {source}")
     print(format_table(rows, tolerance))
+    if args.plot:
+        from npconvnext.explain_cli import draw_parity
+
+        draw_parity(model, rows, tolerance, source, args.plot)
+        print(f"{args.plot}: the errors in layer order")
     if not all(r.ok for r in rows):
         raise CommandError(f"parity failed: {sum(not r.ok for r in rows)} tensors past tolerance {tolerance:g}")

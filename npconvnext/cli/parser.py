@@ -12,6 +12,8 @@ import argparse
 from .. import __version__
 from ..batch import DEFAULT_MODEL
 from ..distributed.jobs import DEFAULT_PARTITION_SIZE
+from ..explain_cli import add_commands as add_drawing_commands
+from ..explain_cli import add_parity_plot
 from . import commands
 from .commands import EXIT_CODES
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_commands(add)
     _add_finetune(add)
     _add_trace_commands(add)
+    add_drawing_commands(add)  # explain, erf
     _add_file_commands(add)
     return parser
 
@@ -170,6 +173,7 @@ def _add_trace_commands(add) -> None:
     p.add_argument("--against", default=None, help="a golden file (from `npconvnext golden` or elsewhere)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max relative error; 0 demands equality (default 1e-4 f32, 1e-10 f64)")
+    add_parity_plot(p)
 
 
 def _add_file_commands(add) -> None:

@@ -129,41 +129,62 @@ def atto():
     return model
 
 
-def test_explain_figure_size_target_and_warning(atto, tmp_path):
+def test_explain_command_size_and_target(tmp_path, capsys):
+    from npconvnext.cli import main
+    from tests.support import DATA
+
+    pytest.importorskip("matplotlib")
+    for target in (5, 281):
+        argv = ["explain", f"{DATA}/chelsea.png", "--model", "convnext_atto", "--input-size", "96",
+                "--target", str(target), "--channels", "4", "-o", str(tmp_path / f"{target}.png")]
+        assert main(argv) == 0, capsys.readouterr().err
+    first, second = pixels(tmp_path / "5.png"), pixels(tmp_path / "281.png")
+    assert first.shape == second.shape == (900, 1200, 3)
+    photo_panel = (slice(100, 330), slice(170, 440))  # inside the photo, below its title
+    assert (first[photo_panel] != second[photo_panel]).any(axis=2).sum() > 1000  # another class, another map
+    assert has_warning(first)
+    assert main(["explain", f"{DATA}/chelsea.png", "--model", "convnext_atto", "--layer", "stages.9",
+                 "-o", str(tmp_path / "bad.png")]) == 1
+    assert "stages.0, stages.1" in capsys.readouterr().err
+
+
+def test_erf_and_parity_commands(tmp_path, capsys):
+    from npconvnext.cli import main
+
+    pytest.importorskip("matplotlib")
+    assert main(["erf", "--model", "convnext_atto", "--input-size", "64", "--images", "1", "--size", "800x300",
+                 "-o", str(tmp_path / "erf.png")]) == 0
+    erf = pixels(tmp_path / "erf.png")
+    assert erf.shape == (300, 800, 3) and has_warning(erf)
+    assert main(["parity", "--model", "convnext_atto", "--input-size", "64", "--plot", str(tmp_path / "p.png")]) == 0
+    assert pixels(tmp_path / "p.png").shape == (600, 1400, 3)
+    assert "p.png: the errors in layer order" in capsys.readouterr().out
+
+
+def test_real_weights_get_no_warning(atto, tmp_path):
     from npconvnext.explain_cli import draw_explanation
     from tests.support import DATA
 
-    photo = f"{DATA}/chelsea.png"
-    draw_explanation(atto, photo, str(tmp_path / "top1.png"))
-    draw_explanation(atto, photo, str(tmp_path / "other.png"), target=281, size=(900, 700))
-    top1, other = pixels(tmp_path / "top1.png"), pixels(tmp_path / "other.png")
-    assert top1.shape == (900, 1200, 3) and other.shape == (700, 900, 3)
-    draw_explanation(atto, photo, str(tmp_path / "again.png"), target=281, size=(1200, 900))
-    again = pixels(tmp_path / "again.png")
-    photo_panel = (slice(100, 330), slice(170, 440))  # inside the photo, below its title
-    assert (again[photo_panel] != top1[photo_panel]).any(axis=2).sum() > 1000  # another class, another map
-    assert has_warning(top1) and has_warning(other)
     atto.source, source = "real.safetensors", atto.source
     try:
-        draw_explanation(atto, photo, str(tmp_path / "real.png"))
+        draw_explanation(atto, f"{DATA}/chelsea.png", str(tmp_path / "real.png"), channels=2, size=(600, 500))
     finally:
         atto.source = source
-    assert not has_warning(pixels(tmp_path / "real.png"))
+    real = pixels(tmp_path / "real.png")
+    assert real.shape == (500, 600, 3) and not has_warning(real)
 
 
-def test_erf_and_parity_figures(atto, tmp_path):
-    from npconvnext.explain_cli import draw_erf, draw_parity
+def test_figures_of_a_drift(atto, tmp_path):
+    from npconvnext.explain_cli import draw_parity
     from npconvnext.oracle import compare
 
-    draw_erf(atto, str(tmp_path / "erf.png"), input_size=64, count=1, size=(800, 300))
-    erf = pixels(tmp_path / "erf.png")
-    assert erf.shape == (300, 800, 3) and has_warning(erf)
     trace = atto.trace(random_images((1, 3, 64, 64)))
     drifted = dict(trace, **{"stages.1.blocks.0.mlp.fc2": trace["stages.1.blocks.0.mlp.fc2"] * 1.01})
     for name, reference in (("same", trace), ("drift", drifted)):
         draw_parity(atto, compare(trace, reference, 1e-4), 1e-4, "itself", str(tmp_path / f"{name}.png"))
     same, drift = pixels(tmp_path / "same.png"), pixels(tmp_path / "drift.png")
     assert same.shape == drift.shape == (600, 1400, 3) and (same != drift).any()
+    assert has_warning(same)
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):
