@@ -86,10 +86,10 @@ def explain_figure(path: str, photo: np.ndarray, cam: np.ndarray, top5: Sequence
     shown = cam / peak if peak > 0 else cam
     ax.imshow(shown, cmap="magma", alpha=0.55, extent=(0, width, height, 0), interpolation="bilinear",
               vmin=0.0, vmax=1.0)
-    ax.set_title(f"Grad-CAM for {target or top5[0][0]} ({cam.shape[0]}x{cam.shape[1]} map)", fontsize=9)
+    ax.set_title(f"Grad-CAM for {short(target or top5[0][0])} ({cam.shape[0]}x{cam.shape[1]} map)", fontsize=9)
     ax.axis("off")
     bars = fig.add_subplot(grid[:2, 1])
-    names = [name for name, _ in top5][::-1]
+    names = [short(name) for name, _ in top5][::-1]
     probs = [p for _, p in top5][::-1]
     bars.barh(range(len(names)), probs, color="#3b528b")  # viridis's blue
     bars.set_yticks(range(len(names)), labels=names, fontsize=9)
@@ -106,6 +106,12 @@ def explain_figure(path: str, photo: np.ndarray, cam: np.ndarray, top5: Sequence
             if j == 0:
                 cell.set_ylabel(stage, fontsize=8)
     _save(plt, fig, path)
+
+
+def short(label: str, width: int = 28) -> str:
+    """A class label's first name, cut to `width` characters: 'tabby, tabby cat' -> 'tabby'."""
+    first = label.split(",")[0].strip()
+    return first if len(first) <= width else first[: width - 1] + "\u2026"
 
 
 def erf_figure(path: str, fields: Sequence[np.ndarray], title: str, random_weights: bool,
