@@ -31,6 +31,8 @@ LAYERS = [
     {"factory"},
     {"convert", "summary", "oracle", "train", "batch", "benchmark", "__init__"},
     {"distributed", "evaluate"},                   # over batch: many images on Dask; top-1/top-5
+    {"explain", "figures"},                        # over train and oracle: what the network sees
+    {"explain_cli"},                               # the drawing commands, for cli
     {"cli"},
     {"__main__"},
 ]
