@@ -24,7 +24,7 @@ import numpy as np
 
 import npconvnext
 from npconvnext import engine, layers
-from npconvnext.engine import gemm, kernels
+from npconvnext.engine import block, depthwise, gemm, grn, layernorm, linear, llvm, mlp
 
 RUNS = 7
 WARMUP = 2
@@ -56,20 +56,20 @@ def per_kernel(config, batch, dtype):
         b4 = np.zeros(4 * c, dtype)
         w2 = (rng.standard_normal((4 * c, c)) / np.sqrt(4 * c)).astype(dtype)
         w1, w2 = np.asfortranarray(w1), np.asfortranarray(w2)  # (in, out) as the model keeps them
-        panels = kernels.linear_gelu_panels(x, w1, b4)
+        panels = linear.linear_gelu_panels(x, w1, b4)
         cases = {  # name: (input shape, numba, numpy twin)
-            "depthwise_conv + layer_norm": (x.shape, lambda: kernels.depthwise_conv_layer_norm(x, w7, b, g, b, 1e-6),
+            "depthwise_conv + layer_norm": (x.shape, lambda: depthwise.depthwise_conv_layer_norm(x, w7, b, g, b, 1e-6),
                                             lambda: layers.layer_norm(layers.depthwise_conv(x, w7, b), g, b, 1e-6)),
-            "layer_norm": (x.shape, lambda: kernels.layer_norm(x, g, b, 1e-6),
+            "layer_norm": (x.shape, lambda: layernorm.layer_norm(x, g, b, 1e-6),
                            lambda: layers.layer_norm(x, g, b, 1e-6)),
-            "fc1 + gelu": (x.shape, lambda: kernels.linear_gelu_panels(x, w1, b4),
+            "fc1 + gelu": (x.shape, lambda: linear.linear_gelu_panels(x, w1, b4),
                            lambda: layers.gelu(layers.linear(x, w1, b4))),
-            "fc2 + layer scale + residual": (hidden.shape, lambda: kernels.panels_linear(panels, w2, b, g, x),
+            "fc2 + layer scale + residual": (hidden.shape, lambda: linear.panels_linear(panels, w2, b, g, x),
                                              lambda: x + g * layers.linear(hidden, w2, b)),
-            "fc1 + gelu + fc2 + residual": (x.shape, lambda: kernels.mlp_residual(x, w1, b4, w2, b, g, x),
+            "fc1 + gelu + fc2 + residual": (x.shape, lambda: mlp.mlp_residual(x, w1, b4, w2, b, g, x),
                                             lambda: x + g * layers.linear(layers.gelu(layers.linear(x, w1, b4)),
                                                                           w2, b)),
-            "grn": (hidden.shape, lambda: kernels.global_response_norm(hidden, b4 + 1, b4, 1e-6),
+            "grn": (hidden.shape, lambda: grn.global_response_norm(hidden, b4 + 1, b4, 1e-6),
                     lambda: layers.global_response_norm(hidden, b4 + 1, b4, 1e-6)),
         }
         for name, (shape, fast, slow) in cases.items():
@@ -80,22 +80,25 @@ def forward_split(name, batch, dtype):
     spent = collections.Counter()
     # the public wrappers, which convnext_block and the network call by these names
     for kernel in ("depthwise_conv_layer_norm", "mlp_residual", "linear_gelu_panels", "panels_linear",
-                   "_global_response_norm_in_place", "layer_norm", "patchify_conv", "linear"):
-        original = getattr(kernels, kernel)
+                   "global_response_norm_in_place", "layer_norm", "patchify_conv", "linear"):
+        original = None
+        for module in (block, depthwise, grn, layernorm, linear, mlp):  # every module that calls it by this name
+            if hasattr(module, kernel):
+                original = original or getattr(module, kernel)
 
-        def timed(*args, _original=original, _kernel=kernel, **kwargs):
-            start = time.perf_counter()
-            out = _original(*args, **kwargs)
-            spent[_kernel] += time.perf_counter() - start
-            return out
-        setattr(kernels, kernel, timed)
+                def timed(*args, _original=original, _kernel=kernel, **kwargs):
+                    start = time.perf_counter()
+                    out = _original(*args, **kwargs)
+                    spent[_kernel] += time.perf_counter() - start
+                    return out
+                setattr(module, kernel, timed)
     # every layer shared between the threads, so that each kernel's time is wall time (with the
     # batch split, bench_threads.py, the threads' times would add up)
     engine.map_over_batch = lambda fn, x: fn(x)
     model = npconvnext.create_model(name, dtype=dtype)
     # the FUSED ops were bound at import: bind them to the timed wrappers
-    engine.FUSED = engine.FUSED._replace(layer_norm=kernels.layer_norm, block=kernels.convnext_block,
-                                         patchify_conv=kernels.patchify_conv, linear=kernels.linear)
+    engine.FUSED = engine.FUSED._replace(layer_norm=layernorm.layer_norm, block=block.convnext_block,
+                                         patchify_conv=linear.patchify_conv, linear=linear.linear)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)
     model(x)
     spent.clear()
@@ -127,14 +130,14 @@ def matmul_rates(config, batch, dtype):
             w = np.asfortranarray(rng.standard_normal((k, n)).astype(dtype))  # (in, out) as the model keeps it
             bias = np.zeros(n, dtype)
             panels = gemm.to_panels(x)
-            ours = median_ms(lambda: kernels.panels_linear(panels, w, bias, pixels=m), RUNS)
+            ours = median_ms(lambda: linear.panels_linear(panels, w, bias, pixels=m), RUNS)
             blas = median_ms(lambda: x @ w, RUNS)
             flops = 2 * m * k * n
             total += ours * blocks
             print(f"{i:<6} {f'{m} x {k} x {n}':>18} {flops / ours / 1e6:13.0f} {flops / blas / 1e6:10.0f} "
                   f"{ours * blocks:20.2f}")
     print(f"MLP matmuls on gemm.py: {total:.1f} ms a forward (tiles {gemm.TILES[np.dtype(dtype)]}, "
-          f"vector registers {gemm.vector_registers()})")
+          f"vector registers {llvm.vector_registers()})")
 
 
 def main():

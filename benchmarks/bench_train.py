@@ -12,7 +12,7 @@ images are 224x224 float32, labels random. Never a test.
 
 npconvnext's children run with WAIT_SETTINGS in their environment, the settings
 npconvnext/engine/threads.py recommends (without them its kernels run on one thread, see
-kernels._rows_or_parallel); --default-wait runs them in this process's environment instead.
+engine/jit.py, rows_or_parallel); --default-wait runs them in this process's environment instead.
 timm's children always get this process's environment (torch's OpenMP is tuned for its default).
 """
 
@@ -90,7 +90,7 @@ def split(model: str, batch: int, threads: int, backend: str, size: int = SIZE) 
 
     import npconvnext
     from npconvnext import layers, train
-    from npconvnext.engine import backward_kernels, kernels
+    from npconvnext.engine import adamw, block, depthwise, grn, layernorm, linear, mlp
     from npconvnext.train import backward, fused
 
     spent = defaultdict(lambda: [0.0, 0.0, 0])  # label -> wall s, CPU s, calls
@@ -114,17 +114,20 @@ def split(model: str, batch: int, threads: int, backend: str, size: int = SIZE) 
                 inside[-1][1] += cpu
         return run
 
-    for module, short in ((layers, "layers"), (kernels, "kernels"), (backward_kernels, "backward_kernels")):
+    # every public function, wherever a module calls it by name (block.py calls the layer modules')
+    short = {m.__name__: m.__name__.rsplit(".", 1)[1] for m in (layers, adamw, block, depthwise, grn, layernorm,
+                                                                 linear, mlp)}
+    for module in (layers, adamw, block, depthwise, grn, layernorm, linear, mlp):
         for name, f in list(vars(module).items()):
-            if not name.startswith("_") and inspect.isfunction(f) and f.__module__ == module.__name__:
-                setattr(module, name, timed(f"{short}.{name}", f))
+            if not name.startswith("_") and inspect.isfunction(f) and f.__module__ in short:
+                setattr(module, name, timed(f"{short[f.__module__]}.{name}", f))
 
     def blas_label(_):
-        return f"BLAS in {sys._getframe(2).f_code.co_name}"  # the block function calling fused._matmul
+        return f"BLAS in {sys._getframe(2).f_code.co_name}"  # the block function calling block.matmul
 
-    fused._matmul = timed(blas_label, np.matmul)
-    fused.ENGINE = fused.ENGINE._replace(layer_norm=kernels.layer_norm,
-                                         layer_norm_backward=backward_kernels.layer_norm_backward)
+    block.matmul = timed(blas_label, np.matmul)
+    fused.ENGINE = fused.ENGINE._replace(layer_norm=layernorm.layer_norm,
+                                         layer_norm_backward=layernorm.layer_norm_backward)
     backward.REFERENCE = backward.REFERENCE._replace(layer_norm=layers.layer_norm,
                                                      layer_norm_backward=layers.layer_norm_backward)
     npconvnext.set_num_threads(threads)

@@ -27,6 +27,7 @@ import numpy as np
 from . import preprocessing
 from .errors import ImageError, InputError
 from .factory import create_model
+from .hub import pretrained_entry
 from .labels import imagenet_labels
 from .model import ConvNeXt
 from .preprocessing import DataConfig
@@ -65,11 +66,12 @@ def failure(path: str, exc: BaseException) -> str:
 
 # ---- which files --------------------------------------------------------------------------------
 
-def list_images(inputs: list[str]) -> list[str]:
+def list_images(inputs: list[str], keep_missing: bool = False) -> list[str]:
     """The image files named by `inputs`, in a fixed order: a directory's images (by suffix,
     walked in sorted order), a file as it is, a glob pattern's matches (sorted; `**` recurses),
     and fsspec URLs (`file://`, `s3://`, ...) of any of these (then URLs, which the
-    cluster's workers read through fsspec)."""
+    cluster's workers read through fsspec). A name that is none of these raises InputError,
+    or with `keep_missing` stays in the list, to fail when it is read as an unreadable file does."""
     paths: list[str] = []
     for item in inputs:
         if "://" in item:
@@ -84,6 +86,8 @@ def list_images(inputs: list[str]) -> list[str]:
             if not matches:
                 raise InputError(f"{shown(item)}: no file matches")
             paths += matches
+        elif keep_missing:
+            paths.append(item)
         else:
             raise InputError(f"{shown(item)}: no such file or directory")
     if not paths:
@@ -137,6 +141,17 @@ def load_model(spec: ModelSpec) -> tuple[ConvNeXt, DataConfig]:
     return model, config
 
 
+def model_source(spec: ModelSpec, model: ConvNeXt) -> tuple[str, str]:
+    """(the model's name, where its weights came from), as reports record them: arch.tag and the
+    hub repo's file for a tag; the architecture (read off the file, unless named) and the file's
+    absolute path for a weight file."""
+    if spec.weights:
+        return spec.model or model.config.name, os.path.abspath(spec.weights)
+    arch, _, tag = (spec.model or DEFAULT_MODEL).partition(".")
+    entry = pretrained_entry(f"{arch}.{tag or 'fb_in1k'}")
+    return entry["name"], f"huggingface hub: {entry['hf_hub_id']}/{entry['file']}"
+
+
 def class_labels(model: ConvNeXt) -> tuple[str, ...] | list[str] | None:
     """The classifier's label names: the weights' own, ImageNet's for 1000 classes, else None."""
     return model.class_names or (imagenet_labels() if model.config.num_classes == 1000 else None)
@@ -158,6 +173,8 @@ def read_batch(paths: list[str], config: DataConfig) -> tuple[list[str], np.ndar
 
 def _preprocess(path: str, config: DataConfig) -> np.ndarray:
     if "://" not in path:
+        if not os.path.lexists(path):
+            raise ImageError(f"{path}: no such file or directory")
         return preprocessing.preprocess(path, config)
     with fetched(path) as local:
         return preprocessing.preprocess(local, config)

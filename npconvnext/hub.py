@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import socket
 import threading
 import urllib.parse
@@ -110,6 +111,34 @@ def offline_reason(endpoint: str | None = None) -> str | None:
     return None
 
 
+def cache_folder(cache_dir: str | None = None) -> str:
+    """The huggingface-hub cache folder downloads go to (HF_HUB_CACHE, or ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return os.path.abspath(cache_dir or constants.HF_HUB_CACHE)
+
+
+def offline_advice(entry: dict, cache_dir: str | None = None) -> str:
+    """Where the weights of a registry entry can come from on a machine without the hub."""
+    return (f"Where there is internet, `hf download {entry['hf_hub_id']} {entry['file']}` (the CLI "
+            f"huggingface-hub installs) fetches it and prints its path: copy that file here and pass it "
+            f"with --weights FILE on the command line, or create_model('{entry['name'].split('.')[0]}', "
+            f"weights='path/to/{entry['file']}') in Python; or copy that machine's whole hub cache "
+            f"({cache_folder(cache_dir)}) to the same place here.")
+
+
+def copy_advice(path: str, name: str, cache_dir: str | None = None) -> str:
+    """How to use the file `download_weights` fetched on a machine without internet."""
+    cache = cache_folder(cache_dir)
+    arch = name.split(".")[0]
+    copy = name + os.path.splitext(path)[1]
+    return (f"{name} is in the huggingface-hub cache {cache}. To use it on a machine without internet, copy\n"
+            f"  the file:  cp -L {path} {copy}, then there: npconvnext classify IMAGE --weights {copy} "
+            f"(Python: create_model('{arch}', weights='{copy}'))\n"
+            f"  or the whole cache:  rsync -a {cache}/ OTHER:{cache}/ (or point HF_HUB_CACHE there at "
+            f"the copy); then `--model {name}` loads offline there as here")
+
+
 def download_weights(name: str, cache_dir: str | None = None) -> str:
     """Local path of the weight file of `arch.tag`, downloading it into huggingface-hub's cache
     if it is not there yet. Offline (see `offline_reason`) only the cache is looked in."""
@@ -125,12 +154,8 @@ def download_weights(name: str, cache_dir: str | None = None) -> str:
                                local_files_only=reason is not None)
     except LocalEntryNotFoundError as exc:
         why = f"offline: {reason}" if reason else f"the hub cannot be reached ({exc.__class__.__name__})"
-        raise CheckpointError(
-            f"cannot get {entry['name']}: {where} is not in the huggingface-hub cache and {why}. On a "
-            f"machine with internet run `npconvnext download {entry['name']}` (or `huggingface-cli download "
-            f"{entry['hf_hub_id']} {entry['file']}`), or pass a local file: "
-            f"create_model('{entry['name'].split('.')[0]}', weights='path/to/{entry['file']}')."
-        ) from None
+        raise CheckpointError(f"cannot get {entry['name']}: {where} is not in the huggingface-hub cache and "
+                              f"{why}. {offline_advice(entry, cache_dir)}") from None
     except (OSError, ValueError) as exc:  # HTTP errors, a full disk, an unwritable cache
         raise CheckpointError(f"cannot get {entry['name']}: downloading {where} failed "
                               f"({exc.__class__.__name__}: {exc})") from None

@@ -14,7 +14,7 @@ Each layer's backward twin, `<layer>_backward`, stands right after it: given the
 the loss with respect to the layer's output (`dout`) and what the forward saw, it returns the
 gradients with respect to the input and the weights, derived in its docstring.
 
-The Numba kernels in `engine/kernels.py` are checked against these functions. Nothing here takes a
+The Numba kernels in `engine/` are checked against these functions. Nothing here takes a
 numeric shortcut: GELU uses the exact erf, LayerNorm the biased variance as PyTorch does, and
 every constant is a Python float so float64 inputs stay float64 throughout.
 """
@@ -28,7 +28,7 @@ import numpy as np
 _SQRT_HALF = math.sqrt(0.5)
 
 # NumPy has no erf ufunc; the C library's erf through math.erf (within an ulp) is the reference
-# the Numba kernels' own vectorising erfs are tested against (kernels._erf32, kernels._erf64).
+# the Numba kernels' own vectorising erfs are tested against (engine/erf.py: erf32, erf64).
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
@@ -56,9 +56,6 @@ def patches(x: np.ndarray, patch: int) -> np.ndarray:
     cut = x[:, : ho * patch, : wo * patch, :].reshape(n, ho, patch, wo, patch, cin)  # (N, Ho, kh, Wo, kw, Cin)
     cut = cut.transpose(0, 1, 3, 2, 4, 5)                                              # (N, Ho, Wo, kh, kw, Cin)
     return cut.reshape(n * ho * wo, patch * patch * cin)
-
-
-_patches = patches  # the old name, until engine/kernels.py calls layers.patches
 
 
 def patchify_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, patch: int):

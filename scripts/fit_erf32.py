@@ -1,11 +1,11 @@
-"""Fit the rational erf that npconvnext's float32 GELU kernel uses (kernels._ERF32_P/_Q).
+"""Fit the rational erf that npconvnext's float32 GELU kernel uses (engine/erf.py's _ERF32_P/_Q).
 
     python scripts/fit_erf32.py
 
 erf(x) ~ x * P(x^2) / Q(x^2) on |x| <= 4 (beyond, float32 erf is +-1), P of degree 6, Q of
 degree 5, Q(0) = 1: weighted linear least squares on the error in erf, re-weighted by the last
 Q (Sanathanan-Koerner iteration). Evaluated in float64 and rounded, it is within 1 float32 ulp
-of the exact erf; tests/engine/test_kernels.py checks that on a dense grid.
+of the exact erf; tests/engine/test_erf.py checks that on a dense grid.
 """
 
 import math

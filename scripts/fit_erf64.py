@@ -1,4 +1,4 @@
-"""Fit the erf that npconvnext's float64 GELU kernel uses (kernels._ERF64_*, _LN2_HI/_LO).
+"""Fit the erf that npconvnext's float64 GELU kernel uses (engine/erf.py's _ERF64_*, _LN2_HI/_LO).
 
     python scripts/fit_erf64.py      # about 30 s; needs mpmath (a dependency of the test extra)
 
@@ -11,7 +11,7 @@ Taylor polynomial after the usual reduction by multiples of ln 2. The fits are l
 squares in 40-digit arithmetic re-weighted by the last Q (Sanathanan-Koerner), weighted by the
 absolute error they cause in erf. Evaluated in float64 the result is within 1.25 ulp of the
 exact erf (glibc's: 0.96), and within 1 ulp when the polynomials are evaluated with fused
-multiply-adds, as the kernel does; tests/engine/test_kernels.py checks the kernel against mpmath.
+multiply-adds, as the kernel does; tests/engine/test_erf.py checks the kernel against mpmath.
 """
 
 import mpmath as mp

@@ -1,5 +1,6 @@
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import sys
 
@@ -13,7 +14,7 @@ if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
     os.environ["NUMBA_NUM_THREADS"] = "2"
 
 # The kernels start parallel loops only where Numba's OpenMP workers sleep between them
-# (engine/kernels.py, _workers_sleep): ask for that here so the parallel paths are tested;
+# (engine/jit.py, workers_sleep): ask for that here so the parallel paths are tested;
 # tests/engine/test_threads.py checks the default, where they run serially.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -82,3 +83,55 @@ def _the_command_leaves_no_trace():
     threads._blas_handed_over = handed_over
     logger.setLevel(level)
     logger.handlers[:] = handlers
+
+
+# ---- the `heavy` mark -----------------------------------------------------------------------------
+# Tests that need what only the `test` extra installs (TensorFlow, Keras, OpenVINO, ONNX, Dask,
+# scikit-learn) or take minutes are marked `heavy`: `python -m pytest -m "not heavy"` is the core
+# suite, which the `core` extra (torch, timm, transformers) runs in a few minutes. CI runs them all.
+# By path (a folder, a file, or file::test): (the packages it needs, why it is heavy).
+HEAVY_PATHS = {
+    "tests/distributed": (("distributed",), "runs jobs on a real local Dask cluster"),
+    "tests/formats/test_keras.py": (("keras",), "writes the Keras files it reads with Keras 3"),
+    "tests/formats/test_openvino_ir.py": (("openvino", "onnx"), "exports to ONNX and converts with OpenVINO"),
+    "tests/formats/test_fuzz_readers.py": ((), "8000 fuzzed weight files, each in a worker: minutes"),
+    "tests/engine/test_isa.py::test_avx2_code_gives_the_hosts_bits": ((), "compiles the kernels again for AVX2: minutes"),
+    "tests/train/test_train.py::test_training_on_digits_learns": (("sklearn",), "trains on scikit-learn's digits"),
+}
+# By fixture: a test that uses it is heavy.
+HEAVY_FIXTURES = {
+    "saved_models": "TensorFlow writes the SavedModels (tests/support/tf_writer.py)",
+    "keras2_saved_models": "tf-keras on TensorFlow writes the SavedModels",
+    "digits_folder": "scikit-learn's digits, fine-tuned for several epochs",
+}
+_not_collected: list[str] = []  # heavy files whose packages are missing
+
+
+def _heavy_reason(nodeid: str, fixtures) -> str | None:
+    for path, (_, why) in HEAVY_PATHS.items():
+        if nodeid == path or nodeid.startswith((path + "/", path + "::", path + "[")):
+            return why
+    return next((HEAVY_FIXTURES[f] for f in fixtures if f in HEAVY_FIXTURES), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _heavy_reason(item.nodeid, getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """A heavy test file that imports a missing package at the top is not collected (an import
+    error otherwise, even with -m "not heavy"); the run's summary names it."""
+    relative = os.path.relpath(str(collection_path), str(config.rootpath)).replace(os.sep, "/")
+    needed = HEAVY_PATHS.get(relative, ((), ""))[0]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        _not_collected.append(f"{relative} (needs {', '.join(missing)}: the `test` extra)")
+        return True
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _not_collected:
+        terminalreporter.write_line(f"heavy, not collected: {line}")

@@ -23,14 +23,16 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "npconvnext"
 # modules and subpackages share its row), so a module added inside a package needs no row.
 LAYERS = [
     {"errors"},
-    {"config", "convention", "layers", "atomic", "labels", "hub", "preprocessing"},
+    {"config", "convention", "layers", "atomic", "labels", "hub", "preprocessing", "progress"},
     {"params"},
     {"weights"},                                   # the typed weights built from params' table
     {"formats", "network", "engine"},
     {"model"},
     {"factory"},
-    {"convert", "summary", "oracle", "train", "batch", "__init__"},
+    {"convert", "summary", "oracle", "train", "batch", "benchmark", "__init__"},
     {"distributed", "evaluate"},                   # over batch: many images on Dask; top-1/top-5
+    {"explain", "figures"},                        # over train and oracle: what the network sees
+    {"explain_cli"},                               # the drawing commands, for cli
     {"cli"},
     {"__main__"},
 ]

@@ -36,7 +36,7 @@ def settings():
 before = settings()
 import numpy as np
 import npconvnext
-from npconvnext.engine import kernels
+from npconvnext.engine import block
 
 from threadpoolctl import ThreadpoolController
 

@@ -136,6 +136,34 @@ def test_pretrained_from_a_prepopulated_offline_cache(tmp_path, atto, assert_mat
     assert out.returncode != 0
     assert "CheckpointError" in out.stderr and "offline: HF_HUB_OFFLINE is set" in out.stderr
     assert "timm/convnext_tiny.fb_in1k" in out.stderr and "weights='path/to/model.safetensors'" in out.stderr
+    assert "`hf download timm/convnext_tiny.fb_in1k model.safetensors`" in out.stderr  # the CLI hf-hub installs
+    assert "--weights FILE" in out.stderr and "huggingface-cli" not in out.stderr
+
+
+def test_download_prints_the_path_and_how_to_take_it_offline(tmp_path, atto):
+    """`npconvnext download`: the file's path alone on stdout; on stderr where the cache is and
+    how to copy the file or the cache to a machine without internet. Offline and not cached: an
+    error naming `hf download` and --weights, not the command just run."""
+    cache = prepopulated_cache(tmp_path / "hub", atto[1])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    done = subprocess.run([sys.executable, "-m", "npconvnext", "download", "convnext_atto.d2_in1k"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    path = str(cache / "models--timm--convnext_atto.d2_in1k" / "snapshots" / COMMIT / "model.safetensors")
+    assert done.stdout == path + "\n"
+    assert f"convnext_atto.d2_in1k is in the huggingface-hub cache {cache}." in done.stderr
+    assert f"cp -L {path} convnext_atto.d2_in1k.safetensors" in done.stderr
+    assert "--weights convnext_atto.d2_in1k.safetensors" in done.stderr and f"rsync -a {cache}/" in done.stderr
+    quiet = subprocess.run([sys.executable, "-m", "npconvnext", "download", "convnext_atto.d2_in1k", "--quiet"],
+                           env=env, capture_output=True, text=True)
+    assert quiet.stdout == path + "\n" and quiet.stderr == ""
+    done = subprocess.run([sys.executable, "-m", "npconvnext", "download", "convnext_tiny.fb_in1k"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("npconvnext download: error: cannot get convnext_tiny.fb_in1k: ")
+    assert "`hf download timm/convnext_tiny.fb_in1k model.safetensors`" in done.stderr
+    assert "--weights FILE" in done.stderr and "npconvnext download" not in done.stderr.partition(": error: ")[2]
+    assert f"whole hub cache ({cache})" in done.stderr
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Classify or embed many images on a Dask cluster (`pip install "npconvnext[dask]"`).
+"""Classify or embed many images on a Dask cluster (`pip install -e ".[dask]"` from a checkout).
 
     from distributed import Client
     from npconvnext.distributed import Job, ModelSpec, list_images, run

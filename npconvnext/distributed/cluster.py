@@ -16,7 +16,7 @@ batch in one process, with no hand-overs between cores inside a layer (which cos
 machine is busy), and the threads of one process share one model. Those processes are ours,
 so their environment is too: they get OMP_WAIT_POLICY=PASSIVE unless the caller's environment
 says otherwise, so that a model given several threads (`threads=`) can run the engine's
-parallel loops (engine/kernels.py reads it and never sets it).
+parallel loops (engine/jit.py reads it and never sets it).
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from .. import progress as progress_bars
 from ..atomic import atomic_write
 from ..batch import ModelSpec, classified_row, classify, describe, embed, read_batch, shown
 from ..errors import InputError, NpConvNeXtError
@@ -42,6 +45,7 @@ TASKS = ("classify", "features")
 MANIFEST = "manifest.json"
 FORMAT = 1  # of the output directory; a reader refuses others
 DEFAULT_PARTITION_SIZE = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,25 +193,35 @@ def run(client, paths: list[str], output: str, job: Job, progress: Callable[[int
         the task threads of the workers on it (see cluster.py), a number sets it, None leaves the
         workers' thread settings alone. "auto" and a number set the workers' BLAS thread count:
         running this job on those workers is taken as asking for that.
-    progress(images done, images in all) is called as partitions finish.
+    progress(images done, images in all) is called as partitions finish; without it, a progress
+    bar on stderr when that is a terminal. The finished job is logged (INFO) on the `npconvnext` logger.
     Raises NpConvNeXtError if any partition failed as a whole (the others are written: a rerun
     retries the failed ones); an image that cannot be read is a row with its error, not a failure.
     """
-    output = os.path.abspath(output)
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = progress_bars.counter(stack.enter_context(progress_bars.bar(len(paths), job.task)))
+        summary = _run(client, paths, os.path.abspath(output), job, progress, threads)
+    log.info("%s: %d images in %d partitions -> %s (%d run now, %d finished before); %d could not be read",
+             job.task, summary.images, summary.partitions, summary.output, summary.computed, summary.skipped,
+             summary.failed, extra={"result": True})  # the command prints it itself
+    return summary
+
+
+def _run(client, paths: list[str], output: str, job: Job, progress: Callable[[int, int], None],
+         threads: int | str | None) -> Summary:
     parts = partitions(paths, job.partition_size)
     open_output(output, job, paths)
     results = {i: r for i in range(len(parts)) if (r := finished(output, i)) is not None}
     todo = [i for i in range(len(parts)) if i not in results]
     done_images = sum(r.images for r in results.values())
-    if progress:
-        progress(done_images, len(paths))
+    progress(done_images, len(paths))
     errors: list[tuple[int, BaseException]] = []
     if client is None:
         for i in todo:
             results[i] = run_partition(i, parts[i], job, output)
             done_images += results[i].images
-            if progress:
-                progress(done_images, len(paths))
+            progress(done_images, len(paths))
     elif todo:
         from distributed import as_completed
 
@@ -225,8 +239,7 @@ def run(client, paths: list[str], output: str, job: Job, progress: Callable[[int
                 done_images += results[i].images
             except Exception as exc:  # a partition's own failure (or KilledWorker): the job goes on
                 errors.append((i, exc))
-            if progress:
-                progress(done_images, len(paths))
+            progress(done_images, len(paths))
     if errors:
         i, first = min(errors, key=lambda e: e[0])
         raise NpConvNeXtError(f"{len(errors)} of {len(parts)} partitions failed (first {part_name(i)}: "

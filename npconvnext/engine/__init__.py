@@ -1,23 +1,32 @@
 """The fast engine: the same network (`network.py`) with fused Numba kernels, and a batch shared
-between threads image by image.
+between threads image by image. One module per layer family, each with its forward and
+backward kernels, their twins' names (in layers.py) and its public wrappers:
 
-    gemm.py      the matrix product's micro-kernel, on the weights as stored (a tile in registers)
-    kernels.py   Numba kernels for the block, fused around gemm.py's tiles, each checked against
-                 its twin in layers.py
-    backward_kernels.py   the same for training (the backward passes, AdamW), used by train/fused.py
-    checks.py    the wrappers' argument checks: the kernels index without bounds checks
-    threads.py   one thread count for Numba and BLAS; the batch split (`map_over_batch`)
+    block.py      the block forward, inference and training, calling the layer modules in order
+    depthwise.py  7x7 depthwise conv + LayerNorm, and its backward
+    layernorm.py  LayerNorm, forward and backward
+    linear.py     the linears on gemm.py's tiles: fc1 + GELU, fc2 + layer scale + residual,
+                  the patchify convs and the classifier
+    mlp.py        the block's MLP panel by panel, and its training steps (GELU, layer scale)
+    grn.py        ConvNeXt V2's GRN, forward and backward
+    adamw.py      AdamW's update
+    gemm.py       the matrix product's micro-kernel and its pixel panels
+    erf.py        the erf and exp the GELU uses
+    jit.py        JIT settings, compile notice, the serial or parallel choice, chunked sums
+    llvm.py       LLVM helpers; the plain-twin-plus-intrinsic idiom and the JIT-cache rule
+    checks.py     the wrappers' argument checks: the kernels index without bounds checks
+    threads.py    one thread count for Numba and BLAS; the batch split (`map_over_batch`)
 The reference network never imports this package.
 """
 
 from __future__ import annotations
 
 from ..network import Ops
-from . import kernels
+from . import block, layernorm, linear
 from .threads import map_over_batch, set_num_threads
 
 # BLAS is never called: an idle BLAS thread that busy-waits would take a core from the kernels
-FUSED = Ops(layer_norm=kernels.layer_norm, block=kernels.convnext_block, patchify_conv=kernels.patchify_conv,
-            linear=kernels.linear)
+FUSED = Ops(layer_norm=layernorm.layer_norm, block=block.convnext_block, patchify_conv=linear.patchify_conv,
+            linear=linear.linear)
 
 __all__ = ["FUSED", "map_over_batch", "set_num_threads"]

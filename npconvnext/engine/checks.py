@@ -1,12 +1,13 @@
-"""Argument checks for the engine's public wrappers.
+"""Argument checks for the engine's public wrappers, and the form they pass weights on in.
 
 The compiled kernels index their arrays without bounds checks (Numba's default, and the reason
 they vectorise): a weight one channel short would be read past its end, and an output too small
-written past its end, corrupting the process's memory. So every public wrapper in kernels.py
-and backward_kernels.py states the shapes it needs before it calls a kernel, and a misfit is
-an InputError that names the wrapper and each argument that does not fit. The array a wrapper
-works on is checked to be one (`takes_array`) before the wrapper reads the others' expected
-shapes from it.
+written past its end, corrupting the process's memory. So every public wrapper (layernorm.py,
+depthwise.py, grn.py, linear.py, mlp.py, adamw.py, block.py) states the shapes it needs before
+it calls a kernel, and a misfit is an InputError that names the wrapper and each argument that
+does not fit. The array a wrapper works on is checked to be one (`takes_array`) before the
+wrapper reads the others' expected shapes from it. Weights go on to the kernels read-only
+(`kernel_weights`), and arrays updated in place are checked to allow it (`check_in_place`).
 """
 
 from __future__ import annotations
@@ -70,3 +71,27 @@ def check_arguments(wrapper: str, name: str, x: np.ndarray, ndim: int | None = N
             problems.append(f"{argument} has shape {np.shape(array)} where {name} of shape {x.shape} needs {shape}")
     if problems:
         raise InputError(f"{wrapper}: " + "; ".join(problems))
+
+
+def check_in_place(wrapper, array, ndim):
+    """InputError unless array can be updated in place: writeable, C-contiguous, ndim dimensions."""
+    if array.ndim != ndim or not array.flags.c_contiguous or not array.flags.writeable:
+        raise InputError(f"{wrapper}: expected a writeable C-contiguous {ndim}-D array to update in place, got "
+                         f"{array.ndim}-D, contiguous {array.flags.c_contiguous}")
+
+
+def kernel_weights(dtype, *arrays):
+    """The arrays as the kernels take their weights: C-contiguous, in dtype (None: their own),
+    read-only; None stays None. A copy is made only for another dtype or layout. Numba compiles
+    a kernel once per argument type, and writability is part of it: weights mapped from a file
+    are read-only, others are not. The kernels never write their weights, so taking every weight
+    read-only compiles (and loads from the JIT cache) one version of each kernel, not two."""
+    weights = []
+    for a in arrays:
+        if a is not None:
+            a = np.ascontiguousarray(a, dtype)
+            if a.flags.writeable:  # a view, so the caller's array keeps its flags
+                a = a.view()
+                a.flags.writeable = False
+        weights.append(a)
+    return weights

@@ -13,10 +13,23 @@ matrix multiplication", 2008), here with the roles chosen so that the weights ar
                  column per pixel; the last panel is padded with zeros. The fc1 input is
                  packed a panel at a time (cheap: K*NR copies against N*K*NR multiply-adds),
                  and fc1 writes its output (the MLP's hidden tensor) as panels, which fc2 reads
-                 without packing (engine/kernels.py).
+                 without packing (linear.py, mlp.py).
+
+Drawn for MR = 6 weight rows and NR = 16 pixels (AVX2, float32):
+
+    weights (N, K), as stored               pixel panels (P, K, NR)
+    row c0     [w w w w w ... w]  -+        panel p:  k=0  [x x x ... x]   NR pixels
+    row c0+1   [w w w w w ... w]   | MR               k=1  [x x x ... x]   p*NR .. p*NR+NR-1,
+    ...                            |  one tile        ...                  one column each
+    row c0+5   [w w w w w ... w]  -+                  k=K-1[x x x ... x]
+    row c0+6   ...  the next tile's rows, prefetched while this one sums
+
+    tile (MR, NR) += weights[c0 : c0 + MR, k] (one broadcast each) x panel[k, :] (NR / VL vectors)
+    for k = 0 .. K-1, in registers; then stored as (MR, NR), or transposed as (NR, MR) when
+    the output is pixels by channels (fc2, the classifier).
 
 Numba has no vector types and LLVM does not keep a loop's running sums in registers across
-an outer loop on its own, so the micro-kernel (`_tile_product`) is LLVM IR written through a
+an outer loop on its own, so the micro-kernel (`tile_product`) is LLVM IR written through a
 Numba intrinsic: generic LLVM vectors (<VL x float>) and llvm.fma, which LLVM lowers to the
 host's widest vectors. Its plain-Python body is the twin under NUMBA_DISABLE_JIT=1; the tests
 check the compiled one against `x @ w.T`.
@@ -34,7 +47,6 @@ in order, one fused multiply-add each, whatever the tile, the panel or the batch
 
 from __future__ import annotations
 
-import llvmlite.binding
 import numba
 import numba.extending
 import numpy as np
@@ -42,15 +54,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 
-def vector_registers() -> tuple[int, int]:
-    """(bytes per vector register, vector registers) of the CPU Numba compiles for."""
-    features = numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten()
-    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
-    if "avx512f" in enabled:
-        return 64, 32
-    if "avx2" in enabled or "avx" in enabled:
-        return 32, 16
-    return 16, 16
+from .llvm import fused_multiply_add, prefetch, splat, vector_registers
 
 
 def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
@@ -92,43 +96,10 @@ def from_panels(panels: np.ndarray, m: int) -> np.ndarray:
     p, k, nr = panels.shape
     return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(p * nr, k)[:m])
 
-
-# ---- LLVM IR pieces the intrinsics share (here, depthwise.py, kernels.py) -----------------------
-
-
-def fused_multiply_add(builder, a, b, c):
-    """a * b + c rounded once (llvm.fma), for float or double scalars or vectors of them"""
-    kind = a.type
-    element = kind.element if isinstance(kind, ir.VectorType) else kind
-    name = ("llvm.fma." + (f"v{kind.count}" if isinstance(kind, ir.VectorType) else "")
-            + ("f32" if isinstance(element, ir.FloatType) else "f64"))
-    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind] * 3), name),
-                        [a, b, c])
-
-
-def prefetch(builder, address):
-    """Ask for the cache line at `address` (a pointer) to be brought near for reading, with
-    locality 2 (prefetcht1 on x86: into L2): a hint that never faults, even past an array's end"""
-    byte_pointer = ir.IntType(8).as_pointer()
-    # the intrinsic's name carries its pointer type: "p0" since LLVM 15's opaque pointers
-    name = "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
-    hint = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer] + [ir.IntType(32)] * 3), name)
-    read, locality, data = (ir.Constant(ir.IntType(32), v) for v in (0, 2, 1))
-    builder.call(hint, [builder.bitcast(address, byte_pointer), read, locality, data])
-
-
-def splat(builder, value, vector):
-    """value in every lane of a vector of type `vector`"""
-    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
-                                  ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count))
-
-
 # ---- the micro-kernel ---------------------------------------------------------------------------
 
 
-def _tile_product(weight, first_row, rows, panel, tile, pixels):
+def tile_product(weight, first_row, rows, panel, tile, pixels):
     """tile[r, j] = sum over k of weight[first_row + r, k] * panel[k, j], for r < MR and
     j < pixels; rows past `rows` (the end of the weight) repeat its last row, and columns past
     `pixels` are left undefined: both are the caller's to ignore. Only the panel's vectors that
@@ -139,9 +110,9 @@ def _tile_product(weight, first_row, rows, panel, tile, pixels):
     tile[:] = weight[picked] @ panel
 
 
-def _tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
-    """_tile_product with the tile stored transposed, pixels by channels: tile: (NR, MR)."""
-    _tile_product(weight, first_row, rows, panel, tile.T, pixels)
+def tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
+    """tile_product with the tile stored transposed, pixels by channels: tile: (NR, MR)."""
+    tile_product(weight, first_row, rows, panel, tile.T, pixels)
 
 
 def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed):
@@ -157,82 +128,87 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
     signature = numba.types.void(weight, first_row, rows, panel, tile, pixels)
 
     def codegen(context, builder, sig, args):
-        weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
-        weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
-        panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
-        tile_array = context.make_array(sig.args[4])(context, builder, tile_value)
-        scalar = context.get_value_type(dtype)
-        vector = ir.VectorType(scalar, lanes)
-        intp = context.get_value_type(numba.types.intp)
-        align = context.get_abi_sizeof(scalar)
-
-        def const(i):
-            return ir.Constant(intp, i)
-
-        depth = builder.extract_value(weight_array.shape, 1)                               # K
-        row_stride = builder.extract_value(weight_array.strides, 0)                        # bytes
-        row_stride = builder.sdiv(row_stride, const(context.get_abi_sizeof(scalar)))
-        first = context.cast(builder, first_value, sig.args[1], numba.types.intp)
-        last = builder.sub(builder.add(first, context.cast(builder, rows_value, sig.args[2], numba.types.intp)),
-                           const(1))
-        weight_rows = []  # a pointer to each of the MR weight rows (past the end: the last row)
-        for r in range(mr):
-            row = builder.add(first, const(r))
-            row = builder.select(builder.icmp_signed(">", row, last), last, row)
-            weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
-        # the next tile's MR weight rows: one block of MR * K elements after this tile's rows
-        next_rows = builder.gep(weight_array.data, [builder.mul(builder.add(first, const(mr)), row_stride)])
-        line = 64 // np.dtype(str(dtype)).itemsize  # elements in a cache line (64 bytes)
-        panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
-        tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())              # (MR * NR / VL,)
-
-        def product(used):
-            # the sums over K of the first `used` vectors of each tile row
-            # the MR x used running sums: allocas that LLVM promotes to registers
-            sums = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(used)]
-                    for _ in range(mr)]
-            with cgutils.for_range(builder, depth) as loop:
-                k = loop.index
-                # every `line` steps of k (as many as a cache line holds), MR lines of the next
-                # tile's block of rows, from element k * MR on: the whole block by k = K
-                with builder.if_then(builder.icmp_signed("==", builder.and_(k, const(line - 1)), const(0))):
-                    block_part = builder.gep(next_rows, [builder.mul(k, const(mr))])
-                    for i in range(mr):
-                        prefetch(builder, builder.gep(block_part, [const(i * line)]))
-                pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k, const(vectors)),
-                                                                               const(v))]), align=align)
-                          for v in range(used)]                                            # panel[k, :]
-                for r in range(mr):
-                    w = builder.load(builder.gep(weight_rows[r], [k]))                     # weight[row r, k]
-                    broadcast = splat(builder, w, vector)
-                    for v in range(used):
-                        builder.store(fused_multiply_add(builder, broadcast, pixels[v], builder.load(sums[r][v])),
-                                      sums[r][v])
-            for r in range(mr):
-                for v in range(used):
-                    running = builder.load(sums[r][v])
-                    if transposed:  # tile (NR, MR): lane by lane, a scalar store each
-                        for lane in range(lanes):
-                            value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
-                            builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
-                    else:
-                        builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=align)
-
-        def product_for(pixels, used):
-            # as few vectors a row as hold `pixels`
-            if used == vectors:
-                product(used)
-                return
-            with builder.if_else(builder.icmp_signed("<=", pixels, const(used * lanes))) as (enough, more):
-                with enough:
-                    product(used)
-                with more:
-                    product_for(pixels, used + 1)
-
-        product_for(context.cast(builder, pixels_value, sig.args[5], numba.types.intp), 1)
+        _tile_product_ir(context, builder, sig, args, dtype, mr, lanes, vectors, transposed)
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+def _tile_product_ir(context, builder, sig, args, dtype, mr, lanes, vectors, transposed):
+    # the intrinsic's IR for a tile of MR rows by `vectors` vectors of `lanes` elements
+    weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
+    weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
+    panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
+    tile_array = context.make_array(sig.args[4])(context, builder, tile_value)
+    scalar = context.get_value_type(dtype)
+    vector = ir.VectorType(scalar, lanes)
+    intp = context.get_value_type(numba.types.intp)
+    align = context.get_abi_sizeof(scalar)
+
+    def const(i):
+        return ir.Constant(intp, i)
+
+    depth = builder.extract_value(weight_array.shape, 1)                               # K
+    row_stride = builder.extract_value(weight_array.strides, 0)                        # bytes
+    row_stride = builder.sdiv(row_stride, const(context.get_abi_sizeof(scalar)))
+    first = context.cast(builder, first_value, sig.args[1], numba.types.intp)
+    last = builder.sub(builder.add(first, context.cast(builder, rows_value, sig.args[2], numba.types.intp)),
+                       const(1))
+    weight_rows = []  # a pointer to each of the MR weight rows (past the end: the last row)
+    for r in range(mr):
+        row = builder.add(first, const(r))
+        row = builder.select(builder.icmp_signed(">", row, last), last, row)
+        weight_rows.append(builder.gep(weight_array.data, [builder.mul(row, row_stride)]))
+    # the next tile's MR weight rows: one block of MR * K elements after this tile's rows
+    next_rows = builder.gep(weight_array.data, [builder.mul(builder.add(first, const(mr)), row_stride)])
+    line = 64 // np.dtype(str(dtype)).itemsize  # elements in a cache line (64 bytes)
+    panel_vectors = builder.bitcast(panel_array.data, vector.as_pointer())            # (K * NR / VL,)
+    tile_vectors = builder.bitcast(tile_array.data, vector.as_pointer())              # (MR * NR / VL,)
+
+    def product(used):
+        # the sums over K of the first `used` vectors of each tile row
+        # the MR x used running sums: allocas that LLVM promotes to registers
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(used)]
+                for _ in range(mr)]
+        with cgutils.for_range(builder, depth) as loop:
+            k = loop.index
+            # every `line` steps of k (as many as a cache line holds), MR lines of the next
+            # tile's block of rows, from element k * MR on: the whole block by k = K
+            with builder.if_then(builder.icmp_signed("==", builder.and_(k, const(line - 1)), const(0))):
+                block_part = builder.gep(next_rows, [builder.mul(k, const(mr))])
+                for i in range(mr):
+                    prefetch(builder, builder.gep(block_part, [const(i * line)]))
+            pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k, const(vectors)),
+                                                                           const(v))]), align=align)
+                      for v in range(used)]                                            # panel[k, :]
+            for r in range(mr):
+                w = builder.load(builder.gep(weight_rows[r], [k]))                     # weight[row r, k]
+                broadcast = splat(builder, w, vector)
+                for v in range(used):
+                    builder.store(fused_multiply_add(builder, broadcast, pixels[v], builder.load(sums[r][v])),
+                                  sums[r][v])
+        for r in range(mr):
+            for v in range(used):
+                running = builder.load(sums[r][v])
+                if transposed:  # tile (NR, MR): lane by lane, a scalar store each
+                    for lane in range(lanes):
+                        value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
+                        builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
+                else:
+                    builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=align)
+
+    def product_for(pixels, used):
+        # as few vectors a row as hold `pixels`
+        if used == vectors:
+            product(used)
+            return
+        with builder.if_else(builder.icmp_signed("<=", pixels, const(used * lanes))) as (enough, more):
+            with enough:
+                product(used)
+            with more:
+                product_for(pixels, used + 1)
+
+    product_for(context.cast(builder, pixels_value, sig.args[5], numba.types.intp), 1)
 
 
 _tile_product_rows = numba.extending.intrinsic(
@@ -243,24 +219,24 @@ _tile_product_columns = numba.extending.intrinsic(
         _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed=True))
 
 
-@numba.extending.overload(_tile_product, inline="always")
+@numba.extending.overload(tile_product, inline="always")
 def _tile_product_compiled(weight, first_row, rows, panel, tile, pixels):
     return lambda weight, first_row, rows, panel, tile, pixels: _tile_product_rows(weight, first_row, rows, panel,
                                                                                   tile, pixels)
 
 
-@numba.extending.overload(_tile_product_transposed, inline="always")
+@numba.extending.overload(tile_product_transposed, inline="always")
 def _tile_product_transposed_compiled(weight, first_row, rows, panel, tile, pixels):
     return lambda weight, first_row, rows, panel, tile, pixels: _tile_product_columns(weight, first_row, rows, panel,
                                                                                      tile, pixels)
 
 
-def _tile_shape(sample):
+def tile_shape(sample):
     """(MR, NR) for sample's dtype; compiled, a constant."""
     return TILES[sample.dtype]
 
 
-@numba.extending.overload(_tile_shape, inline="always")
+@numba.extending.overload(tile_shape, inline="always")
 def _tile_shape_compiled(sample):
     shape = TILES[np.dtype(str(sample.dtype))]
     return lambda sample: shape

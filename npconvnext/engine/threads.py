@@ -18,7 +18,7 @@ Idle threads of Numba's OpenMP layer and of OpenBLAS spin for a while before the
 cores the other library (or another process) needs next. Inference calls no BLAS (the engine's
 own tiles do the matrix products), so its kernels hand over only to each other and share every
 layer whatever the wait policy; training alternates kernels with BLAS calls, and its kernels
-share the layers only where idle workers sleep (engine/kernels.py, `_rows_or_parallel`). OpenBLAS
+share the layers only where idle workers sleep (engine/jit.py, `rows_or_parallel`). OpenBLAS
 keeps spinning for about a tenth of a second after a call of the program's own: a forward pass
 started within that time shares its cores. Both runtimes read how long from the environment
 once, when they load, and the environment belongs to the program, not to npconvnext: to make

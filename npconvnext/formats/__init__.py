@@ -9,7 +9,7 @@ trusted:
     savedmodel.py    TensorFlow SavedModel directories (keras.applications, the TF-Hub port),
                      their variables read by tf_bundle.py
     torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
-    openvino_ir.py   OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
+    openvino_ir/     OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
 What every reader shares when it meets an untrusted file is in `guard.py`. Foreign names (the
 official code's, transformers', Keras') and layouts are mapped to timm's by `names.py`.
 """

@@ -10,6 +10,7 @@ class names in its metadata.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -28,10 +29,12 @@ from ..formats.safetensors_writer import safetensors_chunks
 from ..model import ConvNeXt
 from ..params import init_state_dict
 from ..preprocessing import DataConfig, data_config
+from ..progress import bar as progress_bar
 from . import data, loss_and_grads
 from .optim import AdamW, cosine_schedule, layer_decay_scales
 
 CHECKPOINT_FORMAT = "npconvnext-finetune-checkpoint-1"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,50 @@ def _top1(model: ConvNeXt, samples, config: DataConfig, batch_size: int, warn) -
     return correct / total if total else None
 
 
+class Reporter:
+    """Where a run tells how it goes: each batch to the caller's `progress` callback, or without
+    one to a progress bar on stderr when that is a terminal; each epoch's line to the callback
+    and to the `npconvnext` logger (INFO), marked as a result (the command prints it itself)."""
+
+    def __init__(self, progress: Callable[[str], None] | None, steps: int):
+        self.progress = progress
+        self.bar = None if progress else progress_bar(steps, "finetune", unit="batch")
+
+    def batch(self, message: str) -> None:
+        if self.progress:
+            self.progress(message)
+        else:
+            self.bar.set_description_str(message, refresh=False)
+            self.bar.update(1)
+
+    def epoch(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()  # the line goes above the bar, wherever the logger writes it
+        log.info(message, extra={"result": True})
+        if self.progress:
+            self.progress(message)
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _inputs(batch, recipe: Recipe, config: DataConfig, rng, warn) -> tuple[list, list, int]:
+    """The augmented inputs and labels of a batch of (path, label); unreadable images skipped."""
+    inputs, labels, skipped = [], [], 0
+    for path, label in batch:
+        try:
+            inputs.append(data.training_input(path, recipe.img_size, config, rng))
+            labels.append(label)
+        except (ValueError, OSError, MemoryError) as exc:  # ImageError and any other unreadable image
+            skipped += 1
+            warn(f"skipped {path}: {exc}")
+    return inputs, labels, skipped
+
+
 def finetune(data_dir: str, output: str, model_name: str | None = "convnext_tiny", weights: str | None = None,
              pretrained: str | None = None, recipe: Recipe = Recipe(), val_dir: str | None = None,
              resume: str | None = None, progress: Callable[[str], None] | None = None,
@@ -170,7 +217,8 @@ def finetune(data_dir: str, output: str, model_name: str | None = "convnext_tiny
     """Fine-tune `model_name` on `data_dir` (a folder per class), starting from `weights` (a file;
     model_name None reads the architecture off it), `pretrained` (a hub tag), or timm's init if
     neither; write the result to `output` and a resumable checkpoint beside it each epoch.
-    Returns one report per epoch run."""
+    Reports each batch to `progress` (or a progress bar on a terminal) and each epoch as one
+    line to `progress` and the `npconvnext` logger (INFO). Returns one report per epoch run."""
     rng = np.random.default_rng(recipe.seed)
     folder = data.image_folder(data_dir)
     if val_dir:
@@ -203,41 +251,37 @@ def finetune(data_dir: str, output: str, model_name: str | None = "convnext_tiny
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = int(recipe.warmup_epochs * steps_per_epoch)
     reports = []
-    for epoch in range(start_epoch, recipe.epochs):
-        losses, seen, skipped, began = [], 0, 0, time.perf_counter()
-        for batch_index, batch in enumerate(_batches(train_set.samples, recipe.batch_size, rng)):
-            step = epoch * steps_per_epoch + batch_index
-            inputs, labels = [], []
-            for path, label in batch:
-                try:
-                    inputs.append(data.training_input(path, recipe.img_size, config, rng))
-                    labels.append(label)
-                except (ValueError, OSError, MemoryError) as exc:  # ImageError and any other unreadable image
-                    skipped += 1
-                    warn(f"skipped {path}: {exc}")
-            if not inputs:
-                continue
-            opt.lr = cosine_schedule(step, total_steps, recipe.lr, warmup_steps)
-            loss, grads = loss_and_grads(model, np.stack(inputs), np.array(labels), recipe.label_smoothing,
-                                         recipe.drop_path_rate, rng=rng)
-            if not np.isfinite(loss):
-                kept = f"the last good checkpoint is {checkpoint} (epoch {epoch})" if epoch else "no checkpoint was written"
-                raise TrainingError(f"loss is {loss} at step {step + 1} (epoch {epoch + 1}, batch {batch_index + 1}): "
-                                    f"stopped before updating the weights; {kept}")
-            opt.step(grads)
-            losses.append(loss)
-            seen += len(inputs)
-            if progress:
+    with Reporter(progress, (recipe.epochs - start_epoch) * steps_per_epoch) as reporter:
+        for epoch in range(start_epoch, recipe.epochs):
+            losses, seen, skipped, began = [], 0, 0, time.perf_counter()
+            for batch_index, batch in enumerate(_batches(train_set.samples, recipe.batch_size, rng)):
+                step = epoch * steps_per_epoch + batch_index
+                inputs, labels, unread = _inputs(batch, recipe, config, rng, warn)
+                skipped += unread
+                if not inputs:
+                    continue
+                opt.lr = cosine_schedule(step, total_steps, recipe.lr, warmup_steps)
+                loss, grads = loss_and_grads(model, np.stack(inputs), np.array(labels), recipe.label_smoothing,
+                                             recipe.drop_path_rate, rng=rng)
+                if not np.isfinite(loss):
+                    kept = (f"the last good checkpoint is {checkpoint} (epoch {epoch})" if epoch
+                            else "no checkpoint was written")
+                    raise TrainingError(f"loss is {loss} at step {step + 1} (epoch {epoch + 1}, batch "
+                                        f"{batch_index + 1}): stopped before updating the weights; {kept}")
+                opt.step(grads)
+                losses.append(loss)
+                seen += len(inputs)
                 rate = seen / (time.perf_counter() - began)
-                progress(f"epoch {epoch + 1}/{recipe.epochs} batch {batch_index + 1}/{steps_per_epoch} "
-                         f"loss {np.mean(losses):.4f} {rate:.1f} images/s")
-        rate = seen / max(time.perf_counter() - began, 1e-9)
-        top1 = _top1(model, val_set.samples, config, recipe.batch_size, warn)
-        reports.append(EpochReport(epoch + 1, float(np.mean(losses)) if losses else float("nan"), top1, rate, skipped))
-        _save_checkpoint(checkpoint, model, opt, epoch + 1, rng, classes, recipe)
-        if progress:
-            progress(f"epoch {epoch + 1}: loss {reports[-1].loss:.4f}, validation top-1 "
-                     + (f"{top1:.4f}" if top1 is not None else "(no validation images)") + f", checkpoint {checkpoint}")
+                reporter.batch(f"epoch {epoch + 1}/{recipe.epochs} batch {batch_index + 1}/{steps_per_epoch} "
+                               f"loss {np.mean(losses):.4f} {rate:.1f} images/s")
+            rate = seen / max(time.perf_counter() - began, 1e-9)
+            top1 = _top1(model, val_set.samples, config, recipe.batch_size, warn)
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            reports.append(EpochReport(epoch + 1, mean_loss, top1, rate, skipped))
+            _save_checkpoint(checkpoint, model, opt, epoch + 1, rng, classes, recipe)
+            reporter.epoch(f"epoch {epoch + 1}: loss {reports[-1].loss:.4f}, validation top-1 "
+                           + (f"{100 * top1:.2f} %" if top1 is not None else "- (no validation images)")
+                           + f", {rate:.1f} images/s, checkpoint {checkpoint}")
     write_weights(output, model, classes, config)
     return reports
 

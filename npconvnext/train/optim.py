@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..config import ConvNeXtConfig
-from ..engine import backward_kernels
+from ..engine import adamw
 from ..errors import TrainingError
 from ..model import ConvNeXt
 from ..params import expected_shapes, to_compute_layout, to_timm_layout
@@ -69,9 +69,9 @@ class AdamW:
             param, m, v = params[name], self._exp_avg[name], self._exp_avg_sq[name]
             grad = to_compute_layout(name, np.asarray(grads[name], dtype=param.dtype))  # same elements, param's layout
             lr = self.lr * self.lr_scales.get(name, 1.0)
-            if fused:  # the same steps in one pass (engine/backward_kernels.py)
+            if fused:  # the same steps in one pass (engine/adamw.py)
                 decay = 1.0 - lr * self.weight_decay if len(shape) > 1 and self.weight_decay else 1.0
-                backward_kernels.adamw_update(param, _like(grad, param), m, v, decay, 1.0 - beta1, beta2,
+                adamw.adamw_update(param, _like(grad, param), m, v, decay, 1.0 - beta1, beta2,
                                               lr / bias_correction1, bias_correction2_sqrt, self.eps)
                 continue
             if len(shape) > 1 and self.weight_decay:

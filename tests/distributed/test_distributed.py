@@ -12,19 +12,22 @@ import threading
 
 import numpy as np
 import pytest
-from distributed import Client, WorkerPlugin
-from distributed.comm.core import CommClosedError
-from PIL import Image
-from safetensors.numpy import save_file
 
-import npconvnext
-from npconvnext import cli
-from npconvnext.batch import fetched
-from npconvnext.distributed import Job, ModelSpec, cluster, jobs, list_images, run, worker
-from npconvnext.errors import ImageError, InputError, NpConvNeXtError
-from npconvnext.params import random_state_dict
+pytest.importorskip("distributed", reason="the Dask tests need dask[distributed] (the `test` extra)")
 
-from tests.support import DATA
+from distributed import Client, WorkerPlugin  # noqa: E402
+from distributed.comm.core import CommClosedError  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+import npconvnext  # noqa: E402
+from npconvnext import cli  # noqa: E402
+from npconvnext.batch import fetched  # noqa: E402
+from npconvnext.distributed import Job, ModelSpec, cluster, jobs, list_images, run, worker  # noqa: E402
+from npconvnext.errors import ImageError, InputError, NpConvNeXtError  # noqa: E402
+from npconvnext.params import random_state_dict  # noqa: E402
+
+from tests.support import DATA  # noqa: E402
 SIZE = "64"  # a small input size keeps the forwards cheap
 
 
@@ -64,7 +67,8 @@ def rows_of(output):
 
 
 def single_process_rows(capsys, *args):
-    assert cli.main(["classify", *map(str, args), "--json", "--input-size", SIZE]) == 0
+    """The rows of `classify --json` in this process; the images hold a broken file: status 3."""
+    assert cli.main(["classify", *map(str, args), "--json", "--input-size", SIZE]) == cli.EXIT_SKIPPED
     out, err = capsys.readouterr()
     return [json.loads(line) for line in out.splitlines()], err
 
@@ -84,13 +88,15 @@ def test_classify_on_the_cluster_equals_the_single_process_command(client, weigh
     out = tmp_path / "out"
     assert cli.main(["classify", images, "--weights", weights, "--top-k", "3", "--input-size", SIZE, "--json",
                      "--scheduler", client.scheduler.address, "--output", str(out),
-                     "--partition-size", "4", "--batch-size", "3"]) == 0
+                     "--partition-size", "4", "--batch-size", "3"]) == cli.EXIT_SKIPPED
     assert "13 images in 4 partitions" in capsys.readouterr().out
     rows = rows_of(out)
     assert [r["file"] for r in rows] == list_images([images])  # every image, once, in input order
     failed = [r for r in rows if "error" in r]
     assert [r["file"] for r in failed] == [broken] and failed[0]["error"].startswith(f"{broken}: cannot read image")
+    assert [r for r in expected if "error" in r] == failed  # one object per input in both modes, errors too
     classified = [r for r in rows if "error" not in r]
+    expected = [r for r in expected if "error" not in r]
     assert [(r["file"], r["labels"], r["indices"]) for r in classified] == \
         [(r["file"], r["labels"], r["indices"]) for r in expected]
     np.testing.assert_allclose([r["probabilities"] for r in classified], [r["probabilities"] for r in expected],
@@ -101,10 +107,10 @@ def test_classify_on_the_cluster_equals_the_single_process_command(client, weigh
 
 def test_features_on_the_cluster_equal_the_single_process_command(client, weights, images, tmp_path, capsys):
     single = tmp_path / "emb.npy"
-    assert cli.main(["features", images, "--weights", weights, "--input-size", SIZE, "-o", str(single)]) == 0
+    assert cli.main(["features", images, "--weights", weights, "--input-size", SIZE, "-o", str(single)]) == 3
     out = tmp_path / "out"
     assert cli.main(["features", images, "--weights", weights, "--input-size", SIZE, "-o", str(out),
-                     "--scheduler", client.scheduler.address, "--partition-size", "5"]) == 0
+                     "--scheduler", client.scheduler.address, "--partition-size", "5"]) == 3
     shards = sorted(glob.glob(str(out / "part-*.npy")))
     embeddings = np.concatenate([np.load(s) for s in shards])
     expected = np.load(single)
@@ -195,26 +201,34 @@ def test_another_job_over_the_same_output_is_refused(weights, images, tmp_path):
 def test_classify_output_in_one_process_and_command_errors(weights, images, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["classify", images, "--weights", weights, "--input-size", SIZE, "--output", str(out)]
-    assert cli.main(args) == 0  # --output without --scheduler: the same job, in this process
+    assert cli.main(args) == 3  # --output without --scheduler: the same job, in this process; one skipped
     assert len(rows_of(out)) == 13
-    assert cli.main(args) == 0 and "(0 run now, 1 finished before)" in capsys.readouterr().out
+    assert cli.main(args) == 3 and "(0 run now, 1 finished before)" in capsys.readouterr().out
     assert cli.main(["features", images, "--weights", weights, "-o", str(out), "--scheduler", "local:0"]) == 1
     assert "local:N needs a whole number of workers N >= 1" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.jpg").write_bytes(b"no")
     assert cli.main(["classify", str(tmp_path / "bad"), "--weights", weights, "--output", str(tmp_path / "o2")]) == 1
     assert "none of the 1 images could be read" in capsys.readouterr().err
+    # a missing file is skipped as an unreadable one is, in this mode as in the others: status 3
+    missing = str(tmp_path / "missing.png")
+    shutil.copy(os.path.join(DATA, "chelsea.png"), tmp_path / "bad")
+    assert cli.main(["classify", str(tmp_path / "bad"), missing, "--weights", weights, "--input-size", SIZE,
+                     "--output", str(tmp_path / "o3")]) == cli.EXIT_SKIPPED
+    first, broken, absent = [r.get("error") for r in rows_of(tmp_path / "o3")]
+    assert first is None and broken.startswith(f"{tmp_path / 'bad' / 'x.jpg'}: cannot read image")
+    assert absent == f"{missing}: no such file or directory"
 
 
 def test_the_command_starts_its_own_local_cluster(weights, images, tmp_path):
     """local:1 on a machine of C cores: one worker of C task threads sharing one model."""
     single = tmp_path / "emb.npy"
-    assert cli.main(["features", images, "--weights", weights, "--input-size", SIZE, "-o", str(single)]) == 0
+    assert cli.main(["features", images, "--weights", weights, "--input-size", SIZE, "-o", str(single)]) == 3
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "npconvnext", "features", images, "--weights", weights,
                            "--input-size", SIZE, "--scheduler", "local:1", "-o", str(out), "--partition-size", "3"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # broken.jpg: skipped, its row holds the error
     assert "13 images in 5 partitions" in done.stdout and "Traceback" not in done.stderr
     embeddings = np.concatenate([np.load(p) for p in sorted(glob.glob(str(out / "part-*.npy")))])
     expected = np.load(single)
@@ -234,3 +248,17 @@ def test_inputs_from_globs_and_urls(images, tmp_path):
         pass
     with pytest.raises(ImageError, match="no such file"), fetched("file://" + images + "/missing.png"):
         pass
+
+
+def test_a_job_from_python_reports_through_the_logger_and_the_command_prints_it_once(weights, images, tmp_path,
+                                                                                      caplog, capsys):
+    job = Job("classify", ModelSpec(weights=weights, input_size=64), partition_size=8)
+    with caplog.at_level("INFO", logger="npconvnext"):
+        summary = run(None, list_images([images]), str(tmp_path / "out"), job)
+    (record,) = [r for r in caplog.records if r.name == "npconvnext.distributed.jobs"]
+    assert record.getMessage() == (f"classify: 13 images in 2 partitions -> {summary.output} (2 run now, "
+                                   "0 finished before); 1 could not be read")
+    args = ["classify", images, "--weights", weights, "--input-size", SIZE, "--output", str(tmp_path / "o2")]
+    assert cli.main(args) == cli.EXIT_SKIPPED
+    out, err = capsys.readouterr()
+    assert out.count("13 images in 1 partitions") == 1 and "13 images in" not in err

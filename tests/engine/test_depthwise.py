@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from npconvnext import layers
-from npconvnext.engine import depthwise, kernels
+from npconvnext.engine import depthwise, llvm
 
 TOL = {np.float32: 1e-5, np.float64: 1e-13}  # relative to the sum of |products|
 
@@ -24,7 +24,7 @@ def _row_in_loops(padded, img, row, weight, bias, acc):
             total = bias[ch]
             for di in range(depthwise.TAPS):
                 for dj in range(depthwise.TAPS):
-                    total = kernels._fma(padded[img, row + di, j + dj, ch], weight[di, dj, ch], total)
+                    total = llvm.fma(padded[img, row + di, j + dj, ch], weight[di, dj, ch], total)
             acc[j, ch] = total
 
 

@@ -4,20 +4,20 @@ import numba
 import numpy as np
 import pytest
 
-from npconvnext.engine import gemm
+from npconvnext.engine import gemm, llvm
 
 TOL = {np.float32: 1e-5, np.float64: 1e-13}  # relative to the sum of |products|: another summing order
 
 
 @numba.njit
 def _tiles(weight, first_row, rows, panel, transposed, pixels):
-    mr, nr = gemm._tile_shape(weight)
+    mr, nr = gemm.tile_shape(weight)
     if transposed:
         tile = np.empty((nr, mr), weight.dtype)
-        gemm._tile_product_transposed(weight, first_row, rows, panel, tile, pixels)
+        gemm.tile_product_transposed(weight, first_row, rows, panel, tile, pixels)
         return tile.T.copy()
     tile = np.empty((mr, nr), weight.dtype)
-    gemm._tile_product(weight, first_row, rows, panel, tile, pixels)
+    gemm.tile_product(weight, first_row, rows, panel, tile, pixels)
     return tile
 
 
@@ -47,7 +47,7 @@ def test_the_micro_kernel_is_a_matrix_product(depth, channels, first_row, dtype,
     np.testing.assert_array_equal(tile, _tiles(weight, first_row, rows, panel, transposed, nr)[:, :pixels])
     # the plain-Python twin, which NUMBA_DISABLE_JIT=1 runs
     plain = np.empty((nr, mr) if transposed else (mr, nr), dtype)
-    (gemm._tile_product_transposed if transposed else gemm._tile_product)(weight, first_row, rows, panel, plain,
+    (gemm.tile_product_transposed if transposed else gemm.tile_product)(weight, first_row, rows, panel, plain,
                                                                            pixels)
     plain = (plain.T if transposed else plain)[:, :pixels]
     assert np.all(np.abs(plain - exact) <= TOL[dtype] * scale + np.finfo(dtype).tiny)
@@ -82,7 +82,7 @@ def test_no_pixels_make_no_panels():
 
 
 def test_tiles_fit_the_vector_registers():
-    vector_bytes, registers = gemm.vector_registers()
+    vector_bytes, registers = llvm.vector_registers()
     for dtype, (mr, nr) in gemm.TILES.items():
         lanes = vector_bytes // dtype.itemsize
         assert nr % lanes == 0

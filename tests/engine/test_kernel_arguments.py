@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from npconvnext import InputError
-from npconvnext.engine import backward_kernels, gemm, kernels
+from npconvnext.engine import adamw, block, depthwise, gemm, grn, layernorm, linear, mlp
 from npconvnext.network import BlockWeights
 
 N, H, W, C, D = 2, 8, 8, 8, 32
@@ -32,71 +32,74 @@ def block_weights(**wrong):
 
 # wrapper -> (its arguments that fit, {argument: a value that does not fit})
 CASES = {
-    kernels.depthwise_conv_layer_norm: (
+    depthwise.depthwise_conv_layer_norm: (
         dict(x=r(N, H, W, C), conv_w=r(7, 7, C), conv_b=r(C), norm_w=r(C), norm_b=r(C), eps=1e-6),
         dict(x=r(H, W, C), conv_w=r(7, 7, C + 1), conv_b=r(C - 1), norm_w=r(C + 8), norm_b=r(1))),
-    kernels.layer_norm: (
+    layernorm.layer_norm: (
         dict(x=r(N, H, W, C), weight=r(C), bias=r(C), eps=1e-6),
         dict(x=r(N, H, W, C).astype(np.float16), weight=r(C - 1), bias=r(C, 1))),
-    kernels.global_response_norm: (
+    grn.global_response_norm: (
         dict(x=r(N, H, W, D), weight=r(D), bias=r(D), eps=1e-6),
         dict(x=r(N * H * W, D), weight=r(C), bias=r(D + 1))),
-    kernels.linear_gelu_panels: (
+    grn.global_response_norm_in_place: (
+        dict(x=r(N, H * W, D), weight=r(D), bias=r(D), eps=1e-6),
+        dict(x=r(N, H, W, D), weight=r(C), bias=r(D + 1))),
+    linear.linear_gelu_panels: (
         dict(x=r(N, H, W, C), weight=r(C, D), bias=r(D)),
         dict(x=r(N, H, W, C).astype(np.int64), weight=r(D, C), bias=r(C))),
-    kernels.panels_linear: (
+    linear.panels_linear: (
         dict(hidden=panels(N * H * W, D), weight=r(D, C), bias=r(C), gamma=r(C), shortcut=r(N, H, W, C)),
         dict(hidden=r(4, D, 3), weight=r(D + 1, C), bias=r(C + 1), gamma=r(D), shortcut=r(N, 2 * H, W, C))),
-    kernels.linear: (
+    linear.linear: (
         dict(x=r(N, H, W, C), weight=r(C, D), bias=r(D)),
         dict(weight=r(C + 1, D), bias=r(D - 1))),
-    kernels.patchify_conv: (
+    linear.patchify_conv: (
         dict(x=r(N, H, W, C), weight=r(2 * 2 * C, D), bias=r(D), patch=2),
         dict(x=r(H, W, C), weight=r(C, D), bias=r(C))),
-    kernels.mlp_residual: (
+    mlp.mlp_residual: (
         dict(y=r(N, H, W, C), fc1_weight=r(C, D), fc1_bias=r(D), fc2_weight=r(D, C), fc2_bias=r(C), gamma=r(C),
              shortcut=r(N, H, W, C)),
         dict(fc1_weight=r(D, C), fc1_bias=r(D + 1), fc2_weight=r(D, C + 1), fc2_bias=r(D), gamma=r(C + 1),
              shortcut=r(N, H, W + 1, C))),
-    kernels.convnext_block: (
+    block.convnext_block: (
         dict(x=r(N, H, W, C), w=block_weights(), eps=1e-6, grn_eps=1e-6),
         dict(w=block_weights(fc2_weight=r(D, C + 1)))),
-    backward_kernels.depthwise_conv: (
+    depthwise.depthwise_conv: (
         dict(x=r(N, H, W, C), weight=r(7, 7, C), bias=r(C), shortcut=r(N, H, W, C),
              out=np.empty((N, H, W, C), np.float32)),
         dict(weight=r(7, 7, 1), bias=r(C + 1), shortcut=r(N, H, W + 2, C), out=np.empty((N, H, W, C - 1), np.float32))),
-    backward_kernels.depthwise_conv_backward: (
+    depthwise.depthwise_conv_backward: (
         dict(dout=r(N, H, W, C), x=r(N, H, W, C), weight=r(7, 7, C)),
         dict(dout=r(N, H, W - 1, C), weight=r(7, 7, C + 1))),
-    backward_kernels.layer_norm_backward: (
+    layernorm.layer_norm_backward: (
         dict(dout=r(N, H, W, C), x=r(N, H, W, C), weight=r(C), eps=1e-6),
         dict(dout=r(N, H, W, C + 1), weight=r(C - 1))),
-    backward_kernels.depthwise_conv_layer_norm_keep: (
+    depthwise.depthwise_conv_layer_norm_keep: (
         dict(x=r(N, H, W, C), conv_w=r(7, 7, C), conv_b=r(C), norm_w=r(C), norm_b=r(C), eps=1e-6),
         dict(conv_w=r(7, 7, C - 1), conv_b=r(C + 1), norm_w=r(1), norm_b=r(2 * C))),
-    backward_kernels.layer_norm_backward_kept: (
+    layernorm.layer_norm_backward_kept: (
         dict(dout=r(N, H, W, C), xhat=r(N, H, W, C), rstd=r(N, H, W), weight=r(C)),
         dict(dout=r(N, H, W, 2 * C), rstd=r(N, H, W + 1), weight=r(C + 1))),
-    backward_kernels.bias_gelu_keep: (
+    mlp.bias_gelu_keep: (
         dict(hidden=r(N * H * W, D), bias=r(D)),
         dict(hidden=r(N * H * W, D, dtype=np.int32), bias=r(D + 1))),
-    backward_kernels.gelu_and_slope_in_place: (
+    mlp.gelu_and_slope_in_place: (
         dict(hidden=r(N * H * W, D)),
         dict(hidden=r(N, H * W, D))),
-    backward_kernels.gelu_backward_with_bias: (
+    mlp.gelu_backward_with_bias: (
         dict(d_activated=r(N * H * W, D), slope=r(N * H * W, D)),
         dict(d_activated=r(N * H * W, D + 1))),
-    backward_kernels.bias_scale_residual_keep: (
+    mlp.bias_scale_residual_keep: (
         dict(branch=r(N, H, W, C), bias=r(C), gamma=r(C), keep=r(N), shortcut=r(N, H, W, C)),
         dict(bias=r(C + 1), gamma=r(1), keep=r(N + 1), shortcut=r(N, H, W, C - 1))),
-    backward_kernels.layer_scale_backward: (
+    mlp.layer_scale_backward: (
         dict(dout=r(N, H, W, C), branch=r(N, H, W, C), gamma=r(C), keep=r(N)),
         dict(dout=r(N, H, W - 1, C), gamma=r(C - 1), keep=r(N - 1))),
-    backward_kernels.adamw_update: (
+    adamw.adamw_update: (
         dict(param=r(C, D), grad=r(C, D), exp_avg=r(C, D), exp_avg_sq=np.abs(r(C, D)), decay=0.99, lerp_weight=0.1,
              beta2=0.999, step_size=1e-3, bias_correction2_sqrt=0.5, eps=1e-8),
         dict(grad=r(C, D + 1), exp_avg=r(D, C), exp_avg_sq=r(C, D).astype(np.float64))),
-    backward_kernels.global_response_norm_backward: (
+    grn.global_response_norm_backward: (
         dict(dout=r(N, H, W, D), x=r(N, H, W, D), weight=r(D), eps=1e-6),
         dict(dout=r(N, H, W, D - 1), weight=r(C))),
 }
@@ -108,13 +111,21 @@ def fresh(arguments):
     return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in arguments.items()}
 
 
+# the engine's modules with public wrappers, and their public functions that are not wrappers:
+# depthwise.py's row kernel (its compiled form checks the shapes itself) and the padding it reads
+LAYER_MODULES = (adamw, block, depthwise, grn, layernorm, linear, mlp)
+NOT_WRAPPERS = {depthwise.depthwise_row, depthwise.pad_rows}
+# the wrappers whose arguments another wrapper's checks name
+CHECKED_AS = {block.convnext_block: "mlp_residual", grn.global_response_norm_in_place: "global_response_norm"}
+
+
 def public_wrappers(module):
     return {f for name, f in vars(module).items()
             if inspect.isfunction(f) and not name.startswith("_") and f.__module__ == module.__name__}
 
 
 def test_every_public_wrapper_is_tried():
-    assert public_wrappers(kernels) | public_wrappers(backward_kernels) == set(CASES)
+    assert set().union(*map(public_wrappers, LAYER_MODULES)) - NOT_WRAPPERS == set(CASES)
 
 
 @pytest.mark.parametrize("wrapper", list(CASES), ids=lambda f: f.__name__)
@@ -125,8 +136,8 @@ def test_arguments_that_fit_run(wrapper):
 
 def refused(wrapper, arguments):
     """The call raises an InputError whose message starts with the wrapper's name (a block's
-    weights are checked by the MLP's wrapper)."""
-    name = "mlp_residual" if wrapper is kernels.convnext_block else wrapper.__name__
+    weights are checked by the MLP's wrapper, GRN's in place by GRN's)."""
+    name = CHECKED_AS.get(wrapper, wrapper.__name__)
     with pytest.raises(InputError, match=rf"^{name}: "):
         wrapper(**arguments)
     return True
@@ -178,4 +189,4 @@ def test_the_array_worked_on_must_be_one(wrapper, kind):
 
 def test_a_wrapper_called_without_its_array_gets_pythons_error():
     with pytest.raises(TypeError):
-        kernels.layer_norm(weight=r(C), bias=r(C), eps=1e-6)
+        layernorm.layer_norm(weight=r(C), bias=r(C), eps=1e-6)

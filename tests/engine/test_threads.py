@@ -185,15 +185,15 @@ def test_training_kernels_start_parallel_loops_only_where_idle_workers_sleep(wai
     # in training, busy-waiting workers take the cores the BLAS calls between the kernels need:
     # there the kernels run serially. Inference calls no BLAS: its kernels share every layer.
     code = ("import warnings, numpy as np, numba, npconvnext; warnings.simplefilter('ignore');"
-            "from npconvnext.engine import backward_kernels as bk, kernels;"
+            "from npconvnext.engine import depthwise, jit;"
             "ran = {'inference': 0, 'training': 0};"
-            "loop, kept = kernels._depthwise_conv7_layer_norm, bk._depthwise_conv7_layer_norm_keep;"
-            "kernels._depthwise_conv7_layer_norm = lambda *a: ran.update(inference=1) or loop(*a);"
-            "bk._depthwise_conv7_layer_norm_keep = lambda *a: ran.update(training=1) or kept(*a);"
+            "loop, kept = depthwise._depthwise_conv7_layer_norm, depthwise._depthwise_conv7_layer_norm_keep;"
+            "depthwise._depthwise_conv7_layer_norm = lambda *a: ran.update(inference=1) or loop(*a);"
+            "depthwise._depthwise_conv7_layer_norm_keep = lambda *a: ran.update(training=1) or kept(*a);"
             "m = npconvnext.create_model('convnext_atto'); m(np.zeros((1, 3, 64, 64), np.float32));"
             "x, w, v = np.zeros((1, 8, 8, 4), np.float32), np.ones((7, 7, 4), np.float32), np.ones(4, np.float32);"
-            "bk.depthwise_conv_layer_norm_keep(x, w, v, v, v, 1e-6);"
-            "print(numba.config.THREADING_LAYER, numba.threading_layer(), kernels._workers_sleep(),"
+            "depthwise.depthwise_conv_layer_norm_keep(x, w, v, v, v, 1e-6);"
+            "print(numba.config.THREADING_LAYER, numba.threading_layer(), jit.workers_sleep(),"
             "      bool(ran['training']), bool(ran['inference']))")
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")}

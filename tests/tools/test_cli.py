@@ -17,10 +17,11 @@ from npconvnext.summary import summarize
 from tests.support import DATA
 
 
-def run(*args, ok=True, env=None):
+def run(*args, ok=True, env=None, status=None):
+    """The command's output; it must succeed (ok), fail (not ok), or exit with `status`."""
     out = subprocess.run([sys.executable, "-m", "npconvnext", *map(str, args)], capture_output=True, text=True,
                          env=env)
-    assert (out.returncode == 0) == ok, out.stderr
+    assert out.returncode == status if status is not None else (out.returncode == 0) == ok, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     return out
 
@@ -56,7 +57,7 @@ def test_the_command_shares_a_batch_out_image_by_image(weights):
 def test_classify_skips_unreadable_files(weights, tmp_path):
     shutil.copy(os.path.join(DATA, "chelsea.png"), tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    out = run("classify", tmp_path, "--weights", weights)
+    out = run("classify", tmp_path, "--weights", weights, status=3)  # done, one input skipped
     assert "broken.jpg: cannot read image" in out.stderr and "chelsea.png" in out.stdout
 
 
@@ -75,9 +76,13 @@ def test_classify_goes_on_past_any_error_in_one_image(weights, tmp_path, monkeyp
         return real(path, config)
 
     monkeypatch.setattr(preprocessing, "preprocess", preprocess)
-    assert cli.main(["classify", str(tmp_path), "--weights", str(weights), "--json"]) == 0
+    assert cli.main(["classify", str(tmp_path), "--weights", str(weights), "--json"]) == cli.EXIT_SKIPPED
     out, err = capsys.readouterr()
-    assert [os.path.basename(json.loads(line)["file"]) for line in out.splitlines()] == ["c.png"]
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [os.path.basename(row["file"]) for row in rows] == ["a.png", "b.png", "c.png"]  # one per input
+    assert rows[0] == {"file": str(tmp_path / "a.png"), "error": f"{tmp_path / 'a.png'}: out of memory"}
+    assert rows[1] == {"file": str(tmp_path / "b.png"), "error": f"{tmp_path / 'b.png'}: Input/output error"}
+    assert "error" not in rows[2] and len(rows[2]["labels"]) == 5
     assert f"warning: skipped {tmp_path / 'a.png'}: out of memory" in err
     assert f"warning: skipped {tmp_path / 'b.png'}: Input/output error" in err
 

@@ -1,22 +1,27 @@
-"""The training kernels (engine/backward_kernels.py) against their readable twins in layers.py,
-on one thread (the row bodies) and two (the parallel loops), on seeded random shapes."""
+"""The training kernels (each layer module's backward, and the forward steps that keep what it
+needs) against their readable twins in layers.py, on one thread (the row bodies) and two (the
+parallel loops), on seeded random shapes."""
 
 import numba
 import numpy as np
 import pytest
 
 from npconvnext import layers
-from npconvnext.engine import backward_kernels as bk
-from tests.support import parallel_loops
+from npconvnext.engine import depthwise, grn, layernorm, mlp
+from npconvnext.engine.jit import CHUNK_PIXELS, CHUNK_ROWS
+from tests.engine.conftest import FORWARD_LOOPS, PARALLEL_LOOPS
 
 # float64 kernels sum in another order than NumPy; float32 ones sum weight gradients in float64
 # where NumPy sums in float32, and use the float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
 # (N, H, W, C): odd channel counts and sizes smaller than the 7x7 kernel, more than a chunk of
-# rows (bk._CHUNK_ROWS) and of pixels (bk._CHUNK_PIXELS)
+# rows (CHUNK_ROWS) and of pixels (CHUNK_PIXELS)
 SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40),
           (1, 5, 6, 7), (2, 4, 9, 13), (1, 8, 3, 42), (1, 1, 2, 1), (2, 17, 11, 5)]
-PARALLEL_LOOPS = [name for name, f in vars(bk).items() if getattr(f, "targetoptions", {}).get("parallel")]
+DEPTHWISE_AND_NORM_LOOPS = {"_depthwise_conv7", "_depthwise_conv7_weight_grad", "_layer_norm_backward",
+                            "_depthwise_conv7_layer_norm_keep", "_layer_norm_backward_kept"}
+MLP_AND_GRN_LOOPS = {"_bias_gelu_keep", "_gelu_and_slope", "_scale_and_sum", "_bias_scale_residual_keep",
+                     "_layer_scale_backward", "_grn_sums", "_grn_input_grad"}
 
 
 def close(actual, expected, dtype, what=""):
@@ -26,16 +31,13 @@ def close(actual, expected, dtype, what=""):
     assert error <= TOL[dtype], f"{what}: scaled error {error:.3g}"
 
 
-@pytest.fixture(params=[1, 2], ids=["serial", "parallel"])
-def kernel_threads(request, monkeypatch):
-    """One thread: every wrapper runs its row body on this thread; two: the parallel loops.
-    Yields the names of the parallel loops that ran."""
-    with parallel_loops.counted(bk, PARALLEL_LOOPS, request.param, monkeypatch) as ran:
-        yield ran
+def test_the_shapes_span_more_than_a_chunk():
+    assert max(n * h for n, h, _, _ in SHAPES) > CHUNK_ROWS and max(n * h * w for n, h, w, _ in SHAPES) > CHUNK_PIXELS
 
 
 def test_every_parallel_loop_is_tested():
-    assert len(PARALLEL_LOOPS) == 13, PARALLEL_LOOPS
+    training = {name for names in PARALLEL_LOOPS.values() for name in names} - FORWARD_LOOPS
+    assert len(training) == 13 and training == DEPTHWISE_AND_NORM_LOOPS | MLP_AND_GRN_LOOPS | {"_adamw"}, training
 
 
 def random(rng, dtype, *shape, scale=1.0):
@@ -49,20 +51,20 @@ def test_depthwise_conv_and_layer_norm_backward_match_the_reference(shape, dtype
     n, h, w, c = shape
     x, dout, shortcut = (random(rng, dtype, *shape) for _ in range(3))
     weight, bias = random(rng, dtype, 7, 7, c), random(rng, dtype, c)
-    close(bk.depthwise_conv(x, weight, bias), layers.depthwise_conv(x, weight, bias), dtype, "conv")
-    close(bk.depthwise_conv(x, weight, bias, shortcut), layers.depthwise_conv(x, weight, bias) + shortcut, dtype,
+    close(depthwise.depthwise_conv(x, weight, bias), layers.depthwise_conv(x, weight, bias), dtype, "conv")
+    close(depthwise.depthwise_conv(x, weight, bias, shortcut), layers.depthwise_conv(x, weight, bias) + shortcut, dtype,
           "conv + shortcut")
     expected = layers.depthwise_conv_backward(dout, x, weight)
-    for plus, got in ((0, bk.depthwise_conv_backward(dout, x, weight)),
-                      (shortcut, bk.depthwise_conv_backward(dout, x, weight, shortcut))):
+    for plus, got in ((0, depthwise.depthwise_conv_backward(dout, x, weight)),
+                      (shortcut, depthwise.depthwise_conv_backward(dout, x, weight, shortcut))):
         for what, a, e in zip(("dx", "dweight", "dbias"), got, expected):
             close(a, e + plus if what == "dx" else e, dtype, f"conv backward {what}")
     norm_w, eps = random(rng, dtype, c), 1e-6
     conv = 3 + 2 * x  # LayerNorm inputs off zero mean and unit variance
-    for what, a, e in zip(("dx", "dweight", "dbias"), bk.layer_norm_backward(dout, conv, norm_w, eps),
+    for what, a, e in zip(("dx", "dweight", "dbias"), layernorm.layer_norm_backward(dout, conv, norm_w, eps),
                           layers.layer_norm_backward(dout, conv, norm_w, eps)):
         close(a, e, dtype, f"LayerNorm backward {what}")
-    normed, xhat, rstd = bk.depthwise_conv_layer_norm_keep(x, weight, bias, norm_w, bias, eps)
+    normed, xhat, rstd = depthwise.depthwise_conv_layer_norm_keep(x, weight, bias, norm_w, bias, eps)
     conv = layers.depthwise_conv(x, weight, bias)
     close(normed, layers.layer_norm(conv, norm_w, bias, eps), dtype, "conv + LayerNorm")
     mean = conv.mean(axis=-1, keepdims=True)
@@ -70,19 +72,17 @@ def test_depthwise_conv_and_layer_norm_backward_match_the_reference(shape, dtype
     close(rstd, expected_rstd[..., 0], dtype, "rstd")
     close(xhat, (conv - mean) * expected_rstd, dtype, "xhat")
     expected = layers.layer_norm_backward(dout, conv, norm_w, eps)
-    for what, a, e in zip(("dx", "dweight", "dbias"), bk.layer_norm_backward_kept(dout, xhat, rstd, norm_w), expected):
+    for what, a, e in zip(("dx", "dweight", "dbias"), layernorm.layer_norm_backward_kept(dout, xhat, rstd, norm_w), expected):
         close(a, e, dtype, f"LayerNorm backward from xhat {what}")
     overwritten = dout.copy()
-    dx_in_place = bk.layer_norm_backward_kept(overwritten, xhat, rstd, norm_w, in_place=True)[0]
+    dx_in_place = layernorm.layer_norm_backward_kept(overwritten, xhat, rstd, norm_w, in_place=True)[0]
     np.testing.assert_array_equal(overwritten, dx_in_place)
     close(dx_in_place, expected[0], dtype, "LayerNorm backward in place")
     into = np.empty_like(x)
-    dx_into = bk.depthwise_conv_backward(dout, x, weight, shortcut, out=into)[0]
+    dx_into = depthwise.depthwise_conv_backward(dout, x, weight, shortcut, out=into)[0]
     assert dx_into is into
     close(into, layers.depthwise_conv_backward(dout, x, weight)[0] + shortcut, dtype, "conv backward into out")
-    expected_loops = {"_depthwise_conv7", "_depthwise_conv7_weight_grad", "_layer_norm_backward",
-                      "_depthwise_conv7_layer_norm_keep", "_layer_norm_backward_kept"}
-    assert kernel_threads == (expected_loops if numba.get_num_threads() > 1 else set())
+    assert set().union(*kernel_threads) == (DEPTHWISE_AND_NORM_LOOPS if numba.get_num_threads() > 1 else set())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -94,14 +94,14 @@ def test_gelu_layer_scale_and_grn_kernels_match_the_reference(shape, dtype, kern
     hidden = random(rng, dtype, n * h * w, d, scale=3.0)  # well into both erf branches
     bias, d_act = random(rng, dtype, d), random(rng, dtype, n * h * w, d)
     kept = hidden.copy()
-    close(bk.bias_gelu_keep(kept, bias), layers.gelu(hidden + bias), dtype, "bias + GELU")
+    close(mlp.bias_gelu_keep(kept, bias), layers.gelu(hidden + bias), dtype, "bias + GELU")
     np.testing.assert_array_equal(kept, hidden + bias)
     slope = kept.copy()
-    activated = bk.gelu_and_slope_in_place(slope)
+    activated = mlp.gelu_and_slope_in_place(slope)
     close(activated, layers.gelu(kept), dtype, "GELU recomputed")
     close(slope, layers.gelu_backward(np.ones_like(kept), kept), dtype, "GELU slope")
     expected = layers.gelu_backward(d_act, kept)
-    d_hidden, d_bias = bk.gelu_backward_with_bias(d_act.copy(), slope)
+    d_hidden, d_bias = mlp.gelu_backward_with_bias(d_act.copy(), slope)
     close(d_hidden, expected, dtype, "GELU backward")
     close(d_bias, expected.sum(axis=0), dtype, "fc1 bias")
 
@@ -112,10 +112,10 @@ def test_gelu_layer_scale_and_grn_kernels_match_the_reference(shape, dtype, kern
         for k in (keep, None):
             scale = (1 if g is None else g) * (1 if k is None else k[:, None, None, None])
             kept = branch.copy()
-            close(bk.bias_scale_residual_keep(kept, fc2_bias, g, k, shortcut),
+            close(mlp.bias_scale_residual_keep(kept, fc2_bias, g, k, shortcut),
                   shortcut + (branch + fc2_bias) * scale, dtype, "layer scale forward")
             np.testing.assert_array_equal(kept, branch + fc2_bias)
-            d_branch, d_gamma, d_fc2_bias = bk.layer_scale_backward(dout, kept, g, k)
+            d_branch, d_gamma, d_fc2_bias = mlp.layer_scale_backward(dout, kept, g, k)
             close(d_branch, dout * scale, dtype, "d branch")
             close(d_fc2_bias, (dout * scale).sum(axis=(0, 1, 2)), dtype, "fc2 bias")
             if g is None:
@@ -127,12 +127,10 @@ def test_gelu_layer_scale_and_grn_kernels_match_the_reference(shape, dtype, kern
     x, d_grn = random(rng, dtype, n, h, w, d), random(rng, dtype, n, h, w, d)
     x[..., 1] = 0  # a channel with no energy: its gradient through the norm is 0, as torch has it
     grn_w = random(rng, dtype, d)
-    for what, a, e in zip(("dx", "dweight", "dbias"), bk.global_response_norm_backward(d_grn, x, grn_w, 1e-6),
+    for what, a, e in zip(("dx", "dweight", "dbias"), grn.global_response_norm_backward(d_grn, x, grn_w, 1e-6),
                           layers.global_response_norm_backward(d_grn, x, grn_w, 1e-6)):
         close(a, e, dtype, f"GRN backward {what}")
-    expected_loops = {"_bias_gelu_keep", "_gelu_and_slope", "_scale_and_sum", "_bias_scale_residual_keep",
-                      "_layer_scale_backward", "_grn_sums", "_grn_input_grad"}
-    assert kernel_threads == (expected_loops if numba.get_num_threads() > 1 else set())
+    assert set().union(*kernel_threads) == (MLP_AND_GRN_LOOPS if numba.get_num_threads() > 1 else set())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -147,9 +145,9 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     try:
         for threads in (1, 2):
             numba.set_num_threads(threads)
-            results.append([*bk.depthwise_conv_backward(dout, x, weight), *bk.layer_norm_backward(dout, x, norm_w, 1e-6),
-                            *bk.global_response_norm_backward(dout, x, norm_w, 1e-6),
-                            *bk.layer_scale_backward(dout, x, norm_w, None)])
+            results.append([*depthwise.depthwise_conv_backward(dout, x, weight), *layernorm.layer_norm_backward(dout, x, norm_w, 1e-6),
+                            *grn.global_response_norm_backward(dout, x, norm_w, 1e-6),
+                            *mlp.layer_scale_backward(dout, x, norm_w, None)])
     finally:
         numba.set_num_threads(before)
     for serial, parallel in zip(*results):
@@ -160,7 +158,7 @@ def test_the_gelu_slope_underflows_cleanly_far_out():
     # exp(-x^2 / 2) is computed for exponents down to -708 and clamped there: no overflow, no NaN
     h = np.array([[-1e6, -60.0, -38.5, -8.0, 0.0, 8.0, 38.5, 60.0, 1e6]])
     slope = h.copy()
-    activated = bk.gelu_and_slope_in_place(slope)
+    activated = mlp.gelu_and_slope_in_place(slope)
     np.testing.assert_allclose(slope, layers.gelu_backward(np.ones_like(h), h), rtol=1e-15, atol=1e-300)
     np.testing.assert_array_equal(activated, layers.gelu(h))
 
@@ -168,38 +166,7 @@ def test_the_gelu_slope_underflows_cleanly_far_out():
 def test_in_place_updates_refuse_arrays_they_cannot_update():
     hidden = np.zeros((8, 6), np.float32)
     with pytest.raises(ValueError, match="in place"):
-        bk.bias_gelu_keep(hidden[:, :3], np.zeros(3, np.float32))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("beta1", [0.9, 0.3])  # both ways of torch's lerp: weight 1 - beta1 below and above 0.5
-def test_adamw_kernel_equals_the_numpy_steps_to_the_bit(dtype, beta1, kernel_threads):
-    import npconvnext
-    from npconvnext import train
-    from npconvnext.params import random_state_dict
-
-    config = npconvnext.get_config("convnext_atto", num_classes=3)  # fc weights beyond one chunk of AdamW
-    state = random_state_dict(config, seed=2)
-    models = {backend: npconvnext.model.ConvNeXt(config, state, dtype=dtype, backend=backend)
-              for backend in ("numpy", "numba")}
-    models["numpy"].requires_grad_("stem.1", False)
-    models["numba"].requires_grad_("stem.1", False)
-    opts = {backend: train.AdamW(model, lr=3e-3, betas=(beta1, 0.99), weight_decay=0.1,
-                                 lr_scales={"head.fc.weight": 0.5}) for backend, model in models.items()}
-    rng = np.random.default_rng(5)
-    for _ in range(3):
-        grads = {name: rng.standard_normal(v.shape).astype(dtype) for name, v in state.items()}
-        for opt in opts.values():
-            opt.step(grads)
-    numpy_state, numba_state = models["numpy"].state_dict(), models["numba"].state_dict()
-    for name, value in numpy_state.items():
-        np.testing.assert_array_equal(numba_state[name], value, err_msg=name)
-    assert not np.array_equal(numpy_state["stages.3.blocks.1.mlp.fc1.weight"], state["stages.3.blocks.1.mlp.fc1.weight"])
-    np.testing.assert_array_equal(numba_state["stem.1.weight"], state["stem.1.weight"])  # frozen
-    for which in ("exp_avg", "exp_avg_sq"):
-        for name, value in opts["numpy"].state_dict()[which].items():
-            np.testing.assert_array_equal(opts["numba"].state_dict()[which][name], value, err_msg=name)
-    assert kernel_threads == ({"_adamw"} if numba.get_num_threads() > 1 else set())
+        mlp.bias_gelu_keep(hidden[:, :3], np.zeros(3, np.float32))
 
 
 def test_training_kernels_as_plain_python_give_the_same_gradients():

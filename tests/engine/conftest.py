@@ -1,0 +1,26 @@
+"""The engine's parallel loops, and a fixture that runs the wrappers serially or in parallel."""
+
+import contextlib
+
+import pytest
+
+from npconvnext.engine import adamw, depthwise, grn, layernorm, linear, mlp
+from tests.support import parallel_loops
+
+# every kernel's parallel loop, by name, in the layer module that holds it
+LAYER_MODULES = (depthwise, layernorm, linear, mlp, grn, adamw)
+PARALLEL_LOOPS = {module: [name for name, f in vars(module).items()
+                           if getattr(f, "targetoptions", {}).get("parallel")] for module in LAYER_MODULES}
+# the forward's, which inference runs; the others run in training only
+FORWARD_LOOPS = {"_depthwise_conv7_layer_norm", "_layer_norm", "_global_response_norm_", "_linear_gelu_panels",
+                 "_panels_linear", "_mlp"}
+
+
+@pytest.fixture(params=[1, 2], ids=["serial", "parallel"])
+def kernel_threads(request, monkeypatch):
+    """One thread: every wrapper runs its kernel's row body on this thread; two: the parallel
+    loops. Yields one set per layer module, of the names of its parallel loops that ran, filled
+    in as they run: `set().union(*kernel_threads)` are all that ran."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(parallel_loops.counted(module, names, request.param, monkeypatch))
+               for module, names in PARALLEL_LOOPS.items()]

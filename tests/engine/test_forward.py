@@ -1,0 +1,168 @@
+"""The engine's forward kernels (every layer module's) against their readable twins in layers.py,
+on one thread (the row bodies) and two (the parallel loops), on seeded random shapes."""
+
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from npconvnext import layers
+from npconvnext.engine import block, depthwise, gemm, grn, layernorm, linear, mlp
+from npconvnext.network import BlockWeights
+from npconvnext.network import block as reference_block
+from tests.engine.conftest import FORWARD_LOOPS, PARALLEL_LOOPS
+
+# float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
+TOL = {np.float32: 2e-6, np.float64: 1e-13}
+# (N, H, W, C); channel counts that are not multiples of 4 run the kernels' remainder loops
+SHAPES = [(1, 7, 7, 8), (2, 13, 9, 24), (1, 1, 1, 16), (3, 3, 20, 40),
+          (1, 5, 6, 7), (2, 4, 9, 13), (1, 8, 3, 42), (1, 1, 2, 1)]
+
+
+def close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype == dtype
+    scale = max(np.abs(expected).max(), 1.0)
+    assert np.abs(actual - expected).max() <= TOL[dtype] * scale
+
+
+def test_every_kernel_has_a_parallel_loop_to_test():
+    loops = [name for names in PARALLEL_LOOPS.values() for name in names]
+    assert len(loops) == len(set(loops)) == 19, loops  # six for the forward, thirteen for training
+    assert FORWARD_LOOPS <= set(loops)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_kernels_match_the_reference(shape, dtype, kernel_threads):
+    rng = np.random.default_rng(sum(shape))
+    n, h, w, c = shape
+    r = lambda *s: rng.standard_normal(s).astype(dtype)
+    x = r(n, h, w, c)
+    conv_w, conv_b, norm_w, norm_b = r(7, 7, c), r(c), r(c), r(c)
+    close(depthwise.depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, 1e-6),
+          layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), norm_w, norm_b, 1e-6), dtype)
+    close(layernorm.layer_norm(x, norm_w, norm_b, 1e-5), layers.layer_norm(x, norm_w, norm_b, 1e-5), dtype)
+    fc_w, fc_b = r(c, 4 * c), r(4 * c)
+    panels = linear.linear_gelu_panels(x, fc_w, fc_b)
+    close(gemm.from_panels(panels, n * h * w).reshape(n, h, w, 4 * c),
+          layers.gelu(layers.linear(x, fc_w, fc_b)), dtype)
+    hidden = r(n, h, w, 4 * c)
+    grn_w, grn_b = r(4 * c), r(4 * c)
+    close(grn.global_response_norm(hidden, grn_w, grn_b, 1e-6),
+          layers.global_response_norm(hidden, grn_w, grn_b, 1e-6), dtype)
+    fc2_w, fc2_b, gamma = r(4 * c, c), r(c), r(c)
+    hidden_panels = gemm.to_panels(hidden.reshape(-1, 4 * c))
+    close(linear.panels_linear(hidden_panels, fc2_w, fc2_b, gamma, x),
+          x + gamma * layers.linear(hidden, fc2_w, fc2_b), dtype)
+    close(linear.panels_linear(hidden_panels, fc2_w, fc2_b, None, x),
+          x + layers.linear(hidden, fc2_w, fc2_b), dtype)
+    close(linear.linear(hidden, fc2_w, fc2_b), layers.linear(hidden, fc2_w, fc2_b), dtype)
+    for patch in [p for p in (1, 2, 4) if p <= min(h, w)]:
+        patch_w, patch_b = r(patch * patch * c, 5), r(5)
+        close(linear.patchify_conv(x, patch_w, patch_b, patch), layers.patchify_conv(x, patch_w, patch_b, patch),
+              dtype)
+    for with_grn, ls in ((False, True), (True, False), (False, False)):
+        weights = BlockWeights(conv_w, conv_b, norm_w, norm_b, fc_w, fc_b, grn_w if with_grn else None,
+                               grn_b if with_grn else None, fc2_w, fc2_b, gamma if ls else None)
+        close(block.convnext_block(x, weights, 1e-6, 1e-6), reference_block(x, weights, 1e-6, 1e-6), dtype)
+    # fc1 and fc2 panel by panel, and weight-stationary, whatever the panels' count
+    expected = x + gamma * layers.linear(layers.gelu(layers.linear(x, fc_w, fc_b)), fc2_w, fc2_b)
+    for panels_per_thread in (0, 1 << 40):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(mlp, "_PANELS_PER_THREAD", panels_per_thread)
+            close(mlp.mlp_residual(x, fc_w, fc_b, fc2_w, fc2_b, gamma, x), expected, dtype)
+    assert set().union(*kernel_threads) == (FORWARD_LOOPS if numba.get_num_threads() > 1 else set())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pixels, channels", [(1, 8), (70, 24), (33, 40), (40, 16), (33, 20), (5, 3)])
+def test_linears_give_the_same_bits_however_the_work_is_shared(pixels, channels, dtype):
+    # every tile sums its products in the same order, whichever thread, share or order runs it
+    rng = np.random.default_rng(pixels)
+    x, shortcut = rng.standard_normal((pixels, channels)).astype(dtype), rng.standard_normal((pixels, 30)).astype(dtype)
+    fc1, fc1_b = rng.standard_normal((30, channels)).astype(dtype), rng.standard_normal(30).astype(dtype)
+    fc2, fc2_b = rng.standard_normal((30, 30)).astype(dtype), rng.standard_normal(30).astype(dtype)
+    nr = gemm.panel_pixels(dtype)
+    panels = gemm.to_panels(x)
+    count = panels.shape[0]
+    results = []
+    for groups, chunk in ((1, count), (2, 1), (3, 2)):
+        hidden, out = np.empty((count, 30, nr), dtype), np.empty((pixels, 30), dtype)
+        if groups == 1:
+            linear._linear_gelu_panels_rows(panels, pixels, fc1, fc1_b, hidden, chunk, groups, 0, groups)
+            linear._panels_linear_rows(hidden, fc2, fc2_b, None, shortcut, out, chunk, groups, 0, groups)
+        else:
+            linear._linear_gelu_panels(panels, pixels, fc1, fc1_b, hidden, chunk, groups)
+            linear._panels_linear(hidden, fc2, fc2_b, None, shortcut, out, chunk, groups)
+        results.append(out)
+    panel_by_panel = np.empty((pixels, 30), dtype)
+    mlp._mlp(x, fc1, fc1_b, fc2, fc2_b, None, shortcut, panel_by_panel)
+    for out in results[1:] + [panel_by_panel]:
+        np.testing.assert_array_equal(out, results[0])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_kernels_of_other_sizes_take_the_reference_path(k):
+    # only 7x7 (every ConvNeXt) is compiled; other sizes must still give the right answer
+    rng = np.random.default_rng(k)
+    x, conv_w = rng.standard_normal((1, 9, 11, 8)), rng.standard_normal((k, k, 8))  # (N, H, W, C), (k, k, C)
+    conv_b = rng.standard_normal(8)
+    ones, zeros = np.ones(8), np.zeros(8)
+    close(depthwise.depthwise_conv_layer_norm(x, conv_w, conv_b, ones, zeros, 1e-6),
+          layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), ones, zeros, 1e-6), np.float64)
+
+
+def test_gelu_is_exact_erf_not_tanh():
+    x = np.array([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+    expected = [-0.0040496, -0.15865525, -0.15426877, 0.0, 0.34573123, 0.84134475, 2.9959504]
+    np.testing.assert_allclose(layers.gelu(x), expected, atol=1e-7)
+    y = x.reshape(1, -1).copy()
+    panels = linear.linear_gelu_panels(y, np.eye(7), np.zeros(7))
+    np.testing.assert_allclose(gemm.from_panels(panels, 1)[0], expected, atol=1e-7)
+
+
+def test_kernels_as_plain_python_give_the_same_model():
+    """NUMBA_DISABLE_JIT=1 runs the kernel bodies as Python, so coverage sees them."""
+    code = ("import warnings, numpy as np, npconvnext; warnings.simplefilter('ignore');"
+            "m = npconvnext.create_model('convnextv2_atto', dtype='float64');"
+            "x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)); a = m(x);"
+            "m.backend = 'numpy'; b = m(x);"
+            "assert np.abs(a - b).max() < 1e-12 * np.abs(b).max(), np.abs(a - b).max()")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, NUMBA_DISABLE_JIT="1"))
+
+
+def test_the_kernels_get_read_only_weights_whatever_the_caller_passes(monkeypatch):
+    # weights mapped from a file are read-only, random or converted ones are not, and Numba
+    # compiles (and loads from its cache) a kernel once per writability: twice, if the wrappers
+    # passed the weights on as they came
+    passed = []
+    for module in (depthwise, grn, layernorm, linear, mlp):  # each calls jit.rows_or_parallel by this name
+        monkeypatch.setattr(module, "rows_or_parallel",
+                            lambda rows, parallel, args, *rest, _run=module.rows_or_parallel, **kw:
+                            passed.append((rows.__name__, args)) or _run(rows, parallel, args, *rest, **kw))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 5, 24)).astype(np.float32)
+    weight, bias = rng.standard_normal((24, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    small = bias[:24].copy()
+    hidden = linear.linear_gelu_panels(x, weight, bias)
+    linear.panels_linear(hidden, weight.T.copy(), small, small, x, pixels=15)
+    grn.global_response_norm(x, small, small, 1e-6)
+    layernorm.layer_norm(x, small, small, 1e-6)
+    depthwise.depthwise_conv_layer_norm(x, rng.standard_normal((7, 7, 24)).astype(np.float32), small, small, small,
+                                        1e-6)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # panel by panel, _mlp_rows
+    try:
+        mlp.mlp_residual(x, weight, bias, weight.T.copy(), small, small, x)
+    finally:
+        numba.set_num_threads(threads)
+    assert weight.flags.writeable and bias.flags.writeable  # the caller's arrays are left as they were
+    weights = {"_linear_gelu_panels_rows": (2, 3), "_panels_linear_rows": (1, 2, 3),
+               "_global_response_norm_rows": (1, 2), "_layer_norm_rows": (1, 2),
+               "_depthwise_conv7_layer_norm_rows": (1, 2, 3, 4), "_mlp_rows": (1, 2, 3, 4, 5)}
+    assert {name for name, _ in passed} == set(weights)
+    for name, args in passed:
+        assert not any(args[i].flags.writeable for i in weights[name]), name
