@@ -22,7 +22,7 @@ def _stem_type(model) -> str:
     convs = [m for m in model.stem if isinstance(m, torch.nn.Conv2d)]
     if len(convs) == 1:
         return "patch"
-    if any(isinstance(m, torch.nn.GELU) for m in model.stem):
+    if any(type(m).__name__ == "GELU" for m in model.stem):  # timm's own GELU module, or torch's
         return "overlap_act"
     return "overlap_tiered" if convs[0].out_channels != convs[1].out_channels else "overlap"
 
