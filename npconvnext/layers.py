@@ -77,6 +77,49 @@ def patchify_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, 
     return dx, dweight, d.sum(axis=0)
 
 
+def strided_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, kernel: int = 3, stride: int = 2,
+                 pad: int = 1) -> np.ndarray:
+    """Overlapping k x k convolution with a stride and zero padding (timm's overlapping stems:
+    3x3, stride 2, padding 1), as a matrix product of the im2col windows with the kernel.
+    x: (N, H, W, Cin); weight: (k * k * Cin, Cout) in the patchify layout; bias: (Cout,)
+    -> (N, Ho, Wo, Cout), Ho = (H + 2 pad - k) // stride + 1
+    """
+    rows, (n, ho, wo) = windows(x, kernel, stride, pad)
+    return (rows @ weight + bias).reshape(n, ho, wo, weight.shape[1])
+
+
+def windows(x: np.ndarray, kernel: int, stride: int, pad: int):
+    """(N, H, W, Cin) -> the (N * Ho * Wo, k * k * Cin) rows strided_conv multiplies, (N, Ho, Wo)."""
+    n, h, w, cin = x.shape
+    ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    taps = [padded[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+            for i in range(kernel) for j in range(kernel)]                   # k * k of (N, Ho, Wo, Cin)
+    return np.stack(taps, axis=3).reshape(n * ho * wo, kernel * kernel * cin), (n, ho, wo)
+
+
+def strided_conv_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, kernel: int = 3,
+                          stride: int = 2, pad: int = 1):
+    """Gradients of strided_conv: out = R @ W + b with R the im2col windows of padded x.
+
+        dW = R^T dout,   db = sum over rows of dout,   dR = dout W^T
+    and each window's dR is added back onto the padded pixels it read (windows overlap, so a
+    pixel collects from several); dx is the padded gradient without its border.
+    dout: (N, Ho, Wo, Cout); x: (N, H, W, Cin) -> dx like x, dweight like weight, dbias (Cout,)
+    """
+    n, h, w, cin = x.shape
+    rows, (_, ho, wo) = windows(x, kernel, stride, pad)
+    d = dout.reshape(n * ho * wo, -1)                                        # (M, Cout)
+    dweight = rows.T @ d                                                     # (k * k * Cin, Cout)
+    drows = (d @ weight.T).reshape(n, ho, wo, kernel, kernel, cin)
+    dpadded = np.zeros((n, h + 2 * pad, w + 2 * pad, cin), dtype=x.dtype)
+    for i in range(kernel):
+        for j in range(kernel):
+            dpadded[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :] += \
+                drows[:, :, :, i, j]
+    return dpadded[:, pad : pad + h, pad : pad + w, :], dweight, d.sum(axis=0)
+
+
 def depthwise_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """k x k depthwise convolution, stride 1, zero padding k // 2 (ConvNeXt's spatial mixing).
 
@@ -148,6 +191,65 @@ def layer_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, eps
     g = dout * weight
     dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
     return dx, (dout * xhat).sum(axis=pixels), dout.sum(axis=pixels)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, bias: None, eps: float) -> np.ndarray:
+    """RMS norm over the channel axis (timm's RmsNorm2d, convnext_atto_rms): no centring, no bias.
+
+        y = x / sqrt(mean_c(x^2) + eps) * weight
+    `bias` is there for LayerNorm's signature and must be None. x: (..., C) -> (..., C)
+    """
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+def rms_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float):
+    """Gradients of rms_norm, with r = 1 / sqrt(mean_c(x^2) + eps) and xhat = x r:
+    d xhat_i / d x_j = r delta_ij - r^3 x_i x_j / C, so with g = dout * weight
+
+        dx = r (g - xhat mean_c(g xhat)),   dweight = sum over pixels of dout * xhat
+    dout, x: (..., C) -> dx (..., C), dweight (C,), dbias None
+    """
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    xhat = x * rstd
+    g = dout * weight
+    dx = rstd * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return dx, (dout * xhat).sum(axis=tuple(range(x.ndim - 1))), None
+
+
+def simple_norm(x: np.ndarray, weight: np.ndarray, bias: None, eps: float) -> np.ndarray:
+    """timm's SimpleNorm2d (convnext_zepto_rms): x scaled by its channels' unbiased variance,
+    not centred, no bias (torch.var divides by C - 1).
+
+        y = x / sqrt(var_c(x) + eps) * weight,   var_c(x) = sum_c (x - mean_c(x))^2 / (C - 1)
+    `bias` must be None. x: (..., C) -> (..., C)
+    """
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = (centred * centred).sum(axis=-1, keepdims=True) / (x.shape[-1] - 1)
+    return x / np.sqrt(var + eps) * weight
+
+
+def simple_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float):
+    """Gradients of simple_norm, with r = 1 / sqrt(var + eps): d var / d x_j = 2 (x_j - m) / (C - 1)
+    (the mean's own derivative sums to zero against x_j - m), so with g = dout * weight
+
+        dx = r g - r^3 (x - m) / (C - 1) * sum_c(g x),   dweight = sum over pixels of dout * x r
+    dout, x: (..., C) -> dx (..., C), dweight (C,), dbias None
+    """
+    centred = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt((centred * centred).sum(axis=-1, keepdims=True) / (x.shape[-1] - 1) + eps)
+    g = dout * weight
+    dx = rstd * g - rstd ** 3 * centred / (x.shape[-1] - 1) * (g * x).sum(axis=-1, keepdims=True)
+    return dx, (dout * x * rstd).sum(axis=tuple(range(x.ndim - 1))), None
+
+
+def norm_of(kind: str):
+    """The norm function of config.norm, with layer_norm's signature (x, weight, bias, eps)."""
+    return {"layernorm": layer_norm, "rmsnorm": rms_norm, "simplenorm": simple_norm}[kind]
+
+
+def norm_backward_of(kind: str):
+    """The backward twin of norm_of(kind): (dout, x, weight, eps) -> (dx, dweight, dbias or None)."""
+    return {"layernorm": layer_norm_backward, "rmsnorm": rms_norm_backward, "simplenorm": simple_norm_backward}[kind]
 
 
 def gelu(x: np.ndarray) -> np.ndarray:

@@ -198,7 +198,8 @@ class ConvNeXt:
             raise InputError(f"forward_head expects (N, {self.config.num_features}, h, w) features, "
                              f"got shape {features.shape}")
         features = features.astype(self.dtype, copy=False).transpose(0, 2, 3, 1)  # (N, h, w, C)
-        return network.forward_head(features, self._weights.head, self.config.norm_eps, pre_logits, self._ops())
+        return network.forward_head(features, self._weights.head, self.config.norm_eps, pre_logits, self._ops(),
+                                    norm=self.config.norm)
 
     def trace(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every intermediate activation of the reference path, by timm module name.

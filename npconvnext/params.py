@@ -54,10 +54,19 @@ TABLE: tuple[Param, ...] = (
           "patchify", "kernel"),
     Param("stem", "conv_bias", "0.bias", lambda c, i: (c.dims[0],), None, "bias"),
     Param("stem", "norm_weight", "1.weight", lambda c, i: (c.dims[0],), None, "norm"),
-    Param("stem", "norm_bias", "1.bias", lambda c, i: (c.dims[0],), None, "bias"),
+    Param("stem", "norm_bias", "1.bias", lambda c, i: (c.dims[0],), None, "bias", only_if="norm_bias"),
+    # the overlapping stems: two 3x3 stride-2 convs (stem.0, then stem.1, or stem.2 after a GELU),
+    # their kernels in the patchify layout, (3 * 3 * in, out), which the strided conv multiplies too
+    *(row for first, second, norm, kind in ((0, 1, 2, "stem_overlap"), (0, 2, 3, "stem_overlap_act")) for row in (
+        Param(kind, "conv1_weight", f"{first}.weight", lambda c, i: (c.stem_mid, c.in_chans, 3, 3), "patchify", "kernel"),
+        Param(kind, "conv1_bias", f"{first}.bias", lambda c, i: (c.stem_mid,), None, "bias"),
+        Param(kind, "conv_weight", f"{second}.weight", lambda c, i: (c.dims[0], c.stem_mid, 3, 3), "patchify", "kernel"),
+        Param(kind, "conv_bias", f"{second}.bias", lambda c, i: (c.dims[0],), None, "bias"),
+        Param(kind, "norm_weight", f"{norm}.weight", lambda c, i: (c.dims[0],), None, "norm"),
+        Param(kind, "norm_bias", f"{norm}.bias", lambda c, i: (c.dims[0],), None, "bias", only_if="norm_bias"))),
 
     Param("downsample", "norm_weight", "0.weight", lambda c, i: (c.dims[i - 1],), None, "norm"),
-    Param("downsample", "norm_bias", "0.bias", lambda c, i: (c.dims[i - 1],), None, "bias"),
+    Param("downsample", "norm_bias", "0.bias", lambda c, i: (c.dims[i - 1],), None, "bias", only_if="norm_bias"),
     Param("downsample", "conv_weight", "1.weight", lambda c, i: (c.dims[i], c.dims[i - 1], 2, 2), "patchify", "kernel"),
     Param("downsample", "conv_bias", "1.bias", lambda c, i: (c.dims[i],), None, "bias"),
 
@@ -66,7 +75,7 @@ TABLE: tuple[Param, ...] = (
           "depthwise", "kernel"),
     Param("block", "conv_dw_bias", "conv_dw.bias", lambda c, i: (c.dims[i],), None, "bias"),
     Param("block", "norm_weight", "norm.weight", lambda c, i: (c.dims[i],), None, "norm"),
-    Param("block", "norm_bias", "norm.bias", lambda c, i: (c.dims[i],), None, "bias"),
+    Param("block", "norm_bias", "norm.bias", lambda c, i: (c.dims[i],), None, "bias", only_if="norm_bias"),
     Param("block", "fc1_weight", "mlp.fc1.weight", lambda c, i: (_hidden(c, i), c.dims[i], *_mlp_tail(c)),
           "linear", "kernel"),
     Param("block", "fc1_bias", "mlp.fc1.bias", lambda c, i: (_hidden(c, i),), None, "bias"),
@@ -76,16 +85,28 @@ TABLE: tuple[Param, ...] = (
           "linear", "kernel"),
     Param("block", "fc2_bias", "mlp.fc2.bias", lambda c, i: (c.dims[i],), None, "bias"),
 
-    Param("head", "norm_weight", "norm.weight", lambda c, i: (c.num_features,), None, "norm"),
-    Param("head", "norm_bias", "norm.bias", lambda c, i: (c.num_features,), None, "bias"),
+    # head_norm_first: the last feature map normed before the pool, by timm's top-level norm_pre
+    Param("norm_pre", "norm_weight", "weight", lambda c, i: (c.num_features,), None, "norm"),
+    Param("norm_pre", "norm_bias", "bias", lambda c, i: (c.num_features,), None, "bias", only_if="norm_bias"),
+
+    Param("head", "norm_weight", "norm.weight", lambda c, i: (c.num_features,), None, "norm",
+          only_if="head_pool_first"),
+    Param("head", "norm_bias", "norm.bias", lambda c, i: (c.num_features,), None, "bias", only_if="head_norm_bias"),
+    Param("head", "pre_fc_weight", "pre_logits.fc.weight", lambda c, i: (c.head_features, c.num_features),
+          "linear", "kernel", only_if="head_hidden_size"),
+    Param("head", "pre_fc_bias", "pre_logits.fc.bias", lambda c, i: (c.head_features,), None, "bias",
+          only_if="head_hidden_size"),
     # num_classes 0: no classifier (timm's head.fc is an Identity then), the features are the output
-    Param("head", "fc_weight", "fc.weight", lambda c, i: (c.num_classes, c.num_features), "linear", "kernel",
+    Param("head", "fc_weight", "fc.weight", lambda c, i: (c.num_classes, c.head_features), "linear", "kernel",
           only_if="num_classes"),
     Param("head", "fc_bias", "fc.bias", lambda c, i: (c.num_classes,), None, "bias", only_if="num_classes"),
 )
 
 # timm's name of each module, to which a row's name is appended; i the stage, j the block
-PREFIXES = {"stem": "stem.", "downsample": "stages.{i}.downsample.", "block": "stages.{i}.blocks.{j}.", "head": "head."}
+PREFIXES = {"stem": "stem.", "stem_overlap": "stem.", "stem_overlap_act": "stem.", "downsample": "stages.{i}.downsample.",
+            "block": "stages.{i}.blocks.{j}.", "norm_pre": "norm_pre.", "head": "head."}
+# the module holding each stem type's parameters (config.stem_type)
+STEMS = {"patch": "stem", "overlap": "stem_overlap", "overlap_tiered": "stem_overlap", "overlap_act": "stem_overlap_act"}
 
 
 def rows(module: str) -> tuple[Param, ...]:
@@ -101,24 +122,28 @@ _PREFIX_PATTERNS = {module: re.compile(re.escape(prefix).replace(r"\{i\}", r"\d+
 
 
 class Module(NamedTuple):
-    kind: str     # a module of the table: "stem", "downsample", "block", "head"
+    kind: str     # a module of the table: a stem (`STEMS`), "downsample", "block", "norm_pre", "head"
     prefix: str   # timm's name of the module, with the dot: "stages.1.blocks.0."
     stage: int    # the stage it belongs to (the head: the last)
 
 
 def modules(config: ConvNeXtConfig) -> Iterator[Module]:
     """Every module holding parameters, in timm's order."""
-    yield Module("stem", PREFIXES["stem"], 0)
+    stem = STEMS[config.stem_type]
+    yield Module(stem, PREFIXES[stem], 0)
     for i, depth in enumerate(config.depths):
         if i > 0:  # stage 0 takes the stem's output as it is
             yield Module("downsample", PREFIXES["downsample"].format(i=i), i)
         for j in range(depth):
             yield Module("block", PREFIXES["block"].format(i=i, j=j), i)
+    if config.head_norm_first:
+        yield Module("norm_pre", PREFIXES["norm_pre"], len(config.depths) - 1)
     yield Module("head", PREFIXES["head"], len(config.depths) - 1)
 
 
 def present(param: Param, config: ConvNeXtConfig) -> bool:
-    """Whether an architecture has this row's parameter (V1's gamma, V2's GRN, a classifier)."""
+    """Whether an architecture has this row's parameter (V1's gamma, V2's GRN, a norm's bias, a
+    classifier, ...)."""
     return param.only_if is None or getattr(config, param.only_if)
 
 
@@ -127,12 +152,15 @@ def timm_name(module: str, field: str, stage: int = 0, block: int = 0) -> str:
     return PREFIXES[module].format(i=stage, j=block) + next(p.timm for p in _ROWS[module] if p.field == field)
 
 
-def param_of(name: str) -> Param | None:
-    """The table's row of a timm name ("stages.1.blocks.0.mlp.fc1.weight"), None if it has none."""
+def param_of(name: str, config: ConvNeXtConfig | None = None) -> Param | None:
+    """The table's row of a timm name ("stages.1.blocks.0.mlp.fc1.weight"), None if it has none.
+    The stems share names ("stem.1.weight" is the patch stem's norm, an overlapping stem's conv):
+    given `config`, the row of its stem; without, the first stem that has the name."""
+    kinds = {m.kind for m in modules(config)} if config is not None else PREFIXES
     for module, pattern in _PREFIX_PATTERNS.items():
         prefix = pattern.match(name)
-        if prefix:
-            return _BY_TIMM_NAME.get((module, name[prefix.end():]))
+        if prefix and module in kinds and (module, name[prefix.end():]) in _BY_TIMM_NAME:
+            return _BY_TIMM_NAME[(module, name[prefix.end():])]
     return None
 
 
@@ -146,15 +174,20 @@ def expected_shapes(config: ConvNeXtConfig) -> dict[str, Shape]:
 
 
 def layout_kind(name: str) -> str | None:
-    """'patchify', 'depthwise', 'linear', or None for a parameter kept as it is."""
-    param = param_of(name)
-    return param.layout if param else None
+    """'patchify', 'depthwise', 'linear', or None for a parameter kept as it is. A name two stems
+    share (a conv kernel in one, a norm scale in the other) has the conv's layout, which
+    applies to 4-D arrays only."""
+    layouts = [row.layout for module, pattern in _PREFIX_PATTERNS.items() if (prefix := pattern.match(name))
+               for row in [_BY_TIMM_NAME.get((module, name[prefix.end():]))] if row is not None]
+    return next((layout for layout in layouts if layout is not None), None)
 
 
 def to_compute_layout(name: str, array: np.ndarray) -> np.ndarray:
-    """One timm-layout weight in the layout the network multiplies with (a view where possible)."""
+    """One timm-layout weight in the layout the network multiplies with (a view where possible).
+    A layout applies to arrays of its rank only: a name that is one stem's conv kernel (4-D)
+    is another stem's norm scale (1-D), kept as it is."""
     kind = layout_kind(name)
-    if kind == "patchify":
+    if kind == "patchify" and array.ndim == 4:
         out_ch, in_ch, k, _ = array.shape
         return array.transpose(2, 3, 1, 0).reshape(k * k * in_ch, out_ch)  # (kh, kw, in, out) flattened
     if kind == "depthwise":
@@ -167,7 +200,7 @@ def to_compute_layout(name: str, array: np.ndarray) -> np.ndarray:
 def to_timm_layout(name: str, array: np.ndarray, shape: Shape) -> np.ndarray:
     """Inverse of `to_compute_layout`, given the timm shape (from `expected_shapes`)."""
     kind = layout_kind(name)
-    if kind == "patchify":
+    if kind == "patchify" and len(shape) == 4:
         out_ch, in_ch, k, _ = shape
         return array.reshape(k, k, in_ch, out_ch).transpose(3, 2, 0, 1)    # (k*k*in, out) -> (out, in, k, k)
     if kind == "depthwise":
@@ -265,11 +298,26 @@ def detect_architecture(state: Mapping[str, np.ndarray]) -> ConvNeXtConfig:
         blocks = PREFIXES["block"].split("{j}")[0].format(i=i)                   # "stages.{i}.blocks."
         depths.append(len({n[len(blocks):].split(".")[0] for n in state if n.startswith(blocks)}))
     found = dict(depths=tuple(depths), dims=tuple(dims), use_grn=timm_name("block", "grn_weight") in state,
-                 layer_scale=timm_name("block", "gamma") in state)
+                 layer_scale=timm_name("block", "gamma") in state, stem_type=_stem_type(shape, dims[0]),
+                 norm_bias=timm_name("block", "norm_bias") in state, head_norm_first="norm_pre.weight" in state,
+                 head_hidden_size=(shape(timm_name("head", "pre_fc_weight")) or (None,))[0])
     # no two variants share these; the MLP's storage (linear or 1x1 conv) is left to the loader
     for config in VARIANTS.values():
         if all(getattr(config, k) == v for k, v in found.items()):
             head = shape(timm_name("head", "fc_weight"))  # none: a headless backbone
             return replace(config, num_classes=head[0] if head else 0)
     raise CheckpointError(f"no ConvNeXt variant has depths {tuple(depths)} and widths {tuple(dims)} "
-                          f"(GRN: {found['use_grn']}, layer scale: {found['layer_scale']})")
+                          f"(GRN: {found['use_grn']}, layer scale: {found['layer_scale']}, "
+                          f"stem: {found['stem_type']}, norm bias: {found['norm_bias']}, "
+                          f"head norm first: {found['head_norm_first']}, head hidden: {found['head_hidden_size']})")
+
+
+def _stem_type(shape: Callable[[str], Shape | None], width: int) -> str:
+    """The stem type whose parameters these are: a 3x3 first conv is an overlapping stem, with
+    a GELU between its convs if the second is stem.2, tiered if the first is narrower."""
+    first = shape("stem.0.weight")
+    if first is None or first[-1] != 3:
+        return "patch"
+    if shape("stem.2.weight") is not None and len(shape("stem.2.weight")) == 4:
+        return "overlap_act"
+    return "overlap" if first[0] == width else "overlap_tiered"

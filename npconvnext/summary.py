@@ -33,10 +33,8 @@ def summarize(config: ConvNeXtConfig, input_size: tuple[int, int] = (224, 224)) 
     def params(prefix):
         return sum(int(_prod(s)) for k, s in shapes.items() if k == prefix or k.startswith(prefix + "."))
 
-    h, w = (s // config.patch_size for s in input_size)
+    rows, (h, w) = _stem_rows(config, input_size, params)
     c = config.dims[0]
-    rows = [Row("stem.0", (c, h, w), params("stem.0"), h * w * c * (config.in_chans * config.patch_size ** 2 + 1)),
-            Row("stem.1", (c, h, w), params("stem.1"), 0)]
     for i, (depth, dim) in enumerate(zip(config.depths, config.dims)):
         if i > 0:
             prev, h, w = c, h // 2, w // 2
@@ -49,9 +47,36 @@ def summarize(config: ConvNeXtConfig, input_size: tuple[int, int] = (224, 224)) 
         block_macs = h * w * (dim * (k2 + 1) + hidden * (dim + 1) + dim * (hidden + 1))
         for j in range(depth):
             rows.append(Row(f"stages.{i}.blocks.{j}", (dim, h, w), params(f"stages.{i}.blocks.{j}"), block_macs))
-    rows.append(Row("head.norm", (c,), params("head.norm"), 0))
-    rows.append(Row("head.fc", (config.num_classes,), params("head.fc"), config.num_classes * (c + 1)))
+    if config.head_norm_first:
+        rows.append(Row("norm_pre", (c, h, w), params("norm_pre"), 0))
+    else:
+        rows.append(Row("head.norm", (c,), params("head.norm"), 0))
+    if config.head_hidden_size:
+        rows.append(Row("head.pre_logits.fc", (config.head_features,), params("head.pre_logits.fc"),
+                        config.head_features * (c + 1)))
+    rows.append(Row("head.fc", (config.num_classes,), params("head.fc"),
+                    config.num_classes * (config.head_features + 1)))
     return rows
+
+
+def _stem_rows(config: ConvNeXtConfig, input_size: tuple[int, int], params) -> tuple[list[Row], tuple[int, int]]:
+    """The stem's rows and its output's (h, w): one patchify conv, or two 3x3 stride-2 convs
+    with padding 1 (each output side ceil(side / 2)), then the norm."""
+    c = config.dims[0]
+    if config.stem_type == "patch":
+        h, w = (s // config.patch_size for s in input_size)
+        return [Row("stem.0", (c, h, w), params("stem.0"), h * w * c * (config.in_chans * config.patch_size ** 2 + 1)),
+                Row("stem.1", (c, h, w), params("stem.1"), 0)], (h, w)
+    mid = config.stem_mid
+    h1, w1 = ((s - 1) // 2 + 1 for s in input_size)
+    h, w = (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1
+    rows = [Row("stem.0", (mid, h1, w1), params("stem.0"), h1 * w1 * mid * (config.in_chans * 9 + 1))]
+    if config.stem_type == "overlap_act":
+        rows.append(Row("stem.1", (mid, h1, w1), 0, 0))
+    conv = len(rows)
+    rows.append(Row(f"stem.{conv}", (c, h, w), params(f"stem.{conv}"), h * w * c * (mid * 9 + 1)))
+    rows.append(Row(f"stem.{conv + 1}", (c, h, w), params(f"stem.{conv + 1}"), 0))
+    return rows, (h, w)
 
 
 def _prod(shape):

@@ -21,12 +21,17 @@ The reference network never imports this package.
 
 from __future__ import annotations
 
+from .. import layers
 from ..network import Ops
 from . import block, layernorm, linear
 from .threads import map_over_batch, set_num_threads
 
 # BLAS is never called: an idle BLAS thread that busy-waits would take a core from the kernels
+# The op table. timm's own variants' stems and norms have no kernel: the overlapping stems'
+# strided conv runs once per image, so it is the reference's; the RMS and simple norms are the
+# reference's too, in the stem, downsamples and head and inside the block (block.py).
 FUSED = Ops(layer_norm=layernorm.layer_norm, block=block.convnext_block, patchify_conv=linear.patchify_conv,
-            linear=linear.linear)
+            linear=linear.linear, strided_conv=layers.strided_conv, rms_norm=layers.rms_norm,
+            simple_norm=layers.simple_norm)
 
 __all__ = ["FUSED", "map_over_batch", "set_num_threads"]

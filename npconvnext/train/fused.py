@@ -18,19 +18,25 @@ import numpy as np
 from ..engine import block, depthwise, grn, layernorm, mlp
 from ..engine.block import BlockCache
 from ..network import BlockWeights
+from . import backward
 from .backward import TrainingOps
 
 
 def block_forward(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float,
-                  keep: np.ndarray | None) -> tuple[np.ndarray, BlockCache]:
+                  keep: np.ndarray | None, norm: str = "layernorm") -> tuple[np.ndarray, BlockCache]:
     """backward.block_forward with the kernels: engine/block.py's one block forward, keeping
-    what block_backward needs. x: (N, H, W, C) -> (N, H, W, C), BlockCache"""
+    what block_backward needs. x: (N, H, W, C) -> (N, H, W, C), BlockCache. The RMS and simple
+    norms have no training kernels: their blocks train with the reference's forward and backward."""
+    if norm != "layernorm":
+        return backward.block_forward(x, w, eps, grn_eps, keep, norm=norm)
     return block.convnext_block(x, w, eps, grn_eps, keep=keep, training=True)
 
 
 def block_backward(dout: np.ndarray, w: BlockWeights, cache: BlockCache, eps: float,
-                   grn_eps: float) -> tuple[np.ndarray, BlockWeights]:
+                   grn_eps: float, norm: str = "layernorm") -> tuple[np.ndarray, BlockWeights]:
     """backward.block_backward with the kernels. dout: (N, H, W, C) -> d input, d weights"""
+    if norm != "layernorm":
+        return backward.block_backward(dout, w, cache, eps, grn_eps, norm=norm)
     n, h, wd, c = dout.shape
     d_branch, d_gamma, d_fc2_bias = mlp.layer_scale_backward(dout, cache.branch, w.gamma, cache.keep)
     d_branch = d_branch.reshape(-1, c)                                        # (M, C)

@@ -30,7 +30,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 kind = type(module).__name__
                 if param_name == "gamma":                       # layer scale: 0.1 .. 1, not 1e-6
                     value = uniform(param.shape, 0.1, 1.0)
-                elif kind.startswith("LayerNorm") and param_name == "weight":
+                elif kind.startswith(("LayerNorm", "RmsNorm", "SimpleNorm")) and param_name == "weight":
                     value = uniform(param.shape, 0.5, 1.5)
                 elif kind == "GlobalResponseNorm":             # GRN gamma and beta, not zeros
                     value = normal(param.shape, 0.5)

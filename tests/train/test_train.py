@@ -29,7 +29,9 @@ def torch_loss_and_grads(net, x, y, label_smoothing):
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name, size", [("convnext_atto", (35, 45)), ("convnextv2_atto", (64, 33)),
-                                        ("convnext_tiny", (32, 40))])
+                                        ("convnext_tiny", (32, 40)), ("convnext_atto_ols", (37, 45)),
+                                        ("convnext_zepto_rms_ols", (33, 40)), ("convnext_atto_rms", (35, 32)),
+                                        ("convnext_tiny_hnf", (32, 40))])
 def test_gradients_equal_torch_autograd(name, size, dtype, backend):
     net = random_timm_model(name, seed=11, num_classes=7).to(torch.float64 if dtype == np.float64 else torch.float32)
     net.train()  # timm's ConvNeXt has no batch norm: train mode differs only by drop path, 0 here
@@ -49,11 +51,21 @@ def test_gradients_equal_torch_autograd(name, size, dtype, backend):
     print(f"{name} {dtype.__name__} {backend}: worst relative gradient error {worst:.2e}")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_large_mlp_gradients_equal_torch_autograd(backend):
+    """convnext_large_mlp's pre-logits head: float32 only, as the model is large."""
+    test_gradients_equal_torch_autograd("convnext_large_mlp", (64, 64), np.float32, backend)
+
+
 TINY = ConvNeXtConfig("tiny_test", depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
+# timm's own variants' parts on the tiny sizes: stems, norms and heads
+TINY_VARIANTS = [TINY, dataclasses.replace(TINY, use_grn=True, layer_scale=False, conv_mlp=True),
+                 dataclasses.replace(TINY, stem_type="overlap_act", norm="simplenorm", head_norm_first=True),
+                 dataclasses.replace(TINY, stem_type="overlap_tiered", norm="rmsnorm", head_hidden_size=12)]
+TINY_IDS = ["v1", "v2", "ols-simplenorm-hnf", "tiered-rms-mlp"]
 
 
-@pytest.mark.parametrize("config", [TINY, dataclasses.replace(TINY, use_grn=True, layer_scale=False, conv_mlp=True)],
-                         ids=["v1", "v2"])
+@pytest.mark.parametrize("config", TINY_VARIANTS, ids=TINY_IDS)
 def test_gradients_equal_finite_differences_with_drop_path_and_dropout(config):
     model = ConvNeXt(config, random_state_dict(config, seed=4), dtype="float64")
     x = random_images((4, 3, 32, 36), np.float64, seed=5)
@@ -87,8 +99,7 @@ def test_gradients_equal_finite_differences_with_drop_path_and_dropout(config):
     assert checked == 2 * len(state) and params is not None
 
 
-@pytest.mark.parametrize("config", [TINY, dataclasses.replace(TINY, use_grn=True, layer_scale=False, conv_mlp=True)],
-                         ids=["v1", "v2"])
+@pytest.mark.parametrize("config", TINY_VARIANTS, ids=TINY_IDS)
 def test_both_backends_agree_with_drop_path_and_dropout(config):
     # the numba backend's fused training block (train/fused.py) against the readable one, with
     # the drop-path and dropout masks drawn from one seed
