@@ -37,7 +37,7 @@ def test_mutated_weight_files_fail_cleanly_in_bounded_time_and_memory():
 
 
 IR_INPUTS, IR_SEED = 240, 20261206
-IR_MAX_SECONDS = 5.0  # per input: an IR of convnext_atto, a few megabytes
+IR_MAX_SECONDS = 20.0  # per input: a bound that catches quadratic work, not a speed target (an IR of atto, a few MB)
 
 
 def test_mutated_irs_and_saved_models_fail_cleanly_in_bounded_time_and_memory():
