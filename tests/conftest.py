@@ -18,6 +18,8 @@ if os.environ.get("NUMBA_NUM_THREADS", "").strip() in ("", "0", "1"):
 # tests/engine/test_threads.py checks the default, where they run serially.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import tests.support  # noqa: E402,F401  records the starting environment before any test imports a library
+
 
 class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """TensorFlow crashes beside OpenVINO in one process, and Keras 3 imports it whenever it is

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from tests.support import STARTING_ENVIRON
+
 _SCRIPT = """
 import json, os, sys, threading, warnings
 import torch, timm
@@ -69,7 +71,7 @@ print(json.dumps(dict(before=before, after=after, torch_again=bool((again == exp
 
 
 def run(env_changes: dict[str, str | None]) -> dict:
-    env = dict(os.environ)
+    env = dict(STARTING_ENVIRON)  # not what in-process tests' libraries added since
     for key, value in env_changes.items():
         if value is None:
             env.pop(key, None)

@@ -10,3 +10,7 @@ DATA = os.path.join(TESTS, "data")  # the photos the tests classify (SOURCES.md 
 # Architectures timm registers that npconvnext does not build yet, each with why: the tests that
 # build every architecture or every published tag skip exactly these. Whoever builds one removes it.
 NOT_BUILT_YET: dict[str, str] = {}  # every timm ConvNeXt is built
+
+# The environment as the test session started (conftest imports this first): libraries the
+# tests import in-process (OpenVINO, Keras, Dask) may add variables a fresh process must not inherit.
+STARTING_ENVIRON = dict(os.environ)
