@@ -261,7 +261,7 @@ def cmd_download(args):
 def cmd_convert(args):
     from npconvnext.convert import convert
 
-    meta = convert(args.src, args.dst, arch=args.arch, force=args.force)
+    meta = convert(args.src, args.dst, arch=args.arch, force=args.force, quiet=args.quiet)
     print(f"{_shown(args.dst)}: {meta['architecture']} from {meta['source_format']} "
           f"(source sha256 {meta['source_sha256']})")
 
@@ -269,7 +269,7 @@ def cmd_convert(args):
 def cmd_verify(args):
     from npconvnext.convert import verify
 
-    meta = verify(args.converted, args.source)
+    meta = verify(args.converted, args.source, quiet=args.quiet)
     print(f"{_shown(args.converted)}: OK: {meta['architecture']} converted from {_shown(args.source)} "
           f"(sha256 {meta['source_sha256']}); every tensor equals a fresh conversion")
 
