@@ -96,6 +96,7 @@ HEAVY_PATHS = {
     "tests/distributed": (("distributed",), "runs jobs on a real local Dask cluster"),
     "tests/formats/test_keras.py": (("keras",), "writes the Keras files it reads with Keras 3"),
     "tests/formats/test_openvino_ir.py": (("openvino", "onnx"), "exports to ONNX and converts with OpenVINO"),
+    "tests/formats/test_openvino_ir_hostile.py": (("openvino", "onnx"), "breaks IRs that OpenVINO writes"),
     "tests/formats/test_fuzz_readers.py": ((), "8000 fuzzed weight files, each in a worker: minutes"),
     "tests/engine/test_isa.py::test_avx2_code_gives_the_hosts_bits": ((), "compiles the kernels again for AVX2: minutes"),
     "tests/train/test_train.py::test_training_on_digits_learns": (("sklearn",), "trains on scikit-learn's digits"),

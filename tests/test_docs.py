@@ -25,10 +25,12 @@ PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "
 SNIPPET = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 
 
-def snippets():
-    for page in PAGES:
-        for number, match in enumerate(SNIPPET.finditer(open(page, encoding="utf-8").read()), 1):
-            yield pytest.param(match.group(1), id=f"{os.path.relpath(page, ROOT)}#{number}")
+def snippets() -> list:
+    """Every ```python block of the pages, as a test parameter named page#number (a list:
+    pytest no longer takes a generator)."""
+    return [pytest.param(match.group(1), id=f"{os.path.relpath(page, ROOT)}#{number}")
+            for page in PAGES
+            for number, match in enumerate(SNIPPET.finditer(open(page, encoding="utf-8").read()), 1)]
 
 
 @pytest.fixture(scope="module")

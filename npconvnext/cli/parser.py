@@ -74,7 +74,8 @@ def _model_options(p, batch_size=8):
     p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the model's precision")
     p.add_argument("--batch-size", type=at_least_one, default=batch_size, help="images per forward pass")
-    p.add_argument("--input-size", type=at_least_one, default=None, help="override the crop size")
+    p.add_argument("--input-size", type=at_least_one, default=None,
+                   help="the crop size (default: the weights' own, 224 for most tags)")
 
 
 def _job_options(p):
@@ -185,7 +186,8 @@ def _add_file_commands(add) -> None:
     p = add("convert", commands.cmd_convert, "any supported checkpoint -> timm-named float32 safetensors")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--arch", default=None, help="the architecture, where the file does not tell")
+    p.add_argument("--arch", default=None, help="the architecture, where the file does not tell (default: read off "
+                   "the weights; a file without head.fc is a headless backbone, num_classes 0, either way)")
     p.add_argument("--force", action="store_true", help="overwrite DST")
 
     p = add("verify", commands.cmd_verify, "check a converted file against its source: the sha256 recorded "
