@@ -23,6 +23,7 @@ import numpy as np
 from .. import batch, progress
 from ..atomic import atomic_write
 from ..batch import DEFAULT_MODEL
+from ..errors import NpConvNeXtError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = """exit status:
@@ -200,8 +201,15 @@ def cmd_benchmark(args):
             warnings.simplefilter("ignore", UserWarning)
             model = create_model(arch, dtype=args.dtype, seed=0)
         name = f"{arch} (random weights: timing only)"
-    else:
+    elif args.weights:
         model, _ = _load_model(args)
+        name = batch.model_source(_model_spec(args), model)[0]
+    else:
+        try:
+            model, _ = _load_model(args)
+        except NpConvNeXtError as exc:  # a tag that cannot be had (offline): timing needs no weights
+            raise CommandError(f"{_describe(exc).rstrip('.')}. To time the architecture alone, without its weights: "
+                               "--random-weights") from None
         name = batch.model_source(_model_spec(args), model)[0]
     size = (args.input_size, args.input_size) if args.input_size else None
     with progress.bar(args.seconds, "benchmark", unit="s", quiet=args.quiet) as bar:
