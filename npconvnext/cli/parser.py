@@ -138,13 +138,15 @@ def _add_finetune(add) -> None:
     p.add_argument("--batch-size", type=at_least_one, default=32, help="images per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--img-size", type=at_least_one, default=224, help="side of the training crops")
-    p.add_argument("--val-split", type=float, default=None, help="fraction of each class held out (default: 0.1, or 0 with --val-dir)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="fraction of each class held out (default: 0.1, or 0 with --val-dir)")
     p.add_argument("--val-dir", default=None, help="a validation folder with the same class folders")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's decoupled weight decay")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy's targets")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine")
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay, e.g. 0.8 (default: none)")
+    p.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise learning-rate decay, e.g. 0.8 (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentation and drop path")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint of an earlier run")
     p.add_argument("-o", "--output", required=True, help="the weights to write (.safetensors)")
