@@ -233,6 +233,8 @@ def cmd_finetune(args):
                     val_split=0.0 if args.val_dir else (0.1 if args.val_split is None else args.val_split),
                     seed=args.seed)
     pretrained = args.pretrained or (tag if tag and not args.weights else None)  # with --weights, a tag only names
+    if not (args.weights or pretrained or args.quiet):  # `--model convnext_tiny` alone is easily taken as pretrained
+        progress.note(f"npconvnext: training {arch} from scratch (timm's init): no --weights or --pretrained given")
     with progress.bar(None, "finetune", unit="batch", quiet=args.quiet) as bar:
 
         def report(message):

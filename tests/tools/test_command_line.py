@@ -198,6 +198,8 @@ def test_finetune_prints_one_line_per_epoch(tmp_path):
     epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
     assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 2"]
     assert not any(line.startswith("epoch 1:") for line in bar_and_notes(done.stderr))  # not twice
+    # no --weights or --pretrained: said, as `--model convnext_atto` alone reads like pretrained weights
+    assert "npconvnext: training convnext_atto from scratch (timm's init)" in done.stderr
     assert re.fullmatch(r"epoch 2: loss [\d.]+, validation top-1 [\d.]+ %, [\d.]+ images/s, checkpoint .*", epochs[1])
 
 
