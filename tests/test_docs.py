@@ -38,7 +38,8 @@ def workdir(tmp_path_factory):
     """A folder with every file the snippets name."""
     folder = tmp_path_factory.mktemp("snippets")
     for arch in ("convnext_tiny", "convnext_atto"):
-        model = npconvnext.create_model(arch, seed=0)
+        with pytest.warns(UserWarning, match="seeded random weights"):  # as the snippets' files are meant to be
+            model = npconvnext.create_model(arch, seed=0)
         save_file({name: np.ascontiguousarray(a) for name, a in model.state_dict().items()},
                   str(folder / f"{arch}.safetensors"))
     shutil.copytree(DATA, folder / "tests" / "data")
