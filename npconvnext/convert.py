@@ -4,23 +4,30 @@
 file, and an existing destination is never touched unless `force`. The output is a pure
 function of the source: the same source always gives the same bytes. Its metadata records the
 source's sha256, which `verify` checks, together with a fresh conversion's tensors.
+
+A large file takes seconds to minutes, so both show progress as the rest of npconvnext does
+(progress.py: bars on stderr when it is a terminal, none when quiet): the source's bytes as they
+are read and hashed, its tensors as they are checked, the destination's bytes as they are
+written. The finished conversion is logged (INFO) on the `npconvnext` logger.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
+from . import progress
 from .atomic import atomic_write
 from .config import get_config
 from .convention import Convention
 from .errors import CheckpointError, InputError, NpConvNeXtError
 from .formats import (convention_of, detect_naming, format_named, read_checkpoint, read_safetensors_with_metadata,
-                      sha256_of, to_timm_names)
+                      sha256_of, to_timm_names, weight_files)
 from .formats.safetensors_writer import safetensors_chunks
 from .model import ConvNeXt
 from .params import detect_architecture
@@ -28,9 +35,11 @@ from .params import detect_architecture
 # metadata fields that describe the source's content (its file name may differ between copies)
 _CONTENT_FIELDS = ("architecture", "num_classes", "source_sha256", "source_format", "format", "converted_by")
 
+log = logging.getLogger(__name__)
+
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None,
-            force: bool = False, convention: Convention | None = None) -> dict[str, str]:
+            force: bool = False, convention: Convention | None = None, quiet: bool = False) -> dict[str, str]:
     """Write `src` (any supported format) as timm-named float32 safetensors at `dst`.
     Returns the metadata written into the file.
 
@@ -38,21 +47,38 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = N
     are left to the caller, as timm's users do them. For an OpenVINO IR whose preprocessing is
     folded into its first convolution, `convention` says what the IR takes (as create_model's
     convention_override); the stem is unfolded for it, so that timm's model computes the IR's
-    logits from images normalised by that convention's mean and std."""
+    logits from images normalised by that convention's mean and std.
+
+    A checkpoint without a classifier (no head.fc: DINOv3, FCMAE and other backbones) is written
+    as a headless backbone, num_classes 0, with or without `arch`. quiet: no progress bars."""
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst}: already exists; pass --force (force=True) to overwrite it")
-    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch, convention)
-    atomic_write(dst, safetensors_chunks(tensors, metadata))
+    tensors, metadata = _without_frames(src, _convert_in_memory, src, arch, convention, quiet)
+    chunks = list(safetensors_chunks(tensors, metadata))  # the header, then views of each tensor's bytes
+    size = sum(memoryview(chunk).nbytes for chunk in chunks)
+    with progress.byte_bar(size, f"writing {os.path.basename(dst)}", quiet) as bar:
+        atomic_write(dst, _counted(chunks, bar.update))
+    log.info("%s: %s (%s classes) from %s, %d tensors, %d bytes", dst, metadata["architecture"],
+             metadata["num_classes"], metadata["source_format"], len(tensors), size,
+             extra={"result": True})  # the command prints its own line
     return metadata
 
 
-def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str, str]:
+def _counted(chunks: Iterable[bytes | memoryview], done) -> Iterator[bytes | memoryview]:
+    """The chunks, calling done(n bytes) after each is taken (written)."""
+    for chunk in chunks:
+        yield chunk
+        done(memoryview(chunk).nbytes)
+
+
+def verify(converted: str | os.PathLike, source: str | os.PathLike, quiet: bool = False) -> dict[str, str]:
     """Check that `converted` is what `convert(source)` writes: the source sha256 recorded in it
     is `source`'s, and every tensor equals a fresh conversion's, bit for bit.
 
     Returns the converted file's metadata; raises CheckpointError naming the file and the
     problem (a different source, a file not written by `convert`, tampered tensors).
+    quiet: no progress bars (the fresh conversion's).
     """
     converted, source = os.fspath(converted), os.fspath(source)
     metadata = _without_frames(converted, read_safetensors_with_metadata, converted)[1]
@@ -65,7 +91,7 @@ def verify(converted: str | os.PathLike, source: str | os.PathLike) -> dict[str,
                               f"{source} has sha256 {actual}: a different file, or changed since")
     # the architecture is read off the source, as the recorded one is what is being checked
     convention = _recorded_convention(converted, metadata)
-    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, None, convention)
+    fresh, fresh_metadata = _without_frames(source, _convert_in_memory, source, None, convention, quiet)
     problems = [f"metadata {k}: {metadata.get(k)!r}, a fresh conversion gives {fresh_metadata[k]!r}"
                 for k in _CONTENT_FIELDS if metadata.get(k) != fresh_metadata[k]]
     problems += _without_frames(converted, _differences, converted, fresh)
@@ -117,9 +143,12 @@ def _without_frames(path: str, fn, *args):
     raise CheckpointError(message if message.startswith(path) else f"{path}: {message}")
 
 
-def _convert_in_memory(src: str, arch: str | None,
-                       convention: Convention | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _convert_in_memory(src: str, arch: str | None, convention: Convention | None = None,
+                       quiet: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata `convert` writes for `src`."""
+    # hashed first: the one pass over every byte of the source, so its bar shows the read
+    with progress.byte_bar(_size_of(src), f"reading {os.path.basename(src)}", quiet) as bar:
+        source_sha256 = sha256_of(src, bar.update)
     raw, container = read_checkpoint(src)
     if convention is not None:
         restate = format_named(container).restate
@@ -131,19 +160,37 @@ def _convert_in_memory(src: str, arch: str | None,
     state = to_timm_names(raw, get_config(arch) if arch else None)
     if arch:
         head = state.get("head.fc.weight")
-        num_classes = {"num_classes": int(head.shape[0])} if head is not None and head.ndim == 2 else {}
-        config = get_config(arch, **num_classes)  # no head: the strict check below reports it missing
+        if head is None:  # a headless backbone, num_classes 0, as detect_architecture reads one
+            config = get_config(arch, num_classes=0)
+        elif head.ndim == 2:
+            config = get_config(arch, num_classes=int(head.shape[0]))
+        else:  # the strict check below reports its shape
+            config = get_config(arch)
     else:
         config = detect_architecture(state)
     # building the model checks every name and shape before anything is written
     model = ConvNeXt(config, state, dtype="float32", backend="numpy", source=src)
     tensors = model.state_dict()  # copies: the source's mapping can go
-    bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+    with progress.bar(len(tensors), "checking", unit="tensor", quiet=quiet) as bar:
+        bad = []
+        for name, tensor in tensors.items():
+            if not np.isfinite(tensor).all():
+                bad.append(name)
+            bar.update(1)
     if bad:
         raise CheckpointError(f"{src}: {len(bad)} tensors hold NaN or Inf: {', '.join(bad[:10])}")
     metadata = {"architecture": config.name, "num_classes": str(config.num_classes),
-                "source_sha256": sha256_of(src), "source_format": f"{container}/{naming}",
+                "source_sha256": source_sha256, "source_format": f"{container}/{naming}",
                 "source_file": os.path.basename(src), "format": "pt", "converted_by": "npconvnext"}
     if convention is not None:  # what the stem was unfolded for: `verify` does it again
         metadata["input_convention"] = json.dumps(dataclasses.asdict(convention))
     return tensors, metadata
+
+
+def _size_of(src: str) -> int | None:
+    """The bytes of the weights at `src` (all its files), None where a size cannot be read: the
+    hash that follows reports why."""
+    try:
+        return sum(os.path.getsize(name) for name in weight_files(src))
+    except OSError:
+        return None

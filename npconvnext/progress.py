@@ -33,6 +33,12 @@ def bar(total: int | None, description: str, unit: str = "image", quiet: bool = 
                 disable=quiet or not interactive())
 
 
+def byte_bar(total: int | None, description: str, quiet: bool = False) -> tqdm:
+    """A `bar` counting bytes, shown as kB, MB, GB of 1000 (update(n) adds n bytes)."""
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, file=sys.stderr,
+                dynamic_ncols=True, leave=False, disable=quiet or not interactive())
+
+
 def note(message: str) -> None:
     """A line on stderr that never lands inside a progress bar."""
     tqdm.write(message, file=sys.stderr)

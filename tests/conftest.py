@@ -96,9 +96,16 @@ HEAVY_PATHS = {
     "tests/distributed": (("distributed",), "runs jobs on a real local Dask cluster"),
     "tests/formats/test_keras.py": (("keras",), "writes the Keras files it reads with Keras 3"),
     "tests/formats/test_openvino_ir.py": (("openvino", "onnx"), "exports to ONNX and converts with OpenVINO"),
+    "tests/formats/test_openvino_ir_hostile.py": (("openvino", "onnx"), "breaks IRs that OpenVINO writes"),
     "tests/formats/test_fuzz_readers.py": ((), "8000 fuzzed weight files, each in a worker: minutes"),
     "tests/engine/test_isa.py::test_avx2_code_gives_the_hosts_bits": ((), "compiles the kernels again for AVX2: minutes"),
     "tests/train/test_train.py::test_training_on_digits_learns": (("sklearn",), "trains on scikit-learn's digits"),
+    **{f"tests/tools/test_explain.py::{name}": (("matplotlib",), "draws figures with matplotlib (the test extra)")
+       for name in ("test_explain_command_size_and_target", "test_erf_and_parity_commands",
+                    "test_real_weights_get_no_warning", "test_figures_of_a_drift")},
+    # timm's model and ours, float32 and float64, of 0.66-0.85 billion parameters: about 18 GB at once
+    "tests/test_parity.py::test_every_variant_matches_timm[convnext_xxlarge]": ((), "needs about 18 GB of memory"),
+    "tests/test_parity.py::test_every_variant_matches_timm[convnextv2_huge]": ((), "needs about 18 GB of memory"),
 }
 # By fixture: a test that uses it is heavy.
 HEAVY_FIXTURES = {

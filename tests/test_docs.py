@@ -25,10 +25,12 @@ PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "
 SNIPPET = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 
 
-def snippets():
-    for page in PAGES:
-        for number, match in enumerate(SNIPPET.finditer(open(page, encoding="utf-8").read()), 1):
-            yield pytest.param(match.group(1), id=f"{os.path.relpath(page, ROOT)}#{number}")
+def snippets() -> list:
+    """Every ```python block of the pages, as a test parameter named page#number (a list:
+    pytest no longer takes a generator)."""
+    return [pytest.param(match.group(1), id=f"{os.path.relpath(page, ROOT)}#{number}")
+            for page in PAGES
+            for number, match in enumerate(SNIPPET.finditer(open(page, encoding="utf-8").read()), 1)]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def workdir(tmp_path_factory):
     """A folder with every file the snippets name."""
     folder = tmp_path_factory.mktemp("snippets")
     for arch in ("convnext_tiny", "convnext_atto"):
-        model = npconvnext.create_model(arch, seed=0)
+        with pytest.warns(UserWarning, match="seeded random weights"):  # as the snippets' files are meant to be
+            model = npconvnext.create_model(arch, seed=0)
         save_file({name: np.ascontiguousarray(a) for name, a in model.state_dict().items()},
                   str(folder / f"{arch}.safetensors"))
     shutil.copytree(DATA, folder / "tests" / "data")

@@ -23,6 +23,7 @@ import numpy as np
 from .. import batch, progress
 from ..atomic import atomic_write
 from ..batch import DEFAULT_MODEL
+from ..errors import NpConvNeXtError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = """exit status:
@@ -200,8 +201,15 @@ def cmd_benchmark(args):
             warnings.simplefilter("ignore", UserWarning)
             model = create_model(arch, dtype=args.dtype, seed=0)
         name = f"{arch} (random weights: timing only)"
-    else:
+    elif args.weights:
         model, _ = _load_model(args)
+        name = batch.model_source(_model_spec(args), model)[0]
+    else:
+        try:
+            model, _ = _load_model(args)
+        except NpConvNeXtError as exc:  # a tag that cannot be had (offline): timing needs no weights
+            raise CommandError(f"{_describe(exc).rstrip('.')}. To time the architecture alone, without its weights: "
+                               "--random-weights") from None
         name = batch.model_source(_model_spec(args), model)[0]
     size = (args.input_size, args.input_size) if args.input_size else None
     with progress.bar(args.seconds, "benchmark", unit="s", quiet=args.quiet) as bar:
@@ -225,6 +233,8 @@ def cmd_finetune(args):
                     val_split=0.0 if args.val_dir else (0.1 if args.val_split is None else args.val_split),
                     seed=args.seed)
     pretrained = args.pretrained or (tag if tag and not args.weights else None)  # with --weights, a tag only names
+    if not (args.weights or pretrained or args.quiet):  # `--model convnext_tiny` alone is easily taken as pretrained
+        progress.note(f"npconvnext: training {arch} from scratch (timm's init): no --weights or --pretrained given")
     with progress.bar(None, "finetune", unit="batch", quiet=args.quiet) as bar:
 
         def report(message):
@@ -261,7 +271,7 @@ def cmd_download(args):
 def cmd_convert(args):
     from npconvnext.convert import convert
 
-    meta = convert(args.src, args.dst, arch=args.arch, force=args.force)
+    meta = convert(args.src, args.dst, arch=args.arch, force=args.force, quiet=args.quiet)
     print(f"{_shown(args.dst)}: {meta['architecture']} from {meta['source_format']} "
           f"(source sha256 {meta['source_sha256']})")
 
@@ -269,7 +279,7 @@ def cmd_convert(args):
 def cmd_verify(args):
     from npconvnext.convert import verify
 
-    meta = verify(args.converted, args.source)
+    meta = verify(args.converted, args.source, quiet=args.quiet)
     print(f"{_shown(args.converted)}: OK: {meta['architecture']} converted from {_shown(args.source)} "
           f"(sha256 {meta['source_sha256']}); every tensor equals a fresh conversion")
 

@@ -22,7 +22,8 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
     """Defaults shown in --help (not where there is none, or the help names it), epilogs as written."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        # `is`, not `in`: 0 and 0.0 equal False, and a default of 0 is worth showing
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -74,7 +75,8 @@ def _model_options(p, batch_size=8):
     p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the model's precision")
     p.add_argument("--batch-size", type=at_least_one, default=batch_size, help="images per forward pass")
-    p.add_argument("--input-size", type=at_least_one, default=None, help="override the crop size")
+    p.add_argument("--input-size", type=at_least_one, default=None,
+                   help="the crop size (default: the weights' own, 224 for most tags)")
 
 
 def _job_options(p):
@@ -136,13 +138,15 @@ def _add_finetune(add) -> None:
     p.add_argument("--batch-size", type=at_least_one, default=32, help="images per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--img-size", type=at_least_one, default=224, help="side of the training crops")
-    p.add_argument("--val-split", type=float, default=None, help="fraction of each class held out (default 0.1)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="fraction of each class held out (default: 0.1, or 0 with --val-dir)")
     p.add_argument("--val-dir", default=None, help="a validation folder with the same class folders")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's decoupled weight decay")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy's targets")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine")
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning-rate decay, e.g. 0.8")
+    p.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise learning-rate decay, e.g. 0.8 (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentation and drop path")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint of an earlier run")
     p.add_argument("-o", "--output", required=True, help="the weights to write (.safetensors)")
@@ -185,7 +189,8 @@ def _add_file_commands(add) -> None:
     p = add("convert", commands.cmd_convert, "any supported checkpoint -> timm-named float32 safetensors")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--arch", default=None, help="the architecture, where the file does not tell")
+    p.add_argument("--arch", default=None, help="the architecture, where the file does not tell (default: read off "
+                   "the weights; a file without head.fc is a headless backbone, num_classes 0, either way)")
     p.add_argument("--force", action="store_true", help="overwrite DST")
 
     p = add("verify", commands.cmd_verify, "check a converted file against its source: the sha256 recorded "

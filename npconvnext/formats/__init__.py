@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -66,11 +67,11 @@ def weight_files(path: str | os.PathLike) -> list[str]:
     return fmt.files(path) if fmt.files else [path]
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+def sha256_of(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
     """sha256 of the weights at `path`: of its files' bytes in order (one file; an IR's .xml and
     .bin; a SavedModel's files), so that a change to any of them shows. Regular files only: a
-    FIFO or a missing file is a CheckpointError."""
-    return sha256_of_files(weight_files(path))
+    FIFO or a missing file is a CheckpointError. progress(n): after each n bytes hashed."""
+    return sha256_of_files(weight_files(path), progress)
 
 
 class WeightFile(NamedTuple):

@@ -67,14 +67,17 @@ def sniff(path: str, formats: Sequence[WeightFormat]) -> WeightFormat:
     raise CheckpointError(f"{path}: not a weight file npconvnext reads ({known}); it starts {head[:8]!r}")
 
 
-def sha256_of_files(files: Sequence[str]) -> str:
-    """sha256 of the files' bytes in order, each opened as a weight file (regular files only)."""
+def sha256_of_files(files: Sequence[str], progress: Callable[[int], None] | None = None) -> str:
+    """sha256 of the files' bytes in order, each opened as a weight file (regular files only);
+    progress(n) is called after each n bytes hashed (a progress bar's hook)."""
     digest = hashlib.sha256()
     for name in files:
         with open_weight_file(name) as f:
             try:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
             except OSError as exc:
                 raise CheckpointError(f"{name}: cannot read ({exc.strerror or exc})") from None
     return digest.hexdigest()

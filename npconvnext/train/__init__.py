@@ -38,6 +38,10 @@ def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothin
     images = model.network_input(x)                                            # (N, H, W, 3)
     labels = np.asarray(y)
     classes = model.config.num_classes
+    if not classes:  # a headless backbone: its output is features, there are no logits to score
+        raise InputError(f"this {model.config.name} has no classifier (num_classes 0, a headless backbone), so "
+                         "there is no loss to train: give it one with model.reset_classifier(K) first (finetune "
+                         "does this for a folder of K classes)")
     if labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu":
         raise InputError(f"labels must be {images.shape[0]} integers, one per image; got {labels.dtype} {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= classes):

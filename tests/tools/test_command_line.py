@@ -135,6 +135,15 @@ def test_benchmark_reports_latency_and_throughput(weights):
     assert done.returncode == 1 and "give --weights or --random-weights, not both" in done.stderr
 
 
+def test_benchmark_offline_without_weights_points_to_random_weights(tmp_path):
+    # a newcomer's first `npconvnext benchmark` on a machine without the hub or its cache
+    done = npconvnext_command("benchmark", "--seconds", "0.1", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("npconvnext benchmark: error: cannot get convnext_tiny.fb_in1k")
+    assert line.endswith("To time the architecture alone, without its weights: --random-weights")
+
+
 def test_evaluate_a_fine_tuned_file_on_its_own_class_names(tmp_path):
     config = npconvnext.get_config("convnext_atto", num_classes=3)
     model = ConvNeXt(config, random_state_dict(config, seed=4))
@@ -189,6 +198,8 @@ def test_finetune_prints_one_line_per_epoch(tmp_path):
     epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
     assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 2"]
     assert not any(line.startswith("epoch 1:") for line in bar_and_notes(done.stderr))  # not twice
+    # no --weights or --pretrained: said, as `--model convnext_atto` alone reads like pretrained weights
+    assert "npconvnext: training convnext_atto from scratch (timm's init)" in done.stderr
     assert re.fullmatch(r"epoch 2: loss [\d.]+, validation top-1 [\d.]+ %, [\d.]+ images/s, checkpoint .*", epochs[1])
 
 

@@ -3,6 +3,7 @@ error or a kill, the umask left alone, errors that name the destination."""
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import stat
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from npconvnext import atomic
+from npconvnext import atomic, progress
 from npconvnext.convert import convert, verify
 from npconvnext.errors import CheckpointError
 from tests.support.timm_reference import numpy_state_dict, random_timm_model
@@ -191,7 +192,7 @@ def test_mode_follows_the_umask_which_is_left_alone(tmp_path, umask, mode, tmpfi
     dst = tmp_path / "out.bin"
     script = textwrap.dedent(f"""
         import os
-        from npconvnext import atomic
+        from npconvnext import atomic, progress
 
         atomic._USE_TMPFILE = {tmpfile}
         os.umask({umask:#o})
@@ -271,10 +272,68 @@ def test_a_checkpoint_without_head_converts_as_a_headless_backbone(tmp_path):
     out = tmp_path / "out.safetensors"
     convert(path, out)  # the architecture read off the weights: num_classes 0
     assert set(load_file(out)) == set(headless)
-    # with --arch the classifier is still required (convert does not yet take num_classes 0)
-    with pytest.raises(CheckpointError, match=r"(?s)missing.*head\.fc\.weight"):
-        convert(path, tmp_path / "other.safetensors", arch="convnext_atto")
+    # with --arch too: the same headless backbone, the same bytes, as create_model reads one
+    named = tmp_path / "named.safetensors"
+    assert convert(path, named, arch="convnext_atto")["num_classes"] == "0"
+    assert named.read_bytes() == out.read_bytes()
+    assert cli("convert", path, tmp_path / "cli.safetensors", "--arch", "convnext_atto").returncode == 0
+    assert (tmp_path / "cli.safetensors").read_bytes() == out.read_bytes()
+    # a headless file of another architecture is still refused
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        convert(path, tmp_path / "other.safetensors", arch="convnext_tiny")
     assert not (tmp_path / "other.safetensors").exists()
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every tqdm bar progress.py makes, kept to read its total and count after the work."""
+    made = []
+
+    class Recorded(progress.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(progress, "tqdm", Recorded)
+    return made
+
+
+def test_convert_counts_the_source_the_tensors_and_the_written_bytes(tmp_path, src, bars, monkeypatch, capsys,
+                                                                     caplog):
+    monkeypatch.setenv("NPCONVNEXT_PROGRESS", "1")  # as on a terminal
+    out = tmp_path / "out.safetensors"
+    with caplog.at_level(logging.INFO, logger="npconvnext"):
+        convert(src, out)
+    counted = {bar.desc.split()[0]: (bar.unit, bar.total, bar.n) for bar in bars}
+    assert counted == {"reading": ("B", src.stat().st_size, src.stat().st_size),
+                       "checking": ("tensor", len(load_file(out)), len(load_file(out))),
+                       "writing": ("B", out.stat().st_size, out.stat().st_size)}
+    err = capsys.readouterr().err
+    assert "reading src.safetensors" in err and "writing out.safetensors" in err
+    [record] = [r for r in caplog.records if r.name == "npconvnext.convert"]
+    assert record.getMessage().startswith(f"{out}: convnext_atto (1000 classes) from safetensors/timm")
+
+    quiet, piped = tmp_path / "quiet.safetensors", tmp_path / "piped.safetensors"
+    convert(src, quiet, quiet=True)
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("NPCONVNEXT_PROGRESS")  # stderr is not a terminal under pytest
+    convert(src, piped)
+    assert capsys.readouterr().err == ""
+    assert quiet.read_bytes() == piped.read_bytes() == out.read_bytes()
+
+
+def test_convert_and_verify_commands_show_bars_unless_quiet_or_piped(tmp_path, src):
+    shown = dict(os.environ, NPCONVNEXT_PROGRESS="1")
+    out = cli("convert", src, tmp_path / "bar.safetensors", env=shown)
+    assert "writing bar.safetensors" in out.stderr and out.stdout.startswith(f"{tmp_path / 'bar.safetensors'}: ")
+    assert cli("convert", "-q", src, tmp_path / "quiet.safetensors", env=shown).stderr == ""
+    assert cli("convert", src, tmp_path / "piped.safetensors").stderr == ""
+    assert (tmp_path / "bar.safetensors").read_bytes() == (tmp_path / "piped.safetensors").read_bytes()
+    assert "reading src.safetensors" in cli("verify", tmp_path / "bar.safetensors", src, env=shown).stderr
+    assert cli("verify", "--quiet", tmp_path / "bar.safetensors", src, env=shown).stderr == ""
 
 
 # ---- verify -------------------------------------------------------------------------------------
