@@ -54,6 +54,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 
+from .gemm_bf16 import has_dot_product, pair_product, pair_tile_llvm
 from .llvm import fused_multiply_add, prefetch, splat, vector_registers
 
 
@@ -66,6 +67,8 @@ def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
         lanes = vector_bytes // dtype.itemsize
         rows = min(12, (registers - 3) // 2)
         shapes[dtype] = (rows, 2 * lanes)
+    # bfloat16 pairs (gemm_bf16.py), keyed by their bits' dtype: a 32-bit lane a pixel, as float32
+    shapes[np.dtype(np.uint16)] = shapes[np.dtype(np.float32)]
     return shapes
 
 
@@ -104,8 +107,14 @@ def tile_product(weight, first_row, rows, panel, tile, pixels):
     j < pixels; rows past `rows` (the end of the weight) repeat its last row, and columns past
     `pixels` are left undefined: both are the caller's to ignore. Only the panel's vectors that
     hold the pixels are read (a last panel's empty half costs nothing).
-    weight: (N, K); panel: (K, NR); tile: (MR, NR). Compiled: the intrinsic below."""
+    weight: (N, K); panel: (K, NR); tile: (MR, NR). Compiled: the intrinsic below.
+    bfloat16 (gemm_bf16.py): weight (N, K) uint16, K even; panel (K/2, NR, 2) uint16 pairs;
+    tile float32, summed as gemm_bf16.pair_product says."""
     mr = tile.shape[0]
+    if weight.dtype == np.uint16:
+        picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
+        tile[:] = pair_product(weight[picked], panel)
+        return
     picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
     tile[:] = weight[picked] @ panel
 
@@ -115,8 +124,10 @@ def tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
     tile_product(weight, first_row, rows, panel, tile.T, pixels)
 
 
-def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed):
+def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed, dot_product=None):
     dtype = weight.dtype
+    if dtype == numba.types.uint16:
+        return _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, dot_product)
     if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
             and isinstance(panel, numba.types.Array) and panel.layout == "C" and panel.dtype == dtype
             and isinstance(tile, numba.types.Array) and tile.layout == "C" and tile.dtype == dtype):
@@ -132,6 +143,23 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+def _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, dot_product):
+    # the bfloat16 pair tile (gemm_bf16.py); dot_product None: vdpbf16ps where the CPU has it
+    if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
+            and isinstance(panel, numba.types.Array) and panel.ndim == 3 and panel.layout == "C"
+            and panel.dtype == numba.types.uint16 and isinstance(tile, numba.types.Array) and tile.layout == "C"
+            and tile.dtype == numba.types.float32):
+        return None
+    mr, nr = TILES[np.dtype(np.uint16)]
+    use_dot = has_dot_product() if dot_product is None else dot_product
+
+    def codegen(context, builder, sig, args):
+        pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, use_dot)
+        return context.get_dummy_value()
+
+    return numba.types.void(weight, first_row, rows, panel, tile, pixels), codegen
 
 
 def _tile_product_ir(context, builder, sig, args, dtype, mr, lanes, vectors, transposed):
@@ -217,6 +245,32 @@ _tile_product_rows = numba.extending.intrinsic(
 _tile_product_columns = numba.extending.intrinsic(
     lambda typingctx, weight, first_row, rows, panel, tile, pixels:
         _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed=True))
+
+
+
+
+def tile_product_widening(weight, first_row, rows, panel, tile, pixels):
+    """tile_product on bfloat16 pairs by the widening path on any CPU (the tests' handle on it)."""
+    tile_product(weight, first_row, rows, panel, tile, pixels)
+
+
+def tile_product_dot(weight, first_row, rows, panel, tile, pixels):
+    """tile_product on bfloat16 pairs by vdpbf16ps (only where the CPU has AVX512_BF16)."""
+    tile_product(weight, first_row, rows, panel, tile, pixels)
+
+
+def _bind_pair_path(twin, dot_product):
+    # twin compiled as the pair tile by one path, whatever the CPU would choose
+    path = numba.extending.intrinsic(
+        lambda typingctx, weight, first_row, rows, panel, tile, pixels:
+            _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, dot_product))
+    numba.extending.overload(twin, inline="always")(
+        lambda weight, first_row, rows, panel, tile, pixels:
+            lambda weight, first_row, rows, panel, tile, pixels: path(weight, first_row, rows, panel, tile, pixels))
+
+
+_bind_pair_path(tile_product_widening, False)
+_bind_pair_path(tile_product_dot, True)
 
 
 @numba.extending.overload(tile_product, inline="always")

@@ -1,0 +1,180 @@
+"""gemm.py's micro-kernel on bfloat16 pairs: the block's two linears in a bfloat16 model.
+
+The same tile as gemm.py's (MR output channels by NR pixels, sums in float32 registers for the
+whole K loop, weights read as stored, the next tile's rows prefetched), on bfloat16 values
+kept as their bits (uint16) and taken two channels at a time:
+
+    weights      (N, K) uint16 rows as stored, K even (bfloat16.pair_rows pads an odd K with a
+                 zero channel); read as 32-bit words, word k2 = channels 2*k2 (low half) and
+                 2*k2 + 1 (high half)
+    pair panels  (P, K/2, NR, 2) uint16: panel p, pair k2, pixel j holds channels 2*k2 and
+                 2*k2 + 1 of pixel p*NR + j, one 32-bit lane per pixel (bfloat16.py packs them)
+
+    pair panel p:     k2=0   [c0 c1 | c0 c1 | ... ]   NR pixels, a 32-bit lane each
+                      k2=1   [c2 c3 | c2 c3 | ... ]
+    tile (MR, NR) += for each row r: the broadcast word weight[r, k2] x panel[k2, :]
+
+Two ways to do one step (one word, one vector of lanes), with the same result:
+
+    dot product   where the CPU has AVX512_BF16: `vdpbf16ps` (LLVM's
+                  llvm.x86.avx512bf16.dpbf16ps.512 on <32 x bfloat>), two products per lane
+    widening      elsewhere: each half widened to float32 in registers (the low half shifted up
+                  16 bits, the high half masked), then two llvm.fma
+
+Both add the high (odd) channel's product to the running sum first, then the low (even)
+channel's, each sum rounded to float32, which is the order the Intel SDM gives for vdpbf16ps
+(tests/engine/test_bfloat16.py checks it on the CPU). The products of two bfloat16 values are
+exact in float32, so an fma is the same as a rounded add. One difference: vdpbf16ps treats
+subnormal inputs and sums as zero (DAZ, FTZ, whatever MXCSR says) and the widening path keeps
+them, so the two differ by less than 2**-126 per step where values that small occur.
+`bfloat16.pair_product` is the plain NumPy twin of both.
+
+LLVM's IR builder in llvmlite has no bfloat type: `_BFloat` prints as LLVM's `bfloat`, enough
+to declare the intrinsic and bitcast <16 x i32> words to <32 x bfloat>.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
+
+from ..layers import from_bfloat16
+from .llvm import fused_multiply_add, prefetch, splat, vector_registers
+
+
+def pair_product(weight, pairs):
+    """The plain twin of the pair tile, exactly: weight (N, K) uint16 rows, K even; pairs
+    (K/2, NR, 2) uint16 -> (N, NR) float32, sums[n, j] over k2 in order of
+    + w[n, 2*k2 + 1] * x[j, 2*k2 + 1], then + w[n, 2*k2] * x[j, 2*k2], each product exact and
+    each sum rounded to float32 (subnormals kept, as the widening path keeps them)."""
+    n = weight.shape[0]
+    w = from_bfloat16(weight).reshape(n, -1, 2)                        # (N, K/2, 2)
+    x = from_bfloat16(pairs)                                           # (K/2, NR, 2)
+    sums = np.zeros((n, x.shape[1]), np.float32)
+    for k2 in range(x.shape[0]):
+        sums += w[:, k2, 1, None] * x[None, k2, :, 1]         # (N, NR): exact products, rounded sums
+        sums += w[:, k2, 0, None] * x[None, k2, :, 0]
+    return sums
+
+
+
+def has_dot_product() -> bool:
+    """Whether the CPU Numba compiles for has vdpbf16ps (AVX512_BF16 with 64-byte vectors). Read
+    from the same features as llvm.vector_registers, which Numba's JIT cache keys its machine
+    code on, so a cached kernel never carries the other path."""
+    features = numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    return "avx512bf16" in enabled and vector_registers()[0] == 64
+
+
+class _BFloat(ir.types.Type):
+    """LLVM's bfloat, which llvmlite's IR builder lacks; only printed, never computed with here."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, dot_product):
+    """The IR of gemm.tile_product (or tile_product_transposed) for uint16 weights (N, K) and a
+    pair panel (K/2, NR, 2); the tile (MR, NR) (or (NR, MR)) is float32."""
+    weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
+    weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
+    panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
+    tile_array = context.make_array(sig.args[4])(context, builder, tile_value)
+    vector_bytes, _ = vector_registers()
+    lanes = vector_bytes // 4
+    vectors = nr // lanes                                  # per tile row
+    word, single = ir.IntType(32), ir.FloatType()
+    words, floats = ir.VectorType(word, lanes), ir.VectorType(single, lanes)
+    intp = context.get_value_type(numba.types.intp)
+
+    def const(i):
+        return ir.Constant(intp, i)
+
+    pairs = builder.extract_value(panel_array.shape, 0)                               # K / 2
+    row_words = builder.sdiv(builder.extract_value(weight_array.strides, 0), const(4))  # words a row
+    first = context.cast(builder, first_value, sig.args[1], numba.types.intp)
+    last = builder.sub(builder.add(first, context.cast(builder, rows_value, sig.args[2], numba.types.intp)), const(1))
+    weight_words = builder.bitcast(weight_array.data, word.as_pointer())
+    weight_rows = []  # a pointer to each of the MR rows' words (past the end: the last row)
+    for r in range(mr):
+        row = builder.add(first, const(r))
+        row = builder.select(builder.icmp_signed(">", row, last), last, row)
+        weight_rows.append(builder.gep(weight_words, [builder.mul(row, row_words)]))
+    next_rows = builder.gep(weight_words, [builder.mul(builder.add(first, const(mr)), row_words)])
+    panel_vectors = builder.bitcast(panel_array.data, words.as_pointer())             # (K/2 * NR / VL,)
+    tile_vectors = builder.bitcast(tile_array.data, floats.as_pointer())              # (MR * NR / VL,)
+    step = _dot_step if dot_product else _widening_step
+
+    def product(used):
+        sums = [[cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(used)]
+                for _ in range(mr)]
+        with cgutils.for_range(builder, pairs) as loop:
+            k2 = loop.index
+            # a cache line (16 words) of each of the next tile's MR rows every 16 pairs
+            with builder.if_then(builder.icmp_signed("==", builder.and_(k2, const(15)), const(0))):
+                block_part = builder.gep(next_rows, [builder.mul(k2, const(mr))])
+                for i in range(mr):
+                    prefetch(builder, builder.gep(block_part, [const(i * 16)]))
+            pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k2, const(vectors)),
+                                                                           const(v))]), align=4)
+                      for v in range(used)]                                            # panel[k2, :, :]
+            step(builder, weight_rows, k2, pixels, sums, words, floats)
+        for r in range(mr):
+            for v in range(used):
+                running = builder.load(sums[r][v])
+                if transposed:  # tile (NR, MR): lane by lane
+                    for lane in range(lanes):
+                        value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
+                        builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
+                else:
+                    builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=4)
+
+    def product_for(pixels, used):
+        if used == vectors:
+            product(used)
+            return
+        with builder.if_else(builder.icmp_signed("<=", pixels, const(used * lanes))) as (enough, more):
+            with enough:
+                product(used)
+            with more:
+                product_for(pixels, used + 1)
+
+    product_for(context.cast(builder, pixels_value, sig.args[5], numba.types.intp), 1)
+
+
+def _dot_step(builder, weight_rows, k2, pixels, sums, words, floats):
+    # sums[r][v] = vdpbf16ps(sums[r][v], panel vector v, weight word of row r broadcast)
+    pairs = ir.VectorType(_BFloat(), 2 * words.count)
+    dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats, pairs, pairs]),
+                                         "llvm.x86.avx512bf16.dpbf16ps.512")
+    pixel_pairs = [builder.bitcast(p, pairs) for p in pixels]
+    for r, row in enumerate(weight_rows):
+        weight_pair = builder.bitcast(splat(builder, builder.load(builder.gep(row, [k2])), words), pairs)
+        for v, p in enumerate(pixel_pairs):
+            builder.store(builder.call(dot, [builder.load(sums[r][v]), p, weight_pair]), sums[r][v])
+
+
+def _widening_step(builder, weight_rows, k2, pixels, sums, words, floats):
+    # the high half's product added first, then the low half's, as vdpbf16ps does
+    high_mask = ir.Constant(words, [0xFFFF0000] * words.count)
+    shift = ir.Constant(words, [16] * words.count)
+    widened = [(builder.bitcast(builder.and_(p, high_mask), floats), builder.bitcast(builder.shl(p, shift), floats))
+               for p in pixels]                                                        # (odd, even) each
+    word, single = words.element, floats.element
+    for r, row in enumerate(weight_rows):
+        w = builder.load(builder.gep(row, [k2]))
+        w_odd = splat(builder, builder.bitcast(builder.and_(w, ir.Constant(word, 0xFFFF0000)), single), floats)
+        w_even = splat(builder, builder.bitcast(builder.shl(w, ir.Constant(word, 16)), single), floats)
+        for v, (p_odd, p_even) in enumerate(widened):
+            running = fused_multiply_add(builder, w_odd, p_odd, builder.load(sums[r][v]))
+            builder.store(fused_multiply_add(builder, w_even, p_even, running), sums[r][v])
