@@ -26,7 +26,8 @@ channel's, each sum rounded to float32, which is the order the Intel SDM gives f
 (tests/engine/test_bfloat16.py checks it on the CPU). The products of two bfloat16 values are
 exact in float32, so an fma is the same as a rounded add. One difference: vdpbf16ps treats
 subnormal inputs and sums as zero (DAZ, FTZ, whatever MXCSR says) and the widening path keeps
-them, so the two differ by less than 2**-126 per step where values that small occur.
+them; where values that small (below 2**-126) occur the two differ, a step by at most 2**-126
+times the other factor of a subnormal input, or 2**-126 for a subnormal sum.
 `bfloat16.pair_product` is the plain NumPy twin of both.
 
 LLVM's IR builder in llvmlite has no bfloat type: `_BFloat` prints as LLVM's `bfloat`, enough
