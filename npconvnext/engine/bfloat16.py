@@ -50,11 +50,21 @@ def _float_bits_compiled(value):
 
 @numba.njit(**INLINE_JIT)
 def round_to_bfloat16(value):
-    # float32 -> bfloat16 bits, as layers.to_bfloat16: ties to even, NaN kept quiet
+    # float32 -> bfloat16 bits, as layers.to_bfloat16: ties to even, NaN kept quiet; no branch,
+    # so that the loops calling it vectorise
     bits = np.int64(float_bits(np.float32(value)))
-    if (bits & 0x7FFFFFFF) > 0x7F800000:
-        return np.uint16((bits >> 16) | 0x40)
-    return np.uint16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    quiet = (bits >> 16) | 0x40
+    return np.uint16(quiet if (bits & 0x7FFFFFFF) > 0x7F800000 else rounded)
+
+
+@numba.njit(**INLINE_JIT)
+def pair_word(low, high):
+    # the 32-bit lane of two channels: low (even channel) in the low half, as the pair tile reads it
+    return np.uint32(round_to_bfloat16(low)) | (np.uint32(round_to_bfloat16(high)) << np.uint32(16))
+
+
+_PACK_CHANNELS = 8  # channels of a pixel read at a time: a 32-byte load, four pair words
 
 
 @numba.njit(**JIT)
@@ -63,17 +73,21 @@ def pack_pairs(x, first_pixel, pairs):
     # last pixel and in an odd K's missing channel; x: (M, K) float32
     k = x.shape[1]
     nr = pairs.shape[1]
+    words = pairs.view(np.uint32)                                    # (K2, NR, 1): one word a pair
     count = min(nr, x.shape[0] - first_pixel)
-    for j in range(count):
-        row = x[first_pixel + j]                                   # (K,)
-        for c in range(k):
-            pairs[c >> 1, j, c & 1] = round_to_bfloat16(row[c])
-        if k & 1:
-            pairs[k >> 1, j, 1] = 0
-    for j in range(count, nr):
-        for k2 in range(pairs.shape[0]):
-            pairs[k2, j, 0] = 0
-            pairs[k2, j, 1] = 0
+    whole = k - k % _PACK_CHANNELS
+    for ch0 in range(0, whole, _PACK_CHANNELS):
+        for j in range(count):
+            channels = x[first_pixel + j, ch0 : ch0 + _PACK_CHANNELS]   # (8,): one vector load
+            for c in range(0, _PACK_CHANNELS, 2):
+                words[(ch0 + c) >> 1, j, 0] = pair_word(channels[c], channels[c + 1])
+    for ch in range(whole, k, 2):
+        for j in range(count):
+            high = x[first_pixel + j, ch + 1] if ch + 1 < k else np.float32(0.0)
+            words[ch >> 1, j, 0] = pair_word(x[first_pixel + j, ch], high)
+    for k2 in range(words.shape[0]):
+        for j in range(count, nr):
+            words[k2, j, 0] = 0
 
 
 @numba.njit(**JIT)

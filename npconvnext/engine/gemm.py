@@ -54,7 +54,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 
-from .gemm_bf16 import has_dot_product, pair_product, pair_tile_llvm
+from .gemm_bf16 import PAIR_ROWS, pair_path, pair_product, pair_tile_llvm
 from .llvm import fused_multiply_add, prefetch, splat, vector_registers
 
 
@@ -67,8 +67,9 @@ def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
         lanes = vector_bytes // dtype.itemsize
         rows = min(12, (registers - 3) // 2)
         shapes[dtype] = (rows, 2 * lanes)
-    # bfloat16 pairs (gemm_bf16.py), keyed by their bits' dtype: a 32-bit lane a pixel, as float32
-    shapes[np.dtype(np.uint16)] = shapes[np.dtype(np.float32)]
+    # bfloat16 pairs (gemm_bf16.py), keyed by their bits' dtype: a 32-bit lane a pixel, as float32,
+    # and as many rows as the CPU's path takes (16 for an AMX tile)
+    shapes[np.dtype(np.uint16)] = (PAIR_ROWS[pair_path()], shapes[np.dtype(np.float32)][1])
     return shapes
 
 
@@ -124,10 +125,10 @@ def tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
     tile_product(weight, first_row, rows, panel, tile.T, pixels)
 
 
-def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed, dot_product=None):
+def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed, path=None):
     dtype = weight.dtype
     if dtype == numba.types.uint16:
-        return _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, dot_product)
+        return _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, path)
     if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
             and isinstance(panel, numba.types.Array) and panel.layout == "C" and panel.dtype == dtype
             and isinstance(tile, numba.types.Array) and tile.layout == "C" and tile.dtype == dtype):
@@ -145,18 +146,18 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
     return signature, codegen
 
 
-def _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, dot_product):
-    # the bfloat16 pair tile (gemm_bf16.py); dot_product None: vdpbf16ps where the CPU has it
+def _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, path):
+    # the bfloat16 pair tile (gemm_bf16.py); path None: the CPU's (gemm_bf16.pair_path)
     if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
             and isinstance(panel, numba.types.Array) and panel.ndim == 3 and panel.layout == "C"
             and panel.dtype == numba.types.uint16 and isinstance(tile, numba.types.Array) and tile.layout == "C"
             and tile.dtype == numba.types.float32):
         return None
     mr, nr = TILES[np.dtype(np.uint16)]
-    use_dot = has_dot_product() if dot_product is None else dot_product
+    chosen = pair_path() if path is None else path
 
     def codegen(context, builder, sig, args):
-        pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, use_dot)
+        pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, chosen)
         return context.get_dummy_value()
 
     return numba.types.void(weight, first_row, rows, panel, tile, pixels), codegen
@@ -259,18 +260,44 @@ def tile_product_dot(weight, first_row, rows, panel, tile, pixels):
     tile_product(weight, first_row, rows, panel, tile, pixels)
 
 
-def _bind_pair_path(twin, dot_product):
-    # twin compiled as the pair tile by one path, whatever the CPU would choose
-    path = numba.extending.intrinsic(
-        lambda typingctx, weight, first_row, rows, panel, tile, pixels:
-            _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, dot_product))
-    numba.extending.overload(twin, inline="always")(
-        lambda weight, first_row, rows, panel, tile, pixels:
-            lambda weight, first_row, rows, panel, tile, pixels: path(weight, first_row, rows, panel, tile, pixels))
+def tile_product_amx(weight, first_row, rows, panel, tile, pixels):
+    """tile_product on bfloat16 pairs by AMX where the tile is whole (only where the CPU has AMX)."""
+    tile_product(weight, first_row, rows, panel, tile, pixels)
 
 
-_bind_pair_path(tile_product_widening, False)
-_bind_pair_path(tile_product_dot, True)
+# each path its own intrinsic and overload: Numba keys what it inlines on the code, so one
+# factory's closures would all compile to the first path
+@numba.extending.intrinsic
+def _pair_tile_widening(typingctx, weight, first_row, rows, panel, tile, pixels):
+    return _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, "widening")
+
+
+@numba.extending.intrinsic
+def _pair_tile_dot(typingctx, weight, first_row, rows, panel, tile, pixels):
+    return _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, "dot")
+
+
+@numba.extending.intrinsic
+def _pair_tile_amx(typingctx, weight, first_row, rows, panel, tile, pixels):
+    return _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, "amx")
+
+
+@numba.extending.overload(tile_product_widening, inline="always")
+def _tile_product_widening_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _pair_tile_widening(weight, first_row, rows, panel,
+                                                                                   tile, pixels)
+
+
+@numba.extending.overload(tile_product_dot, inline="always")
+def _tile_product_dot_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _pair_tile_dot(weight, first_row, rows, panel,
+                                                                              tile, pixels)
+
+
+@numba.extending.overload(tile_product_amx, inline="always")
+def _tile_product_amx_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _pair_tile_amx(weight, first_row, rows, panel,
+                                                                              tile, pixels)
 
 
 @numba.extending.overload(tile_product, inline="always")

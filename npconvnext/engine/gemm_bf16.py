@@ -36,6 +36,11 @@ to declare the intrinsic and bitcast <16 x i32> words to <32 x bfloat>.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
+import sys
+
 import llvmlite.binding
 import numba
 import numpy as np
@@ -71,6 +76,34 @@ def has_dot_product() -> bool:
     return "avx512bf16" in enabled and vector_registers()[0] == 64
 
 
+def has_amx() -> bool:
+    """Whether the CPU Numba compiles for has AMX-BF16 (LLVM reports it only where the OS saves
+    the tile registers) and this process may use it: Linux asks each process to request the
+    tile data state first (arch_prctl ARCH_REQ_XCOMP_PERM), which this does, once."""
+    features = numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    return {"amx-bf16", "amx-tile"} <= enabled and _tile_data_permitted()
+
+
+@functools.cache
+def _tile_data_permitted() -> bool:
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return False
+    arch_prctl, request_permission, tile_data = 158, 0x1023, 18  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(arch_prctl, request_permission, tile_data) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def pair_path() -> str:
+    """The pair tile's path on this CPU: "amx", else "dot" (vdpbf16ps), else "widening"."""
+    return "amx" if has_amx() else "dot" if has_dot_product() else "widening"
+
+
+PAIR_ROWS = {"amx": 16, "dot": 12, "widening": 12}  # MR of the pair tile by path (NR: 32 pixels on AVX-512)
+
+
 class _BFloat(ir.types.Type):
     """LLVM's bfloat, which llvmlite's IR builder lacks; only printed, never computed with here."""
 
@@ -84,7 +117,7 @@ class _BFloat(ir.types.Type):
         return hash("bfloat")
 
 
-def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, dot_product):
+def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path):
     """The IR of gemm.tile_product (or tile_product_transposed) for uint16 weights (N, K) and a
     pair panel (K/2, NR, 2); the tile (MR, NR) (or (NR, MR)) is float32."""
     weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
@@ -114,23 +147,27 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, dot_product)
     next_rows = builder.gep(weight_words, [builder.mul(builder.add(first, const(mr)), row_words)])
     panel_vectors = builder.bitcast(panel_array.data, words.as_pointer())             # (K/2 * NR / VL,)
     tile_vectors = builder.bitcast(tile_array.data, floats.as_pointer())              # (MR * NR / VL,)
-    step = _dot_step if dot_product else _widening_step
+    step = _dot_step if path == "dot" or (path == "amx" and has_dot_product()) else _widening_step
 
     def product(used):
-        sums = [[cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(used)]
-                for _ in range(mr)]
+        for block in range(0, mr, VECTOR_ROWS):  # at most VECTOR_ROWS rows' sums in registers at once
+            product_rows(used, range(block, min(mr, block + VECTOR_ROWS)))
+
+    def product_rows(used, rows):
+        sums = {r: [cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(used)]
+                for r in rows}
         with cgutils.for_range(builder, pairs) as loop:
             k2 = loop.index
             # a cache line (16 words) of each of the next tile's MR rows every 16 pairs
             with builder.if_then(builder.icmp_signed("==", builder.and_(k2, const(15)), const(0))):
                 block_part = builder.gep(next_rows, [builder.mul(k2, const(mr))])
-                for i in range(mr):
+                for i in rows:
                     prefetch(builder, builder.gep(block_part, [const(i * 16)]))
             pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k2, const(vectors)),
                                                                            const(v))]), align=4)
                       for v in range(used)]                                            # panel[k2, :, :]
-            step(builder, weight_rows, k2, pixels, sums, words, floats)
-        for r in range(mr):
+            step(builder, [weight_rows[r] for r in rows], k2, pixels, [sums[r] for r in rows], words, floats)
+        for r in rows:
             for v in range(used):
                 running = builder.load(sums[r][v])
                 if transposed:  # tile (NR, MR): lane by lane
@@ -150,7 +187,104 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, dot_product)
             with more:
                 product_for(pixels, used + 1)
 
-    product_for(context.cast(builder, pixels_value, sig.args[5], numba.types.intp), 1)
+    pixel_count = context.cast(builder, pixels_value, sig.args[5], numba.types.intp)
+    if path != "amx":
+        product_for(pixel_count, 1)
+        return
+    # AMX: whole tiles only (16 rows, K a multiple of 32); the rest on the vector path
+    whole = builder.and_(builder.icmp_signed("==", builder.add(builder.sub(last, first), const(1)), const(AMX_ROWS)),
+                         builder.and_(builder.icmp_signed("==", builder.and_(pairs, const(AMX_PAIRS - 1)), const(0)),
+                                      builder.icmp_signed(">", pairs, const(0))))
+    with builder.if_else(whole) as (tiles, vectors_path):
+        with tiles:
+            _amx_product(builder, weight_rows[0], builder.extract_value(weight_array.strides, 0), panel_array.data,
+                         pairs, tile_array.data, nr, transposed, const)
+        with vectors_path:
+            product_for(pixel_count, 1)
+
+
+# ---- AMX: tdpbf16ps on tiles --------------------------------------------------------------------------
+# An AMX tile register holds up to 16 rows of 64 bytes. One tdpbf16ps: C (16 rows x 16 float32)
+# += A (16 rows x 32 bfloat16) . B (16 rows of 16 pairs), B in the same pair layout as our
+# panels ("VNNI"), so the panels and the weights as stored are loaded as tiles directly:
+#     A  16 weight rows, 32 channels each: the weight at row stride, as stored
+#     B  16 pairs of a panel (32 channels), 16 of its pixels: the panel at NR * 4 bytes a pair
+# A tile of MR = 16 rows by NR = 32 pixels is two C tiles. Its sums are not vdpbf16ps's: AMX
+# adds a row's products in its own order and precision (tests hold it to the twin within
+# float32's rounding of the sums, not bit for bit).
+
+AMX_ROWS = 16   # rows of a tile register, the MR of the AMX path
+AMX_PAIRS = 16  # pairs (32 channels) in one A row of 64 bytes
+VECTOR_ROWS = 12  # the vector paths' rows in registers at once: 24 sums, two pixel vectors, a weight
+
+
+class _Tile(ir.types.Type):
+    """LLVM's x86_amx, a tile register's value, which llvmlite lacks"""
+
+    def _to_string(self):
+        return "x86_amx"
+
+    def __eq__(self, other):
+        return isinstance(other, _Tile)
+
+    def __hash__(self):
+        return hash("x86_amx")
+
+
+def _amx_product(builder, weight_row, row_bytes, panel, pairs, tile, nr, transposed, const):
+    # tile (16, NR) float32 (or (NR, 16)) = weight rows (16, K) . panel (K/2, NR, 2)
+    amx, i16, i64, byte = _Tile(), ir.IntType(16), ir.IntType(64), ir.IntType(8).as_pointer()
+    module = builder.module
+    load = cgutils.get_or_insert_function(module, ir.FunctionType(amx, [i16, i16, byte, i64]),
+                                          "llvm.x86.tileloadd64.internal")
+    dot = cgutils.get_or_insert_function(module, ir.FunctionType(amx, [i16, i16, i16, amx, amx, amx]),
+                                         "llvm.x86.tdpbf16ps.internal")
+    store = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), [i16, i16, byte, i64, amx]),
+                                           "llvm.x86.tilestored64.internal")
+    zero = cgutils.get_or_insert_function(module, ir.FunctionType(amx, [i16, i16]), "llvm.x86.tilezero.internal")
+    rows, width = ir.Constant(i16, AMX_ROWS), ir.Constant(i16, 64)       # every tile: 16 rows of 64 bytes
+    pair_row = ir.Constant(i64, nr * 4)                                  # bytes from a panel's pair to the next
+    halves = nr // 16                                                     # C tiles: 16 pixels each
+    weight_bytes, panel_bytes = builder.bitcast(weight_row, byte), builder.bitcast(panel, byte)
+    chunks = builder.sdiv(pairs, const(AMX_PAIRS))
+    start = builder.block
+    zeros = [builder.call(zero, [rows, width]) for _ in range(halves)]
+    loop_block = builder.append_basic_block("amx.loop")
+    done_block = builder.append_basic_block("amx.done")
+    builder.branch(loop_block)
+    builder.position_at_end(loop_block)
+    chunk = builder.phi(chunks.type)
+    sums = [builder.phi(amx) for _ in range(halves)]
+    a = builder.call(load, [rows, width, builder.gep(weight_bytes, [builder.mul(chunk, const(64))]),
+                            builder.sext(row_bytes, i64) if row_bytes.type != i64 else row_bytes])
+    panel_chunk = builder.gep(panel_bytes, [builder.mul(chunk, const(AMX_PAIRS * nr * 4))])
+    new = [builder.call(dot, [rows, width, width, sums[h], a,
+                              builder.call(load, [rows, width, builder.gep(panel_chunk, [const(64 * h)]), pair_row])])
+           for h in range(halves)]
+    following = builder.add(chunk, const(1))
+    chunk.add_incoming(const(0), start)
+    chunk.add_incoming(following, builder.block)
+    for phi, z, n in zip(sums, zeros, new):
+        phi.add_incoming(z, start)
+        phi.add_incoming(n, builder.block)
+    builder.cbranch(builder.icmp_signed("<", following, chunks), loop_block, done_block)
+    builder.position_at_end(done_block)
+    tile_bytes = builder.bitcast(tile, byte)
+    if not transposed:  # (16, NR): each C tile's 16 pixels of the rows
+        for h in range(halves):
+            builder.call(store, [rows, width, builder.gep(tile_bytes, [const(64 * h)]), ir.Constant(i64, nr * 4), new[h]])
+        return
+    # (NR, 16): through a scratch (16, NR), then transposed element by element
+    scratch = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), AMX_ROWS * nr))
+    scratch_bytes = builder.bitcast(scratch, byte)
+    for h in range(halves):
+        builder.call(store, [rows, width, builder.gep(scratch_bytes, [const(64 * h)]), ir.Constant(i64, nr * 4), new[h]])
+    floats = builder.bitcast(scratch, ir.FloatType().as_pointer())
+    with cgutils.for_range(builder, const(AMX_ROWS)) as r_loop:
+        with cgutils.for_range(builder, const(nr)) as j_loop:
+            r, j = r_loop.index, j_loop.index
+            value = builder.load(builder.gep(floats, [builder.add(builder.mul(r, const(nr)), j)]))
+            builder.store(value, builder.gep(tile, [builder.add(builder.mul(j, const(AMX_ROWS)), r)]))
 
 
 def _dot_step(builder, weight_rows, k2, pixels, sums, words, floats):

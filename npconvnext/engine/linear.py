@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import layers
 from ..errors import InputError
-from .bfloat16 import pair_count, pair_rows, round_to_bfloat16, to_pair_panels
+from .bfloat16 import pair_count, pair_rows, pair_word, to_pair_panels
 from .checks import check_arguments, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for
 from .gemm import TILES, tile_product, tile_product_transposed, tile_shape, to_panels
@@ -85,17 +85,25 @@ def fc1_gelu_tile(panel, pixels, weight, bias, c0, tile, hidden_panel):
 def fc1_gelu_pairs_tile(panel, pixels, weight, bias, c0, tile, hidden_pairs):
     # fc1_gelu_tile for a bfloat16 model: panel (K2, NR, 2) pairs, weight (D, K) uint16, and the
     # GELU's float32 result rounded to bfloat16 into hidden_pairs (ceil(D/2), NR, 2), channel c
-    # at [c // 2, :, c % 2]: fc2's pair panel, written once. c0 even (MR is).
+    # at [c // 2, :, c % 2]: fc2's pair panel, written once. c0 even (MR is). Two tile rows at a
+    # time, one word a pixel, so that the loop vectorises.
     rows = min(tile.shape[0], weight.shape[0] - c0)
     tile_product(weight, c0, rows, panel, tile, pixels)
-    for r in range(rows):
-        b = bias[c0 + r]
-        src = tile[r]                                   # (NR,)
-        dst = hidden_pairs[(c0 + r) >> 1]               # (NR, 2)
-        half = (c0 + r) & 1
-        for j in range(pixels):
-            v = np.float64(src[j] + b)
-            dst[j, half] = round_to_bfloat16(np.float32(0.5 * v * (1.0 + erf_for(src[j], v * SQRT_HALF))))
+    words = hidden_pairs.view(np.uint32)                       # (ceil(D/2), NR, 1)
+    for r in range(0, rows, 2):
+        low, dst = tile[r], words[(c0 + r) >> 1]               # (NR,), (NR, 1)
+        b_low = bias[c0 + r]
+        if r + 1 < rows:
+            high, b_high = tile[r + 1], bias[c0 + r + 1]
+            for j in range(pixels):
+                v = np.float64(low[j] + b_low)
+                u = np.float64(high[j] + b_high)
+                dst[j, 0] = pair_word(np.float32(0.5 * v * (1.0 + erf_for(low[j], v * SQRT_HALF))),
+                                      np.float32(0.5 * u * (1.0 + erf_for(high[j], u * SQRT_HALF))))
+        else:  # an odd D's last channel: its pair's other half stays zero
+            for j in range(pixels):
+                v = np.float64(low[j] + b_low)
+                dst[j, 0] = pair_word(np.float32(0.5 * v * (1.0 + erf_for(low[j], v * SQRT_HALF))), np.float32(0.0))
 
 
 @numba.njit(**INLINE_JIT)

@@ -18,7 +18,7 @@ import pytest
 import npconvnext
 from npconvnext import layers
 from npconvnext.engine import bfloat16, block, gemm, mlp
-from npconvnext.engine.gemm_bf16 import has_dot_product, pair_product
+from npconvnext.engine.gemm_bf16 import AMX_PAIRS, AMX_ROWS, has_amx, has_dot_product, pair_path, pair_product
 from npconvnext.errors import InputError
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
@@ -28,6 +28,7 @@ from tests.support.timm_reference import numpy_state_dict, random_images, random
 MR, NR = gemm.TILES[np.dtype(np.uint16)]
 PATHS = ["widening", pytest.param("dot", marks=pytest.mark.skipif(not has_dot_product(),
                                                                   reason="the CPU has no AVX512_BF16"))]
+AMX = pytest.mark.skipif(not has_amx(), reason="the CPU (or the OS) gives no AMX-BF16")
 
 
 # ---- rounding -------------------------------------------------------------------------------------
@@ -142,6 +143,13 @@ def _tile_dot(weight, first_row, rows, panel, pixels):
 
 
 @numba.njit
+def _tile_amx(weight, first_row, rows, panel, pixels):
+    tile = np.full((MR, NR), np.nan, np.float32)
+    gemm.tile_product_amx(weight, first_row, rows, panel, tile, pixels)
+    return tile
+
+
+@numba.njit
 def _tile_chosen(weight, first_row, rows, panel, pixels, transposed):
     # the path the model's kernels run, through gemm's generic names
     if transposed:
@@ -177,11 +185,44 @@ def test_the_pair_tile_is_its_twin_bit_for_bit(path, seed):
     for pixels in (NR, 1, NR // 2 + 1):
         tile = TILE[path](weight, first_row, rows, panel, pixels)
         np.testing.assert_array_equal(tile[:, :pixels], expected[:, :pixels])
-    for transposed in (False, True):
-        np.testing.assert_array_equal(_tile_chosen(weight, first_row, rows, panel, NR, transposed), expected)
+    if pair_path() != "amx":  # AMX sums in its own order: test_the_amx_tile_is_the_product below
+        for transposed in (False, True):
+            np.testing.assert_array_equal(_tile_chosen(weight, first_row, rows, panel, NR, transposed), expected)
     plain = np.empty((MR, NR), np.float32)
     gemm.tile_product(weight, first_row, rows, panel, plain, NR)  # the plain twin NUMBA_DISABLE_JIT runs
     np.testing.assert_array_equal(plain, expected)
+
+
+def _exact(weight, first_row, rows, panel):
+    """The tile's sums in float64 (exact products, rounding only at 53 bits), and the sums of
+    their magnitudes: float32 sums of K products differ from it by at most K * 2**-24 of that."""
+    picked = np.minimum(np.arange(first_row, first_row + MR), first_row + rows - 1)
+    w = layers.from_bfloat16(weight[picked]).astype(np.float64)                     # (MR, K)
+    x = layers.from_bfloat16(panel).transpose(0, 2, 1).reshape(-1, NR).astype(np.float64)  # (K, NR)
+    return w @ x, np.abs(w) @ np.abs(x)
+
+
+@AMX
+@pytest.mark.parametrize("seed", range(4))
+def test_the_amx_tile_is_the_product(seed):
+    # whole tiles (16 rows, K a multiple of 32) on AMX; others on the vector path, bit for bit
+    rng = np.random.default_rng(seed)
+    depth = int(rng.integers(1, 8)) * 2 * AMX_PAIRS + (0 if seed % 2 == 0 else 6)
+    channels = AMX_ROWS * int(rng.integers(1, 4)) + (0 if seed < 2 else 5)
+    weight = bfloat16.pair_rows(layers.to_bfloat16(rng.standard_normal((depth, channels))))
+    panel = bfloat16.pair_panels(rng.standard_normal((NR, depth)).astype(np.float32), NR)[0]
+    assert MR == AMX_ROWS
+    for first_row in range(0, channels, MR):
+        rows = min(MR, channels - first_row)
+        tile = _tile_amx(weight, first_row, rows, panel, NR)
+        for transposed in (False, True):  # the model's path: AMX on this CPU
+            np.testing.assert_array_equal(_tile_chosen(weight, first_row, rows, panel, NR, transposed), tile)
+        if rows < AMX_ROWS or depth % (2 * AMX_PAIRS):
+            np.testing.assert_array_equal(tile, _expected(weight, first_row, rows, panel))
+            continue
+        exact, scale = _exact(weight, first_row, rows, panel)
+        assert np.all(np.abs(tile - exact) <= depth * 2.0**-24 * scale)
+        assert not np.isnan(tile).any()
 
 
 def _pairs(values):
@@ -378,7 +419,8 @@ def test_the_dtype_reads_bfloat16_and_acts_as_float32():
     assert model.dtype == "bfloat16" and model.dtype.name == "bfloat16" and repr(model.dtype) == "bfloat16"
     assert model.dtype != np.float32 and np.zeros(2).astype(model.dtype).dtype == np.float32
     assert "bfloat16" in repr(model) and "bfloat16" in model.describe()
-    with pytest.raises(InputError, match="bfloat16"):
+    with pytest.raises(InputError, match="bfloat16"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         npconvnext.create_model("convnext_atto", dtype="float16")
 
 
