@@ -23,6 +23,7 @@ import math
 import numba
 import numpy as np
 
+from ..errors import InputError
 from .checks import check_arguments, check_in_place, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for, exp_nonpositive
 from .gemm import TILES, tile_shape
@@ -239,6 +240,9 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
                     fc1_bias=(fc1_bias, (d,)), fc2_weight=(fc2_weight, (d, c)), fc2_bias=(fc2_bias, (c,)),
                     gamma=(gamma, (c,)), shortcut=(shortcut, y.shape))
     bfloat16 = fc1_weight.dtype == np.uint16  # the linears as bfloat16 bits: pair panels (bfloat16.py)
+    if bfloat16 != (fc2_weight.dtype == np.uint16):
+        raise InputError(f"mlp_residual: fc1_weight is {fc1_weight.dtype} and fc2_weight {fc2_weight.dtype}: both "
+                         "bfloat16 bits (uint16) or neither")
     flat = np.ascontiguousarray(y, np.float32 if bfloat16 else None).reshape(-1, y.shape[-1])  # (M, C)
     panels = -(-flat.shape[0] // TILES[flat.dtype][1])
     threads = numba.get_num_threads()
