@@ -155,8 +155,9 @@ class ConvNeXt:
     def check_trainable(self) -> None:
         """InputError unless this model can be trained: training stays float32 (or float64)."""
         if isinstance(self.dtype, BFloat16):
-            raise InputError(f"{self.config.name} is a bfloat16 model, for inference only: training stays float32; "
-                             "create a float32 model (create_model(..., dtype='float32')) to train it")
+            raise InputError(f"{self.config.name} is a bfloat16 model, for inference only: training stays float32 "
+                             "(as do the gradients explain.py takes); create a float32 model "
+                             "(create_model(..., dtype='float32')) to train it")
 
     def requires_grad_(self, prefix: str = "", requires_grad: bool = True) -> ConvNeXt:
         """Freeze (False) or unfreeze the weights whose timm names start with `prefix`, e.g.
