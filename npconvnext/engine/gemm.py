@@ -54,7 +54,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 
-from .gemm_bf16 import PAIR_ROWS, pair_path, pair_product, pair_tile_llvm
+from .gemm_bf16 import AMX_ROWS, pair_path, pair_product, pair_tile_llvm
 from .llvm import fused_multiply_add, prefetch, splat, vector_registers
 
 
@@ -69,7 +69,8 @@ def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
         shapes[dtype] = (rows, 2 * lanes)
     # bfloat16 pairs (gemm_bf16.py), keyed by their bits' dtype: a 32-bit lane a pixel, as float32,
     # and as many rows as the CPU's path takes (16 for an AMX tile)
-    shapes[np.dtype(np.uint16)] = (PAIR_ROWS[pair_path()], shapes[np.dtype(np.float32)][1])
+    shapes[np.dtype(np.uint16)] = (AMX_ROWS if pair_path() == "amx" else shapes[np.dtype(np.float32)][0],
+                                   shapes[np.dtype(np.float32)][1])
     return shapes
 
 
@@ -156,8 +157,10 @@ def _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transp
     mr, nr = TILES[np.dtype(np.uint16)]
     chosen = pair_path() if path is None else path
 
+    vector_rows = TILES[np.dtype(np.float32)][0]  # the vector paths: as many rows at once as float32's tile
+
     def codegen(context, builder, sig, args):
-        pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, chosen)
+        pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, chosen, vector_rows)
         return context.get_dummy_value()
 
     return numba.types.void(weight, first_row, rows, panel, tile, pixels), codegen

@@ -101,9 +101,6 @@ def pair_path() -> str:
     return "amx" if has_amx() else "dot" if has_dot_product() else "widening"
 
 
-PAIR_ROWS = {"amx": 16, "dot": 12, "widening": 12}  # MR of the pair tile by path (NR: 32 pixels on AVX-512)
-
-
 class _BFloat(ir.types.Type):
     """LLVM's bfloat, which llvmlite's IR builder lacks; only printed, never computed with here."""
 
@@ -117,9 +114,10 @@ class _BFloat(ir.types.Type):
         return hash("bfloat")
 
 
-def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path):
+def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector_rows):
     """The IR of gemm.tile_product (or tile_product_transposed) for uint16 weights (N, K) and a
-    pair panel (K/2, NR, 2); the tile (MR, NR) (or (NR, MR)) is float32."""
+    pair panel (K/2, NR, 2); the tile (MR, NR) (or (NR, MR)) is float32. The vector paths sum
+    `vector_rows` rows at a time in registers (float32's MR: 12 with AVX-512, 6 with AVX2)."""
     weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
     weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
     panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
@@ -150,8 +148,8 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path):
     step = _dot_step if path == "dot" or (path == "amx" and has_dot_product()) else _widening_step
 
     def product(used):
-        for block in range(0, mr, VECTOR_ROWS):  # at most VECTOR_ROWS rows' sums in registers at once
-            product_rows(used, range(block, min(mr, block + VECTOR_ROWS)))
+        for block in range(0, mr, vector_rows):  # at most vector_rows rows' sums in registers at once
+            product_rows(used, range(block, min(mr, block + vector_rows)))
 
     def product_rows(used, rows):
         sums = {r: [cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(used)]
@@ -215,7 +213,6 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path):
 
 AMX_ROWS = 16   # rows of a tile register, the MR of the AMX path
 AMX_PAIRS = 16  # pairs (32 channels) in one A row of 64 bytes
-VECTOR_ROWS = 12  # the vector paths' rows in registers at once: 24 sums, two pixel vectors, a weight
 
 
 class _Tile(ir.types.Type):

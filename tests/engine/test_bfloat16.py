@@ -449,3 +449,59 @@ def test_classify_runs_a_bfloat16_model(atto, tmp_path, capsys):
             np.testing.assert_allclose(tops["bfloat16"][key], value, rtol=0.05)
         else:
             assert tops["bfloat16"][key] == value, key
+
+
+# ---- the widening path on AVX2 --------------------------------------------------------------------------
+
+_AVX2_RUN = """
+import sys
+import numpy as np
+import npconvnext
+from npconvnext import layers
+from npconvnext.engine import bfloat16, gemm
+from npconvnext.engine.gemm_bf16 import pair_path, pair_product
+from npconvnext.params import random_state_dict
+from npconvnext.config import get_config
+
+assert pair_path() == "widening", pair_path()
+mr, nr = gemm.TILES[np.dtype(np.uint16)]
+rng = np.random.default_rng(0)
+weight = bfloat16.pair_rows(layers.to_bfloat16(rng.standard_normal((37, 2 * mr + 3))))
+panel = bfloat16.pair_panels(rng.standard_normal((nr, 37)).astype(np.float32), nr)[0]
+tile = np.empty((mr, nr), np.float32)
+import numba
+@numba.njit
+def run(weight, first, rows, panel, tile):
+    gemm.tile_product(weight, first, rows, panel, tile, panel.shape[1])
+for first in range(0, weight.shape[0], mr):
+    rows = min(mr, weight.shape[0] - first)
+    run(weight, first, rows, panel, tile)
+    picked = np.minimum(np.arange(first, first + mr), first + rows - 1)
+    np.testing.assert_array_equal(tile, pair_product(weight[picked], panel))
+model = npconvnext.create_model("convnext_atto", weights=random_state_dict(get_config("convnext_atto"), seed=2),
+                                dtype="bfloat16")
+x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+np.savez(sys.argv[1], tiles=np.array([mr, nr]), logits=model(x))
+"""
+
+
+@pytest.mark.skipif(not __import__("llvmlite.binding").binding.get_host_cpu_features().get("avx512f"),
+                    reason="the host has no AVX-512: the tile tests above ran its AVX2 code already")
+def test_avx2_runs_the_widening_path(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from npconvnext.config import get_config
+    from npconvnext.params import random_state_dict
+    from tests.engine.test_isa import _avx2_features
+
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=_avx2_features(),
+               NUMBA_CACHE_DIR=str(tmp_path / "jit"))
+    subprocess.run([sys.executable, "-c", _AVX2_RUN, str(tmp_path / "avx2.npz")], check=True, env=env, timeout=900)
+    child = dict(np.load(tmp_path / "avx2.npz"))
+    assert child["tiles"].tolist() == [6, 16]  # compiled for AVX2
+    state = random_state_dict(get_config("convnext_atto"), seed=2)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    reference = npconvnext.create_model("convnext_atto", weights=state, dtype="bfloat16", backend="numpy")(x)
+    assert np.abs(child["logits"] - reference).max() <= LOGIT_TOL * np.abs(reference).max()
