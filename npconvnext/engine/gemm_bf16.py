@@ -14,24 +14,33 @@ kept as their bits (uint16) and taken two channels at a time:
                       k2=1   [c2 c3 | c2 c3 | ... ]
     tile (MR, NR) += for each row r: the broadcast word weight[r, k2] x panel[k2, :]
 
-Two ways to do one step (one word, one vector of lanes), with the same result:
+Three paths, chosen once from the CPU Numba compiles for (`pair_path`):
 
-    dot product   where the CPU has AVX512_BF16: `vdpbf16ps` (LLVM's
-                  llvm.x86.avx512bf16.dpbf16ps.512 on <32 x bfloat>), two products per lane
+    amx           where the CPU has AMX-BF16 and Linux lets the process use it: whole tiles
+                  (16 rows, K a multiple of 32) as `tdpbf16ps` on tile registers (below); the
+                  other tiles on one of the next two
+    dot           where it has AVX512_BF16: a step (one word, one vector of lanes) is one
+                  `vdpbf16ps` (LLVM's llvm.x86.avx512bf16.dpbf16ps.512 on <32 x bfloat>)
     widening      elsewhere: each half widened to float32 in registers (the low half shifted up
                   16 bits, the high half masked), then two llvm.fma
 
-Both add the high (odd) channel's product to the running sum first, then the low (even)
+The last two add the high (odd) channel's product to the running sum first, then the low (even)
 channel's, each sum rounded to float32, which is the order the Intel SDM gives for vdpbf16ps
 (tests/engine/test_bfloat16.py checks it on the CPU). The products of two bfloat16 values are
 exact in float32, so an fma is the same as a rounded add. One difference: vdpbf16ps treats
 subnormal inputs and sums as zero (DAZ, FTZ, whatever MXCSR says) and the widening path keeps
 them; where values that small (below 2**-126) occur the two differ, a step by at most 2**-126
 times the other factor of a subnormal input, or 2**-126 for a subnormal sum.
-`bfloat16.pair_product` is the plain NumPy twin of both.
+`pair_product` below is the plain NumPy twin of both (and the kernel's body under
+NUMBA_DISABLE_JIT=1, through gemm.tile_product's twin). The vector paths keep the float32
+tile's MR rows of sums in registers at a time; the AMX tile has 16.
 
-LLVM's IR builder in llvmlite has no bfloat type: `_BFloat` prints as LLVM's `bfloat`, enough
-to declare the intrinsic and bitcast <16 x i32> words to <32 x bfloat>.
+LLVM's IR builder in llvmlite has no bfloat or x86_amx type: `_BFloat` and `_Tile` print as
+LLVM's, enough to declare the intrinsics and bitcast <16 x i32> words to <32 x bfloat>.
+
+Numba's JIT cache keys machine code on the CPU's features, not on Linux's answer to the tile
+request: a process refused the tile registers (a seccomp filter) on a machine whose cache holds
+AMX code from one that was not would need a NUMBA_CACHE_DIR of its own.
 """
 
 from __future__ import annotations
@@ -64,7 +73,6 @@ def pair_product(weight, pairs):
         sums += w[:, k2, 1, None] * x[None, k2, :, 1]         # (N, NR): exact products, rounded sums
         sums += w[:, k2, 0, None] * x[None, k2, :, 0]
     return sums
-
 
 
 def has_dot_product() -> bool:
@@ -165,15 +173,7 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
                                                                            const(v))]), align=4)
                       for v in range(used)]                                            # panel[k2, :, :]
             step(builder, [weight_rows[r] for r in rows], k2, pixels, [sums[r] for r in rows], words, floats)
-        for r in rows:
-            for v in range(used):
-                running = builder.load(sums[r][v])
-                if transposed:  # tile (NR, MR): lane by lane
-                    for lane in range(lanes):
-                        value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
-                        builder.store(value, builder.gep(tile_array.data, [const((v * lanes + lane) * mr + r)]))
-                else:
-                    builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=4)
+        _store_sums(builder, sums, tile_array.data, tile_vectors, mr, vectors, lanes, transposed, const)
 
     def product_for(pixels, used):
         if used == vectors:
@@ -190,9 +190,9 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
         product_for(pixel_count, 1)
         return
     # AMX: whole tiles only (16 rows, K a multiple of 32); the rest on the vector path
-    whole = builder.and_(builder.icmp_signed("==", builder.add(builder.sub(last, first), const(1)), const(AMX_ROWS)),
-                         builder.and_(builder.icmp_signed("==", builder.and_(pairs, const(AMX_PAIRS - 1)), const(0)),
-                                      builder.icmp_signed(">", pairs, const(0))))
+    whole_rows = builder.icmp_signed("==", builder.add(builder.sub(last, first), const(1)), const(AMX_ROWS))
+    whole_pairs = builder.icmp_signed("==", builder.and_(pairs, const(AMX_PAIRS - 1)), const(0))
+    whole = builder.and_(whole_rows, builder.and_(whole_pairs, builder.icmp_signed(">", pairs, const(0))))
     with builder.if_else(whole) as (tiles, vectors_path):
         with tiles:
             _amx_product(builder, weight_rows[0], builder.extract_value(weight_array.strides, 0), panel_array.data,
@@ -240,7 +240,7 @@ def _amx_product(builder, weight_row, row_bytes, panel, pairs, tile, nr, transpo
                                            "llvm.x86.tilestored64.internal")
     zero = cgutils.get_or_insert_function(module, ir.FunctionType(amx, [i16, i16]), "llvm.x86.tilezero.internal")
     rows, width = ir.Constant(i16, AMX_ROWS), ir.Constant(i16, 64)       # every tile: 16 rows of 64 bytes
-    pair_row = ir.Constant(i64, nr * 4)                                  # bytes from a panel's pair to the next
+    pair_row = ir.Constant(i64, nr * 4)          # bytes from a panel's pair to the next, and a tile row's
     halves = nr // 16                                                     # C tiles: 16 pixels each
     weight_bytes, panel_bytes = builder.bitcast(weight_row, byte), builder.bitcast(panel, byte)
     chunks = builder.sdiv(pairs, const(AMX_PAIRS))
@@ -269,19 +269,32 @@ def _amx_product(builder, weight_row, row_bytes, panel, pairs, tile, nr, transpo
     tile_bytes = builder.bitcast(tile, byte)
     if not transposed:  # (16, NR): each C tile's 16 pixels of the rows
         for h in range(halves):
-            builder.call(store, [rows, width, builder.gep(tile_bytes, [const(64 * h)]), ir.Constant(i64, nr * 4), new[h]])
+            builder.call(store, [rows, width, builder.gep(tile_bytes, [const(64 * h)]), pair_row, new[h]])
         return
     # (NR, 16): through a scratch (16, NR), then transposed element by element
     scratch = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), AMX_ROWS * nr))
     scratch_bytes = builder.bitcast(scratch, byte)
     for h in range(halves):
-        builder.call(store, [rows, width, builder.gep(scratch_bytes, [const(64 * h)]), ir.Constant(i64, nr * 4), new[h]])
+        builder.call(store, [rows, width, builder.gep(scratch_bytes, [const(64 * h)]), pair_row, new[h]])
     floats = builder.bitcast(scratch, ir.FloatType().as_pointer())
     with cgutils.for_range(builder, const(AMX_ROWS)) as r_loop:
         with cgutils.for_range(builder, const(nr)) as j_loop:
             r, j = r_loop.index, j_loop.index
             value = builder.load(builder.gep(floats, [builder.add(builder.mul(r, const(nr)), j)]))
             builder.store(value, builder.gep(tile, [builder.add(builder.mul(j, const(AMX_ROWS)), r)]))
+
+
+def _store_sums(builder, sums, tile, tile_vectors, mr, vectors, lanes, transposed, const):
+    # the running sums {row: [vector, ...]} into the tile (MR, NR), or (NR, MR) lane by lane
+    for r, row_sums in sums.items():
+        for v, running in enumerate(row_sums):
+            running = builder.load(running)
+            if transposed:
+                for lane in range(lanes):
+                    value = builder.extract_element(running, ir.Constant(ir.IntType(32), lane))
+                    builder.store(value, builder.gep(tile, [const((v * lanes + lane) * mr + r)]))
+            else:
+                builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=4)
 
 
 def _dot_step(builder, weight_rows, k2, pixels, sums, words, floats):
