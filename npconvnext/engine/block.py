@@ -27,8 +27,8 @@ import numpy as np
 
 from .. import layers
 from ..network import BlockWeights, Recorder, no_record
-from .checks import takes_array
 from .bfloat16 import to_pair_panels
+from .checks import takes_array
 from .depthwise import depthwise_conv, depthwise_conv_layer_norm, depthwise_conv_layer_norm_keep
 from .gemm import from_panels, to_panels
 from .grn import global_response_norm_in_place

@@ -53,7 +53,6 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 
-
 from .gemm_bf16 import AMX_ROWS, pair_path, pair_product, pair_tile_llvm
 from .llvm import fused_multiply_add, prefetch, splat, vector_registers
 
@@ -113,12 +112,8 @@ def tile_product(weight, first_row, rows, panel, tile, pixels):
     bfloat16 (gemm_bf16.py): weight (N, K) uint16, K even; panel (K/2, NR, 2) uint16 pairs;
     tile float32, summed as gemm_bf16.pair_product says."""
     mr = tile.shape[0]
-    if weight.dtype == np.uint16:
-        picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
-        tile[:] = pair_product(weight[picked], panel)
-        return
     picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
-    tile[:] = weight[picked] @ panel
+    tile[:] = pair_product(weight[picked], panel) if weight.dtype == np.uint16 else weight[picked] @ panel
 
 
 def tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
@@ -156,7 +151,6 @@ def _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transp
         return None
     mr, nr = TILES[np.dtype(np.uint16)]
     chosen = pair_path() if path is None else path
-
     vector_rows = TILES[np.dtype(np.float32)][0]  # the vector paths: as many rows at once as float32's tile
 
     def codegen(context, builder, sig, args):
@@ -249,8 +243,6 @@ _tile_product_rows = numba.extending.intrinsic(
 _tile_product_columns = numba.extending.intrinsic(
     lambda typingctx, weight, first_row, rows, panel, tile, pixels:
         _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed=True))
-
-
 
 
 def tile_product_widening(weight, first_row, rows, panel, tile, pixels):

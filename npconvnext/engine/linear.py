@@ -15,7 +15,12 @@ No BLAS call is made on the way: BLAS's idle threads busy-wait after a call, on 
 kernels need next. The weights are read as the model stores them, (C_in, C_out); the wrappers
 take `weight.T`, a view with gemm.py's (out, in) rows, so nothing is copied.
 
-Twins: layers.linear, layers.gelu, layers.patchify_conv.
+A bfloat16 model's linears (weights as bfloat16 bits, gemm_bf16.py) run on the same kernels
+with pair panels: `fc1_gelu_pairs_tile` writes fc2's pairs, `linear_gelu_pairs` and
+`pairs_linear` are the weight-stationary pair, and `linear_gelu_panels` takes bfloat16 weights
+too (its float32 output is GRN's input).
+
+Twins: layers.linear, layers.linear_bfloat16, layers.gelu, layers.patchify_conv.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
                 GELU into the hidden activations, (4C, NR), and at once through fc2 + layer
                 scale + residual, so the hidden tensor never leaves the cache (linear.py's
                 tiles); with too few panels for the threads, linear.py's weight-stationary
-                linears one after the other
+                linears one after the other. A bfloat16 model's (uint16 weights) the same
+                way on pair panels (`_mlp_pairs_rows`; bfloat16.py, gemm_bf16.py)
     training    the linears are BLAS products (block.py); around them, bias + GELU keeping
                 the pre-activation (`bias_gelu_keep`), GELU recomputed in the backward with
                 its slope, so erf is evaluated once per element there (`gelu_and_slope_in_place`),
@@ -13,7 +14,8 @@
                 keeping the branch (`bias_scale_residual_keep`) and its backward with the gamma
                 and fc2-bias gradients (`layer_scale_backward`), summed in float64 chunks (jit.py)
 
-Twins: layers.linear, layers.gelu, layers.gelu_backward; network.block's layer scale.
+Twins: layers.linear, layers.linear_bfloat16, layers.gelu, layers.gelu_backward; network.block's
+layer scale.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import numba
 import numpy as np
 
 from ..errors import InputError
+from .bfloat16 import pack_pairs, pair_rows
 from .checks import check_arguments, check_in_place, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for, exp_nonpositive
 from .gemm import TILES, tile_shape
 from .jit import CHUNK_PIXELS, JIT, PARALLEL_JIT, chunk_count, rows_or_parallel, sum_chunks
-from .bfloat16 import pack_pairs, pair_rows
 from .linear import (fc1_gelu_pairs_tile, fc1_gelu_tile, fc2_residual_tile, linear_gelu_pairs, linear_gelu_panels,
                      pack_panel, pairs_linear, panels_linear)
 
