@@ -73,8 +73,7 @@ def _model_options(p, batch_size=8):
                    "with --weights, read off the file)")
     p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
-                   help="the model's precision (bfloat16: the blocks' linears in bfloat16, the rest float32; "
-                   "images and outputs float32)")
+                   help="the model's precision")  # bfloat16: docs/speed.md
     p.add_argument("--batch-size", type=at_least_one, default=batch_size, help="images per forward pass")
     p.add_argument("--input-size", type=at_least_one, default=None, help="override the crop size")
 

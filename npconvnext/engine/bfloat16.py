@@ -108,13 +108,17 @@ def pair_count(channels: int) -> int:
     return -(-channels // 2)
 
 
-def to_pair_panels(x: np.ndarray) -> np.ndarray:
+def to_pair_panels(x: np.ndarray, parallel: bool = True) -> np.ndarray:
     """(M, K) float32 pixels by channels -> (P, K2, NR, 2) uint16 pair panels, rounded to
-    bfloat16 (the module docstring's layout)"""
+    bfloat16 (the module docstring's layout). `parallel` False: on this thread, for the few
+    panels of a weight-stationary linear, where a parallel loop's hand-over costs more"""
     nr = TILES[np.dtype(np.uint16)][1]
     x = np.ascontiguousarray(x, np.float32)
     panels = np.empty((-(-x.shape[0] // nr), pair_count(x.shape[1]), nr, 2), np.uint16)
-    rows_or_parallel(_to_pair_panels_rows, _to_pair_panels, (x, panels), panels.shape[0], blas_between=False)
+    if parallel:
+        rows_or_parallel(_to_pair_panels_rows, _to_pair_panels, (x, panels), panels.shape[0], blas_between=False)
+    else:
+        _to_pair_panels_rows(x, panels, 0, panels.shape[0])
     return panels
 
 

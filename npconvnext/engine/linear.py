@@ -275,7 +275,7 @@ def linear_gelu_pairs(x, weight, bias):
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
     (bias,), rows = kernel_weights(np.float32, bias), pair_rows(weight)
     mr, nr = TILES[np.dtype(np.uint16)]
-    panels = to_pair_panels(flat)                             # (P, K2, NR, 2)
+    panels = to_pair_panels(flat, parallel=False)             # (P, K2, NR, 2): few, packed on this thread
     # an odd D's missing channel is read (times a zero weight): zero, not whatever memory held
     hidden = (np.zeros if d % 2 else np.empty)((panels.shape[0], pair_count(d), nr, 2), np.uint16)
     groups = _channel_groups(-(-d // mr))

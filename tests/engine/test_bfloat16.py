@@ -295,11 +295,11 @@ def test_the_bfloat16_mlp_matches_the_reference(m, c, d, kernel_threads):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(mlp, "_PANELS_PER_THREAD", panels_per_thread)
             _within_a_rounding(mlp.mlp_residual(y, fc1, b1, fc2, b2, gamma, shortcut), expected, hidden, fc2, gamma)
-    if numba.get_num_threads() > 1:
-        assert BFLOAT16_LOOPS <= set().union(*kernel_threads)
+    if numba.get_num_threads() > 1:  # the panels of a weight-stationary linear are packed on one thread
+        assert BFLOAT16_LOOPS - {"_to_pair_panels"} <= set().union(*kernel_threads)
 
 
-def test_the_bfloat16_block_matches_the_reference_block():
+def test_the_bfloat16_block_matches_the_reference_block(kernel_threads):
     rng = np.random.default_rng(5)
     n, h, w, c = 2, 7, 9, 16
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
@@ -312,6 +312,8 @@ def test_the_bfloat16_block_matches_the_reference_block():
         actual = block.convnext_block(x, weights, 1e-6, 1e-6)
         assert actual.dtype == np.float32
         assert np.abs(actual - expected).max() <= 1e-2 * np.abs(expected).max()
+    if numba.get_num_threads() > 1:  # GRN's output packed into pairs for fc2
+        assert "_to_pair_panels" in set().union(*kernel_threads)
 
 
 # ---- the model ------------------------------------------------------------------------------------------
