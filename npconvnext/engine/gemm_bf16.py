@@ -317,9 +317,9 @@ def _widening_step(builder, weight_rows, k2, pixels, sums, words, floats):
                for p in pixels]                                                        # (odd, even) each
     word, single = words.element, floats.element
     for r, row in enumerate(weight_rows):
-        w = builder.load(builder.gep(row, [k2]))
-        w_odd = splat(builder, builder.bitcast(builder.and_(w, ir.Constant(word, 0xFFFF0000)), single), floats)
-        w_even = splat(builder, builder.bitcast(builder.shl(w, ir.Constant(word, 16)), single), floats)
+        w = splat(builder, builder.load(builder.gep(row, [k2])), words)
+        w_odd = builder.bitcast(builder.and_(w, high_mask), floats)
+        w_even = builder.bitcast(builder.shl(w, shift), floats)
         for v, (p_odd, p_even) in enumerate(widened):
             running = fused_multiply_add(builder, w_odd, p_odd, builder.load(sums[r][v]))
             builder.store(fused_multiply_add(builder, w_even, p_even, running), sums[r][v])
