@@ -22,7 +22,9 @@ Three paths, chosen once from the CPU Numba compiles for (`pair_path`):
     dot           where it has AVX512_BF16: a step (one word, one vector of lanes) is one
                   `vdpbf16ps` (LLVM's llvm.x86.avx512bf16.dpbf16ps.512 on <32 x bfloat>)
     widening      elsewhere: each half widened to float32 in registers (the low half shifted up
-                  16 bits, the high half masked), then two llvm.fma
+                  16 bits, the high half masked), then two llvm.fma; the weights' halves split
+                  a vector of words at a time onto the stack, the panel's once a pair for all
+                  the rows, so that the inner loop is the float32 tile's but for two fmas a word
 
 The last two add the high (odd) channel's product to the running sum first, then the low (even)
 channel's, each sum rounded to float32, which is the order the Intel SDM gives for vdpbf16ps
@@ -153,26 +155,34 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
     next_rows = builder.gep(weight_words, [builder.mul(builder.add(first, const(mr)), row_words)])
     panel_vectors = builder.bitcast(panel_array.data, words.as_pointer())             # (K/2 * NR / VL,)
     tile_vectors = builder.bitcast(tile_array.data, floats.as_pointer())              # (MR * NR / VL,)
-    step = _dot_step if path == "dot" or (path == "amx" and has_dot_product()) else _widening_step
+    dot = path == "dot" or (path == "amx" and has_dot_product())
 
     def product(used):
         for block in range(0, mr, vector_rows):  # at most vector_rows rows' sums in registers at once
             product_rows(used, range(block, min(mr, block + vector_rows)))
 
+    def prefetch_next(k2, rows):
+        # a cache line (16 words) of each of the next tile's MR rows every 16 pairs
+        with builder.if_then(builder.icmp_signed("==", builder.and_(k2, const(15)), const(0))):
+            block_part = builder.gep(next_rows, [builder.mul(k2, const(mr))])
+            for i in rows:
+                prefetch(builder, builder.gep(block_part, [const(i * 16)]))
+
+    def panel_pairs(k2, used):  # panel[k2, :, :] as `used` vectors of words
+        return [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k2, const(vectors)), const(v))]),
+                             align=4) for v in range(used)]
+
     def product_rows(used, rows):
         sums = {r: [cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(used)]
                 for r in rows}
-        with cgutils.for_range(builder, pairs) as loop:
-            k2 = loop.index
-            # a cache line (16 words) of each of the next tile's MR rows every 16 pairs
-            with builder.if_then(builder.icmp_signed("==", builder.and_(k2, const(15)), const(0))):
-                block_part = builder.gep(next_rows, [builder.mul(k2, const(mr))])
-                for i in rows:
-                    prefetch(builder, builder.gep(block_part, [const(i * 16)]))
-            pixels = [builder.load(builder.gep(panel_vectors, [builder.add(builder.mul(k2, const(vectors)),
-                                                                           const(v))]), align=4)
-                      for v in range(used)]                                            # panel[k2, :, :]
-            step(builder, [weight_rows[r] for r in rows], k2, pixels, [sums[r] for r in rows], words, floats)
+        if not dot:
+            _widening_loop(builder, [weight_rows[r] for r in rows], pairs, lambda k2: panel_pairs(k2, used),
+                           [sums[r] for r in rows], words, floats, const, lambda k2: prefetch_next(k2, rows))
+        else:
+            with cgutils.for_range(builder, pairs) as loop:
+                prefetch_next(loop.index, rows)
+                _dot_step(builder, [weight_rows[r] for r in rows], loop.index, panel_pairs(loop.index, used),
+                          [sums[r] for r in rows], words, floats)
         _store_sums(builder, sums, tile_array.data, tile_vectors, mr, vectors, lanes, transposed, const)
 
     def product_for(pixels, used):
@@ -309,17 +319,50 @@ def _dot_step(builder, weight_rows, k2, pixels, sums, words, floats):
             builder.store(builder.call(dot, [builder.load(sums[r][v]), p, weight_pair]), sums[r][v])
 
 
-def _widening_step(builder, weight_rows, k2, pixels, sums, words, floats):
-    # the high half's product added first, then the low half's, as vdpbf16ps does
-    high_mask = ir.Constant(words, [0xFFFF0000] * words.count)
-    shift = ir.Constant(words, [16] * words.count)
-    widened = [(builder.bitcast(builder.and_(p, high_mask), floats), builder.bitcast(builder.shl(p, shift), floats))
-               for p in pixels]                                                        # (odd, even) each
-    word, single = words.element, floats.element
-    for r, row in enumerate(weight_rows):
-        w = splat(builder, builder.load(builder.gep(row, [k2])), words)
-        w_odd = builder.bitcast(builder.and_(w, high_mask), floats)
-        w_even = builder.bitcast(builder.shl(w, shift), floats)
-        for v, (p_odd, p_even) in enumerate(widened):
-            running = fused_multiply_add(builder, w_odd, p_odd, builder.load(sums[r][v]))
-            builder.store(fused_multiply_add(builder, w_even, p_even, running), sums[r][v])
+def _widening_loop(builder, weight_rows, pairs, panel_pairs, sums, words, floats, const, prefetch_next):
+    # the pairs a chunk of `lanes` at a time: each row's words of the chunk split once into their
+    # high (odd) and low (even) halves as float32, kept on the stack (rows, 2, lanes), so that a
+    # step reads each half as a broadcast load (on AVX-512 folded into the fma) instead of
+    # splitting a broadcast word once per row and pair (two more vector operations a row)
+    lanes, single = words.count, floats.element
+    split = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(single, 2 * lanes * len(weight_rows))),
+                            single.as_pointer())
+
+    def half_at(r, half, j):  # where row r's half (0 odd, 1 even) of the chunk's pair j is
+        return builder.gep(split, [builder.add(const((2 * r + half) * lanes), j)])
+
+    chunks = builder.sdiv(builder.add(pairs, const(lanes - 1)), const(lanes))
+    with cgutils.for_range(builder, chunks) as chunk_loop:
+        start = builder.mul(chunk_loop.index, const(lanes))
+        count = builder.sub(pairs, start)
+        count = builder.select(builder.icmp_signed("<", count, const(lanes)), count, const(lanes))
+        prefetch_next(start)
+        with builder.if_else(builder.icmp_signed("==", count, const(lanes))) as (whole, part):
+            with whole:  # a vector of words a row
+                for r, row in enumerate(weight_rows):
+                    w = builder.load(builder.bitcast(builder.gep(row, [start]), words.as_pointer()), align=4)
+                    for half, value in enumerate(_halves(builder, w, floats)):
+                        builder.store(value, builder.bitcast(half_at(r, half, const(0)), floats.as_pointer()), align=4)
+            with part:  # the last few pairs word by word
+                with cgutils.for_range(builder, count) as word_loop:
+                    for r, row in enumerate(weight_rows):
+                        w = builder.load(builder.gep(row, [builder.add(start, word_loop.index)]))
+                        for half, value in enumerate(_halves(builder, w, single)):
+                            builder.store(value, half_at(r, half, word_loop.index))
+        with cgutils.for_range(builder, count) as step_loop:
+            j = step_loop.index
+            widened = [_halves(builder, p, floats) for p in panel_pairs(builder.add(start, j))]  # (odd, even) each
+            for r, row_sums in enumerate(sums):
+                w_odd, w_even = (splat(builder, builder.load(half_at(r, half, j)), floats) for half in (0, 1))
+                # the high half's product added first, then the low half's, as vdpbf16ps does
+                for running, (p_odd, p_even) in zip(row_sums, widened):
+                    first = fused_multiply_add(builder, w_odd, p_odd, builder.load(running))
+                    builder.store(fused_multiply_add(builder, w_even, p_even, first), running)
+
+
+def _halves(builder, w, floats):
+    # a 32-bit word (or vector of them) of two bfloat16 -> (high, low) as float32: masked, shifted
+    ones = [0xFFFF0000] * floats.count if isinstance(floats, ir.VectorType) else 0xFFFF0000
+    sixteen = [16] * floats.count if isinstance(floats, ir.VectorType) else 16
+    return (builder.bitcast(builder.and_(w, ir.Constant(w.type, ones)), floats),
+            builder.bitcast(builder.shl(w, ir.Constant(w.type, sixteen)), floats))
