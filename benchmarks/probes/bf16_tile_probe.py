@@ -6,6 +6,11 @@
     python benchmarks/probes/bf16_tile_probe.py model [THREADS,BATCH ...]
         convnext_tiny 224 in float32 and bfloat16 taking turns, ms per image
 
+To see a CPU without bfloat16 instructions: NUMBA_CPU_FEATURES set to the host's features with
+avx512bf16 and amx-* turned off (-), PYTHONPATH the worktree, and a NUMBA_CACHE_DIR of its own
+(the JIT cache holds the kernels of the other path otherwise); without it, the widening path
+runs at the AMX tile's 16 rows (in blocks of float32's), not at the 12 it has there.
+
 Times are CPU time of the calling thread (time.thread_time) at one thread, so that other
 processes on a shared machine count less; wall time at more. Say the load average beside any
 figure. A one-off record for issue 29, not a benchmark of the suite (bench_engines.py is).
