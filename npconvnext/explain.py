@@ -29,6 +29,7 @@ from .train import backward, fused
 
 def _ops(model: ConvNeXt) -> backward.TrainingOps:
     """The training steps of the model's backend, as loss_and_grads chooses them."""
+    model.check_trainable()  # gradients run the training forward: float32 or float64 weights
     return backward.REFERENCE if model.backend == "numpy" else fused.ENGINE
 
 

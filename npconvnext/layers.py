@@ -287,6 +287,49 @@ def linear_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray):
     return (flat_d @ weight.T).reshape(x.shape), flat_x.T @ flat_d, flat_d.sum(axis=0)
 
 
+# ---- bfloat16: the block's two linears with bfloat16 inputs ------------------------------------
+# bfloat16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits); NumPy has no
+# such dtype, so its values are kept as their bits, uint16 arrays. The product of two bfloat16
+# values (8 significant bits each) fits float32's 24 exactly: only the sums round.
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 or float64 -> bfloat16 bits (uint16), rounded to nearest, ties to even; NaN stays
+    a (quiet) NaN, overflow gives infinity, subnormals round like any other value.
+    float64 goes through float32 rounded to odd (truncated, lowest bit set if inexact): with
+    16 more bits than bfloat16 that gives the correctly rounded result, not a double rounding."""
+    x = np.asarray(x)
+    if x.dtype == np.float64:
+        single = x.astype(np.float32)
+        wide = single.astype(np.float64)
+        inexact = (wide != x) & ~np.isnan(x)
+        bits = single.view(np.uint32).copy()
+        bits[inexact & (np.abs(wide) > np.abs(x))] -= 1   # rounded away from zero: back to the truncation
+        bits[inexact] |= 1
+    else:
+        bits = np.asarray(x, np.float32).view(np.uint32)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16      # ties to even: add 0x7fff plus the kept last bit
+    return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly: the bits become a float32's top half."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def linear_bfloat16(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """linear with x rounded to bfloat16 and the weight given as bfloat16 bits: the products are
+    exact, summed in float32 (in BLAS's order). x: (..., Cin) float32; weight: (Cin, Cout)
+    uint16; bias: (Cout,) float32 -> (..., Cout) float32"""
+    return linear(from_bfloat16(to_bfloat16(x)), from_bfloat16(weight), bias)
+
+
+def linear_for(weight: np.ndarray):
+    """The linear for a weight as the model stores it: bfloat16 bits (uint16) or floats."""
+    return linear_bfloat16 if weight.dtype == np.uint16 else linear
+
+
 def global_response_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """ConvNeXt-V2's GRN: feature competition across channels.
 

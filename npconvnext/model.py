@@ -13,40 +13,88 @@ from types import MappingProxyType
 
 import numpy as np
 
-from . import engine, network
+from . import engine, layers, network
 from .config import ConvNeXtConfig
 from .convention import TIMM, Convention, describe_input, to_network_input, to_outputs, with_convention
 from .errors import InputError
-from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, timm_name,
+from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, param_of, timm_name,
                      to_compute_layout, to_timm_layout)
 from .preprocessing import DataConfig
 from .weights import NetworkWeights, frozen_after, owned
 
-DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 BACKENDS = ("numba", "numpy")  # numba: the fused engine (default); numpy: the readable reference
 
 
-def _stored(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+class BFloat16:
+    """The bfloat16 precision, `model.dtype` of a model made with dtype="bfloat16": the two
+    linears of every block keep their weights as bfloat16 bits (uint16, half float32's bytes)
+    and take their inputs rounded to bfloat16, summing the exact products in float32; everything
+    else is float32. NumPy has no bfloat16 dtype, so this object stands in for one: it reads
+    "bfloat16" (`str`, `.name`, `== "bfloat16"`), and where NumPy takes it as a dtype
+    (`x.astype(model.dtype)`, through its `dtype` attribute) it is float32, what such a model
+    takes and gives. (So `np.dtype("float32") == model.dtype` is True, the other way round False.)"""
+
+    name = "bfloat16"
+    dtype = np.dtype(np.float32)  # the model's inputs, activations and outputs
+
+    def __eq__(self, other):
+        return isinstance(other, BFloat16) or (isinstance(other, str) and other == self.name)
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __repr__(self):
+        return self.name
+
+
+BFLOAT16 = BFloat16()
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64), BFLOAT16)
+
+
+def _stored(name: str, array: np.ndarray, dtype: np.dtype | BFloat16) -> np.ndarray:
     """A weight as the model keeps it: in compute layout and dtype, owned by the model unless
-    it is a read-only array (memory-mapped from a safetensors file), which is used in place."""
-    compute = to_compute_layout(name, array)
+    it is a read-only array (memory-mapped from a safetensors file), which is used in place.
+    In bfloat16, the blocks' fc1 and fc2 as bfloat16 bits (`_stored_bfloat16`), the rest float32."""
+    if isinstance(dtype, BFloat16) and _block_linear(name):
+        return _stored_bfloat16(name, array)
+    dtype = np.dtype(dtype)
+    compute = to_compute_layout(name, np.asarray(array))
     if layout_kind(name) not in ("linear", "patchify"):
         return np.array(compute, dtype=dtype, order="C")  # small: copied
     # Linear weights (most of the parameters) are used through their transpose, (in, out) in
     # Fortran order: (out, in) rows, as timm stores them and as the engine's tiles read them
     # (engine/gemm.py), so a mapped file is not duplicated. The patchify kernels too.
-    if array.flags.writeable or compute.dtype != dtype or not compute.flags.f_contiguous:
+    if compute.flags.writeable or compute.dtype != dtype or not compute.flags.f_contiguous:
         compute = np.array(compute, dtype=dtype, order="F")  # the caller's later edits must not reach us
     return compute
 
 
-def _as_dtype(dtype) -> np.dtype:
+def _block_linear(name: str) -> bool:
+    row = param_of(name)
+    return row is not None and row.module == "block" and row.field in ("fc1_weight", "fc2_weight")
+
+
+def _stored_bfloat16(name: str, array: np.ndarray) -> np.ndarray:
+    """A block linear's weight as bfloat16 bits in compute layout, (in, out) uint16 in Fortran
+    order: (out, in) rows, as the pair tile reads them (engine/gemm_bf16.py). A bfloat16
+    safetensors file's bits (`bfloat16_bits`, formats/guard.py) are used in place, mapped;
+    any other floats are rounded to nearest even (layers.to_bfloat16), once."""
+    bits = getattr(array, "bfloat16_bits", None)
+    if bits is None or bits.shape != np.shape(array):
+        bits = np.ascontiguousarray(layers.to_bfloat16(np.asarray(array)))      # (out, in[, 1, 1])
+        bits.flags.writeable = False
+    return to_compute_layout(name, bits)                                         # (in, out), a view
+
+
+def _as_dtype(dtype) -> np.dtype | BFloat16:
+    if isinstance(dtype, BFloat16) or (isinstance(dtype, str) and dtype == BFloat16.name):
+        return BFLOAT16
     try:
         resolved = None if dtype is None else np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved is None or not any(resolved == d for d in DTYPES):  # dtype == None is float64 in numpy
-        raise InputError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
+    if resolved is None or not any(resolved == d for d in DTYPES[:2]):  # dtype == None is float64 in numpy
+        raise InputError(f"dtype must be 'float32', 'float64' or 'bfloat16', not {dtype!r}")
     return resolved
 
 
@@ -82,7 +130,7 @@ class ConvNeXt:
     def load_state_dict(self, state_dict: Mapping[str, np.ndarray], source: str = "weights") -> None:
         """Replace every weight (timm names and layouts), checked strictly first."""
         check_state_dict(state_dict, self.config, source)
-        self._params = {name: _stored(name, np.asarray(array), self.dtype) for name, array in state_dict.items()}
+        self._params = {name: _stored(name, array, self.dtype) for name, array in state_dict.items()}
         self._weights = NetworkWeights.from_params(self._params, self.config)
 
     @property
@@ -95,12 +143,21 @@ class ConvNeXt:
     def trainable_params(self) -> dict[str, np.ndarray]:
         """The weights by timm name in compute layout, each writable and owned by the model, for
         an optimizer to update in place. Weights mapped from a file are copied here, once:
-        nothing is ever written back to the file."""
+        nothing is ever written back to the file. Training stays float32: InputError for a
+        bfloat16 model."""
+        self.check_trainable()
         copies = owned(self._params)
         if copies is not None:
             self._params = copies
             self._weights = NetworkWeights.from_params(self._params, self.config)
         return self._params
+
+    def check_trainable(self) -> None:
+        """InputError unless this model can be trained: training stays float32 (or float64)."""
+        if isinstance(self.dtype, BFloat16):
+            raise InputError(f"{self.config.name} is a bfloat16 model, for inference only: training stays float32 "
+                             "(as do the gradients explain.py takes); create a float32 model "
+                             "(create_model(..., dtype='float32')) to train it")
 
     def requires_grad_(self, prefix: str = "", requires_grad: bool = True) -> ConvNeXt:
         """Freeze (False) or unfreeze the weights whose timm names start with `prefix`, e.g.
@@ -114,8 +171,8 @@ class ConvNeXt:
         params.init_state_dict), for fine-tuning; 0 drops the classifier, as timm's (the model
         then gives the pooled, normed features)."""
         fc = (timm_name("head", "fc_weight"), timm_name("head", "fc_bias"))
-        state = {name: to_timm_layout(name, self._params[name], shape)
-                 for name, shape in expected_shapes(self.config).items() if name not in fc}
+        state = {name: self._timm_layout(name, shape) for name, shape in expected_shapes(self.config).items()
+                 if name not in fc}
         self.config = replace(self.config, num_classes=num_classes)
         self.class_names = None
         fresh = init_state_dict(self.config, seed)
@@ -237,9 +294,15 @@ class ConvNeXt:
         return sum(int(a.size) for a in self._params.values())
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of the weights by timm name in timm's (PyTorch) layouts, in this model's dtype."""
-        return {name: np.array(to_timm_layout(name, self._params[name], shape), order="C", copy=True)
+        """Copies of the weights by timm name in timm's (PyTorch) layouts, in this model's dtype
+        (bfloat16: float32, the bfloat16 weights' values exactly)."""
+        return {name: np.array(self._timm_layout(name, shape), order="C", copy=True)
                 for name, shape in expected_shapes(self.config).items()}
+
+    def _timm_layout(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """One weight in timm's layout, bfloat16 bits widened to float32."""
+        array = to_timm_layout(name, self._params[name], shape)
+        return layers.from_bfloat16(array) if array.dtype == np.uint16 else array
 
     def describe(self) -> str:
         """Where the weights, the input convention and the preprocessing come from, in a few lines."""

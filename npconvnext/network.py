@@ -149,14 +149,15 @@ def block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float, record: Re
     record("conv_dw", x)
     x = layers.norm_of(norm)(x, w.norm_weight, w.norm_bias, eps)
     record("norm", x)
-    x = layers.linear(x, w.fc1_weight, w.fc1_bias)                   # (N, H, W, C) -> (N, H, W, 4C)
+    # a bfloat16 model's linears: weights as bfloat16 bits, inputs rounded to bfloat16 (layers.py)
+    x = layers.linear_for(w.fc1_weight)(x, w.fc1_weight, w.fc1_bias)  # (N, H, W, C) -> (N, H, W, 4C)
     record("mlp.fc1", x)
     x = layers.gelu(x)
     record("mlp.act", x)
     if w.grn_weight is not None:
         x = layers.global_response_norm(x, w.grn_weight, w.grn_bias, grn_eps)
         record("mlp.grn", x)
-    x = layers.linear(x, w.fc2_weight, w.fc2_bias)                   # (N, H, W, 4C) -> (N, H, W, C)
+    x = layers.linear_for(w.fc2_weight)(x, w.fc2_weight, w.fc2_bias)  # (N, H, W, 4C) -> (N, H, W, C)
     record("mlp.fc2", x)
     if w.gamma is not None:
         x = x * w.gamma

@@ -73,7 +73,8 @@ def _model_options(p, batch_size=8):
     p.add_argument("--model", default=None, help=f"architecture or arch.tag (default {DEFAULT_MODEL}; "
                    "with --weights, read off the file)")
     p.add_argument("--weights", help="a local weight file (any supported format) instead of downloading")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the model's precision")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
+                   help="the model's precision")  # bfloat16: docs/speed.md
     p.add_argument("--batch-size", type=at_least_one, default=batch_size, help="images per forward pass")
     p.add_argument("--input-size", type=at_least_one, default=None,
                    help="the crop size (default: the weights' own, 224 for most tags)")

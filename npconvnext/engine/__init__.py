@@ -11,6 +11,8 @@ backward kernels, their twins' names (in layers.py) and its public wrappers:
     grn.py        ConvNeXt V2's GRN, forward and backward
     adamw.py      AdamW's update
     gemm.py       the matrix product's micro-kernel and its pixel panels
+    gemm_bf16.py  its bfloat16 pair tile: AMX, vdpbf16ps or widening, and its NumPy twin
+    bfloat16.py   rounding to bfloat16 in the kernels, pair panels, the weights' pair rows
     erf.py        the erf and exp the GELU uses
     jit.py        JIT settings, compile notice, the serial or parallel choice, chunked sums
     llvm.py       LLVM helpers; the plain-twin-plus-intrinsic idiom and the JIT-cache rule

@@ -27,11 +27,12 @@ import numpy as np
 
 from .. import layers
 from ..network import BlockWeights, Recorder, no_record
+from .bfloat16 import to_pair_panels
 from .checks import takes_array
 from .depthwise import depthwise_conv, depthwise_conv_layer_norm, depthwise_conv_layer_norm_keep
 from .gemm import from_panels, to_panels
 from .grn import global_response_norm_in_place
-from .linear import linear_gelu_panels, panels_linear
+from .linear import linear_gelu_panels, pairs_linear, panels_linear
 from .mlp import bias_gelu_keep, bias_scale_residual_keep, mlp_residual
 
 matmul = np.matmul  # training's BLAS calls, by one name (benchmarks/bench_train.py --split times them)
@@ -77,6 +78,8 @@ def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float, r
         activated = from_panels(linear_gelu_panels(normed, w.fc1_weight, w.fc1_bias), n * h * wd)  # (M, 4C)
     if w.grn_weight is not None:
         global_response_norm_in_place(activated.reshape(n, h * wd, -1), w.grn_weight, w.grn_bias, grn_eps)
+    if not training and w.fc2_weight.dtype == np.uint16:  # bfloat16: GRN's output rounded as fc2's pairs
+        return pairs_linear(to_pair_panels(activated), w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
     if not training:
         return panels_linear(to_panels(activated), w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
     branch = matmul(activated, w.fc2_weight).reshape(x.shape)                 # (N, H, W, C) BLAS

@@ -53,7 +53,7 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 
-
+from .gemm_bf16 import AMX_ROWS, pair_path, pair_product, pair_tile_llvm
 from .llvm import fused_multiply_add, prefetch, splat, vector_registers
 
 
@@ -66,6 +66,10 @@ def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
         lanes = vector_bytes // dtype.itemsize
         rows = min(12, (registers - 3) // 2)
         shapes[dtype] = (rows, 2 * lanes)
+    # bfloat16 pairs (gemm_bf16.py), keyed by their bits' dtype: a 32-bit lane a pixel, as float32,
+    # and as many rows as the CPU's path takes (16 for an AMX tile)
+    shapes[np.dtype(np.uint16)] = (AMX_ROWS if pair_path() == "amx" else shapes[np.dtype(np.float32)][0],
+                                   shapes[np.dtype(np.float32)][1])
     return shapes
 
 
@@ -104,10 +108,12 @@ def tile_product(weight, first_row, rows, panel, tile, pixels):
     j < pixels; rows past `rows` (the end of the weight) repeat its last row, and columns past
     `pixels` are left undefined: both are the caller's to ignore. Only the panel's vectors that
     hold the pixels are read (a last panel's empty half costs nothing).
-    weight: (N, K); panel: (K, NR); tile: (MR, NR). Compiled: the intrinsic below."""
+    weight: (N, K); panel: (K, NR); tile: (MR, NR). Compiled: the intrinsic below.
+    bfloat16 (gemm_bf16.py): weight (N, K) uint16, K even; panel (K/2, NR, 2) uint16 pairs;
+    tile float32, summed as gemm_bf16.pair_product says."""
     mr = tile.shape[0]
     picked = np.minimum(np.arange(first_row, first_row + mr), first_row + rows - 1)
-    tile[:] = weight[picked] @ panel
+    tile[:] = pair_product(weight[picked], panel) if weight.dtype == np.uint16 else weight[picked] @ panel
 
 
 def tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
@@ -115,8 +121,10 @@ def tile_product_transposed(weight, first_row, rows, panel, tile, pixels):
     tile_product(weight, first_row, rows, panel, tile.T, pixels)
 
 
-def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed):
+def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed, path=None):
     dtype = weight.dtype
+    if dtype == numba.types.uint16:
+        return _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, path)
     if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
             and isinstance(panel, numba.types.Array) and panel.layout == "C" and panel.dtype == dtype
             and isinstance(tile, numba.types.Array) and tile.layout == "C" and tile.dtype == dtype):
@@ -132,6 +140,24 @@ def _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, 
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+def _pair_tile_product_llvm(weight, first_row, rows, panel, tile, pixels, transposed, path):
+    # the bfloat16 pair tile (gemm_bf16.py); path None: the CPU's (gemm_bf16.pair_path)
+    if not (isinstance(weight, numba.types.Array) and weight.ndim == 2 and weight.layout == "C"
+            and isinstance(panel, numba.types.Array) and panel.ndim == 3 and panel.layout == "C"
+            and panel.dtype == numba.types.uint16 and isinstance(tile, numba.types.Array) and tile.layout == "C"
+            and tile.dtype == numba.types.float32):
+        return None
+    mr, nr = TILES[np.dtype(np.uint16)]
+    chosen = pair_path() if path is None else path
+    vector_rows = TILES[np.dtype(np.float32)][0]  # the vector paths: as many rows at once as float32's tile
+
+    def codegen(context, builder, sig, args):
+        pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, chosen, vector_rows)
+        return context.get_dummy_value()
+
+    return numba.types.void(weight, first_row, rows, panel, tile, pixels), codegen
 
 
 def _tile_product_ir(context, builder, sig, args, dtype, mr, lanes, vectors, transposed):
@@ -217,6 +243,56 @@ _tile_product_rows = numba.extending.intrinsic(
 _tile_product_columns = numba.extending.intrinsic(
     lambda typingctx, weight, first_row, rows, panel, tile, pixels:
         _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, transposed=True))
+
+
+def tile_product_widening(weight, first_row, rows, panel, tile, pixels):
+    """tile_product on bfloat16 pairs by the widening path on any CPU (the tests' handle on it)."""
+    tile_product(weight, first_row, rows, panel, tile, pixels)
+
+
+def tile_product_dot(weight, first_row, rows, panel, tile, pixels):
+    """tile_product on bfloat16 pairs by vdpbf16ps (only where the CPU has AVX512_BF16)."""
+    tile_product(weight, first_row, rows, panel, tile, pixels)
+
+
+def tile_product_amx(weight, first_row, rows, panel, tile, pixels):
+    """tile_product on bfloat16 pairs by AMX where the tile is whole (only where the CPU has AMX)."""
+    tile_product(weight, first_row, rows, panel, tile, pixels)
+
+
+# each path its own intrinsic and overload: Numba keys what it inlines on the code, so one
+# factory's closures would all compile to the first path
+@numba.extending.intrinsic
+def _pair_tile_widening(typingctx, weight, first_row, rows, panel, tile, pixels):
+    return _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, "widening")
+
+
+@numba.extending.intrinsic
+def _pair_tile_dot(typingctx, weight, first_row, rows, panel, tile, pixels):
+    return _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, "dot")
+
+
+@numba.extending.intrinsic
+def _pair_tile_amx(typingctx, weight, first_row, rows, panel, tile, pixels):
+    return _tile_product_llvm(typingctx, weight, first_row, rows, panel, tile, pixels, False, "amx")
+
+
+@numba.extending.overload(tile_product_widening, inline="always")
+def _tile_product_widening_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _pair_tile_widening(weight, first_row, rows, panel,
+                                                                                   tile, pixels)
+
+
+@numba.extending.overload(tile_product_dot, inline="always")
+def _tile_product_dot_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _pair_tile_dot(weight, first_row, rows, panel,
+                                                                              tile, pixels)
+
+
+@numba.extending.overload(tile_product_amx, inline="always")
+def _tile_product_amx_compiled(weight, first_row, rows, panel, tile, pixels):
+    return lambda weight, first_row, rows, panel, tile, pixels: _pair_tile_amx(weight, first_row, rows, panel,
+                                                                              tile, pixels)
 
 
 @numba.extending.overload(tile_product, inline="always")

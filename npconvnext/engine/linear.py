@@ -15,7 +15,12 @@ No BLAS call is made on the way: BLAS's idle threads busy-wait after a call, on 
 kernels need next. The weights are read as the model stores them, (C_in, C_out); the wrappers
 take `weight.T`, a view with gemm.py's (out, in) rows, so nothing is copied.
 
-Twins: layers.linear, layers.gelu, layers.patchify_conv.
+A bfloat16 model's linears (weights as bfloat16 bits, gemm_bf16.py) run on the same kernels
+with pair panels: `fc1_gelu_pairs_tile` writes fc2's pairs, `linear_gelu_pairs` and
+`pairs_linear` are the weight-stationary pair, and `linear_gelu_panels` takes bfloat16 weights
+too (its float32 output is GRN's input).
+
+Twins: layers.linear, layers.linear_bfloat16, layers.gelu, layers.patchify_conv.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 
 from .. import layers
 from ..errors import InputError
+from .bfloat16 import pair_count, pair_rows, pair_word, to_pair_panels
 from .checks import check_arguments, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for
 from .gemm import TILES, tile_product, tile_product_transposed, tile_shape, to_panels
@@ -81,6 +87,31 @@ def fc1_gelu_tile(panel, pixels, weight, bias, c0, tile, hidden_panel):
 
 
 @numba.njit(**INLINE_JIT)
+def fc1_gelu_pairs_tile(panel, pixels, weight, bias, c0, tile, hidden_pairs):
+    # fc1_gelu_tile for a bfloat16 model: panel (K2, NR, 2) pairs, weight (D, K) uint16, and the
+    # GELU's float32 result rounded to bfloat16 into hidden_pairs (ceil(D/2), NR, 2), channel c
+    # at [c // 2, :, c % 2]: fc2's pair panel, written once. c0 even (MR is). Two tile rows at a
+    # time, one word a pixel, so that the loop vectorises.
+    rows = min(tile.shape[0], weight.shape[0] - c0)
+    tile_product(weight, c0, rows, panel, tile, pixels)
+    words = hidden_pairs.view(np.uint32)                       # (ceil(D/2), NR, 1)
+    for r in range(0, rows, 2):
+        low, dst = tile[r], words[(c0 + r) >> 1]               # (NR,), (NR, 1)
+        b_low = bias[c0 + r]
+        if r + 1 < rows:
+            high, b_high = tile[r + 1], bias[c0 + r + 1]
+            for j in range(pixels):
+                v = np.float64(low[j] + b_low)
+                u = np.float64(high[j] + b_high)
+                dst[j, 0] = pair_word(np.float32(0.5 * v * (1.0 + erf_for(low[j], v * SQRT_HALF))),
+                                      np.float32(0.5 * u * (1.0 + erf_for(high[j], u * SQRT_HALF))))
+        else:  # an odd D's last channel: its pair's other half stays zero
+            for j in range(pixels):
+                v = np.float64(low[j] + b_low)
+                dst[j, 0] = pair_word(np.float32(0.5 * v * (1.0 + erf_for(low[j], v * SQRT_HALF))), np.float32(0.0))
+
+
+@numba.njit(**INLINE_JIT)
 def fc2_residual_tile(hidden_panel, weight, bias, gamma, shortcut, out, first_pixel, c0, tile):
     # out[first_pixel : first_pixel + NR, c0 : c0 + MR] = shortcut + gamma * (hidden_panel^T @
     # weight[c0 : c0 + MR]^T + bias), the same part of each; gamma None means 1, shortcut None
@@ -122,7 +153,7 @@ def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, fir
     # of `pixels` pixels; weight: (D, K); bias: (D,); the output channels of groups
     # first..last-1 (of `groups` shares), `chunk` panels at a time
     mr, nr = tile_shape(weight)
-    tile = np.empty((mr, nr), dtype=weight.dtype)  # (MR, NR)
+    tile = np.empty((mr, nr), dtype=bias.dtype)  # (MR, NR); bias: the dtype of the sums (bfloat16: float32)
     for group in range(first, last):
         for start in range(0, x.shape[0], chunk):
             for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
@@ -137,12 +168,31 @@ def _linear_gelu_panels(x, pixels, weight, bias, hidden, chunk, groups):
 
 
 @numba.njit(**JIT)
+def _linear_gelu_pairs_rows(x, pixels, weight, bias, hidden, chunk, groups, first, last):
+    # _linear_gelu_panels_rows for a bfloat16 model: x (P, K2, NR, 2) pair panels, weight (D, K)
+    # uint16, hidden (P, ceil(D/2), NR, 2) the GELU's output as bfloat16 pair panels
+    mr, nr = tile_shape(weight)
+    tile = np.empty((mr, nr), dtype=bias.dtype)  # (MR, NR) float32
+    for group in range(first, last):
+        for start in range(0, x.shape[0], chunk):
+            for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
+                for p in range(start, min(start + chunk, x.shape[0])):
+                    fc1_gelu_pairs_tile(x[p], min(nr, pixels - p * nr), weight, bias, c0, tile, hidden[p])
+
+
+@numba.njit(**PARALLEL_JIT)
+def _linear_gelu_pairs(x, pixels, weight, bias, hidden, chunk, groups):
+    for group in numba.prange(groups):
+        _linear_gelu_pairs_rows(x, pixels, weight, bias, hidden, chunk, groups, group, group + 1)
+
+
+@numba.njit(**JIT)
 def _panels_linear_rows(hidden, weight, bias, gamma, shortcut, out, chunk, groups, first, last):
     # out (M, C) = shortcut + gamma * (hidden @ weight.T + bias), hidden as pixel panels
     # (P, D, NR); weight: (C, D); gamma None means 1; shortcut None means 0; the output channels
     # of groups first..last-1 (of `groups` shares), `chunk` panels at a time
     mr, nr = tile_shape(weight)
-    tile = np.empty((nr, mr), dtype=weight.dtype)  # (NR, MR)
+    tile = np.empty((nr, mr), dtype=bias.dtype)  # (NR, MR); bias: the dtype of the sums (bfloat16: float32)
     for group in range(first, last):
         for start in range(0, hidden.shape[0], chunk):
             for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
@@ -173,10 +223,14 @@ def linear_gelu_panels(x, weight, bias):
     d = last_dimension(weight)
     check_arguments("linear_gelu_panels", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
-    rows, bias = kernel_weights(flat.dtype, weight.T, bias)  # rows (D, K): a view of the weights
-    mr, nr = TILES[flat.dtype]
-    panels = to_panels(flat)                                  # (P, K, NR)
-    hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=flat.dtype)
+    if weight.dtype == np.uint16:  # bfloat16 bits: pair panels in, float32 panels out (GRN's input)
+        (bias,), rows = kernel_weights(np.float32, bias), pair_rows(weight)  # rows (D, K): the bits in place
+        panels = to_pair_panels(flat)                         # (P, K2, NR, 2)
+    else:
+        rows, bias = kernel_weights(flat.dtype, weight.T, bias)  # rows (D, K): a view of the weights
+        panels = to_panels(flat)                              # (P, K, NR)
+    mr, nr = TILES[bias.dtype]
+    hidden = np.empty((panels.shape[0], rows.shape[0], nr), dtype=bias.dtype)
     groups = _channel_groups(-(-rows.shape[0] // mr))
     rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels,
                       (panels, flat.shape[0], rows, bias, hidden, _panels_in_cache(panels), groups), groups,
@@ -204,6 +258,55 @@ def panels_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
     out = np.empty((m, rows.shape[0]), dtype=hidden.dtype)
     residual = None if shortcut is None else np.ascontiguousarray(shortcut).reshape(m, -1)  # (M, C)
     groups = _channel_groups(-(-rows.shape[0] // TILES[hidden.dtype][0]))
+    rows_or_parallel(_panels_linear_rows, _panels_linear,
+                      (hidden, rows, bias, gamma, residual, out, _panels_in_cache(hidden), groups), groups,
+                      blas_between=False)
+    return out if shortcut is None else out.reshape(shortcut.shape)
+
+
+@takes_array("x")
+def linear_gelu_pairs(x, weight, bias):
+    """linear_gelu_panels for a bfloat16 model, its output rounded to bfloat16 as fc2's pair
+    panels. x: (..., K) float32; weight: (K, D) bfloat16 bits -> (P, ceil(D/2), NR, 2) uint16"""
+    d = last_dimension(weight)
+    check_arguments("linear_gelu_pairs", "x", x, None, weight=(weight, (x.shape[-1], d)), bias=(bias, (d,)))
+    if weight.dtype != np.uint16:
+        raise InputError(f"linear_gelu_pairs: weight is {weight.dtype}, not bfloat16 bits (uint16)")
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])   # (M, K)
+    (bias,), rows = kernel_weights(np.float32, bias), pair_rows(weight)
+    mr, nr = TILES[np.dtype(np.uint16)]
+    panels = to_pair_panels(flat, parallel=False)             # (P, K2, NR, 2): few, packed on this thread
+    # an odd D's missing channel is read (times a zero weight): zero, not whatever memory held
+    hidden = (np.zeros if d % 2 else np.empty)((panels.shape[0], pair_count(d), nr, 2), np.uint16)
+    groups = _channel_groups(-(-d // mr))
+    rows_or_parallel(_linear_gelu_pairs_rows, _linear_gelu_pairs,
+                      (panels, flat.shape[0], rows, bias, hidden, _panels_in_cache(panels), groups), groups,
+                      blas_between=False)
+    return hidden
+
+
+@takes_array("hidden")
+def pairs_linear(hidden, weight, bias, gamma=None, shortcut=None, pixels=None):
+    """panels_linear for a bfloat16 model: hidden (P, ceil(D/2), NR, 2) bfloat16 pair panels
+    (uint16); weight (D, C) bfloat16 bits; bias, gamma, shortcut float32 -> float32, like
+    shortcut, or (M, C)"""
+    c = last_dimension(weight)
+    nr = TILES[np.dtype(np.uint16)][1]
+    m = pixels if shortcut is None else shortcut.size // max(1, shortcut.shape[-1])
+    fits = (hidden.dtype == np.uint16 and hidden.ndim == 4 and getattr(weight, "dtype", None) == np.uint16
+            and np.ndim(weight) == 2 and hidden.shape[1:] == (pair_count(weight.shape[0]), nr, 2)
+            and np.shape(bias) == (c,) and (gamma is None or np.shape(gamma) == (c,)) and m is not None
+            and 0 <= m <= hidden.shape[0] * nr and (shortcut is None or shortcut.shape[-1] == c))
+    if not fits:
+        raise InputError(f"pairs_linear: pair panels {hidden.dtype} {hidden.shape} (panels of {nr} pixels) do not fit "
+                         f"a {getattr(weight, 'dtype', None)} weight of shape {np.shape(weight)}, bias "
+                         f"{np.shape(bias)}, gamma {np.shape(gamma)}, a shortcut of shape {np.shape(shortcut)} or "
+                         f"pixels={pixels}")
+    hidden = np.ascontiguousarray(hidden)
+    rows, (bias, gamma) = pair_rows(weight), kernel_weights(np.float32, bias, gamma)  # rows (C, D)
+    out = np.empty((m, c), dtype=np.float32)
+    residual = None if shortcut is None else np.ascontiguousarray(shortcut, np.float32).reshape(m, -1)  # (M, C)
+    groups = _channel_groups(-(-c // TILES[np.dtype(np.uint16)][0]))
     rows_or_parallel(_panels_linear_rows, _panels_linear,
                       (hidden, rows, bias, gamma, residual, out, _panels_in_cache(hidden), groups), groups,
                       blas_between=False)

@@ -18,9 +18,9 @@ layernorm.py's lane sums are the others. The helpers here are called from their 
 
 The JIT cache: Numba's cache knows a compiled kernel's own source file only, not the files of
 what it calls or inlines. After editing an intrinsic's IR (here, gemm.py, depthwise.py,
-layernorm.py's lane sums) or a helper other modules' kernels call (erf.py, linear.py's tiles,
-layernorm.py's per-pixel steps, jit.py's settings), clear the __pycache__ of engine/ so that
-every kernel that uses it is compiled again.
+layernorm.py's lane sums, gemm_bf16.py's pair tile) or a helper other modules' kernels call
+(erf.py, linear.py's tiles, layernorm.py's per-pixel steps, bfloat16.py's rounding, jit.py's
+settings), clear the __pycache__ of engine/ so that every kernel that uses it is compiled again.
 """
 
 from __future__ import annotations

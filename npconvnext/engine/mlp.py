@@ -4,7 +4,8 @@
                 GELU into the hidden activations, (4C, NR), and at once through fc2 + layer
                 scale + residual, so the hidden tensor never leaves the cache (linear.py's
                 tiles); with too few panels for the threads, linear.py's weight-stationary
-                linears one after the other
+                linears one after the other. A bfloat16 model's (uint16 weights) the same
+                way on pair panels (`_mlp_pairs_rows`; bfloat16.py, gemm_bf16.py)
     training    the linears are BLAS products (block.py); around them, bias + GELU keeping
                 the pre-activation (`bias_gelu_keep`), GELU recomputed in the backward with
                 its slope, so erf is evaluated once per element there (`gelu_and_slope_in_place`),
@@ -13,7 +14,8 @@
                 keeping the branch (`bias_scale_residual_keep`) and its backward with the gamma
                 and fc2-bias gradients (`layer_scale_backward`), summed in float64 chunks (jit.py)
 
-Twins: layers.linear, layers.gelu, layers.gelu_backward; network.block's layer scale.
+Twins: layers.linear, layers.linear_bfloat16, layers.gelu, layers.gelu_backward; network.block's
+layer scale.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import math
 import numba
 import numpy as np
 
+from ..errors import InputError
+from .bfloat16 import pack_pairs, pair_rows
 from .checks import check_arguments, check_in_place, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for, exp_nonpositive
 from .gemm import TILES, tile_shape
 from .jit import CHUNK_PIXELS, JIT, PARALLEL_JIT, chunk_count, rows_or_parallel, sum_chunks
-from .linear import fc1_gelu_tile, fc2_residual_tile, linear_gelu_panels, pack_panel, panels_linear
+from .linear import (fc1_gelu_pairs_tile, fc1_gelu_tile, fc2_residual_tile, linear_gelu_pairs, linear_gelu_panels,
+                     pack_panel, pairs_linear, panels_linear)
 
 
 @numba.njit(**JIT)
@@ -52,6 +57,30 @@ def _mlp(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out):
     nr = tile_shape(y)[1]
     for p in numba.prange(-(-y.shape[0] // nr)):
         _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, p, p + 1)
+
+
+@numba.njit(**JIT)
+def _mlp_pairs_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last):
+    # _mlp_rows for a bfloat16 model: each panel rounded to bfloat16 pairs once, fc1 + GELU
+    # writing fc2's pair panel; fc1 (4C, C) and fc2 (C, 4C) uint16 rows (C, 4C even: bfloat16.pair_rows)
+    mr, nr = tile_shape(fc1)
+    panel = np.empty(((y.shape[1] + 1) // 2, nr, 2), dtype=np.uint16)     # (C/2, NR, 2)
+    hidden = np.zeros(((fc1.shape[0] + 1) // 2, nr, 2), dtype=np.uint16)  # (2C, NR, 2); an odd 4C's pad: 0
+    tile = np.empty((mr, nr), dtype=y.dtype)                               # (MR, NR) float32
+    tile_t = np.empty((nr, mr), dtype=y.dtype)                             # (NR, MR)
+    for p in range(first, last):
+        pack_pairs(y, p * nr, panel)
+        for c0 in range(0, fc1.shape[0], mr):
+            fc1_gelu_pairs_tile(panel, min(nr, y.shape[0] - p * nr), fc1, fc1_bias, c0, tile, hidden)
+        for c0 in range(0, fc2.shape[0], mr):
+            fc2_residual_tile(hidden, fc2, fc2_bias, gamma, shortcut, out, p * nr, c0, tile_t)
+
+
+@numba.njit(**PARALLEL_JIT)
+def _mlp_pairs(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out):
+    nr = tile_shape(fc1)[1]
+    for p in numba.prange(-(-y.shape[0] // nr)):
+        _mlp_pairs_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, p, p + 1)
 
 
 # ---- training: GELU keeping its input, and the slope for the backward ---------------------------
@@ -212,14 +241,26 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     check_arguments("mlp_residual", "y", y, None, optional=("gamma",), fc1_weight=(fc1_weight, (c, d)),
                     fc1_bias=(fc1_bias, (d,)), fc2_weight=(fc2_weight, (d, c)), fc2_bias=(fc2_bias, (c,)),
                     gamma=(gamma, (c,)), shortcut=(shortcut, y.shape))
-    flat = np.ascontiguousarray(y).reshape(-1, y.shape[-1])                 # (M, C)
+    bfloat16 = fc1_weight.dtype == np.uint16  # the linears as bfloat16 bits: pair panels (bfloat16.py)
+    if bfloat16 != (fc2_weight.dtype == np.uint16):
+        raise InputError(f"mlp_residual: fc1_weight is {fc1_weight.dtype} and fc2_weight {fc2_weight.dtype}: both "
+                         "bfloat16 bits (uint16) or neither")
+    flat = np.ascontiguousarray(y, np.float32 if bfloat16 else None).reshape(-1, y.shape[-1])  # (M, C)
     panels = -(-flat.shape[0] // TILES[flat.dtype][1])
     threads = numba.get_num_threads()
     if threads > 1 and panels < _PANELS_PER_THREAD * threads:
+        if bfloat16:
+            return pairs_linear(linear_gelu_pairs(flat, fc1_weight, fc1_bias), fc2_weight, fc2_bias, gamma, shortcut)
         hidden = linear_gelu_panels(flat, fc1_weight, fc1_bias)              # (P, 4C, NR)
         return panels_linear(hidden, fc2_weight, fc2_bias, gamma, shortcut)
-    residual = np.ascontiguousarray(shortcut).reshape(flat.shape)           # (M, C)
+    residual = np.ascontiguousarray(shortcut, flat.dtype).reshape(flat.shape)  # (M, C)
     out = np.empty_like(residual)
+    if bfloat16:
+        fc1, fc2 = pair_rows(fc1_weight), pair_rows(fc2_weight)              # (4C, C), (C, 4C): the bits in place
+        fc1_bias, fc2_bias, gamma = kernel_weights(np.float32, fc1_bias, fc2_bias, gamma)
+        rows_or_parallel(_mlp_pairs_rows, _mlp_pairs, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out),
+                          panels, blas_between=False)
+        return out.reshape(shortcut.shape)
     fc1, fc1_bias, fc2, fc2_bias, gamma = kernel_weights(y.dtype, fc1_weight.T, fc1_bias, fc2_weight.T, fc2_bias,
                                                           gamma)  # fc1 (4C, C), fc2 (C, 4C): views of the weights
     rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,

@@ -79,6 +79,25 @@ def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+class WidenedBFloat16(np.ndarray):
+    """A bfloat16 tensor of a file widened to float32, which keeps the file's bits in
+    `bfloat16_bits` (uint16, the same shape, a read-only view of the mapped file): a bfloat16
+    model takes those in place (model.py). Views and results of NumPy operations on it carry
+    no bits (None): only the array the reader made does."""
+
+    bfloat16_bits: np.ndarray | None = None
+
+    def __array_finalize__(self, obj):
+        self.bfloat16_bits = None
+
+
+def widened_keeping_bits(raw: np.ndarray) -> WidenedBFloat16:
+    """bfloat16_to_float32 of raw (uint16 bits, any shape), remembering raw."""
+    widened = bfloat16_to_float32(raw).view(WidenedBFloat16)
+    widened.bfloat16_bits = raw
+    return widened
+
+
 def describe(value: object, limit: int = 60) -> str:
     """A bounded description of a value read from a file, for error messages: short text is
     quoted, anything else is named by its type (a repr could expand a shared structure

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CheckpointError
-from .guard import MAX_DIMS, bfloat16_to_float32, describe, open_weight_file, reading
+from .guard import MAX_DIMS, describe, open_weight_file, reading, widened_keeping_bits
 from .registry import Reading, WeightFormat
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
@@ -172,10 +172,11 @@ def _check_tiling(entries: list[_Entry], body_len: int) -> None:
 
 
 def _array(body: memoryview, e: _Entry) -> np.ndarray:
-    """The tensor as a read-only view of the file (bfloat16 widened to a float32 copy)."""
+    """The tensor as a read-only view of the file (bfloat16 widened to a float32 copy that
+    keeps the mapped bits, for a bfloat16 model to use in place: guard.WidenedBFloat16)."""
     dtype = np.dtype("<u2" if e.dtype == "BF16" else DTYPES[e.dtype]).newbyteorder("<")
-    raw = np.frombuffer(body[e.start : e.end], dtype=dtype)
-    return (bfloat16_to_float32(raw) if e.dtype == "BF16" else raw).reshape(e.shape)
+    raw = np.frombuffer(body[e.start : e.end], dtype=dtype).reshape(e.shape)
+    return widened_keeping_bits(raw) if e.dtype == "BF16" else raw
 
 
 def _read(path: str) -> Reading:

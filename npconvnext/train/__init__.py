@@ -33,8 +33,9 @@ def loss_and_grads(model: ConvNeXt, x: np.ndarray, y: np.ndarray, label_smoothin
     drop_path_rate, drop_rate: stochastic depth and head dropout, drawn from `rng` (a seeded
     numpy Generator); both are off without one.
     The model's backend chooses the layers: "numpy" the readable ones, "numba" (the default)
-    the engine's kernels where it has them.
+    the engine's kernels where it has them. A bfloat16 model is refused: training stays float32.
     """
+    model.check_trainable()
     images = model.network_input(x)                                            # (N, H, W, 3)
     labels = np.asarray(y)
     classes = model.config.num_classes

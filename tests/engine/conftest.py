@@ -4,16 +4,18 @@ import contextlib
 
 import pytest
 
-from npconvnext.engine import adamw, depthwise, grn, layernorm, linear, mlp
+from npconvnext.engine import adamw, bfloat16, depthwise, grn, layernorm, linear, mlp
 from tests.support import parallel_loops
 
 # every kernel's parallel loop, by name, in the layer module that holds it
-LAYER_MODULES = (depthwise, layernorm, linear, mlp, grn, adamw)
+LAYER_MODULES = (depthwise, layernorm, linear, mlp, grn, adamw, bfloat16)
 PARALLEL_LOOPS = {module: [name for name, f in vars(module).items()
                            if getattr(f, "targetoptions", {}).get("parallel")] for module in LAYER_MODULES}
 # the forward's, which inference runs; the others run in training only
 FORWARD_LOOPS = {"_depthwise_conv7_layer_norm", "_layer_norm", "_global_response_norm_", "_linear_gelu_panels",
                  "_panels_linear", "_mlp"}
+# a bfloat16 model's forward (test_bfloat16.py): pair panels, fc1 + GELU into pairs, the MLP on pairs
+BFLOAT16_LOOPS = {"_to_pair_panels", "_linear_gelu_pairs", "_mlp_pairs"}
 
 
 @pytest.fixture(params=[1, 2], ids=["serial", "parallel"])

@@ -13,7 +13,7 @@ from npconvnext import layers
 from npconvnext.engine import block, depthwise, gemm, grn, layernorm, linear, mlp
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
-from tests.engine.conftest import FORWARD_LOOPS, PARALLEL_LOOPS
+from tests.engine.conftest import BFLOAT16_LOOPS, FORWARD_LOOPS, PARALLEL_LOOPS
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
@@ -30,8 +30,8 @@ def close(actual, expected, dtype):
 
 def test_every_kernel_has_a_parallel_loop_to_test():
     loops = [name for names in PARALLEL_LOOPS.values() for name in names]
-    assert len(loops) == len(set(loops)) == 19, loops  # six for the forward, thirteen for training
-    assert FORWARD_LOOPS <= set(loops)
+    assert len(loops) == len(set(loops)) == 22, loops  # six for the forward, three bfloat16, thirteen training
+    assert FORWARD_LOOPS | BFLOAT16_LOOPS <= set(loops)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -7,8 +7,8 @@ import inspect
 import numpy as np
 import pytest
 
-from npconvnext import InputError
-from npconvnext.engine import adamw, block, depthwise, gemm, grn, layernorm, linear, mlp
+from npconvnext import InputError, layers
+from npconvnext.engine import adamw, bfloat16, block, depthwise, gemm, grn, layernorm, linear, mlp
 from npconvnext.network import BlockWeights
 
 N, H, W, C, D = 2, 8, 8, 8, 32
@@ -21,6 +21,11 @@ def r(*shape, dtype=np.float32):
 
 def panels(m, k):
     return gemm.to_panels(r(m, k))
+
+
+def bits(*shape):
+    """A linear's weight as a bfloat16 model keeps it: bfloat16 bits, (in, out) in Fortran order"""
+    return np.asfortranarray(layers.to_bfloat16(r(*shape)))
 
 
 def block_weights(**wrong):
@@ -50,6 +55,13 @@ CASES = {
     linear.panels_linear: (
         dict(hidden=panels(N * H * W, D), weight=r(D, C), bias=r(C), gamma=r(C), shortcut=r(N, H, W, C)),
         dict(hidden=r(4, D, 3), weight=r(D + 1, C), bias=r(C + 1), gamma=r(D), shortcut=r(N, 2 * H, W, C))),
+    linear.linear_gelu_pairs: (
+        dict(x=r(N, H, W, C), weight=bits(C, D), bias=r(D)),
+        dict(x=r(N, H, W, C).astype(np.int64), weight=r(C, D), bias=r(D + 1))),
+    linear.pairs_linear: (
+        dict(hidden=bfloat16.to_pair_panels(r(N * H * W, D)), weight=bits(D, C), bias=r(C), gamma=r(C),
+             shortcut=r(N, H, W, C)),
+        dict(hidden=r(4, D, 3), weight=bits(D + 2, C), bias=r(C + 1), gamma=r(D), shortcut=r(N, 2 * H, W, C))),
     linear.linear: (
         dict(x=r(N, H, W, C), weight=r(C, D), bias=r(D)),
         dict(weight=r(C + 1, D), bias=r(D - 1))),

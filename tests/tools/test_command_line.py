@@ -47,7 +47,7 @@ def test_version_and_every_commands_threads_quiet_and_defaults():
         assert "--threads N" in text and "-q, --quiet" in text, command
     classify = " ".join(npconvnext_command("classify", "--help").stdout.split())
     for shown in ("images per forward pass (default: 8)", "classes per image (default: 5)",
-                  "--dtype {float32,float64}", "the model's precision (default: float32)", "exit status:"):
+                  "--dtype {float32,float64,bfloat16}", "the model's precision (default: float32)", "exit status:"):
         assert shown in classify
     benchmark = " ".join(npconvnext_command("benchmark", "--help").stdout.split())
     assert "(default: 10.0)" in benchmark and "images per forward pass (default: 1)" in benchmark
