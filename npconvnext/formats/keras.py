@@ -203,6 +203,9 @@ def _read_checked(weights: list[tuple[str, str, object]], layer_names: list[str]
             raise CheckpointError(f"two Keras weights map to {name} (layer {describe(layer)})")
         _check_dataset(dataset)
         found[name] = (dataset, KERAS_KINDS[kind].fix if role == "weight" else None)
+    if "head.norm.weight" in found and "head.fc.weight" not in found:  # Keras' head: both, or neither
+        raise CheckpointError("the head's layer norm has weights but no <model>_head_dense layer does: the "
+                              "classifier's weights are lost (keras.applications' head has both or neither)")
     if "stem.0.weight" not in found:
         shown = ", ".join(describe(n) for n in sorted(set(layer_names) | {l for l, _, _ in weights})[:6])
         raise CheckpointError(f"not a Keras ConvNeXt: no layer named <model>_stem_conv (layers: {shown})")

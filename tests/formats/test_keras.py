@@ -333,3 +333,13 @@ def test_a_truncated_keras_file_is_reported_as_keras(tmp_path):
     with pytest.raises(npconvnext.CheckpointError, match=f"{path}: truncated or corrupted Keras .keras file") as error:
         npconvnext.load_state_dict(path)
     assert "PyTorch" not in str(error.value)
+
+
+def test_a_keras_file_whose_classifier_lost_its_weights_is_refused(tmp_path):
+    # keras.applications' head has its layer norm and its dense layer, or neither (include_top):
+    # a norm without the dense lost the classifier's weights, and must not load as a backbone
+    path = _hostile_h5(tmp_path, None, "lost-head.h5")
+    with h5py.File(path, "r+") as f:
+        del f["convnext_atto_head_dense"].attrs["weight_names"]
+    with pytest.raises(npconvnext.CheckpointError, match=f"{path}: .*head_dense"):
+        npconvnext.load_state_dict(path)
