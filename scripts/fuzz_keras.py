@@ -177,8 +177,8 @@ def mutate_h5(data: bytes, rng, seeds) -> tuple[bytes, bool]:
     buffer = io.BytesIO(data)
     try:
         with h5py.File(buffer, "r+") as f:
-            edit = [_storage_edit, _storage_edit, _storage_edit, _dtype_edit, _attribute_edit, _attribute_edit][action - 4]
-            checked = edit(f, rng)
+            edits = [_storage_edit, _storage_edit, _storage_edit, _dtype_edit, _attribute_edit, _attribute_edit]
+            checked = edits[action - 4](f, rng)
     except Exception:  # noqa: BLE001 (an earlier mutation broke the file: edit its bytes)
         return mutate_bytes(data, rng, seeds), False
     return buffer.getvalue(), checked
