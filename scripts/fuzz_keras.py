@@ -188,8 +188,9 @@ def mutate_h5(data: bytes, rng, seeds) -> tuple[bytes, bool]:
 
 
 def _normalization(config: dict) -> dict | None:
-    for layer in config.get("config", {}).get("layers", []):
-        if layer.get("class_name") == "Normalization":
+    for layer in config["config"]["layers"]:
+        if isinstance(layer, dict) and layer.get("class_name") == "Normalization" \
+                and isinstance(layer.get("config"), dict):
             return layer["config"]
     return None
 
@@ -200,8 +201,11 @@ def mutate_config(text, rng) -> tuple[str, bool]:
         config = json.loads(text)
     except Exception:  # noqa: BLE001
         return text[: int(rng.integers(len(text) + 1))], True
+    if not (isinstance(config, dict) and isinstance(config.get("config"), dict)
+            and isinstance(config["config"].get("layers"), list)):  # an earlier edit replaced it
+        return json.dumps(config) + " ", False
     action = int(rng.integers(7))
-    norm = _normalization(config) if isinstance(config, dict) else None
+    norm = _normalization(config)
     if action == 0 and norm is not None:  # non-finite or negative normalisation: refused
         key = ["mean", "variance"][int(rng.integers(2))]
         bad = [float("nan"), float("inf"), float("-inf"), -1.0][int(rng.integers(4 if key == "variance" else 3))]
@@ -212,12 +216,13 @@ def mutate_config(text, rng) -> tuple[str, bool]:
         norm[key] = [None, "x", [], [[1.0]], True, {"a": 1}, 1e308][int(rng.integers(7))]
         return json.dumps(config), False
     if action == 2:  # the head's activation
-        for layer in config.get("config", {}).get("layers", []):
-            if str(layer.get("name", "")).endswith("head_dense"):
+        for layer in config["config"]["layers"]:
+            if isinstance(layer, dict) and str(layer.get("name", "")).endswith("head_dense") \
+                    and isinstance(layer.get("config"), dict):
                 layer["config"]["activation"] = ["relu", None, "linear", "softmax", 7, "x" * 100][int(rng.integers(6))]
         return json.dumps(config), False
     if action == 3:  # layers lost
-        layers = config.get("config", {}).get("layers", [])
+        layers = config["config"]["layers"]
         del layers[int(rng.integers(len(layers) + 1)):]
         return json.dumps(config), False
     if action == 4:  # the top level replaced
