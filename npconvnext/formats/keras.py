@@ -291,7 +291,7 @@ def _bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> io.
 
 
 def is_keras_zip(path: str) -> bool:
-    """A zip whose members say Keras 3 (.keras), not PyTorch: from its directory, or, in a zip
+    """A zip whose members say Keras 3 (.keras), not PyTorch (no data.pkl): from its directory, or, in a zip
     without one (truncated), from its first member's name (Keras writes metadata.json first)."""
     try:
         with open_weight_file(path) as f:
@@ -304,7 +304,8 @@ def is_keras_zip(path: str) -> bool:
                 return first.decode("utf-8", "replace") in _KERAS_MEMBERS
     except Exception:  # noqa: BLE001  recognising never fails: the zip reader that takes it will say why
         return False
-    return "model.weights.h5" in names and ("config.json" in names or "metadata.json" in names)
+    # any of Keras' members, and no pickle: a .keras that lost its weights is still reported as one
+    return bool(names & set(_KERAS_MEMBERS)) and not any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names)
 
 
 FORMATS = (WeightFormat("keras-h5", lambda head, path: head.startswith(HDF5_SIGNATURE), read_keras_h5),

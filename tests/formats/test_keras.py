@@ -343,3 +343,11 @@ def test_a_keras_file_whose_classifier_lost_its_weights_is_refused(tmp_path):
         del f["convnext_atto_head_dense"].attrs["weight_names"]
     with pytest.raises(npconvnext.CheckpointError, match=f"{path}: .*head_dense"):
         npconvnext.load_state_dict(path)
+
+
+def test_a_keras_file_without_its_weights_member_is_reported_as_keras(tmp_path):
+    # Keras' metadata.json and config.json say Keras: the file is not called a PyTorch zip
+    path = tmp_path / "no-weights.keras"
+    path.write_bytes(_zip_in_order({"metadata.json": b"{}", "config.json": b"{}"}, zipfile.ZIP_STORED))
+    with pytest.raises(npconvnext.CheckpointError, match=f"{path}: .keras archive without model.weights.h5"):
+        npconvnext.load_state_dict(path)
