@@ -197,12 +197,11 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _loaded_digest(path: str) -> str | None:
-    """sha256 of what loading the file as a model takes from it: its timm-named weights (every
-    name, type, shape and byte), strictly checked against the architecture they make, and its
-    convention. None where loading refuses what the reader gave."""
-    import hashlib
-
+def _digests(path: str, got) -> tuple[str, str | None]:
+    """sha256 of what the reader gave (`got`), and of what loading the file as a model takes from
+    it: its timm-named weights, strictly checked against the architecture they make, and its
+    convention (None where loading refuses what the reader gave). A seed that is a whole
+    ConvNeXt is compared by the second; a seed of a few named arrays (the SavedModels') by the first."""
     from npconvnext.errors import CheckpointError
     from npconvnext.formats import read_weight_file
     from npconvnext.params import check_state_dict, detect_architecture
@@ -210,12 +209,20 @@ def _loaded_digest(path: str) -> str | None:
     try:
         found = read_weight_file(path)
         check_state_dict(found.state, detect_architecture(found.state), path)
+        loaded = _digest(found.state, found.convention)
     except CheckpointError:
-        return None
-    h = hashlib.sha256(repr(found.convention).encode())
-    for name in sorted(found.state):
-        array = np.ascontiguousarray(found.state[name])
-        # unit axes left out: loading fits them to the architecture's (names.fit_unit_axes)
+        loaded = None
+    return _digest(got.arrays, got.convention), loaded
+
+
+def _digest(arrays: dict, convention) -> str:
+    """sha256 of the arrays' names, types, shapes (unit axes left out: loading fits them to the
+    architecture's) and bytes, and the convention."""
+    import hashlib
+
+    h = hashlib.sha256(repr(convention).encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
         h.update(f"{name} {array.dtype.str} {tuple(n for n in array.shape if n != 1)}".encode())
         h.update(array.tobytes())
     return h.hexdigest()
@@ -239,7 +246,7 @@ def worker() -> None:
             read = time.perf_counter()  # the time of the read alone, not of the load to compare
             ok = all(type(k) is str and isinstance(v, np.ndarray) for k, v in got.arrays.items())
             outcome, message = ("loaded" if ok else "bad result"), ""
-            digest = _loaded_digest(path) if ok and check else None
+            digest = _digests(path, got) if ok and check else None
         except CheckpointError as exc:
             outcome, message = "CheckpointError", str(exc)
         except BaseException as exc:  # noqa: BLE001 (what the fuzzer is looking for)
@@ -322,8 +329,16 @@ def _remove(path: str) -> None:
 KINDS = ("safetensors", "torch", "savedmodel", "ir", *KERAS_KINDS)
 
 
-def _clean_digest(work: "Worker", where: str, kind: str, files, timeout: float) -> str | None:
-    """What a seed reads as, unmutated (None where it is refused)."""
+def _changed(digests: list, seed: list | None) -> bool:
+    """Whether an input that loaded differs from its seed: by what loading takes from it where the
+    seed loads as a model (a refusal there is clean), else by what the reader gave."""
+    if seed is None or seed[1] is None:
+        return seed is None or digests[0] != seed[0]
+    return digests[1] is not None and digests[1] != seed[1]
+
+
+def _clean_digest(work: "Worker", where: str, kind: str, files, timeout: float) -> list | None:
+    """What a seed reads and loads as, unmutated (`_digests`; None where it is refused)."""
     result = work.read(_write_input(where, kind, files), timeout, check=True)
     _remove(where)
     return result.get("digest")
@@ -346,7 +361,7 @@ def campaign(n: int, seed: int, timeout: float, log=None, kinds=("safetensors", 
              + (ir_seeds() if "ir" in kinds else []) + (keras_seeds(repo) if set(kinds) & set(KERAS_KINDS) else []))
     outcomes, by_kind, reasons = Counter(), Counter(), Counter()
     crashes, hangs, unnamed, memory, others, silent = [], [], [], [], [], []
-    clean: dict[int, str | None] = {}  # id(seed) -> the digest of what its clean files read as
+    clean: dict[int, list | None] = {}  # id(seed) -> the digests of what its clean files read and load as
     slowest = (0.0, "", "")
     peak_kb = 0
     keep = os.path.join(tempfile.gettempdir(), f"npconvnext-fuzz-seed{seed}")  # inputs that crash or hang
@@ -387,7 +402,7 @@ def campaign(n: int, seed: int, timeout: float, log=None, kinds=("safetensors", 
             found = []
             if result["outcome"] not in ("loaded", "CheckpointError"):
                 others.append(found := [i, result["outcome"], result["message"]])
-            if result["outcome"] == "loaded" and must_match and result["digest"] not in (None, clean[id(origin)]):
+            if result["outcome"] == "loaded" and must_match and _changed(result["digest"], clean[id(origin)]):
                 silent.append(found := [i, kind])  # loaded, from edits that keep the seed's meaning, not as it
             if result["seconds"] > slowest[0]:
                 slowest = (result["seconds"], f"input {i} ({kind})", result["outcome"])
