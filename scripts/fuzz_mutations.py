@@ -254,6 +254,8 @@ def mutate_savedmodel(files: dict[str, bytes], rng, seeds) -> dict[str, bytes]:
             table = {k.encode(): v for k, v in read_table(files[_INDEX]).items()}
         except Exception:  # noqa: BLE001 (an earlier mutation broke the table)
             return {**files, _INDEX: mutate_bytes(files[_INDEX], rng, seeds)}
+        if not table:  # a table an earlier mutation left empty: nothing to edit
+            return {**files, _INDEX: mutate_bytes(files[_INDEX], rng, seeds)}
         keys = sorted(table)
         key = keys[int(rng.integers(len(keys)))]
         field = int(rng.choice([1, 2, 3, 4, 5, 6, 7, 9]))

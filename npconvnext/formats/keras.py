@@ -203,6 +203,9 @@ def _read_checked(weights: list[tuple[str, str, object]], layer_names: list[str]
             raise CheckpointError(f"two Keras weights map to {name} (layer {describe(layer)})")
         _check_dataset(dataset)
         found[name] = (dataset, KERAS_KINDS[kind].fix if role == "weight" else None)
+    if "head.norm.weight" in found and "head.fc.weight" not in found:  # Keras' head: both, or neither
+        raise CheckpointError("the head's layer norm has weights but no <model>_head_dense layer does: the "
+                              "classifier's weights are lost (keras.applications' head has both or neither)")
     if "stem.0.weight" not in found:
         shown = ", ".join(describe(n) for n in sorted(set(layer_names) | {l for l, _, _ in weights})[:6])
         raise CheckpointError(f"not a Keras ConvNeXt: no layer named <model>_stem_conv (layers: {shown})")
@@ -288,7 +291,7 @@ def _bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> io.
 
 
 def is_keras_zip(path: str) -> bool:
-    """A zip whose members say Keras 3 (.keras), not PyTorch: from its directory, or, in a zip
+    """A zip whose members say Keras 3 (.keras), not PyTorch (no data.pkl): from its directory, or, in a zip
     without one (truncated), from its first member's name (Keras writes metadata.json first)."""
     try:
         with open_weight_file(path) as f:
@@ -301,7 +304,8 @@ def is_keras_zip(path: str) -> bool:
                 return first.decode("utf-8", "replace") in _KERAS_MEMBERS
     except Exception:  # noqa: BLE001  recognising never fails: the zip reader that takes it will say why
         return False
-    return "model.weights.h5" in names and ("config.json" in names or "metadata.json" in names)
+    # any of Keras' members, and no pickle: a .keras that lost its weights is still reported as one
+    return bool(names & set(_KERAS_MEMBERS)) and not any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names)
 
 
 FORMATS = (WeightFormat("keras-h5", lambda head, path: head.startswith(HDF5_SIGNATURE), read_keras_h5),

@@ -9,6 +9,10 @@ part, {m} transformers' model prefix, {d} a Keras downsampling block, timm's sta
     keras         keras.applications' layer names after the model's name
                   (`convnext_tiny_stem_conv`) -> timm module names; a layer's kind says its
                   weights' roles (`KERAS_KINDS`) and the layout fix of its kernel
+    tfhub port    the TF-Hub port's layer groups (`stem`, `downsampling_block_0`,
+                  `convnext_block_0_1`, `classification_head`), each a part of a SavedModel
+                  variable's name or object path -> timm module names; `tfhub port block`:
+                  a port block's sub-layers by their attribute names (`dw_conv_1`, ...)
 Every difference between a foreign layout and timm's is fixed here, each in one place:
     hwio       a Keras/TF conv kernel (kh, kw, in, out) -> (out, in, kh, kw) (depthwise: in = 1)
     io         a Keras/TF dense kernel (in, out) -> (out, in)
@@ -47,13 +51,20 @@ class Table:
 
     def match(self, name: str) -> tuple[str, str | None] | None:
         """(timm name, the row's kind) of a foreign name, or None when no row matches."""
+        return self.first([name])
+
+    def first(self, names: Iterable[str]) -> tuple[str, str | None] | None:
+        """(timm name, kind) of the first row, in the table's order, that one of `names` matches
+        (a name's parts, where a group is named by one of them)."""
+        names = list(names)
         for pattern, template, kind in self._compiled:
-            found = pattern.match(name)
-            if found:
-                fields = found.groupdict()
-                if "d" in fields:
-                    fields["d+1"] = int(fields["d"]) + 1
-                return template.format(**fields), kind
+            for name in names:
+                found = pattern.match(name)
+                if found:
+                    fields = found.groupdict()
+                    if "d" in fields:
+                        fields["d+1"] = int(fields["d"]) + 1
+                    return template.format(**fields), kind
         return None
 
 
@@ -101,6 +112,18 @@ NAMINGS: dict[str, Table] = {
         ("head_layernorm", "head.norm", "vector"),
         ("head_dense", "head.fc", "dense"),
     ], prefix=r"\w+?_"),
+    "tfhub port": Table([  # sayakpaul/ConvNeXt-TF (TF-Hub's ConvNeXts): a part of a variable's name or path
+        ("stem", "stem", "stem"),
+        ("downsampling_block_{d}", "stages.{d+1}.downsample", "downsample"),
+        ("convnext_block_{i}_{j}", _BLOCK, "block"),
+        ("classification_head", "head.fc", "head"),
+    ]),
+    "tfhub port block": Table([  # a port block's attributes, as its object graph names them
+        ("dw_conv_1", "conv_dw"),
+        ("layer_norm", "norm"),
+        ("pw_conv_1", "mlp.fc1"),
+        ("pw_conv_2", "mlp.fc2"),
+    ]),
 }
 
 
@@ -128,6 +151,18 @@ def keras_layer(layer: str) -> tuple[str, str] | None:
 def keras_role(weight: str) -> str | None:
     """weight / bias / '' (a raw variable such as layer scale) of a Keras weight's own name."""
     return KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", weight).lower())
+
+
+def port_group(parts: Iterable[str]) -> tuple[str, str] | None:
+    """(timm module, kind) of the TF-Hub port's layer group one of a variable's name parts
+    names: the first in the table's order (stem, downsampling, block, head)."""
+    return NAMINGS["tfhub port"].first(parts)
+
+
+def port_sublayer(parts: Iterable[str]) -> str | None:
+    """The timm sub-module (conv_dw, norm, mlp.fc1, mlp.fc2) of a port block's attribute, from the
+    first of `parts` that is one."""
+    return next((found[0] for p in parts if (found := NAMINGS["tfhub port block"].match(p))), None)
 
 
 def fix_layout(array: np.ndarray, fix: str | None) -> np.ndarray:

@@ -11,7 +11,7 @@ names a block's sub-layer and finds the block of its unnamed `gamma`; Keras 2, w
 neither the stem nor the downsampling blocks in its variables, lists its layers in order as
 the root's `layer_with_weights-K`, and those are placed by that order.
 
-Two layouts, each with its table below:
+Two layouts, each with its table in names.py:
     keras.applications   ConvNeXtTiny ... XLarge written by TensorFlow (Keras 3 `model.export`
                          or `tf.saved_model.save`): layer names as in `keras.py`, whose table
                          this reuses. Its Normalization layer and softmax stay part of the model:
@@ -47,7 +47,8 @@ import numpy as np
 from ..convention import Convention
 from ..errors import CheckpointError
 from .guard import open_weight_file, reading
-from .names import KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, KERAS_ROLES, fix_layout, keras_layer
+from .names import (KERAS_APPLICATIONS_MEAN, KERAS_APPLICATIONS_STD, fix_layout, keras_layer, keras_role, port_group,
+                    port_sublayer)
 from .protobuf import as_bytes, as_int, as_text, iter_fields
 from .registry import Reading, WeightFormat
 from .tar import TarArchive, is_gzip
@@ -58,20 +59,10 @@ VARIABLES_PREFIX = os.path.join("variables", "variables")
 _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 MAX_GRAPH_BYTES = 1 << 28  # saved_model.pb: a few megabytes for any ConvNeXt (its weights are in variables/)
 
-# the TF-Hub port: group of layers -> timm module; {i} stage, {j} block, {k} downsampling block
-_PORT_GROUPS = [
-    (re.compile(r"(?:^|/)stem(?:/|$)"), "stem"),
-    (re.compile(r"(?:^|/)downsampling_block_(?P<k>\d+)(?:/|$)"), "downsample"),
-    (re.compile(r"(?:^|/)convnext_block_(?P<i>\d+)_(?P<j>\d+)(?:/|$)"), "block"),
-    (re.compile(r"(?:^|/)classification_head(?:/|$)"), "head.fc"),
-]
-# a block's sub-layers, by the port's attribute names (in the object graph)
-_PORT_SUBLAYERS = {"dw_conv_1": "conv_dw", "layer_norm": "norm", "pw_conv_1": "mlp.fc1", "pw_conv_2": "mlp.fc2"}
-
 
 def _role(leaf: str) -> str | None:
     """weight / bias / '' (a raw variable such as layer scale) of a variable's last name part."""
-    return KERAS_ROLES.get(re.sub(r"(_\d+)?(:\d+)?$", "", leaf.lstrip("_")).lower())
+    return keras_role(leaf.lstrip("_"))  # an object path's part may start with `_`
 
 
 class _Variable:
@@ -186,21 +177,16 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
 
     blocks: dict[str, list[_Variable]] = {}
     for v in variables:
-        text = v.full_name + " " + "/".join(v.path)
-        for pattern, kind in _PORT_GROUPS:
-            match = pattern.search(text)
-            if match:
-                break
-        else:
+        group = port_group([*v.full_name.split("/"), *v.path])  # names.py's table "tfhub port"
+        if group is None:
             loose.append(v)
             continue
-        role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
+        (module, kind), role = group, _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
         if kind == "block":
-            blocks.setdefault(f"stages.{match['i']}.blocks.{match['j']}", []).append(v)
-        elif kind == "head.fc":
-            _put(out, f"head.fc.{role}", v)
+            blocks.setdefault(module, []).append(v)
+        elif kind == "head":
+            _put(out, f"{module}.{role}", v)
         else:
-            module = "stem" if kind == "stem" else f"stages.{int(match['k']) + 1}.downsample"
             is_conv = _leaf(v) in ("kernel", "bias")  # a layer norm's are gamma and beta
             # stem: conv, then norm; downsampling blocks: norm, then conv
             index = (0 if is_conv else 1) if kind == "stem" else (1 if is_conv else 0)
@@ -209,7 +195,7 @@ def _port(variables: list[_Variable]) -> dict[str, _Variable]:
     # named gamma, and the block object holds the sub-layers whose variables are named
     owners = {}
     for block, members in blocks.items():
-        owners.update((holder, block) for v in members for holder, name in v.grandparents if name in _PORT_SUBLAYERS)
+        owners.update((holder, block) for v in members for holder, name in v.grandparents if port_sublayer([name]))
     unplaced, groups = [], {}
     for v in loose:
         owner = next((owners[p] for p, name in v.parents if name == "gamma" and p in owners), None)
@@ -270,7 +256,7 @@ def _block_roles(block: str, members: list[_Variable]) -> dict[str, _Variable]:
     path cannot place is refused rather than guessed."""
     out = {}
     for v in members:
-        sub = next((_PORT_SUBLAYERS[p] for p in [*v.path, *sorted(v.names)] if p in _PORT_SUBLAYERS), None)
+        sub = port_sublayer([*v.path, *sorted(v.names)])
         role = _role(v.path[-1]) or _role(v.full_name.split("/")[-1])
         if sub is None and len(v.shape) == 4:
             sub = "conv_dw"

@@ -3,6 +3,7 @@ re-randomised weights, give Keras' own outputs in npconvnext, with no Keras impo
 
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # this test process's Keras runs on torch
 
@@ -13,47 +14,21 @@ import pytest  # noqa: E402
 import npconvnext  # noqa: E402
 import npconvnext.convert  # noqa: E402
 from npconvnext.convention import Convention  # noqa: E402
+from tests.support.keras_models import build, save_all  # noqa: E402
 
 # Keras' torch backend hands numpy arrays through an old __array__ signature; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def randomise(model, seed):
-    """Every variable off its init: layer scale 0.1-1 (not 1e-6), norms around 1, biases a few tenths."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        shape, name = tuple(v.shape), v.path
-        if "layer_scale" in name:
-            value = rng.uniform(0.1, 1.0, shape)
-        elif "layernorm" in name and name.endswith("gamma"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif len(shape) == 1:
-            value = 0.2 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-        v.assign(value.astype("float32"))
 
 
 def keras_outputs(model, x):
     return keras.ops.convert_to_numpy(model(x, training=False))
 
 
-MODELS = {
-    "tiny": lambda: keras.applications.ConvNeXtTiny(weights=None, input_shape=(64, 64, 3)),
-    "small-logits-no-preprocessing": lambda: keras.applications.ConvNeXtSmall(
-        weights=None, input_shape=(64, 64, 3), include_preprocessing=False, classifier_activation=None, classes=10),
-}
-
-
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=["tiny", "small-logits-no-preprocessing"])
 def keras_files(request, tmp_path_factory):
-    model = MODELS[request.param]()
-    randomise(model, seed=len(request.param))
+    model = build(request.param)
     folder = tmp_path_factory.mktemp(request.param)
-    files = {"legacy h5": folder / "model.h5", "weights.h5": folder / "model.weights.h5", "keras": folder / "model.keras"}
-    model.save(files["legacy h5"])
-    model.save_weights(files["weights.h5"])
-    model.save(files["keras"])
+    files = {what: Path(p) for what, p in save_all(model, folder, "model").items()}
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     if request.param.startswith("small"):
         x = (x - 128) / 64  # no Normalization layer: the caller normalises
@@ -358,3 +333,21 @@ def test_a_truncated_keras_file_is_reported_as_keras(tmp_path):
     with pytest.raises(npconvnext.CheckpointError, match=f"{path}: truncated or corrupted Keras .keras file") as error:
         npconvnext.load_state_dict(path)
     assert "PyTorch" not in str(error.value)
+
+
+def test_a_keras_file_whose_classifier_lost_its_weights_is_refused(tmp_path):
+    # keras.applications' head has its layer norm and its dense layer, or neither (include_top):
+    # a norm without the dense lost the classifier's weights, and must not load as a backbone
+    path = _hostile_h5(tmp_path, None, "lost-head.h5")
+    with h5py.File(path, "r+") as f:
+        del f["convnext_atto_head_dense"].attrs["weight_names"]
+    with pytest.raises(npconvnext.CheckpointError, match=f"{path}: .*head_dense"):
+        npconvnext.load_state_dict(path)
+
+
+def test_a_keras_file_without_its_weights_member_is_reported_as_keras(tmp_path):
+    # Keras' metadata.json and config.json say Keras: the file is not called a PyTorch zip
+    path = tmp_path / "no-weights.keras"
+    path.write_bytes(_zip_in_order({"metadata.json": b"{}", "config.json": b"{}"}, zipfile.ZIP_STORED))
+    with pytest.raises(npconvnext.CheckpointError, match=f"{path}: .keras archive without model.weights.h5"):
+        npconvnext.load_state_dict(path)

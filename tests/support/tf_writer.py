@@ -28,6 +28,7 @@ except ImportError:
     sys.exit(3)  # NO_TENSORFLOW in tests/formats/test_savedmodel.py
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from keras_models import randomise  # noqa: E402  (beside this script)
 
 SIZE = 64  # input pixels: small, to keep the test fast
 
@@ -105,31 +106,16 @@ MODELS = {  # name -> (builder, how TensorFlow writes it)
 }
 
 
-def randomise(model, seed):
-    """Every variable off its init: layer scale 0.1-1 (not 1e-6), norms' scales around 1, biases
-    a few tenths, kernels of unit fan-in variance. The port's raw gamma variables included."""
-    rng = np.random.default_rng(seed)
-    variables = {id(v): v for v in model.weights}
-    for layer in model._flatten_layers():
-        if isinstance(getattr(layer, "gamma", None), tf.Variable) and "Block" in type(layer).__name__:
-            variables[id(layer.gamma)] = layer.gamma
-    for v in variables.values():
-        shape, name = tuple(v.shape), getattr(v, "path", v.name)
-        if "layer_scale" in name or isinstance(v, tf.Variable) and len(shape) == 1 and not hasattr(v, "path"):
-            value = rng.uniform(0.1, 1.0, shape)
-        elif name.endswith("gamma"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif len(shape) == 1:
-            value = 0.2 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-        v.assign(value.astype("float32"))
+def port_gammas(model):
+    """The TF-Hub port's raw gamma variables, which Keras does not list among the model's weights."""
+    return [layer.gamma for layer in model._flatten_layers()
+            if isinstance(getattr(layer, "gamma", None), tf.Variable) and "Block" in type(layer).__name__]
 
 
 def write(out_dir, name):
     build, how = MODELS[name]
     model = build()
-    randomise(model, seed=len(name))
+    randomise(model, seed=len(name), layer_scales=port_gammas(model))
     shape = model.input_shape[1:]
     x = np.random.default_rng(1).uniform(0, 255, (2, *shape)).astype(np.float32)
     if not name.startswith("keras_tiny"):
