@@ -229,7 +229,7 @@ def _read_h5(file, config: dict | None = None, from_config: bool = False) -> Rea
     with h5py.File(file, "r") as f:
         _refuse_links(f)
         if not from_config and "model_config" in f.attrs:
-            config = json.loads(f.attrs["model_config"])
+            config = _parse_json(f.attrs["model_config"], "the model_config attribute")
         weights, layer_names = _keras_weights(f)
         state = _read_checked(weights, layer_names)
     return Reading(state, _convention(config, layer_names))
@@ -264,7 +264,17 @@ def _config(archive: zipfile.ZipFile) -> dict:
     info = archive.getinfo("config.json")
     if info.file_size > _MAX_CONFIG:
         raise CheckpointError(f"config.json claims {info.file_size} bytes; refused")
-    return json.loads(_bounded(archive, info, _MAX_CONFIG).getvalue())
+    return _parse_json(_bounded(archive, info, _MAX_CONFIG).getvalue(), "config.json")
+
+
+def _parse_json(text, what: str):
+    """A config's JSON, or the project's error saying why it is not one."""
+    try:
+        return json.loads(text)
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise CheckpointError(f"{what} nests too deeply to be a Keras model's config") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a number too long to parse
+        raise CheckpointError(f"{what} is not valid JSON ({str(exc)[:200]})") from None
 
 
 def _weights_member(archive: zipfile.ZipFile) -> io.BytesIO:

@@ -351,3 +351,17 @@ def test_a_keras_file_without_its_weights_member_is_reported_as_keras(tmp_path):
     path.write_bytes(_zip_in_order({"metadata.json": b"{}", "config.json": b"{}"}, zipfile.ZIP_STORED))
     with pytest.raises(npconvnext.CheckpointError, match=f"{path}: .keras archive without model.weights.h5"):
         npconvnext.load_state_dict(path)
+
+
+@pytest.mark.parametrize("config, match", [
+    (b"[" * 100_000 + b"]" * 100_000, "config.json nests too deeply to be a Keras model's config"),
+    (b"{not json", "config.json is not valid JSON"),
+])
+def test_a_keras_config_that_is_not_json_says_so(tmp_path, config, match):
+    # json's parser recurses per level: a deep config must be our error, not a RecursionError
+    clean = _hostile_h5(tmp_path, None, "weights.h5").read_bytes()
+    path = tmp_path / "config.keras"
+    path.write_bytes(_zip_in_order({"metadata.json": b"{}", "config.json": config, "model.weights.h5": clean},
+                                   zipfile.ZIP_STORED))
+    with pytest.raises(npconvnext.CheckpointError, match=f"{path}: {match}"):
+        npconvnext.load_state_dict(path)
