@@ -106,6 +106,11 @@ HEAVY_PATHS = {
     # timm's model and ours, float32 and float64, of 0.66-0.85 billion parameters: about 18 GB at once
     "tests/test_parity.py::test_every_variant_matches_timm[convnext_xxlarge]": ((), "needs about 18 GB of memory"),
     "tests/test_parity.py::test_every_variant_matches_timm[convnextv2_huge]": ((), "needs about 18 GB of memory"),
+    # the wider variants differ from tiny only in widths and depths (every row of the table is
+    # checked against timm's parameter counts in the core suite); their parity takes minutes
+    **{f"tests/test_parity.py::test_every_variant_matches_timm[{name}]": ((), "a wide variant's parity: minutes")
+       for name in ("convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
+                    "convnextv2_small", "convnextv2_base", "convnextv2_large")},
 }
 # By fixture: a test that uses it is heavy.
 HEAVY_FIXTURES = {
