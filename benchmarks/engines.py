@@ -51,12 +51,14 @@ def prepare(model, directory):
         print(f"# no ONNX file for {model}: {exc}", file=sys.stderr)
 
 
-def export_onnx(timm_model, path, size):
-    """timm's float32 model as ONNX, the batch dimension free; weights past 2 GB go beside it."""
+def export_onnx(timm_model, path, size, free_size=False):
+    """timm's float32 model as ONNX, the batch dimension free (and the image's size, if
+    free_size: `openvino` fixes it per input); weights past 2 GB go beside it."""
     import torch
 
-    torch.onnx.export(timm_model, torch.zeros(1, 3, *size), path, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    free = {0: "n", 2: "h", 3: "w"} if free_size else {0: "n"}
+    torch.onnx.export(timm_model, torch.zeros(1, 3, *size), path, input_names=["x"], dynamic_axes={"x": free},
+                      dynamo=False)
 
 
 def load_timm(model, safetensors_path):
@@ -77,12 +79,18 @@ def host_has(flag):
         return False
 
 
-def openvino(onnx_path, config, threads=None):
-    """OpenVINO's compiled model and the precision it runs in, read back (the hint is a request)."""
+def openvino(onnx_path, config, threads=None, shape=None):
+    """OpenVINO's compiled model and the precision it runs in, read back (the hint is a request).
+    shape: the input's (N, 3, H, W), fixed before compiling, for a file exported with free_size."""
     import openvino as ov
 
     config = dict(config, **({"INFERENCE_NUM_THREADS": threads} if threads else {}))
-    compiled = ov.Core().compile_model(onnx_path, "CPU", config)
+    core = ov.Core()
+    model = onnx_path
+    if shape:  # else compiled from the path, as a user would
+        model = core.read_model(onnx_path)
+        model.reshape(list(shape))
+    compiled = core.compile_model(model, "CPU", config)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT")
     return compiled, precision.get_type_name()  # "f32", "bf16", "f16"
 
