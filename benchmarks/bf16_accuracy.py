@@ -32,6 +32,8 @@ import warnings
 
 import numpy as np
 
+import npconvnext  # the one the environment gives (PYTHONPATH, else installed), before ROOT is on the path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # tests.support: the re-randomised timm models and the photos
@@ -56,7 +58,6 @@ def agreeing(logits, baseline):
 
 
 def photos(data_config):
-    import npconvnext
     from tests.support import DATA
 
     files = sorted(glob.glob(os.path.join(DATA, "*.png")) + glob.glob(os.path.join(DATA, "*.jpg")))
@@ -65,8 +66,6 @@ def photos(data_config):
 
 def ours(state, arch, inputs):
     """{engine: [logits per input set]}; an engine that cannot be built is left out, said why."""
-    import npconvnext
-
     out = {}
     for engine in OURS:
         try:
@@ -101,7 +100,6 @@ def openvino(timm_model, inputs, directory):
 
 def measure(arch, args):
     """One architecture's row: errors and top-1 agreement per input set."""
-    import npconvnext
     from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model, run_timm
 
     timm_model = random_timm_model(arch, seed=0)
@@ -155,8 +153,6 @@ def main():
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    import npconvnext
-
     known = npconvnext.list_models()
     archs = args.archs.split(",") if args.archs else list(QUICK_ARCHS if args.quick else known)
     unknown = [a for a in archs if a not in known]
@@ -173,7 +169,8 @@ def main():
         import openvino
 
         with open(args.json, "w") as f:
-            json.dump(dict(cpu=cpu_name(), openvino=openvino.__version__, numpy=np.__version__,
+            json.dump(dict(cpu=cpu_name(), npconvnext=os.path.dirname(npconvnext.__file__),
+                           openvino=openvino.__version__, numpy=np.__version__,
                            size=args.size, batch=args.batch, rows=rows), f, indent=2)
 
 
