@@ -164,14 +164,18 @@ def main():
     for arch in archs:
         rows.append(measure(arch, args))
         print(f"# {arch} done", file=sys.stderr, flush=True)
+        if args.json:  # after each: a long run stopped early keeps what it measured
+            write_json(args, rows)
     print_table(rows)
-    if args.json:
-        import openvino
 
-        with open(args.json, "w") as f:
-            json.dump(dict(cpu=cpu_name(), npconvnext=os.path.dirname(npconvnext.__file__),
-                           openvino=openvino.__version__, numpy=np.__version__,
-                           size=args.size, batch=args.batch, rows=rows), f, indent=2)
+
+def write_json(args, rows):
+    import openvino
+
+    with open(args.json, "w") as f:
+        json.dump(dict(cpu=cpu_name(), npconvnext=os.path.dirname(npconvnext.__file__),
+                       openvino=openvino.__version__, numpy=np.__version__,
+                       size=args.size, batch=args.batch, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
