@@ -25,10 +25,14 @@ cold    a fresh process: import, load the weights, one batch-1 forward (time and
         machines, would leave every import to compile its sources).
 
 Peers: timm eager (the test extra), ONNX Runtime and OpenVINO (the bench extra), from an ONNX
-file exported here from timm. OpenVINO runs with INFERENCE_PRECISION_HINT f32: on CPUs with
-AMX or AVX512-BF16 its CPU plugin otherwise runs float32 models in bfloat16. timm loads as a
-user does (create_model, then load_state_dict). --quick checks every part in a few minutes with
-small models. Never run as a test.
+file exported here from timm. OpenVINO runs as "openvino f32" (INFERENCE_PRECISION_HINT f32,
+checked after compiling), as "openvino default" (no hint: on CPUs with AMX or AVX512-BF16 its CPU
+plugin runs float32 models in bfloat16; the precision it chose is read back and printed) and, on
+a CPU with AMX, as "openvino default, no AMX" (oneDNN capped at AVX512_BF16 in a child process;
+see engines.py). npconvnext runs in float32, float64 and, where this npconvnext has it, bfloat16
+(float32 in and out); an engine that cannot be built is left out with the reason printed. timm
+loads as a user does (create_model, then load_state_dict). --quick checks every part in a few
+minutes with small models. Never run as a test.
 """
 
 from __future__ import annotations
@@ -46,104 +50,20 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import warnings  # noqa: E402
 
-SIZE = 224
+from engines import (NO_AMX, NO_AMX_ENV, OPENVINO_CONFIG, OPENVINO_DEFAULT_CONFIG, PAUSE, SIZE,  # noqa: E402
+                     build, close, files_of, images, prepare, seconds_of)
+
 WARMUP = 2
-# seconds before each timed call, so that the threads of what ran before (the previous engine, the
-# sgemm probe) have parked: OpenBLAS's idle threads busy-wait for about 0.1 s after a call
-PAUSE = 0.2
-OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 OURS = "npconvnext numba float32"
+OURS_BF16 = "npconvnext numba bfloat16"
 PEERS = ("timm eager", "onnxruntime", "openvino f32")
+DEFAULT_PEERS = ("openvino default", NO_AMX)  # OpenVINO in the precision it picks
 RUNTIME_ONLY = "npconvnext numba float32, runtime install"  # run by --runtime-python
-MAIN_ENGINES = ("npconvnext numba float32", "npconvnext numba float64", "npconvnext numpy float32",
-                "timm eager", "onnxruntime", "openvino f32")
+MAIN_ENGINES = ("npconvnext numba float32", "npconvnext numba float64", "npconvnext numpy float32", OURS_BF16,
+                "timm eager", "onnxruntime", "openvino f32", *DEFAULT_PEERS)
 MEMORY_CASES = (("convnext_tiny", 1), ("convnext_tiny", 32), ("convnext_xxlarge", 1))
 QUICK_MEMORY_CASES = (("convnext_atto", 1), ("convnext_atto", 4))
 FIRST = ("torch", "onnxruntime", "openvino")  # what the `beside` part runs before npconvnext
-
-
-# ---- the engines: each one built from the files `prepare` wrote --------------------------------
-
-
-def files_of(model, directory):
-    return dict(safetensors=os.path.join(directory, f"{model}.safetensors"),
-                onnx=os.path.join(directory, f"{model}.onnx"))
-
-
-def prepare(model, directory):
-    """Seeded random weights as timm safetensors, and the ONNX file timm exports from them."""
-    import npconvnext
-    from npconvnext.params import random_state_dict
-    from safetensors.numpy import save_file
-
-    files = files_of(model, directory)
-    save_file(random_state_dict(npconvnext.get_config(model)), files["safetensors"])
-    try:
-        import torch
-
-        timm_model = load_timm(model, files["safetensors"])
-        torch.onnx.export(timm_model, torch.zeros(1, 3, SIZE, SIZE), files["onnx"], input_names=["x"],
-                          dynamic_axes={"x": {0: "n"}}, dynamo=False)  # weights past 2 GB go beside it
-    except Exception as exc:  # no timm or no exporter: the ONNX peers are left out
-        print(f"# no ONNX file for {model}: {exc}", file=sys.stderr)
-
-
-def load_timm(model, safetensors_path):
-    import timm
-    from safetensors.torch import load_file
-
-    timm_model = timm.create_model(model, pretrained=False).eval()
-    timm_model.load_state_dict(load_file(safetensors_path))
-    return timm_model
-
-
-def build(engine, model, files, threads):
-    """run(x) for x (N, 3, SIZE, SIZE) float32, with `threads` threads (None: the engine's default)."""
-    if engine.startswith("npconvnext"):
-        import npconvnext
-
-        _, backend, dtype = engine.split()
-        if threads:
-            npconvnext.set_num_threads(threads)
-        net = npconvnext.create_model(model, weights=files["safetensors"], dtype=dtype, backend=backend)
-        return lambda x: net(x.astype(dtype))
-    if engine == "timm eager":
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        timm_model = load_timm(model, files["safetensors"])
-
-        def run(x):
-            with torch.no_grad():
-                return timm_model(torch.from_numpy(x)).numpy()
-        return run
-    if not os.path.exists(files["onnx"]):
-        raise RuntimeError("no ONNX file")
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
-        return lambda x: session.run(None, {"x": x})[0]
-    if engine == "openvino f32":
-        import openvino as ov
-
-        config = dict(OPENVINO_CONFIG, **({"INFERENCE_NUM_THREADS": threads} if threads else {}))
-        compiled = ov.Core().compile_model(files["onnx"], "CPU", config)
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-        if precision != ov.Type.f32:  # read back: the hint is a request
-            raise RuntimeError(f"OpenVINO runs in {precision}, not f32")
-        return lambda x: compiled(x)[0]
-    raise ValueError(f"unknown engine {engine!r}")
-
-
-def images(batch, seed=0):
-    import numpy as np
-
-    return np.random.default_rng(seed).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
 
 
 def median_ms_per_image(run, x, runs):
@@ -202,8 +122,9 @@ def child(args):
 def run_child(kind, payload, env=None, python=None):
     """A child's JSON result, or None (with the reason on stderr) if it failed. `python`: the
     interpreter to run it with (default: this one)."""
+    env = dict(env or os.environ, **(NO_AMX_ENV if payload.get("engine") == NO_AMX else {}))
     process = subprocess.run([python or sys.executable, __file__, "--child", kind, "--payload", json.dumps(payload)],
-                             env=env or dict(os.environ), capture_output=True, text=True)
+                             env=env, capture_output=True, text=True)
     if process.returncode:
         last_line = (process.stderr.strip().splitlines() or ["no output"])[-1]
         print(f"# {kind} {payload.get('engine') or payload.get('first') or ''} failed: {last_line}", file=sys.stderr)
@@ -225,7 +146,8 @@ def sgemm_gflops():
 
 
 def main_table(args, files):
-    """Rows (engine, threads, batch, ms per image, sgemm GF/s), the engines taking turns."""
+    """Rows (engine, threads, batch, ms per image, sgemm GF/s, OpenVINO's precision), the engines
+    taking turns."""
     from threadpoolctl import threadpool_limits
 
     chosen = [e for e in MAIN_ENGINES if not args.engines or any(w in e for w in args.engines.split(","))]
@@ -235,8 +157,8 @@ def main_table(args, files):
         for engine in chosen:
             try:
                 runners[engine] = build(engine, args.model, files, threads)
-            except Exception as exc:  # a peer that is not installed is left out
-                print(f"# {engine} unavailable: {exc}", file=sys.stderr)
+            except Exception as exc:  # a peer that is not installed, a dtype this npconvnext lacks
+                print(f"# {engine} unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
         for batch in args.batches:
             x = images(batch)
             for run in runners.values():
@@ -250,14 +172,15 @@ def main_table(args, files):
                     if "numpy" in engine and round_ >= 3:  # the reference backend is slow: 3 calls
                         continue
                     time.sleep(PAUSE)
-                    start = time.perf_counter()
-                    run(x)
-                    times[engine].append(time.perf_counter() - start)
+                    times[engine].append(seconds_of(run, x))
             for engine, t in times.items():
                 ms = 1000 * statistics.median(t) / batch
-                rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms,
-                                 images_per_s=1000 / ms, sgemm_gflops=statistics.median(probes)))
+                rows.append(dict(engine=engine, threads=threads, batch=batch, ms_per_image=ms, images_per_s=1000 / ms,
+                                 sgemm_gflops=statistics.median(probes),
+                                 precision=getattr(runners[engine], "precision", None)))
                 print(f"# {engine} threads={threads} batch={batch}: {ms:.1f} ms/image", file=sys.stderr)
+        for run in runners.values():
+            close(run)
     return rows
 
 
@@ -266,10 +189,12 @@ def print_main(rows, model):
     from npconvnext.summary import summarize
 
     macs = sum(row.macs for row in summarize(npconvnext.get_config(model), (SIZE, SIZE)))  # per image
-    peers = [p for p in PEERS if any(r["engine"] == p for r in rows)]
+    peers = [p for p in PEERS + DEFAULT_PEERS if any(r["engine"] == p for r in rows)]
+    chose = sorted({f"{r['engine']}: {r['precision']}" for r in rows if r["engine"] in DEFAULT_PEERS})
     print(f"\n{model}, {SIZE}x{SIZE}, float32 input; engines taking turns call by call in one process; "
           "median ms per image; ratio = this / peer; floor = the model's FLOPs at numpy's sgemm rate. "
-          f"OpenVINO: {OPENVINO_CONFIG}")
+          f"OpenVINO f32: {OPENVINO_CONFIG}; default: {OPENVINO_DEFAULT_CONFIG}, no AMX: {NO_AMX_ENV} "
+          f"in a child process; precision read back: {', '.join(chose) or '-'}")
     print(" | ".join(["engine", "threads", "batch", "ms/image", "images/s", "sgemm GF/s"]
                      + [f"/{p}" for p in peers] + ["/floor"]))
     for r in sorted(rows, key=lambda r: (MAIN_ENGINES.index(r["engine"]), r["threads"], r["batch"])):
@@ -279,16 +204,28 @@ def print_main(rows, model):
                           f"{r['images_per_s']:.1f}", f"{r['sgemm_gflops']:.0f}"]
                          + [f"{r['ms_per_image'] / same[p]['ms_per_image']:.2f}" if p in same else "-" for p in peers]
                          + [f"{r['ms_per_image'] / floor_ms:.2f}"]))
-    print("\nthread sweep, images/s (ours / the fastest float32 peer: below 1 is slower)")
-    sweep = [e for e in (OURS, "onnxruntime", "openvino f32") if any(r["engine"] == e for r in rows)]
-    print(" | ".join(["threads", "batch"] + sweep + ["ours / best peer"]))
+    print_sweep(rows)
+
+
+def print_sweep(rows):
+    """Images/s per thread count and batch; ours / the fastest float32 peer, and our bfloat16 /
+    OpenVINO in its default precision (below 1 is slower)."""
+    print("\nthread sweep, images/s (ours / peer: below 1 is slower)")
+    sweep = [e for e in (OURS, "onnxruntime", "openvino f32", OURS_BF16, *DEFAULT_PEERS)
+             if any(r["engine"] == e for r in rows)]
+    ratios = [("float32 / best float32 peer", OURS, ("onnxruntime", "openvino f32")),
+              ("bfloat16 / openvino default", OURS_BF16, ("openvino default",)),
+              ("bfloat16 / no AMX", OURS_BF16, (NO_AMX,))]
+    print(" | ".join(["threads", "batch"] + sweep + [name for name, _, _ in ratios]))
     for threads in sorted({r["threads"] for r in rows}):
         for batch in sorted({r["batch"] for r in rows}):
             rate = {r["engine"]: r["images_per_s"] for r in rows if (r["threads"], r["batch"]) == (threads, batch)}
-            best = max((rate[e] for e in sweep[1:] if e in rate), default=None)
-            ratio = f"{rate[OURS] / best:.2f}" if best and OURS in rate else "-"
+            cells = []
+            for _, ours, against in ratios:
+                best = max((rate[e] for e in against if e in rate), default=None)
+                cells.append(f"{rate[ours] / best:.2f}" if best and ours in rate else "-")
             print(" | ".join([str(threads), str(batch)] + [f"{rate[e]:.1f}" if e in rate else "-" for e in sweep]
-                             + [ratio]))
+                             + cells))
 
 
 def beside(args, directory):
@@ -315,11 +252,12 @@ def beside(args, directory):
 
 def memory(args, cases, directories):
     """{model batch: {engine: peak RSS MB}}, each engine alone in a fresh process."""
-    engines = [OURS] + list(PEERS) + ([RUNTIME_ONLY] if args.runtime_python else [])
+    engines = [OURS, OURS_BF16, *PEERS, *DEFAULT_PEERS] + ([RUNTIME_ONLY] if args.runtime_python else [])
     result = {}
-    for python in {None, args.runtime_python}:  # fill each interpreter's JIT cache: a compile is not the model's
-        model, batch = cases[0]
-        run_child("memory", dict(model=model, dir=directories[model], engine=OURS, batch=batch), python=python)
+    model, batch = cases[0]
+    for python, ours in {(None, OURS), (None, OURS_BF16), (args.runtime_python, OURS)}:
+        # fill each interpreter's JIT cache: a compile is not the model's
+        run_child("memory", dict(model=model, dir=directories[model], engine=ours, batch=batch), python=python)
     for model, batch in cases:
         row = result[f"{model} {batch}"] = {}
         for engine in engines:
@@ -332,6 +270,8 @@ def memory(args, cases, directories):
     print(" | ".join(["model", "batch"] + engines))
     for key, row in result.items():
         print(" | ".join(key.split() + [f"{row[e]:.0f}" if e in row else "-" for e in engines]))
+        if OURS in row and OURS_BF16 in row:
+            print(f"  {key}: npconvnext bfloat16 / float32 peak RSS {row[OURS_BF16] / row[OURS]:.2f}")
     return result
 
 
@@ -348,14 +288,16 @@ def cold(args, directory):
         byte_compile_npconvnext(python)
     jit = os.path.join(directory, "jit")
     warm_env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(jit, "warm"))
-    cases = [("npconvnext, JIT cache cold", OURS, None, None), ("npconvnext, JIT cache warm", OURS, warm_env, None)]
+    cases = [("npconvnext, JIT cache cold", OURS, None, None), ("npconvnext, JIT cache warm", OURS, warm_env, None),
+             ("npconvnext bfloat16, JIT cache cold", OURS_BF16, None, None),
+             ("npconvnext bfloat16, JIT cache warm", OURS_BF16, warm_env, None)]
     if args.runtime_python:
         cases += [(f"{RUNTIME_ONLY}, JIT cache cold", OURS, None, args.runtime_python),
                   (f"{RUNTIME_ONLY}, JIT cache warm", OURS, warm_env, args.runtime_python)]
     for _, engine, env, python in cases:
         if env is warm_env:
             run_child("cold", dict(model=args.model, dir=directory, engine=engine), warm_env, python)  # fills it
-    cases += [(engine, engine, None, None) for engine in PEERS]
+    cases += [(engine, engine, None, None) for engine in PEERS + DEFAULT_PEERS]
     samples = {label: [] for label, _, _, _ in cases}
     for round_ in range(args.rounds):
         for index, (label, engine, env, python) in enumerate(cases):
@@ -402,7 +344,7 @@ def main():
     if args.quick:
         args.runs, args.rounds, memory_cases = min(args.runs, 3), 1, QUICK_MEMORY_CASES
     results = dict(model=args.model, threads=args.threads, batches=args.batches, runs=args.runs, rounds=args.rounds,
-                   openvino=OPENVINO_CONFIG)
+                   openvino=OPENVINO_CONFIG, openvino_default=OPENVINO_DEFAULT_CONFIG, openvino_no_amx_env=NO_AMX_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         models = {args.model} | ({model for model, _ in memory_cases} if "memory" in parts else set())
         directories = {model: os.path.join(tmp, model) for model in models}  # ONNX files past 2 GB put

@@ -23,6 +23,9 @@
 #   load                         bench_load.py
 #   digits                       train_digits.py, 4 epochs on 1 thread
 #   openvino-nodes-N             probes/openvino_nodes.py on N threads
+#   openvino-bf16-nodes-N        the same in OpenVINO's default precision, as is and with oneDNN
+#                                held below AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)
+#   bf16-accuracy                bf16_accuracy.py on every architecture
 #   avx2-peers                   probes/avx2_probe.py peers, as is and with ONEDNN_MAX_CPU_ISA=AVX2
 #   avx2-ours                    probes/avx2_probe.py ours (twice: cold, then warm) as on an AVX2 CPU
 #   avx2-split-N                 split-N as on an AVX2 CPU (Numba told haswell without AVX-512)
@@ -34,7 +37,8 @@ set -uo pipefail
 known() {
     case "${1%-again}" in
         main|beside|cold|memory|split|split-[0-9]*|train|train-default-wait|train-split-[0-9]*|distributed|load|\
-        digits|openvino-nodes-[0-9]*|avx2-peers|avx2-ours|avx2-split-[0-9]*) return 0 ;;
+        digits|openvino-nodes-[0-9]*|openvino-bf16-nodes-[0-9]*|bf16-accuracy|\
+        avx2-peers|avx2-ours|avx2-split-[0-9]*) return 0 ;;
         *) return 1 ;;
     esac
 }
@@ -97,6 +101,11 @@ run_step() {
         load)   "$PY" benchmarks/bench_load.py "${tf[@]}" --json "$OUT/load.json" ;;
         digits) "$PY" benchmarks/train_digits.py --epochs 4 --threads 1 ;;
         openvino-nodes-[0-9]*) "$PY" benchmarks/probes/openvino_nodes.py --threads "${1#openvino-nodes-}" ;;
+        openvino-bf16-nodes-[0-9]*)
+            "$PY" benchmarks/probes/openvino_nodes.py --precision default --threads "${1#openvino-bf16-nodes-}"
+            ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 "$PY" benchmarks/probes/openvino_nodes.py --precision default \
+                --threads "${1#openvino-bf16-nodes-}" ;;
+        bf16-accuracy) "$PY" benchmarks/bf16_accuracy.py --json "$OUT/bf16_accuracy.json" ;;
         avx2-peers) "$PY" benchmarks/probes/avx2_probe.py peers
                     ONEDNN_MAX_CPU_ISA=AVX2 "$PY" benchmarks/probes/avx2_probe.py peers ;;
         avx2-ours)  env $(avx2_env) "$PY" benchmarks/probes/avx2_probe.py ours

@@ -1,10 +1,13 @@
 """Where OpenVINO's time goes, node type by node type, beside npconvnext's split (bench_kernels.py).
 
-    python benchmarks/probes/openvino_nodes.py [--threads 1] [--batch 1]
+    python benchmarks/probes/openvino_nodes.py [--threads 1] [--batch 1] [--precision f32|default]
 
 convnext_tiny with seeded random weights, exported to ONNX as bench_engines.py does, compiled
-with the benchmark's OpenVINO configuration and PERF_COUNT; the per-node times of RUNS
-inferences, summed by node type and kernel. A one-off record for issue 15.
+with the benchmark's OpenVINO configuration ("openvino f32", or with --precision default the
+precision left to OpenVINO) and PERF_COUNT; the per-node times of RUNS inferences, summed by
+node type and kernel, whose names say the instructions used (`brgemm_avx512_amx_bf16`: AMX).
+Run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 it shows what bench_engines.py's "openvino
+default, no AMX" runs. A one-off record for issues 15 and 29.
 """
 
 import argparse
@@ -14,8 +17,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # benchmarks/, for bench_engines
-import bench_engines  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # benchmarks/, for engines
+import engines  # noqa: E402
 
 RUNS = 20
 
@@ -24,15 +27,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precision", choices=("f32", "default"), default="f32")
     args = parser.parse_args()
-    import openvino as ov
 
     with tempfile.TemporaryDirectory() as directory:
-        bench_engines.prepare("convnext_tiny", directory)
-        config = dict(bench_engines.OPENVINO_CONFIG, INFERENCE_NUM_THREADS=args.threads, PERF_COUNT=True)
-        compiled = ov.Core().compile_model(bench_engines.files_of("convnext_tiny", directory)["onnx"], "CPU", config)
+        engines.prepare("convnext_tiny", directory)
+        config = dict(engines.OPENVINO_CONFIG if args.precision == "f32" else engines.OPENVINO_DEFAULT_CONFIG,
+                      PERF_COUNT=True)
+        compiled, precision = engines.openvino(engines.files_of("convnext_tiny", directory)["onnx"], config,
+                                               args.threads)
     request = compiled.create_infer_request()
-    x = bench_engines.images(args.batch)
+    x = engines.images(args.batch)
     for _ in range(5):
         request.infer({0: x})
     spent = collections.Counter()
@@ -41,7 +46,8 @@ def main():
         request.infer({0: x})
         for node in request.profiling_info:
             spent[f"{node.node_type} ({node.exec_type})"] += node.real_time.total_seconds() / RUNS
-    print(f"OpenVINO convnext_tiny, {args.threads} thread(s), batch {args.batch}: "
+    print(f"OpenVINO convnext_tiny in {precision} (ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}), "
+          f"{args.threads} thread(s), batch {args.batch}: "
           f"{(time.perf_counter() - start) / RUNS * 1e3:.1f} ms per inference (profiling on)")
     for kind, seconds in spent.most_common():
         if seconds >= 5e-5:
