@@ -54,7 +54,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from .gemm_bf16 import AMX_ROWS, pair_path, pair_product, pair_tile_llvm
-from .llvm import fused_multiply_add, prefetch, splat, vector_registers
+from .llvm import for_pixels_in_use, fused_multiply_add, prefetch, splat, vector_registers
 
 
 def _tile_shapes() -> dict[np.dtype, tuple[int, int]]:
@@ -223,18 +223,8 @@ def _tile_product_ir(context, builder, sig, args, dtype, mr, lanes, vectors, tra
                 else:
                     builder.store(running, builder.gep(tile_vectors, [const(r * vectors + v)]), align=align)
 
-    def product_for(pixels, used):
-        # as few vectors a row as hold `pixels`
-        if used == vectors:
-            product(used)
-            return
-        with builder.if_else(builder.icmp_signed("<=", pixels, const(used * lanes))) as (enough, more):
-            with enough:
-                product(used)
-            with more:
-                product_for(pixels, used + 1)
-
-    product_for(context.cast(builder, pixels_value, sig.args[5], numba.types.intp), 1)
+    for_pixels_in_use(builder, context.cast(builder, pixels_value, sig.args[5], numba.types.intp), lanes, vectors,
+                      product)
 
 
 _tile_product_rows = numba.extending.intrinsic(

@@ -59,7 +59,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from ..layers import from_bfloat16
-from .llvm import fused_multiply_add, prefetch, splat, vector_registers
+from .llvm import for_pixels_in_use, fused_multiply_add, prefetch, splat, vector_registers
 
 
 def pair_product(weight, pairs):
@@ -185,19 +185,9 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
                           [sums[r] for r in rows], words, floats)
         _store_sums(builder, sums, tile_array.data, tile_vectors, mr, vectors, lanes, transposed, const)
 
-    def product_for(pixels, used):
-        if used == vectors:
-            product(used)
-            return
-        with builder.if_else(builder.icmp_signed("<=", pixels, const(used * lanes))) as (enough, more):
-            with enough:
-                product(used)
-            with more:
-                product_for(pixels, used + 1)
-
     pixel_count = context.cast(builder, pixels_value, sig.args[5], numba.types.intp)
     if path != "amx":
-        product_for(pixel_count, 1)
+        for_pixels_in_use(builder, pixel_count, lanes, vectors, product)
         return
     # AMX: whole tiles only (16 rows, K a multiple of 32); the rest on the vector path
     whole_rows = builder.icmp_signed("==", builder.add(builder.sub(last, first), const(1)), const(AMX_ROWS))
@@ -208,7 +198,7 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
             _amx_product(builder, weight_rows[0], builder.extract_value(weight_array.strides, 0), panel_array.data,
                          pairs, tile_array.data, nr, transposed, const)
         with vectors_path:
-            product_for(pixel_count, 1)
+            for_pixels_in_use(builder, pixel_count, lanes, vectors, product)
 
 
 # ---- AMX: tdpbf16ps on tiles --------------------------------------------------------------------------

@@ -94,3 +94,17 @@ def splat(builder, value, vector):
     return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
                                   ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count))
 
+
+
+def for_pixels_in_use(builder, pixels, lanes, vectors, product, used=1):
+    """Emit product(used) for the fewest vectors of `lanes` lanes, up to `vectors`, that hold
+    `pixels` (an intp value): a tile's empty vectors (a last panel's) cost nothing."""
+    if used == vectors:
+        product(used)
+        return
+    enough_lanes = ir.Constant(pixels.type, used * lanes)
+    with builder.if_else(builder.icmp_signed("<=", pixels, enough_lanes)) as (enough, more):
+        with enough:
+            product(used)
+        with more:
+            for_pixels_in_use(builder, pixels, lanes, vectors, product, used + 1)
