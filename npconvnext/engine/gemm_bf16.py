@@ -19,8 +19,9 @@ Three paths, chosen once from the CPU Numba compiles for (`pair_path`):
     amx           where the CPU has AMX-BF16 and Linux lets the process use it: whole tiles
                   (16 rows, K a multiple of 32) as `tdpbf16ps` on tile registers (below); the
                   other tiles on one of the next two
-    dot           where it has AVX512_BF16: a step (one word, one vector of lanes) is one
-                  `vdpbf16ps` (LLVM's llvm.x86.avx512bf16.dpbf16ps.512 on <32 x bfloat>)
+    dot           where it has AVX512_BF16 and runs it at full rate (`dot_product_pays`): a
+                  step (one word, one vector of lanes) is one `vdpbf16ps` (LLVM's
+                  llvm.x86.avx512bf16.dpbf16ps.512 on <32 x bfloat>)
     widening      elsewhere: each half widened to float32 in registers (the low half shifted up
                   16 bits, the high half masked), then two llvm.fma; the weights' halves split
                   a vector of words at a time onto the stack, the panel's once a pair for all
@@ -107,8 +108,26 @@ def _tile_data_permitted() -> bool:
 
 
 def pair_path() -> str:
-    """The pair tile's path on this CPU: "amx", else "dot" (vdpbf16ps), else "widening"."""
-    return "amx" if has_amx() else "dot" if has_dot_product() else "widening"
+    """The pair tile's path on this CPU: "amx", else "dot" (vdpbf16ps) where it pays, else
+    "widening"."""
+    if has_amx():
+        return "amx"
+    return "dot" if has_dot_product() and dot_product_pays(_cpu_name()) else "widening"
+
+
+def dot_product_pays(cpu_name: str) -> bool:
+    """Whether vdpbf16ps beats the widening path on this kind of core. AMD's Zen 4 and Zen 5 run
+    it at their float32 FMA's rate, each doing twice the multiply-adds; the Intel cores measured
+    (Emerald Rapids with AMX hidden by the hypervisor) at half that rate, slower than two float32
+    FMAs a pair (benchmarks/results/2026-12-06c-xeon-emr-avx512bf16/). Both paths give the same
+    sums, so the choice is speed only."""
+    return cpu_name.startswith("znver")
+
+
+def _cpu_name() -> str:
+    # the CPU Numba compiles for, as its JIT cache keys machine code on
+    name = numba.config.CPU_NAME
+    return llvmlite.binding.get_host_cpu_name() if name in (None, "", "host") else name
 
 
 class _BFloat(ir.types.Type):
@@ -155,7 +174,7 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
     next_rows = builder.gep(weight_words, [builder.mul(builder.add(first, const(mr)), row_words)])
     panel_vectors = builder.bitcast(panel_array.data, words.as_pointer())             # (K/2 * NR / VL,)
     tile_vectors = builder.bitcast(tile_array.data, floats.as_pointer())              # (MR * NR / VL,)
-    dot = path == "dot" or (path == "amx" and has_dot_product())
+    dot = path == "dot" or (path == "amx" and has_dot_product() and dot_product_pays(_cpu_name()))
 
     def product(used):
         for block in range(0, mr, vector_rows):  # at most vector_rows rows' sums in registers at once

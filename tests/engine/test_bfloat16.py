@@ -18,7 +18,8 @@ import pytest
 import npconvnext
 from npconvnext import layers
 from npconvnext.engine import bfloat16, block, gemm, mlp
-from npconvnext.engine.gemm_bf16 import AMX_PAIRS, AMX_ROWS, has_amx, has_dot_product, pair_path, pair_product
+from npconvnext.engine.gemm_bf16 import (AMX_PAIRS, AMX_ROWS, dot_product_pays, has_amx, has_dot_product, pair_path,
+                                         pair_product)
 from npconvnext.errors import InputError
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
@@ -261,9 +262,14 @@ def test_subnormals_change_the_sums_by_less_than_the_smallest_normal_scaled(path
         np.testing.assert_array_equal(tile, exact)
 
 
-def test_the_dot_product_path_is_chosen_where_the_cpu_has_it():
+def test_the_dot_product_path_is_chosen_where_the_cpu_has_it_at_full_rate():
     features = numba.config.CPU_FEATURES or __import__("llvmlite.binding").binding.get_host_cpu_features().flatten()
     assert has_dot_product() == ("+avx512bf16" in features.split(",") and "+avx512f" in features.split(","))
+    assert dot_product_pays("znver4") and dot_product_pays("znver5")
+    assert not dot_product_pays("sapphirerapids") and not dot_product_pays("emeraldrapids")
+    cpu = numba.config.CPU_NAME or __import__("llvmlite.binding").binding.get_host_cpu_name()
+    if not has_amx():
+        assert (pair_path() == "dot") == (has_dot_product() and cpu.startswith("znver"))
 
 
 # ---- the MLP and the block against the reference ----------------------------------------------------
