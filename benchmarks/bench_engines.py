@@ -14,7 +14,9 @@ beside  npconvnext alone in a fresh process, against fresh processes where torch
         ONNX Runtime, or OpenVINO) were imported and ran a forward first; the processes take
         turns, ROUNDS rounds, and each reports its median.
 memory  peak RSS (VmHWM) of a fresh process that loads one engine and runs one forward:
-        convnext_tiny at batch 1 and 32, convnext_xxlarge at batch 1.
+        convnext_tiny at batch 1 and 32, convnext_xxlarge at batch 1. For npconvnext also its
+        split: RSS after the import, what loading, the forwards and the peak add to it, and the
+        bytes of the weights as the model keeps them.
 cold    a fresh process: import, load the weights, one batch-1 forward (time and peak RSS);
         npconvnext with its JIT cache cold (an empty NUMBA_CACHE_DIR) and warm; ROUNDS rounds.
         --runtime-python PATH adds npconvnext run by an interpreter whose environment has only
@@ -81,8 +83,12 @@ def median_ms_per_image(run, x, runs):
 def peak_rss_mb():
     # VmHWM, not ru_maxrss: ru_maxrss keeps the high-water mark of the parent this child was
     # forked from before it exec'd
+    return status_mb("VmHWM")
+
+
+def status_mb(field):
     with open("/proc/self/status") as status:
-        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
+        return int(next(line for line in status if line.startswith(field)).split()[1]) / 1024
 
 
 # ---- children: each prints one JSON line --------------------------------------------------------
@@ -99,11 +105,19 @@ def child(args):
         build(payload["engine"], payload["model"], files, None)(images(1))
         result = dict(seconds=time.perf_counter() - _STARTED, peak_rss_mb=peak_rss_mb())
     elif kind == "memory":
+        ours = payload["engine"].startswith("npconvnext")
+        if ours:
+            import npconvnext  # noqa: F401  (so that what the weights add shows apart)
+        imported = status_mb("VmRSS")
         run = build(payload["engine"], payload["model"], files, None)
+        loaded = status_mb("VmRSS")
         x = images(payload["batch"])
         run(x)
         run(x)
         result = dict(peak_rss_mb=peak_rss_mb())
+        if ours:
+            result["split"] = dict(imported=imported, loaded=loaded, ran=status_mb("VmRSS"), peak=peak_rss_mb(),
+                                   weights=run.weights_mb)
     elif kind == "beside":
         first = payload["first"]
         if first:  # as a notebook would: the peer loads and runs first, at its default threads
@@ -251,9 +265,10 @@ def beside(args, directory):
 
 
 def memory(args, cases, directories):
-    """{model batch: {engine: peak RSS MB}}, each engine alone in a fresh process."""
+    """{model batch: {engine: peak RSS MB}}, each engine alone in a fresh process, and
+    {model batch: {engine: npconvnext's split}} (see `print_split`)."""
     engines = [OURS, OURS_BF16, *PEERS, *DEFAULT_PEERS] + ([RUNTIME_ONLY] if args.runtime_python else [])
-    result = {}
+    result, splits = {}, {}
     model, batch = cases[0]
     for python, ours in {(None, OURS), (None, OURS_BF16), (args.runtime_python, OURS)}:
         # fill each interpreter's JIT cache: a compile is not the model's
@@ -266,13 +281,34 @@ def memory(args, cases, directories):
                                            batch=batch), python=python)
             if got:
                 row[engine] = got["peak_rss_mb"]
+                if "split" in got and not python:
+                    splits.setdefault(f"{model} {batch}", {})[engine] = got["split"]
     print("\npeak RSS (MB) of a fresh process that loads the model and runs two forwards, one engine each")
     print(" | ".join(["model", "batch"] + engines))
     for key, row in result.items():
         print(" | ".join(key.split() + [f"{row[e]:.0f}" if e in row else "-" for e in engines]))
         if OURS in row and OURS_BF16 in row:
             print(f"  {key}: npconvnext bfloat16 / float32 peak RSS {row[OURS_BF16] / row[OURS]:.2f}")
-    return result
+    print_split(splits)
+    return result, splits
+
+
+def print_split(splits):
+    """npconvnext's RSS after its import, and what loading, the two forwards and the peak add to
+    it, beside the weights' bytes as the model keeps them (MB); bfloat16 over float32 of each."""
+    print("\nnpconvnext: RSS after the import (MB), what loading, the forwards and the peak add to it, "
+          "and the weights as the model keeps them")
+    for key, split in splits.items():
+        added = {engine: dict(load=s["loaded"] - s["imported"], forwards=s["ran"] - s["imported"],
+                              peak=s["peak"] - s["imported"], weights=s["weights"]) for engine, s in split.items()}
+        for engine, s in split.items():
+            print(f"{key} {engine}: import {s['imported']:.0f}, "
+                  + ", ".join(f"{what} +{mb:.0f}" for what, mb in added[engine].items() if what != "weights")
+                  + f"; weights {s['weights']:.0f}")
+        if OURS in added and OURS_BF16 in added:
+            print(f"  {key}: bfloat16 / float32, " + ", ".join(
+                f"{what} {added[OURS_BF16][what] / added[OURS][what]:.2f}" for what in ("weights", "peak", "forwards")
+                if added[OURS][what] > 0))
 
 
 def byte_compile_npconvnext(python=None):
@@ -355,7 +391,7 @@ def main():
         if "beside" in parts:
             results["beside"] = beside(args, directory)
         if "memory" in parts:
-            results["memory"] = memory(args, memory_cases, directories)
+            results["memory"], results["memory_split"] = memory(args, memory_cases, directories)
         if "cold" in parts:
             results["cold_start"] = cold(args, directory)
         if "main" in parts:  # last: it imports every engine into this process

@@ -113,7 +113,11 @@ def build(engine, model, files, threads):
             npconvnext.set_num_threads(threads)
         net = npconvnext.create_model(model, weights=files["safetensors"], dtype=dtype, backend=backend)
         takes = "float32" if dtype == "bfloat16" else dtype  # bfloat16: float32 in, float32 out
-        return lambda x: net(x.astype(takes))
+
+        def run(x):
+            return net(x.astype(takes))
+        run.weights_mb = sum(a.nbytes for a in net.params.values()) / 2**20  # as the model keeps them
+        return run
     if engine == "timm eager":
         import torch
 

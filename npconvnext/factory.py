@@ -15,7 +15,7 @@ from .convention import TIMM, Convention
 from .errors import CheckpointError, InputError
 from .formats import detect_naming, format_named, read_weight_file, to_timm_names
 from .hub import default_tag, matches, registry
-from .model import ConvNeXt, FeatureModel
+from .model import ConvNeXt, FeatureModel, HandedOver
 from .params import check_state_dict, detect_architecture, init_state_dict, random_state_dict, timm_name
 from .preprocessing import DataConfig, data_config
 
@@ -136,10 +136,13 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
 
         weights = download_weights(f"{name}.{pretrained}")
     source, path, file = "a mapping of arrays", None, None
+    made_here = False  # the arrays were read or made here: nothing else holds them
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
-        file = read_weight_file(path, arch=name)
-        source, weights = f"{path} ({file.format})", file.state
+        file = read_weight_file(path, arch=name, widen=False)  # the model widens what it keeps as floats
+        # the arrays move to `weights`, to be handed over to the model: `file` keeps no reference
+        source, weights, file = f"{path} ({file.format})", file.state, file._replace(state={})
+        made_here = True
     elif weights is not None and detect_naming(weights) != "timm":
         weights = to_timm_names(dict(weights), get_config(name) if name else None)
     if name is None:
@@ -152,7 +155,7 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         warnings.warn(f"{config.name}: no weights given, using seeded random weights (seed={seed}); "
                       "its outputs mean nothing", stacklevel=2)
         weights = random_state_dict(config, seed)
-        source = f"random weights (seed {seed})"
+        source, made_here = f"random weights (seed {seed})", True
     else:
         _check_architecture(weights, replace(config, num_classes=found), path or source)
         if found != config.num_classes:
@@ -164,6 +167,8 @@ def create_model(name: str | None, weights: Mapping[str, np.ndarray] | str | os.
         # such a file holds its whole function: the override only says how it splits between
         # the caller and the stem, which is re-expressed for it; no output changes
         weights = restate(weights, file.convention, convention_override)
+    if made_here:
+        weights = HandedOver(weights)  # each array is freed once the model has stored it
     model = ConvNeXt(config, weights, dtype=dtype, backend=backend, source=source, data_config=preprocessing,
                      data_config_source=preprocessing_source, convention=convention)
     if file and file.class_names is not None and len(file.class_names) == config.num_classes:

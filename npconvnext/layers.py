@@ -318,6 +318,13 @@ def from_bfloat16(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+class BFloat16Bits(np.ndarray):
+    """A bfloat16 tensor of a weight file as its bits (uint16), marked so that nothing takes it
+    for integers. The readers make these and `create_model` keeps them so: a bfloat16 model uses
+    the bits as they are, any other widens them (`from_bfloat16`) one tensor at a time. The
+    public readers give them widened. Views keep the mark; `np.asarray` drops it."""
+
+
 def linear_bfloat16(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """linear with x rounded to bfloat16 and the weight given as bfloat16 bits: the products are
     exact, summed in float32 (in BLAS's order). x: (..., Cin) float32; weight: (Cin, Cout)

@@ -17,6 +17,7 @@ from . import engine, layers, network
 from .config import ConvNeXtConfig
 from .convention import TIMM, Convention, describe_input, to_network_input, to_outputs, with_convention
 from .errors import InputError
+from .formats.mapped import mapping_of, release_all, release_pages
 from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, param_of, timm_name,
                      to_compute_layout, to_timm_layout)
 from .preprocessing import DataConfig
@@ -51,22 +52,56 @@ BFLOAT16 = BFloat16()
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64), BFLOAT16)
 
 
-def _stored(name: str, array: np.ndarray, dtype: np.dtype | BFloat16) -> np.ndarray:
+class HandedOver(dict):
+    """A state dict handed to the model whole, its arrays held by nothing else: the model takes
+    them as they are (no copy to guard against the caller's later edits) and drops each entry
+    once it has stored it, so that a weight it converts (rounds to bfloat16, widens) is freed
+    before the next is made. `create_model` hands over what it read from a file; a caller's own
+    dict is never emptied."""
+
+
+def _stored_all(state: Mapping[str, np.ndarray], dtype: np.dtype | BFloat16) -> dict[str, np.ndarray]:
+    """Every weight as the model keeps it (`_stored`), a HandedOver dict emptied as it goes.
+    A weight copied from a mapped file gives its pages back once stored (formats/mapped.py),
+    and all of them once more at the end: reading a weight maps a window of its neighbours'
+    pages too (the OS's fault-around), so that only the weights used in place stay mapped."""
+    handed = isinstance(state, HandedOver)
+    params, copied = {}, []
+    for name in list(state):
+        array = state.pop(name) if handed else state[name]
+        params[name] = _stored(name, array, dtype, owned=handed)
+        if mapping_of(array) is not None and not np.may_share_memory(params[name], array):
+            release_pages(array)
+            copied.append(array)  # a view of the file: holding it holds no memory
+    release_all(copied)
+    return params
+
+
+def _stored(name: str, array: np.ndarray, dtype: np.dtype | BFloat16, owned: bool = False) -> np.ndarray:
     """A weight as the model keeps it: in compute layout and dtype, owned by the model unless
-    it is a read-only array (memory-mapped from a safetensors file), which is used in place.
-    In bfloat16, the blocks' fc1 and fc2 as bfloat16 bits (`_stored_bfloat16`), the rest float32."""
+    it is a read-only array (memory-mapped from a safetensors file) or `owned` (handed over:
+    HandedOver), which is used in place, read-only. In bfloat16, the blocks' fc1 and fc2 as
+    bfloat16 bits (`_stored_bfloat16`), the rest float32."""
     if isinstance(dtype, BFloat16) and _block_linear(name):
-        return _stored_bfloat16(name, array)
-    dtype = np.dtype(dtype)
+        return _stored_bfloat16(name, array, owned)
+    return _stored_float(name, array, np.dtype(dtype), owned)
+
+
+def _stored_float(name: str, array: np.ndarray, dtype: np.dtype, owned: bool) -> np.ndarray:
+    """`_stored` for a weight kept as floats; a bfloat16 tensor's bits are widened first."""
+    if isinstance(array, layers.BFloat16Bits):
+        array, owned = layers.from_bfloat16(array), True   # a fresh array, the model's own
     compute = to_compute_layout(name, np.asarray(array))
     if layout_kind(name) not in ("linear", "patchify"):
         return np.array(compute, dtype=dtype, order="C")  # small: copied
     # Linear weights (most of the parameters) are used through their transpose, (in, out) in
     # Fortran order: (out, in) rows, as timm stores them and as the engine's tiles read them
     # (engine/gemm.py), so a mapped file is not duplicated. The patchify kernels too.
-    if compute.flags.writeable or compute.dtype != dtype or not compute.flags.f_contiguous:
-        compute = np.array(compute, dtype=dtype, order="F")  # the caller's later edits must not reach us
-    return compute
+    if (compute.flags.writeable and not owned) or compute.dtype != dtype or not compute.flags.f_contiguous:
+        return np.array(compute, dtype=dtype, order="F")  # the caller's later edits must not reach us
+    kept = compute.view()
+    kept.flags.writeable = False  # as a mapped file's: training copies it first (weights.owned)
+    return kept
 
 
 def _block_linear(name: str) -> bool:
@@ -74,16 +109,37 @@ def _block_linear(name: str) -> bool:
     return row is not None and row.module == "block" and row.field in ("fc1_weight", "fc2_weight")
 
 
-def _stored_bfloat16(name: str, array: np.ndarray) -> np.ndarray:
+def _stored_bfloat16(name: str, array: np.ndarray, owned: bool) -> np.ndarray:
     """A block linear's weight as bfloat16 bits in compute layout, (in, out) uint16 in Fortran
-    order: (out, in) rows, as the pair tile reads them (engine/gemm_bf16.py). A bfloat16
-    safetensors file's bits (`bfloat16_bits`, formats/guard.py) are used in place, mapped;
-    any other floats are rounded to nearest even (layers.to_bfloat16), once."""
-    bits = getattr(array, "bfloat16_bits", None)
-    if bits is None or bits.shape != np.shape(array):
-        bits = np.ascontiguousarray(layers.to_bfloat16(np.asarray(array)))      # (out, in[, 1, 1])
-        bits.flags.writeable = False
-    return to_compute_layout(name, bits)                                         # (in, out), a view
+    order: (out, in) rows, as the pair tile reads them (engine/gemm_bf16.py). A bfloat16 file's
+    bits (layers.BFloat16Bits) are used in place, mapped from a safetensors file; any other
+    floats are rounded to nearest even (`_rounded_bfloat16`), once."""
+    if isinstance(array, layers.BFloat16Bits):
+        bits = np.asarray(array)                                                 # (out, in[, 1, 1])
+        if bits.flags.writeable and not owned:
+            bits = bits.copy()  # the caller's later edits must not reach us
+    else:
+        bits = _rounded_bfloat16(np.asarray(array))
+    bits = to_compute_layout(name, bits)                                         # (in, out), a view
+    bits.flags.writeable = False
+    return bits
+
+
+_ROUNDED_AT_ONCE = 1 << 20  # elements rounded at a time: the rounding's temporaries stay small
+
+
+def _rounded_bfloat16(array: np.ndarray) -> np.ndarray:
+    """layers.to_bfloat16 of a weight, a block of rows at a time; each block's pages of a mapped
+    file are given back once rounded (formats/mapped.py), so that loading a float32 file into a
+    bfloat16 model never holds more than a block of the file's linears. (out, ...) -> uint16"""
+    rows = array.reshape(len(array), -1)                                         # (out, in)
+    bits = np.empty(rows.shape, np.uint16)
+    step = max(1, _ROUNDED_AT_ONCE // max(1, rows.shape[1]))
+    for first in range(0, len(rows), step):
+        block = rows[first : first + step]
+        bits[first : first + step] = layers.to_bfloat16(block)
+        release_pages(block)
+    return bits.reshape(array.shape)
 
 
 def _as_dtype(dtype) -> np.dtype | BFloat16:
@@ -128,9 +184,10 @@ class ConvNeXt:
         self.load_state_dict(state_dict, source)
 
     def load_state_dict(self, state_dict: Mapping[str, np.ndarray], source: str = "weights") -> None:
-        """Replace every weight (timm names and layouts), checked strictly first."""
+        """Replace every weight (timm names and layouts), checked strictly first. A HandedOver
+        dict is emptied as its weights are stored."""
         check_state_dict(state_dict, self.config, source)
-        self._params = {name: _stored(name, array, self.dtype) for name, array in state_dict.items()}
+        self._params = _stored_all(state_dict, self.dtype)
         self._weights = NetworkWeights.from_params(self._params, self.config)
 
     @property

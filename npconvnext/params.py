@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import VARIANTS, ConvNeXtConfig
 from .errors import CheckpointError
+from .layers import BFloat16Bits
 
 Shape = tuple[int, ...]
 
@@ -272,7 +273,7 @@ def check_state_dict(state: Mapping[str, np.ndarray], config: ConvNeXtConfig, so
     misshaped = [f"{k}: got {tuple(np.shape(state[k]))}, expected {expected[k]}"
                  for k in expected if k in state and tuple(np.shape(state[k])) != expected[k]]
     not_float = [f"{k}: dtype {np.asarray(state[k]).dtype}" for k in expected
-                 if k in state and np.asarray(state[k]).dtype.kind != "f"]
+                 if k in state and not _floating(state[k])]
     for title, items in (("missing", missing), ("unexpected", unexpected),
                          ("wrong shape", misshaped), ("not floating point", not_float)):
         if items:
@@ -280,6 +281,11 @@ def check_state_dict(state: Mapping[str, np.ndarray], config: ConvNeXtConfig, so
             problems.append(f"{len(items)} {title}:\n    " + "\n    ".join(shown))
     if problems:
         raise CheckpointError(f"{source}: weights do not fit this architecture:\n  " + "\n  ".join(problems))
+
+
+def _floating(array) -> bool:
+    """Floats, or a bfloat16 tensor's bits (layers.BFloat16Bits)."""
+    return isinstance(array, BFloat16Bits) or np.asarray(array).dtype.kind == "f"
 
 
 def detect_architecture(state: Mapping[str, np.ndarray]) -> ConvNeXtConfig:

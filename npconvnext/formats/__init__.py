@@ -10,8 +10,9 @@ trusted:
                      their variables read by tf_bundle.py
     torch_zip.py     torch.save since PyTorch 1.6: pytorch_model.bin, the official .pth
     openvino_ir/     OpenVINO IR model.xml + model.bin (FP32 or FP16), parameters found by the graph
-What every reader shares when it meets an untrusted file is in `guard.py`. Foreign names (the
-official code's, transformers', Keras') and layouts are mapped to timm's by `names.py`.
+What every reader shares when it meets an untrusted file is in `guard.py`; `mapped.py` maps a
+file into memory and gives its pages back once read. Foreign names (the official code's,
+transformers', Keras') and layouts are mapped to timm's by `names.py`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import numpy as np
 from ..config import get_config
 from ..convention import Convention
 from ..errors import CheckpointError
+from ..layers import BFloat16Bits
 from ..preprocessing import DataConfig
 from . import keras, openvino_ir, safetensors, savedmodel, torch_zip
 from .data_config import class_names_from, data_config_from
+from .guard import widened
+from .mapped import release_all, release_pages
 from .names import detect_naming, to_timm_names
 from .registry import WeightFormat, sha256_of_files, sniff
 from .safetensors import read_safetensors, read_safetensors_with_metadata
@@ -88,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
     """The raw named arrays of a weight file and its format's name, names as stored."""
     path = os.fspath(path)
     fmt = sniff_format(path)
-    return fmt.read(path).arrays, fmt.name
+    return widened(fmt.read(path).arrays), fmt.name
 
 
 def convention_of(path: str | os.PathLike) -> Convention | None:
@@ -98,9 +102,12 @@ def convention_of(path: str | os.PathLike) -> Convention | None:
     return sniff_format(path).read(path).convention
 
 
-def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> WeightFile:
+def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error",
+                     widen: bool = True) -> WeightFile:
     """A weight file of any supported format and naming: timm-named arrays and what the file
-    says about its model. See `load_state_dict` for `nonfinite`."""
+    says about its model. See `load_state_dict` for `nonfinite`. widen: bfloat16 tensors as
+    float32 (True), or as their bits (layers.BFloat16Bits), for a model to widen only what it
+    keeps in float32 (`create_model` does)."""
     path = os.fspath(path)
     fmt = sniff_format(path)
     found = fmt.read(path)
@@ -108,14 +115,27 @@ def read_weight_file(path: str | os.PathLike, arch: str | None = None, nonfinite
         state = to_timm_names(found.arrays, get_config(arch) if arch else None)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    bad = [name for name, a in state.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+    bad = [name for name, a in state.items() if not _finite(a)]
+    release_all(state.values())
     if bad and nonfinite != "ignore":
         message = f"{path}: {len(bad)} tensors hold NaN or Inf: {', '.join(bad[:10])}"
         if nonfinite == "error":
             raise CheckpointError(message + " (pass nonfinite='warn' to load them anyway)")
         warnings.warn(message, stacklevel=3)
-    return WeightFile(state, fmt.name, found.convention, data_config_from(path, found.metadata),
-                      class_names_from(path, found.metadata))
+    return WeightFile(widened(state) if widen else state, fmt.name, found.convention,
+                      data_config_from(path, found.metadata), class_names_from(path, found.metadata))
+
+
+def _finite(array: np.ndarray) -> bool:
+    """Whether a tensor holds no NaN or Inf (integers always); the pages of a mapped file it
+    read are given back (mapped.py): checking a file leaves it to what uses it, and never holds
+    all of it."""
+    if isinstance(array, BFloat16Bits):
+        finite = not ((np.asarray(array) & 0x7F80) == 0x7F80).any()   # exponent all ones
+    else:
+        finite = array.dtype.kind != "f" or bool(np.isfinite(array).all())
+    release_pages(array)
+    return finite
 
 
 def load_state_dict(path: str | os.PathLike, arch: str | None = None, nonfinite: str = "error") -> dict[str, np.ndarray]:

@@ -2,9 +2,9 @@
 
 `open_weight_file` opens regular files only (a FIFO or a device would block or never end),
 `reading` turns every failure inside into a CheckpointError naming the file, and `describe`
-puts a value read from a file into an error message, bounded; `bfloat16_to_float32` widens
-the dtype NumPy lacks. The limits below bound what a
-reader may make of a file by what a ConvNeXt can hold, whatever the file claims.
+puts a value read from a file into an error message, bounded; `widened` gives bfloat16 tensors
+as float32, NumPy lacking the dtype. The limits below bound what a reader may make of a file by
+what a ConvNeXt can hold, whatever the file claims.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import VARIANTS
 from ..errors import CheckpointError
+from ..layers import BFloat16Bits, from_bfloat16
 from ..params import expected_shapes
 
 MAX_DIMS = 64            # NumPy's limit on an array's dimensions
@@ -74,28 +75,11 @@ def open_weight_file(path: str):
         raise
 
 
-def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: widen the bits, exactly."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
-
-
-class WidenedBFloat16(np.ndarray):
-    """A bfloat16 tensor of a file widened to float32, which keeps the file's bits in
-    `bfloat16_bits` (uint16, the same shape, a read-only view of the mapped file): a bfloat16
-    model takes those in place (model.py). Views and results of NumPy operations on it carry
-    no bits (None): only the array the reader made does."""
-
-    bfloat16_bits: np.ndarray | None = None
-
-    def __array_finalize__(self, obj):
-        self.bfloat16_bits = None
-
-
-def widened_keeping_bits(raw: np.ndarray) -> WidenedBFloat16:
-    """bfloat16_to_float32 of raw (uint16 bits, any shape), remembering raw."""
-    widened = bfloat16_to_float32(raw).view(WidenedBFloat16)
-    widened.bfloat16_bits = raw
-    return widened
+def widened(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays with bfloat16 bits (layers.BFloat16Bits, what readers make of a bfloat16
+    tensor) widened to float32, exactly, the others as they are: what the public readers give,
+    NumPy having no bfloat16."""
+    return {name: from_bfloat16(a) if isinstance(a, BFloat16Bits) else a for name, a in arrays.items()}
 
 
 def describe(value: object, limit: int = 60) -> str:

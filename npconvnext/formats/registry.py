@@ -31,7 +31,8 @@ HEAD_BYTES = 16  # how much of a file `recognises` sees
 class Reading:
     """What a reader gives from ONE read of a file."""
 
-    arrays: dict[str, np.ndarray]         # by timm's names, or a PyTorch-world naming names.py maps
+    arrays: dict[str, np.ndarray]         # by timm's names, or a PyTorch-world naming names.py maps;
+                                          # a bfloat16 tensor as its bits (layers.BFloat16Bits)
     convention: Convention | None = None  # what the file's model takes and gives, where it says
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # a safetensors header's
 

@@ -5,13 +5,12 @@ shape and [start, end) in the data section, then the data section. The header is
 the format (huggingface/safetensors) demands before any tensor is made: no duplicate names,
 known dtypes, sizes that fit the shapes, and tensors that tile the data section exactly (no
 holes, no overlaps, nothing after the last one). The tensors are read-only views of the
-memory-mapped file.
+memory-mapped file (mapped.py).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from typing import NamedTuple
@@ -19,7 +18,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CheckpointError
-from .guard import MAX_DIMS, describe, open_weight_file, reading, widened_keeping_bits
+from ..layers import BFloat16Bits
+from .guard import MAX_DIMS, describe, open_weight_file, reading, widened
+from .mapped import WeightMapping
 from .registry import Reading, WeightFormat
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
@@ -55,15 +56,19 @@ def read_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, n
     over it, as npconvnext's writers do; truncating it in place would crash its readers.)
     bfloat16 is upcast to float32 (NumPy has no bfloat16); other dtypes are kept.
     """
-    path = os.fspath(path)
+    tensors, metadata = _mapped_tensors(os.fspath(path))
+    return widened(tensors), metadata
+
+
+def _mapped_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """read_safetensors_with_metadata with bfloat16 tensors as their mapped bits (BFloat16Bits)."""
     with open_weight_file(path) as f, reading(path, "safetensors file"):
         size = os.fstat(f.fileno()).st_size
         header, body_start = _read_header(f, size)
         metadata = _metadata(header.pop("__metadata__", {}))
         entries = [_entry(name, info) for name, info in header.items()]
         _check_tiling(entries, size - body_start)
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        body = memoryview(data)[body_start:]
+        body = memoryview(WeightMapping(f.fileno()))[body_start:]
         return {e.name: _array(body, e) for e in entries}, metadata
 
 
@@ -172,15 +177,14 @@ def _check_tiling(entries: list[_Entry], body_len: int) -> None:
 
 
 def _array(body: memoryview, e: _Entry) -> np.ndarray:
-    """The tensor as a read-only view of the file (bfloat16 widened to a float32 copy that
-    keeps the mapped bits, for a bfloat16 model to use in place: guard.WidenedBFloat16)."""
+    """The tensor as a read-only view of the file (bfloat16 as its bits, BFloat16Bits)."""
     dtype = np.dtype("<u2" if e.dtype == "BF16" else DTYPES[e.dtype]).newbyteorder("<")
     raw = np.frombuffer(body[e.start : e.end], dtype=dtype).reshape(e.shape)
-    return widened_keeping_bits(raw) if e.dtype == "BF16" else raw
+    return raw.view(BFloat16Bits) if e.dtype == "BF16" else raw
 
 
 def _read(path: str) -> Reading:
-    arrays, metadata = read_safetensors_with_metadata(path)
+    arrays, metadata = _mapped_tensors(path)
     return Reading(arrays, metadata=metadata)
 
 

@@ -28,7 +28,8 @@ from collections import OrderedDict
 import numpy as np
 
 from ..errors import CheckpointError
-from .guard import MAX_DIMS, bfloat16_to_float32, describe, open_weight_file, reading
+from ..layers import BFloat16Bits
+from .guard import MAX_DIMS, describe, open_weight_file, reading, widened
 from .registry import Reading, WeightFormat
 
 _STORAGE_DTYPES = {"DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -142,9 +143,13 @@ _GLOBALS = {
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state dict of a PyTorch zip checkpoint (unwrapped from the official training
-    scripts' {"model": ...}), with tensors as NumPy arrays. Every failure is a CheckpointError
-    naming the file."""
-    path = os.fspath(path)
+    scripts' {"model": ...}), with tensors as NumPy arrays (bfloat16 widened to float32). Every
+    failure is a CheckpointError naming the file."""
+    return widened(_read_state_dict(os.fspath(path)))
+
+
+def _read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """read_torch_state_dict with bfloat16 tensors as their bits (BFloat16Bits)."""
     with open_weight_file(path) as f, reading(path, "PyTorch checkpoint"):
         file_size = os.fstat(f.fileno()).st_size
         with zipfile.ZipFile(f) as archive:
@@ -360,17 +365,18 @@ def _itemsize(dtype) -> int:
 def _read_storage(archive: zipfile.ZipFile, prefix: str, storage: _Storage) -> np.ndarray:
     raw = _read_entry(archive, f"{prefix}data/{storage.key}", size=storage.numel * _itemsize(storage.dtype))
     if storage.dtype == "bfloat16":
-        return bfloat16_to_float32(np.frombuffer(raw, dtype="<u2"))
+        return np.frombuffer(raw, dtype="<u2").view(BFloat16Bits)
     return np.frombuffer(raw, dtype=np.dtype(storage.dtype).newbyteorder("<"))
 
 
 def _copy_view(data: np.ndarray, t: _Tensor) -> np.ndarray:
-    """The tensor's elements copied out of its storage (bounds checked by `_checked_view`)."""
+    """The tensor's elements copied out of its storage (bounds checked by `_checked_view`); a
+    bfloat16 storage's keep their BFloat16Bits mark."""
     if 0 in t.size:
-        return np.zeros(t.size, dtype=data.dtype)
+        return np.zeros_like(data, shape=t.size)
     # an axis of length 1 is never stepped along: its stride may be anything, so make it 0
     strides = tuple(s * data.itemsize if n > 1 else 0 for n, s in zip(t.size, t.stride))
-    return np.lib.stride_tricks.as_strided(data[t.offset :], shape=t.size, strides=strides).copy()
+    return np.lib.stride_tricks.as_strided(data[t.offset :], shape=t.size, strides=strides, subok=True).copy()
 
 
 def _refuse_legacy(path: str) -> Reading:
@@ -379,7 +385,7 @@ def _refuse_legacy(path: str) -> Reading:
 
 
 def _read(path: str) -> Reading:
-    return Reading(read_torch_state_dict(path))
+    return Reading(_read_state_dict(path))
 
 
 FORMATS = (WeightFormat("torch-zip", lambda head, path: head[:4] == b"PK\x03\x04", _read),

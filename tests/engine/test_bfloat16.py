@@ -25,6 +25,7 @@ from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
 from tests.engine.conftest import BFLOAT16_LOOPS
 from tests.support.timm_reference import numpy_state_dict, random_images, random_timm_model
+from tests.support.weight_files import write_bfloat16_safetensors
 
 MR, NR = gemm.TILES[np.dtype(np.uint16)]
 PATHS = ["widening", pytest.param("dot", marks=pytest.mark.skipif(not has_dot_product(),
@@ -385,19 +386,6 @@ def test_training_a_bfloat16_model_is_refused(atto):
         loss_and_grads(model, x[:1], np.array([0]))
 
 
-def _write_bfloat16_safetensors(path, state):
-    """A safetensors file of every tensor in bfloat16, as Hugging Face publishes them."""
-    header, offset, chunks = {}, 0, []
-    for name, array in state.items():
-        data = layers.to_bfloat16(np.ascontiguousarray(array)).tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        chunks.append(data)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
-
-
 def _mapped(array) -> bool:
     base = array
     while isinstance(base, np.ndarray):
@@ -408,17 +396,22 @@ def _mapped(array) -> bool:
 def test_a_bfloat16_file_is_used_in_place(atto, tmp_path):
     state, x, _ = atto
     path = tmp_path / "atto_bf16.safetensors"
-    _write_bfloat16_safetensors(path, state)
+    write_bfloat16_safetensors(path, state)
     model = npconvnext.create_model("convnext_atto", weights=path, dtype="bfloat16")
     name = "stages.1.blocks.0.mlp.fc1.weight"
     stored = model.params[name]
     assert stored.dtype == np.uint16 and _mapped(stored) and not stored.flags.writeable
     np.testing.assert_array_equal(stored.T.reshape(state[name].shape), layers.to_bfloat16(state[name]))
     assert _mapped(bfloat16.pair_rows(stored))  # the tile reads the file's bits
-    # the same weights from floats give the same model
+    # the same weights from floats give the same model, weight for weight, in either dtype
     widened = {k: layers.from_bfloat16(layers.to_bfloat16(v)) for k, v in state.items()}
-    again = npconvnext.create_model("convnext_atto", weights=widened, dtype="bfloat16")
-    np.testing.assert_array_equal(model(x[:2]), again(x[:2]))
+    for dtype in ("bfloat16", "float32"):
+        from_file = model if dtype == "bfloat16" else npconvnext.create_model("convnext_atto", weights=path)
+        again = npconvnext.create_model("convnext_atto", weights=widened, dtype=dtype)
+        for k in state:
+            assert from_file.params[k].dtype == again.params[k].dtype, k
+            np.testing.assert_array_equal(from_file.params[k], again.params[k], err_msg=k)
+        np.testing.assert_array_equal(from_file(x[:2]), again(x[:2]))
 
 
 def test_the_dtype_reads_bfloat16_and_acts_as_float32():
@@ -446,7 +439,7 @@ def test_classify_runs_a_bfloat16_model(atto, tmp_path, capsys):
 
     state, _, _ = atto
     path = tmp_path / "atto_bf16.safetensors"
-    _write_bfloat16_safetensors(path, state)
+    write_bfloat16_safetensors(path, state)
     image = str(__import__("pathlib").Path(__file__).parent.parent / "data" / "chelsea.png")
     tops = {}
     for dtype in ("float32", "bfloat16"):
