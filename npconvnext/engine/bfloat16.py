@@ -4,9 +4,10 @@ pair tile reads (gemm_bf16.py), and the weights' rows as it reads them.
 A bfloat16 model keeps the two linears of every block as bfloat16 bits (uint16, model.py),
 everything else in float32. The linears' inputs are rounded to bfloat16 (to nearest, ties to
 even) where they are packed: the block's normed input once per pixel panel (`pack_pairs`),
-the hidden activations as fc1 + GELU writes them (linear.py's `fc1_gelu_pairs_tile`), so fc2
-reads them as they are. The pair layout, two neighbouring channels of a pixel in one 32-bit
-lane, is what one vdpbf16ps multiplies with a weight word (channels k, k + 1 of a row):
+the hidden activations as fc1 + GELU writes them (linear.py's `fc1_gelu_tile` into a pair
+panel), so fc2 reads them as they are. The pair layout, two neighbouring channels of a pixel
+in one 32-bit lane, is what one vdpbf16ps multiplies with a weight word (channels k, k + 1 of
+a row):
 
     pair panels (P, ceil(K/2), NR, 2) uint16: [p, k2, j, h] = bfloat16(x[p*NR + j, 2*k2 + h]),
     zeros past the last pixel and for the missing channel of an odd K

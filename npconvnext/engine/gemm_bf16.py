@@ -52,6 +52,8 @@ import ctypes
 import functools
 import platform
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import llvmlite.binding
 import numba
@@ -146,16 +148,54 @@ class _BFloat(ir.types.Type):
 def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector_rows):
     """The IR of gemm.tile_product (or tile_product_transposed) for uint16 weights (N, K) and a
     pair panel (K/2, NR, 2); the tile (MR, NR) (or (NR, MR)) is float32. The vector paths sum
-    `vector_rows` rows at a time in registers (float32's MR: 12 with AVX-512, 6 with AVX2)."""
+    `vector_rows` rows at a time in registers (float32's MR: 12 with AVX-512, 6 with AVX2); the
+    AMX path takes the whole tiles and leaves the others to the vector path this CPU runs."""
+    lanes = vector_registers()[0] // 4
+    values = _pair_tile_values(context, builder, sig, args, mr, lanes)
+    vectors = nr // lanes                                  # per tile row
+    dot = path == "dot" or (path == "amx" and has_dot_product() and dot_product_pays(_cpu_name()))
+    product = _vector_product(builder, values, mr, lanes, vectors, transposed, dot, vector_rows)
+    if path != "amx":
+        for_pixels_in_use(builder, values.pixels, lanes, vectors, product)
+        return
+    # AMX: whole tiles only (16 rows, K a multiple of 32); the rest on the vector path
+    const, pairs, first, last = values.const, values.pairs, values.first, values.last
+    whole_rows = builder.icmp_signed("==", builder.add(builder.sub(last, first), const(1)), const(AMX_ROWS))
+    whole_pairs = builder.icmp_signed("==", builder.and_(pairs, const(AMX_PAIRS - 1)), const(0))
+    whole = builder.and_(whole_rows, builder.and_(whole_pairs, builder.icmp_signed(">", pairs, const(0))))
+    with builder.if_else(whole) as (tiles, vectors_path):
+        with tiles:
+            row_bytes = builder.extract_value(values.weight.strides, 0)
+            _amx_product(builder, values.weight_rows[0], row_bytes, values.panel.data, pairs, values.tile.data, nr,
+                         transposed, const)
+        with vectors_path:
+            for_pixels_in_use(builder, values.pixels, lanes, vectors, product)
+
+
+class _PairTileValues(NamedTuple):
+    """What every path of the pair tile reads, set up in IR before its loops."""
+
+    const: Callable  # a Python int -> an intp constant
+    weight: object   # the arrays' structs (shape, strides, data)
+    panel: object
+    tile: object
+    pairs: ir.Value  # K / 2
+    first: ir.Value  # the tile's first and last weight rows
+    last: ir.Value
+    weight_rows: list  # a pointer to each of the MR rows' 32-bit words (past the end: the last row)
+    next_rows: ir.Value  # the next tile's rows' first word, to prefetch
+    panel_vectors: ir.Value  # the panel as vectors of words, (K/2 * NR / VL,)
+    tile_vectors: ir.Value  # the tile as vectors of float32, (MR * NR / VL,)
+    pixels: ir.Value  # the pixels in use, intp
+
+
+def _pair_tile_values(context, builder, sig, args, mr, lanes):
+    # the intrinsic's arguments as _PairTileValues, for a tile of MR rows and vectors of `lanes`
     weight_value, first_value, rows_value, panel_value, tile_value, pixels_value = args
     weight_array = context.make_array(sig.args[0])(context, builder, weight_value)
     panel_array = context.make_array(sig.args[3])(context, builder, panel_value)
     tile_array = context.make_array(sig.args[4])(context, builder, tile_value)
-    vector_bytes, _ = vector_registers()
-    lanes = vector_bytes // 4
-    vectors = nr // lanes                                  # per tile row
-    word, single = ir.IntType(32), ir.FloatType()
-    words, floats = ir.VectorType(word, lanes), ir.VectorType(single, lanes)
+    word = ir.IntType(32)
     intp = context.get_value_type(numba.types.intp)
 
     def const(i):
@@ -166,15 +206,24 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
     first = context.cast(builder, first_value, sig.args[1], numba.types.intp)
     last = builder.sub(builder.add(first, context.cast(builder, rows_value, sig.args[2], numba.types.intp)), const(1))
     weight_words = builder.bitcast(weight_array.data, word.as_pointer())
-    weight_rows = []  # a pointer to each of the MR rows' words (past the end: the last row)
+    weight_rows = []
     for r in range(mr):
         row = builder.add(first, const(r))
         row = builder.select(builder.icmp_signed(">", row, last), last, row)
         weight_rows.append(builder.gep(weight_words, [builder.mul(row, row_words)]))
     next_rows = builder.gep(weight_words, [builder.mul(builder.add(first, const(mr)), row_words)])
-    panel_vectors = builder.bitcast(panel_array.data, words.as_pointer())             # (K/2 * NR / VL,)
-    tile_vectors = builder.bitcast(tile_array.data, floats.as_pointer())              # (MR * NR / VL,)
-    dot = path == "dot" or (path == "amx" and has_dot_product() and dot_product_pays(_cpu_name()))
+    panel_vectors = builder.bitcast(panel_array.data, ir.VectorType(word, lanes).as_pointer())
+    tile_vectors = builder.bitcast(tile_array.data, ir.VectorType(ir.FloatType(), lanes).as_pointer())
+    pixels = context.cast(builder, pixels_value, sig.args[5], numba.types.intp)
+    return _PairTileValues(const, weight_array, panel_array, tile_array, pairs, first, last, weight_rows, next_rows,
+                           panel_vectors, tile_vectors, pixels)
+
+
+def _vector_product(builder, values, mr, lanes, vectors, transposed, dot, vector_rows):
+    # product(used): emits the tile's sums over the pairs of its first `used` vectors of pixels,
+    # by vdpbf16ps (dot) or the widening path, and stores them
+    words, floats = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.FloatType(), lanes)
+    const, pairs, panel_vectors = values.const, values.pairs, values.panel_vectors
 
     def product(used):
         for block in range(0, mr, vector_rows):  # at most vector_rows rows' sums in registers at once
@@ -183,7 +232,7 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
     def prefetch_next(k2, rows):
         # a cache line (16 words) of each of the next tile's MR rows every 16 pairs
         with builder.if_then(builder.icmp_signed("==", builder.and_(k2, const(15)), const(0))):
-            block_part = builder.gep(next_rows, [builder.mul(k2, const(mr))])
+            block_part = builder.gep(values.next_rows, [builder.mul(k2, const(mr))])
             for i in rows:
                 prefetch(builder, builder.gep(block_part, [const(i * 16)]))
 
@@ -194,30 +243,18 @@ def pair_tile_llvm(context, builder, sig, args, mr, nr, transposed, path, vector
     def product_rows(used, rows):
         sums = {r: [cgutils.alloca_once_value(builder, ir.Constant(floats, [0.0] * lanes)) for _ in range(used)]
                 for r in rows}
+        weight_rows = [values.weight_rows[r] for r in rows]
         if not dot:
-            _widening_loop(builder, [weight_rows[r] for r in rows], pairs, lambda k2: panel_pairs(k2, used),
-                           [sums[r] for r in rows], words, floats, const, lambda k2: prefetch_next(k2, rows))
+            _widening_loop(builder, weight_rows, pairs, lambda k2: panel_pairs(k2, used), [sums[r] for r in rows],
+                           words, floats, const, lambda k2: prefetch_next(k2, rows))
         else:
             with cgutils.for_range(builder, pairs) as loop:
                 prefetch_next(loop.index, rows)
-                _dot_step(builder, [weight_rows[r] for r in rows], loop.index, panel_pairs(loop.index, used),
-                          [sums[r] for r in rows], words, floats)
-        _store_sums(builder, sums, tile_array.data, tile_vectors, mr, vectors, lanes, transposed, const)
+                _dot_step(builder, weight_rows, loop.index, panel_pairs(loop.index, used), [sums[r] for r in rows],
+                          words, floats)
+        _store_sums(builder, sums, values.tile.data, values.tile_vectors, mr, vectors, lanes, transposed, const)
 
-    pixel_count = context.cast(builder, pixels_value, sig.args[5], numba.types.intp)
-    if path != "amx":
-        for_pixels_in_use(builder, pixel_count, lanes, vectors, product)
-        return
-    # AMX: whole tiles only (16 rows, K a multiple of 32); the rest on the vector path
-    whole_rows = builder.icmp_signed("==", builder.add(builder.sub(last, first), const(1)), const(AMX_ROWS))
-    whole_pairs = builder.icmp_signed("==", builder.and_(pairs, const(AMX_PAIRS - 1)), const(0))
-    whole = builder.and_(whole_rows, builder.and_(whole_pairs, builder.icmp_signed(">", pairs, const(0))))
-    with builder.if_else(whole) as (tiles, vectors_path):
-        with tiles:
-            _amx_product(builder, weight_rows[0], builder.extract_value(weight_array.strides, 0), panel_array.data,
-                         pairs, tile_array.data, nr, transposed, const)
-        with vectors_path:
-            for_pixels_in_use(builder, pixel_count, lanes, vectors, product)
+    return product
 
 
 # ---- AMX: tdpbf16ps on tiles --------------------------------------------------------------------------

@@ -16,7 +16,9 @@ kernels need next. The weights are read as the model stores them, (C_in, C_out);
 take `weight.T`, a view with gemm.py's (out, in) rows, so nothing is copied.
 
 A bfloat16 model's linears (weights as bfloat16 bits, gemm_bf16.py) run on the same kernels
-with pair panels: `fc1_gelu_pairs_tile` writes fc2's pairs, `linear_gelu_pairs` and
+with pair panels: `pack_panel` and `fc1_gelu_tile` take either layout (`fc1_gelu_tile` writes
+fc2's pairs where its hidden panel is a pair panel), chosen by the panels' types when Numba
+compiles them, so that each layout keeps machine code of its own; `linear_gelu_pairs` and
 `pairs_linear` are the weight-stationary pair, and `linear_gelu_panels` takes bfloat16 weights
 too (its float32 output is GRN's input).
 
@@ -26,22 +28,40 @@ Twins: layers.linear, layers.linear_bfloat16, layers.gelu, layers.patchify_conv.
 from __future__ import annotations
 
 import numba
+import numba.extending
 import numpy as np
 
 from .. import layers
 from ..errors import InputError
-from .bfloat16 import pair_count, pair_rows, pair_word, to_pair_panels
+from .bfloat16 import pack_pairs, pair_count, pair_rows, pair_word, to_pair_panels
 from .checks import check_arguments, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for
 from .gemm import TILES, tile_product, tile_product_transposed, tile_shape, to_panels
 from .jit import INLINE_JIT, JIT, PARALLEL_JIT, rows_or_parallel
 
 
-_PACK_CHANNELS = 8  # channels pack_panel copies from a pixel at a time: 32 bytes of float32, 64 of float64
+_PACK_CHANNELS = 8  # channels _pack_floats copies from a pixel at a time: 32 bytes of float32, 64 of float64
+
+
+def pack_panel(x, first_pixel, panel):
+    """panel <- pixels first_pixel .. first_pixel + NR - 1 of x (M, K), zeros past x's last
+    pixel, in the panel's layout: (K, NR) transposed, or (ceil(K/2), NR, 2) bfloat16 pairs
+    (bfloat16.pack_pairs). Compiled, the choice is made once per type."""
+    if panel.ndim == 3:
+        pack_pairs(x, first_pixel, panel)
+    else:
+        _pack_floats(x, first_pixel, panel)
+
+
+@numba.extending.overload(pack_panel, inline="always")
+def _pack_panel_compiled(x, first_pixel, panel):
+    if panel.ndim == 3:
+        return lambda x, first_pixel, panel: pack_pairs(x, first_pixel, panel)
+    return lambda x, first_pixel, panel: _pack_floats(x, first_pixel, panel)
 
 
 @numba.njit(**JIT)
-def pack_panel(x, first_pixel, panel):
+def _pack_floats(x, first_pixel, panel):
     # panel: (K, NR) <- x[first_pixel : first_pixel + NR] transposed, zeros past x's last pixel;
     # x: (M, K)
     k = x.shape[1]
@@ -70,11 +90,32 @@ def _channel_blocks(n, mr, groups, group):
     return range(group * blocks // groups * mr, (group + 1) * blocks // groups * mr, mr)
 
 
-@numba.njit(**INLINE_JIT)
 def fc1_gelu_tile(panel, pixels, weight, bias, c0, tile, hidden_panel):
+    """hidden_panel's channels c0 .. c0 + MR - 1, its first `pixels` pixels = GELU(weight[c0 :
+    c0 + MR] @ panel + bias[c0 : c0 + MR]), in the hidden panel's layout: (D, NR) floats
+    (`_fc1_gelu_floats`), or (ceil(D/2), NR, 2) bfloat16 pairs, fc2's input in a bfloat16 model
+    (`_fc1_gelu_pairs`). Compiled, the choice is made once per type."""
+    if hidden_panel.ndim == 3:
+        _fc1_gelu_pairs(panel, pixels, weight, bias, c0, tile, hidden_panel)
+    else:
+        _fc1_gelu_floats(panel, pixels, weight, bias, c0, tile, hidden_panel)
+
+
+@numba.extending.overload(fc1_gelu_tile, inline="always")
+def _fc1_gelu_tile_compiled(panel, pixels, weight, bias, c0, tile, hidden_panel):
+    if hidden_panel.ndim == 3:
+        return (lambda panel, pixels, weight, bias, c0, tile, hidden_panel:
+                _fc1_gelu_pairs(panel, pixels, weight, bias, c0, tile, hidden_panel))
+    return (lambda panel, pixels, weight, bias, c0, tile, hidden_panel:
+            _fc1_gelu_floats(panel, pixels, weight, bias, c0, tile, hidden_panel))
+
+
+@numba.njit(**INLINE_JIT)
+def _fc1_gelu_floats(panel, pixels, weight, bias, c0, tile, hidden_panel):
     # hidden_panel[c0 : c0 + MR, :pixels] = GELU(weight[c0 : c0 + MR] @ panel + bias[c0 : c0 + MR]);
     # panel: (K, NR) pixels as columns, the first `pixels` of them in use; weight: (D, K);
-    # hidden_panel: (D, NR); tile: (MR, NR) scratch. GELU in float64, rounded once.
+    # hidden_panel: (D, NR); tile: (MR, NR) scratch. GELU in float64, rounded once. bfloat16
+    # weights (uint16): panel (K2, NR, 2) pairs, hidden_panel float32 (GRN's input)
     rows = min(tile.shape[0], weight.shape[0] - c0)
     tile_product(weight, c0, rows, panel, tile, pixels)
     for r in range(rows):
@@ -87,8 +128,8 @@ def fc1_gelu_tile(panel, pixels, weight, bias, c0, tile, hidden_panel):
 
 
 @numba.njit(**INLINE_JIT)
-def fc1_gelu_pairs_tile(panel, pixels, weight, bias, c0, tile, hidden_pairs):
-    # fc1_gelu_tile for a bfloat16 model: panel (K2, NR, 2) pairs, weight (D, K) uint16, and the
+def _fc1_gelu_pairs(panel, pixels, weight, bias, c0, tile, hidden_pairs):
+    # _fc1_gelu_floats for a bfloat16 model: panel (K2, NR, 2) pairs, weight (D, K) uint16, and the
     # GELU's float32 result rounded to bfloat16 into hidden_pairs (ceil(D/2), NR, 2), channel c
     # at [c // 2, :, c % 2]: fc2's pair panel, written once. c0 even (MR is). Two tile rows at a
     # time, one word a pixel, so that the loop vectorises.
@@ -149,9 +190,11 @@ def _panels_in_cache(panels: np.ndarray) -> int:
 
 @numba.njit(**JIT)
 def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, first, last):
-    # hidden (P, D, NR) = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels
-    # of `pixels` pixels; weight: (D, K); bias: (D,); the output channels of groups
-    # first..last-1 (of `groups` shares), `chunk` panels at a time
+    # hidden = GELU(x @ weight.T + bias) as pixel panels; x: (P, K, NR) pixel panels of `pixels`
+    # pixels; weight: (D, K); bias: (D,); hidden (P, D, NR). bfloat16: x (P, K2, NR, 2) pair
+    # panels, weight (D, K) uint16, hidden (P, D, NR) float32 or (P, ceil(D/2), NR, 2) pairs
+    # (fc1_gelu_tile). The output channels of groups first..last-1 (of `groups` shares), `chunk`
+    # panels at a time
     mr, nr = tile_shape(weight)
     tile = np.empty((mr, nr), dtype=bias.dtype)  # (MR, NR); bias: the dtype of the sums (bfloat16: float32)
     for group in range(first, last):
@@ -165,25 +208,6 @@ def _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, fir
 def _linear_gelu_panels(x, pixels, weight, bias, hidden, chunk, groups):
     for group in numba.prange(groups):
         _linear_gelu_panels_rows(x, pixels, weight, bias, hidden, chunk, groups, group, group + 1)
-
-
-@numba.njit(**JIT)
-def _linear_gelu_pairs_rows(x, pixels, weight, bias, hidden, chunk, groups, first, last):
-    # _linear_gelu_panels_rows for a bfloat16 model: x (P, K2, NR, 2) pair panels, weight (D, K)
-    # uint16, hidden (P, ceil(D/2), NR, 2) the GELU's output as bfloat16 pair panels
-    mr, nr = tile_shape(weight)
-    tile = np.empty((mr, nr), dtype=bias.dtype)  # (MR, NR) float32
-    for group in range(first, last):
-        for start in range(0, x.shape[0], chunk):
-            for c0 in _channel_blocks(weight.shape[0], mr, groups, group):
-                for p in range(start, min(start + chunk, x.shape[0])):
-                    fc1_gelu_pairs_tile(x[p], min(nr, pixels - p * nr), weight, bias, c0, tile, hidden[p])
-
-
-@numba.njit(**PARALLEL_JIT)
-def _linear_gelu_pairs(x, pixels, weight, bias, hidden, chunk, groups):
-    for group in numba.prange(groups):
-        _linear_gelu_pairs_rows(x, pixels, weight, bias, hidden, chunk, groups, group, group + 1)
 
 
 @numba.njit(**JIT)
@@ -279,7 +303,7 @@ def linear_gelu_pairs(x, weight, bias):
     # an odd D's missing channel is read (times a zero weight): zero, not whatever memory held
     hidden = (np.zeros if d % 2 else np.empty)((panels.shape[0], pair_count(d), nr, 2), np.uint16)
     groups = _channel_groups(-(-d // mr))
-    rows_or_parallel(_linear_gelu_pairs_rows, _linear_gelu_pairs,
+    rows_or_parallel(_linear_gelu_panels_rows, _linear_gelu_panels,
                       (panels, flat.shape[0], rows, bias, hidden, _panels_in_cache(panels), groups), groups,
                       blas_between=False)
     return hidden

@@ -5,7 +5,8 @@
                 scale + residual, so the hidden tensor never leaves the cache (linear.py's
                 tiles); with too few panels for the threads, linear.py's weight-stationary
                 linears one after the other. A bfloat16 model's (uint16 weights) the same
-                way on pair panels (`_mlp_pairs_rows`; bfloat16.py, gemm_bf16.py)
+                way, by the same kernels on pair panels, their layout chosen by the weights'
+                type when Numba compiles them (`_panel_scratch`; bfloat16.py, gemm_bf16.py)
     training    the linears are BLAS products (block.py); around them, bias + GELU keeping
                 the pre-activation (`bias_gelu_keep`), GELU recomputed in the backward with
                 its slope, so erf is evaluated once per element there (`gelu_and_slope_in_place`),
@@ -23,25 +24,27 @@ from __future__ import annotations
 import math
 
 import numba
+import numba.extending
 import numpy as np
 
 from ..errors import InputError
-from .bfloat16 import pack_pairs, pair_rows
+from .bfloat16 import pair_rows
 from .checks import check_arguments, check_in_place, kernel_weights, last_dimension, takes_array
 from .erf import SQRT_HALF, erf_for, exp_nonpositive
 from .gemm import TILES, tile_shape
-from .jit import CHUNK_PIXELS, JIT, PARALLEL_JIT, chunk_count, rows_or_parallel, sum_chunks
-from .linear import (fc1_gelu_pairs_tile, fc1_gelu_tile, fc2_residual_tile, linear_gelu_pairs, linear_gelu_panels,
-                     pack_panel, pairs_linear, panels_linear)
+from .jit import CHUNK_PIXELS, INLINE_JIT, JIT, PARALLEL_JIT, chunk_count, rows_or_parallel, sum_chunks
+from .linear import (fc1_gelu_tile, fc2_residual_tile, linear_gelu_pairs, linear_gelu_panels, pack_panel,
+                     pairs_linear, panels_linear)
 
 
 @numba.njit(**JIT)
 def _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last):
     # out (M, C) = shortcut + gamma * (GELU(y @ fc1.T + fc1_bias) @ fc2.T + fc2_bias), panel by
-    # panel: panels first..last-1. y, shortcut, out: (M, C); fc1: (4C, C); fc2: (C, 4C)
-    mr, nr = tile_shape(y)
-    panel = np.empty((y.shape[1], nr), dtype=y.dtype)           # (C, NR)
-    hidden = np.empty((fc1.shape[0], nr), dtype=y.dtype)        # (4C, NR)
+    # panel: panels first..last-1. y, shortcut, out: (M, C); fc1: (4C, C); fc2: (C, 4C).
+    # bfloat16: fc1, fc2 uint16 rows (C, 4C even: bfloat16.pair_rows), each panel rounded to
+    # bfloat16 pairs once, fc1 + GELU writing fc2's pair panel
+    mr, nr = tile_shape(fc1)
+    panel, hidden = _panel_scratch(y, fc1)                      # (C, NR), (4C, NR); bfloat16: pairs
     tile = np.empty((mr, nr), dtype=y.dtype)                    # (MR, NR)
     tile_t = np.empty((nr, mr), dtype=y.dtype)                  # (NR, MR)
     for p in range(first, last):
@@ -54,33 +57,41 @@ def _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last
 
 @numba.njit(**PARALLEL_JIT)
 def _mlp(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out):
-    nr = tile_shape(y)[1]
+    nr = tile_shape(fc1)[1]
     for p in numba.prange(-(-y.shape[0] // nr)):
         _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, p, p + 1)
 
 
-@numba.njit(**JIT)
-def _mlp_pairs_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last):
-    # _mlp_rows for a bfloat16 model: each panel rounded to bfloat16 pairs once, fc1 + GELU
-    # writing fc2's pair panel; fc1 (4C, C) and fc2 (C, 4C) uint16 rows (C, 4C even: bfloat16.pair_rows)
-    mr, nr = tile_shape(fc1)
+def _panel_scratch(y, fc1):
+    """The scratch of one panel of the MLP: the packed input and the hidden activations, (C, NR)
+    and (4C, NR) of y's dtype; for bfloat16 weights (fc1 uint16), pair panels (ceil(C/2), NR, 2)
+    and (ceil(4C/2), NR, 2) uint16. Compiled, the choice is made once per type."""
+    if fc1.dtype == np.uint16:
+        return _pair_scratch(y, fc1)
+    return _float_scratch(y, fc1)
+
+
+@numba.extending.overload(_panel_scratch, inline="always")
+def _panel_scratch_compiled(y, fc1):
+    if fc1.dtype == numba.types.uint16:
+        return lambda y, fc1: _pair_scratch(y, fc1)
+    return lambda y, fc1: _float_scratch(y, fc1)
+
+
+@numba.njit(**INLINE_JIT)
+def _float_scratch(y, fc1):
+    nr = tile_shape(y)[1]
+    panel = np.empty((y.shape[1], nr), dtype=y.dtype)            # (C, NR)
+    hidden = np.empty((fc1.shape[0], nr), dtype=y.dtype)         # (4C, NR)
+    return panel, hidden
+
+
+@numba.njit(**INLINE_JIT)
+def _pair_scratch(y, fc1):
+    nr = tile_shape(fc1)[1]
     panel = np.empty(((y.shape[1] + 1) // 2, nr, 2), dtype=np.uint16)     # (C/2, NR, 2)
     hidden = np.zeros(((fc1.shape[0] + 1) // 2, nr, 2), dtype=np.uint16)  # (2C, NR, 2); an odd 4C's pad: 0
-    tile = np.empty((mr, nr), dtype=y.dtype)                               # (MR, NR) float32
-    tile_t = np.empty((nr, mr), dtype=y.dtype)                             # (NR, MR)
-    for p in range(first, last):
-        pack_pairs(y, p * nr, panel)
-        for c0 in range(0, fc1.shape[0], mr):
-            fc1_gelu_pairs_tile(panel, min(nr, y.shape[0] - p * nr), fc1, fc1_bias, c0, tile, hidden)
-        for c0 in range(0, fc2.shape[0], mr):
-            fc2_residual_tile(hidden, fc2, fc2_bias, gamma, shortcut, out, p * nr, c0, tile_t)
-
-
-@numba.njit(**PARALLEL_JIT)
-def _mlp_pairs(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out):
-    nr = tile_shape(fc1)[1]
-    for p in numba.prange(-(-y.shape[0] // nr)):
-        _mlp_pairs_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, p, p + 1)
+    return panel, hidden
 
 
 # ---- training: GELU keeping its input, and the slope for the backward ---------------------------
@@ -258,11 +269,9 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     if bfloat16:
         fc1, fc2 = pair_rows(fc1_weight), pair_rows(fc2_weight)              # (4C, C), (C, 4C): the bits in place
         fc1_bias, fc2_bias, gamma = kernel_weights(np.float32, fc1_bias, fc2_bias, gamma)
-        rows_or_parallel(_mlp_pairs_rows, _mlp_pairs, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out),
-                          panels, blas_between=False)
-        return out.reshape(shortcut.shape)
-    fc1, fc1_bias, fc2, fc2_bias, gamma = kernel_weights(y.dtype, fc1_weight.T, fc1_bias, fc2_weight.T, fc2_bias,
-                                                          gamma)  # fc1 (4C, C), fc2 (C, 4C): views of the weights
+    else:
+        fc1, fc1_bias, fc2, fc2_bias, gamma = kernel_weights(y.dtype, fc1_weight.T, fc1_bias, fc2_weight.T, fc2_bias,
+                                                              gamma)  # fc1 (4C, C), fc2 (C, 4C): views of the weights
     rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,
                       blas_between=False)
     return out.reshape(shortcut.shape)
