@@ -40,30 +40,17 @@ from .gemm import TILES, tile_product, tile_product_transposed, tile_shape, to_p
 from .jit import INLINE_JIT, JIT, PARALLEL_JIT, rows_or_parallel
 
 
-_PACK_CHANNELS = 8  # channels _pack_floats copies from a pixel at a time: 32 bytes of float32, 64 of float64
-
-
-def pack_panel(x, first_pixel, panel):
-    """panel <- pixels first_pixel .. first_pixel + NR - 1 of x (M, K), zeros past x's last
-    pixel, in the panel's layout: (K, NR) transposed, or (ceil(K/2), NR, 2) bfloat16 pairs
-    (bfloat16.pack_pairs). Compiled, the choice is made once per type."""
-    if panel.ndim == 3:
-        pack_pairs(x, first_pixel, panel)
-    else:
-        _pack_floats(x, first_pixel, panel)
-
-
-@numba.extending.overload(pack_panel, inline="always")
-def _pack_panel_compiled(x, first_pixel, panel):
-    if panel.ndim == 3:
-        return lambda x, first_pixel, panel: pack_pairs(x, first_pixel, panel)
-    return lambda x, first_pixel, panel: _pack_floats(x, first_pixel, panel)
+_PACK_CHANNELS = 8  # channels pack_panel copies from a pixel at a time: 32 bytes of float32, 64 of float64
 
 
 @numba.njit(**JIT)
-def _pack_floats(x, first_pixel, panel):
-    # panel: (K, NR) <- x[first_pixel : first_pixel + NR] transposed, zeros past x's last pixel;
-    # x: (M, K)
+def pack_panel(x, first_pixel, panel):
+    # panel <- x[first_pixel : first_pixel + NR], zeros past x's last pixel; x: (M, K); panel
+    # (K, NR), pixels as columns, or (ceil(K/2), NR, 2) bfloat16 pairs (bfloat16.pack_pairs).
+    # Numba compiles one of the two: the ndim of an argument is a constant to it
+    if panel.ndim == 3:
+        pack_pairs(x, first_pixel, panel)
+        return
     k = x.shape[1]
     nr = panel.shape[1]
     count = min(nr, x.shape[0] - first_pixel)

@@ -44,7 +44,8 @@ def _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, first, last
     # bfloat16: fc1, fc2 uint16 rows (C, 4C even: bfloat16.pair_rows), each panel rounded to
     # bfloat16 pairs once, fc1 + GELU writing fc2's pair panel
     mr, nr = tile_shape(fc1)
-    panel, hidden = _panel_scratch(y, fc1)                      # (C, NR), (4C, NR); bfloat16: pairs
+    # (C, NR), (4C, NR); bfloat16: (C/2, NR, 2), (2C, NR, 2) pairs
+    panel, hidden = _panel_scratch(y.shape[1], fc1.shape[0], nr, y.dtype, fc1.dtype)
     tile = np.empty((mr, nr), dtype=y.dtype)                    # (MR, NR)
     tile_t = np.empty((nr, mr), dtype=y.dtype)                  # (NR, MR)
     for p in range(first, last):
@@ -62,35 +63,34 @@ def _mlp(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out):
         _mlp_rows(y, fc1, fc1_bias, fc2, fc2_bias, gamma, shortcut, out, p, p + 1)
 
 
-def _panel_scratch(y, fc1):
-    """The scratch of one panel of the MLP: the packed input and the hidden activations, (C, NR)
-    and (4C, NR) of y's dtype; for bfloat16 weights (fc1 uint16), pair panels (ceil(C/2), NR, 2)
-    and (ceil(4C/2), NR, 2) uint16. Compiled, the choice is made once per type."""
-    if fc1.dtype == np.uint16:
-        return _pair_scratch(y, fc1)
-    return _float_scratch(y, fc1)
+def _panel_scratch(channels, hidden_channels, nr, dtype, weight_dtype):
+    """The scratch of one panel of the MLP: the packed input and the hidden activations,
+    (channels, NR) and (hidden_channels, NR) of `dtype`; with bfloat16 weights (weight_dtype
+    uint16), pair panels (ceil(channels/2), NR, 2) and (ceil(hidden_channels/2), NR, 2) uint16.
+    Compiled, the choice is made once per type. Sizes and dtypes, not arrays: an array passed
+    to an inlined function is reference-counted again, in the kernel's machine code."""
+    if weight_dtype == np.uint16:
+        return _pair_scratch(channels, hidden_channels, nr)
+    return _float_scratch(channels, hidden_channels, nr, dtype)
 
 
 @numba.extending.overload(_panel_scratch, inline="always")
-def _panel_scratch_compiled(y, fc1):
-    if fc1.dtype == numba.types.uint16:
-        return lambda y, fc1: _pair_scratch(y, fc1)
-    return lambda y, fc1: _float_scratch(y, fc1)
+def _panel_scratch_compiled(channels, hidden_channels, nr, dtype, weight_dtype):
+    if weight_dtype.dtype == numba.types.uint16:
+        return lambda channels, hidden_channels, nr, dtype, weight_dtype: _pair_scratch(channels, hidden_channels, nr)
+    return (lambda channels, hidden_channels, nr, dtype, weight_dtype:
+            _float_scratch(channels, hidden_channels, nr, dtype))
 
 
 @numba.njit(**INLINE_JIT)
-def _float_scratch(y, fc1):
-    nr = tile_shape(y)[1]
-    panel = np.empty((y.shape[1], nr), dtype=y.dtype)            # (C, NR)
-    hidden = np.empty((fc1.shape[0], nr), dtype=y.dtype)         # (4C, NR)
-    return panel, hidden
+def _float_scratch(channels, hidden_channels, nr, dtype):
+    return np.empty((channels, nr), dtype=dtype), np.empty((hidden_channels, nr), dtype=dtype)
 
 
 @numba.njit(**INLINE_JIT)
-def _pair_scratch(y, fc1):
-    nr = tile_shape(fc1)[1]
-    panel = np.empty(((y.shape[1] + 1) // 2, nr, 2), dtype=np.uint16)     # (C/2, NR, 2)
-    hidden = np.zeros(((fc1.shape[0] + 1) // 2, nr, 2), dtype=np.uint16)  # (2C, NR, 2); an odd 4C's pad: 0
+def _pair_scratch(channels, hidden_channels, nr):
+    panel = np.empty(((channels + 1) // 2, nr, 2), dtype=np.uint16)
+    hidden = np.zeros(((hidden_channels + 1) // 2, nr, 2), dtype=np.uint16)  # an odd count's pad is read: 0
     return panel, hidden
 
 

@@ -124,9 +124,10 @@ def fresh(arguments):
 
 
 # the engine's modules with public wrappers, and their public functions that are not wrappers:
-# depthwise.py's row kernel (its compiled form checks the shapes itself) and the padding it reads
+# depthwise.py's row kernel (its compiled form checks the shapes itself) and the padding it reads,
+# and linear.py's fc1 + GELU tile, a step of the kernels there and in mlp.py
 LAYER_MODULES = (adamw, block, depthwise, grn, layernorm, linear, mlp)
-NOT_WRAPPERS = {depthwise.depthwise_row, depthwise.pad_rows}
+NOT_WRAPPERS = {depthwise.depthwise_row, depthwise.pad_rows, linear.fc1_gelu_tile}
 # the wrappers whose arguments another wrapper's checks name
 CHECKED_AS = {block.convnext_block: "mlp_residual", grn.global_response_norm_in_place: "global_response_norm"}
 
