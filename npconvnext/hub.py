@@ -64,12 +64,12 @@ def pretrained_entry(name: str) -> dict:
     if "." not in name:
         tags = list_pretrained(name)
         if not tags:
-            raise ValueError(f"no published weights for {name!r}")
+            raise CheckpointError(f"no published weights for {name!r}")
         name = tags[0] if f"{name}.fb_in1k" not in registry() else f"{name}.fb_in1k"
     if name not in registry():
         arch = name.split(".", 1)[0]
         known = ", ".join(list_pretrained(arch)) or "none"
-        raise ValueError(f"unknown pretrained weights {name!r}; published for {arch}: {known}")
+        raise CheckpointError(f"unknown pretrained weights {name!r}; published for {arch}: {known}")
     return dict(registry()[name], name=name)
 
 

@@ -191,3 +191,11 @@ def test_unresolvable_hub_still_finds_the_cache(tmp_path, atto, unresolvable_hub
     cache = prepopulated_cache(tmp_path, atto[1])
     path = download_weights("convnext_atto.d2_in1k", cache_dir=str(cache))
     assert path == str(cache / "models--timm--convnext_atto.d2_in1k" / "snapshots" / COMMIT / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["convnext_atto_rms", "convnext_tiny.no_such_tag"])
+def test_weights_that_are_not_published_are_a_checkpoint_error(name):
+    # convnext_atto_rms: an architecture timm has no weights for; then an unknown tag
+    assert not npconvnext.list_pretrained("convnext_atto_rms")
+    with pytest.raises(CheckpointError, match="published"):
+        npconvnext.data_config(name)

@@ -22,7 +22,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..config import get_config
 from ..convention import TIMM
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError
 from ..factory import create_model
 from ..formats import read_safetensors_with_metadata
 from ..formats.safetensors_writer import safetensors_chunks
@@ -72,7 +72,7 @@ def _data_config(model_name: str, img_size: int) -> DataConfig:
     """The evaluation transform at img_size: the architecture's own weights' mean and std."""
     try:
         base = data_config(model_name)
-    except ValueError:  # no published weights for this architecture: timm's defaults
+    except CheckpointError:  # no published weights for this architecture: timm's defaults
         base = DataConfig()
     return replace(base, input_size=(img_size, img_size))
 
