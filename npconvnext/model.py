@@ -78,10 +78,10 @@ def _stored_all(state: Mapping[str, np.ndarray], dtype: np.dtype | BFloat16) -> 
 
 
 def _stored(name: str, array: np.ndarray, dtype: np.dtype | BFloat16, owned: bool = False) -> np.ndarray:
-    """A weight as the model keeps it: in compute layout and dtype, owned by the model unless
-    it is a read-only array (memory-mapped from a safetensors file) or `owned` (handed over:
-    HandedOver), which is used in place, read-only. In bfloat16, the blocks' fc1 and fc2 as
-    bfloat16 bits (`_stored_bfloat16`), the rest float32."""
+    """A weight as the model keeps it: in compute layout and dtype, owned by the model. A
+    read-only array (memory-mapped from a safetensors file) is used in place, and so is an
+    `owned` one (handed over: HandedOver), the model's already. In bfloat16, the blocks' fc1 and
+    fc2 as bfloat16 bits (`_stored_bfloat16`), the rest float32."""
     if isinstance(dtype, BFloat16) and _block_linear(name):
         return _stored_bfloat16(name, array, owned)
     return _stored_float(name, array, np.dtype(dtype), owned)
@@ -99,9 +99,7 @@ def _stored_float(name: str, array: np.ndarray, dtype: np.dtype, owned: bool) ->
     # (engine/gemm.py), so a mapped file is not duplicated. The patchify kernels too.
     if (compute.flags.writeable and not owned) or compute.dtype != dtype or not compute.flags.f_contiguous:
         return np.array(compute, dtype=dtype, order="F")  # the caller's later edits must not reach us
-    kept = compute.view()
-    kept.flags.writeable = False  # as a mapped file's: training copies it first (weights.owned)
-    return kept
+    return compute  # handed over (the model's own) or mapped read-only: used in place
 
 
 def _block_linear(name: str) -> bool:

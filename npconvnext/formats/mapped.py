@@ -16,7 +16,11 @@ import mmap
 from collections.abc import Iterable
 
 import numpy as np
-from numpy.lib.array_utils import byte_bounds
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # NumPy 1.x
+    from numpy import byte_bounds
 
 _DONT_NEED = getattr(mmap, "MADV_DONTNEED", None) if hasattr(mmap.mmap, "madvise") else None
 
@@ -50,7 +54,10 @@ def release_pages(array: np.ndarray) -> None:
     low, high = byte_bounds(array)
     origin = np.frombuffer(mapping, np.uint8, count=1).ctypes.data
     start = (low - origin) // mmap.PAGESIZE * mmap.PAGESIZE   # madvise takes whole pages
-    mapping.madvise(_DONT_NEED, start, high - origin - start)
+    try:
+        mapping.madvise(_DONT_NEED, start, high - origin - start)
+    except OSError:  # locked pages (mlockall), an OS that refuses: they stay, as before the call
+        pass
 
 
 def release_all(arrays: Iterable[np.ndarray]) -> None:

@@ -8,7 +8,6 @@ twin, bit for bit; the widening path on every CPU, the dot-product path where th
 
 import fractions
 import json
-import mmap
 import warnings
 
 import numba
@@ -21,6 +20,7 @@ from npconvnext.engine import bfloat16, block, gemm, mlp
 from npconvnext.engine.gemm_bf16 import (AMX_PAIRS, AMX_ROWS, dot_product_pays, has_amx, has_dot_product, pair_path,
                                          pair_product)
 from npconvnext.errors import InputError
+from npconvnext.formats.mapped import mapping_of
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
 from tests.engine.conftest import BFLOAT16_LOOPS
@@ -386,13 +386,6 @@ def test_training_a_bfloat16_model_is_refused(atto):
         loss_and_grads(model, x[:1], np.array([0]))
 
 
-def _mapped(array) -> bool:
-    base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
-
-
 def test_a_bfloat16_file_is_used_in_place(atto, tmp_path):
     state, x, _ = atto
     path = tmp_path / "atto_bf16.safetensors"
@@ -400,9 +393,9 @@ def test_a_bfloat16_file_is_used_in_place(atto, tmp_path):
     model = npconvnext.create_model("convnext_atto", weights=path, dtype="bfloat16")
     name = "stages.1.blocks.0.mlp.fc1.weight"
     stored = model.params[name]
-    assert stored.dtype == np.uint16 and _mapped(stored) and not stored.flags.writeable
+    assert stored.dtype == np.uint16 and mapping_of(stored) is not None and not stored.flags.writeable
     np.testing.assert_array_equal(stored.T.reshape(state[name].shape), layers.to_bfloat16(state[name]))
-    assert _mapped(bfloat16.pair_rows(stored))  # the tile reads the file's bits
+    assert mapping_of(bfloat16.pair_rows(stored)) is not None  # the tile reads the file's bits
     # the same weights from floats give the same model, weight for weight, in either dtype
     widened = {k: layers.from_bfloat16(layers.to_bfloat16(v)) for k, v in state.items()}
     for dtype in ("bfloat16", "float32"):

@@ -52,7 +52,7 @@ def test_a_float32_file_leaves_only_the_weights_used_in_place_mapped(atto_state,
 
 
 @pytest.mark.parametrize("mode", ["r+", "c"], ids=["writable", "copy-on-write"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_a_callers_memmapped_weight_and_dict_are_left_as_they_were(atto_state, tmp_path, mode, dtype):
     path = tmp_path / "fc1.bin"
     atto_state[FC1].tofile(path)
@@ -65,6 +65,7 @@ def test_a_callers_memmapped_weight_and_dict_are_left_as_they_were(atto_state, t
     assert weights.keys() == atto_state.keys() and weights[FC1] is memmap
     expected = layers.from_bfloat16(layers.to_bfloat16(edited)) if dtype == "bfloat16" else edited
     np.testing.assert_array_equal(model.state_dict()[FC1], expected)
+    assert not np.shares_memory(model.params[FC1], memmap)  # the caller's later edits never reach it
 
 
 def _write_bfloat16(path, state, container):
@@ -100,6 +101,34 @@ def test_bfloat16_tensors_are_bits_only_for_whoever_asks(atto_state, tmp_path, c
         for name in bits:
             assert model.params[name].dtype == again.params[name].dtype, name
             np.testing.assert_array_equal(model.params[name], again.params[name], err_msg=name)
+
+
+@pytest.mark.parametrize("container", ["safetensors", "pth"])
+@pytest.mark.parametrize("bits, refused", [(0x7FC0, True), (0x7F80, True), (0xFF80, True), (0x7F7F, False)],
+                         ids=["NaN", "Inf", "-Inf", "largest finite"])
+def test_a_bfloat16_file_with_nan_or_inf_is_refused(atto_state, tmp_path, container, bits, refused):
+    # the check reads the bits: an all-ones exponent is Inf or NaN, the largest finite value is not
+    value = layers.from_bfloat16(np.array([bits], np.uint16))
+    state = dict(atto_state, **{"head.fc.bias": np.concatenate([value, atto_state["head.fc.bias"][1:]])})
+    path = tmp_path / f"atto_bf16.{container}"
+    _write_bfloat16(path, state, container)
+    if refused:
+        with pytest.raises(npconvnext.CheckpointError, match=f"{path}: 1 tensors hold NaN or Inf: head.fc.bias"):
+            npconvnext.create_model("convnext_atto", weights=path, dtype="bfloat16")
+    else:
+        model = npconvnext.create_model("convnext_atto", weights=path, dtype="bfloat16")
+        assert model.params["head.fc.bias"][0] == value[0]
+
+
+def test_rounding_a_block_of_rows_at_a_time_rounds_as_a_whole(atto_state, tmp_path, monkeypatch):
+    # a block that divides neither the rows nor the elements: 1000 // 320 = 3 rows of fc1 (1280, 320)
+    monkeypatch.setattr(npconvnext.model, "_ROUNDED_AT_ONCE", 1000)
+    path = tmp_path / "atto.safetensors"
+    save_file(atto_state, str(path))
+    model = npconvnext.create_model("convnext_atto", weights=path, dtype="bfloat16")
+    for name in _linears(atto_state):
+        np.testing.assert_array_equal(model.params[name].T.reshape(atto_state[name].shape),
+                                      layers.to_bfloat16(atto_state[name]), err_msg=name)
 
 
 # ---- peaks, in fresh processes --------------------------------------------------------------------
