@@ -64,17 +64,30 @@ def _stored_all(state: Mapping[str, np.ndarray], dtype: np.dtype | BFloat16) -> 
     """Every weight as the model keeps it (`_stored`), a HandedOver dict emptied as it goes.
     A weight copied from a mapped file gives its pages back once stored (formats/mapped.py),
     and all of them once more at the end: reading a weight maps a window of its neighbours'
-    pages too (the OS's fault-around), so that only the weights used in place stay mapped."""
+    pages too (the OS's fault-around), so that only the weights used in place stay mapped.
+    Handed-over memory is kept in place once: a file may give one array for two weights (a
+    shared constant), which training would otherwise update twice, in place."""
     handed = isinstance(state, HandedOver)
-    params, copied = {}, []
+    params, copied, kept = {}, [], set()
     for name in list(state):
         array = state.pop(name) if handed else state[name]
         params[name] = _stored(name, array, dtype, owned=handed)
+        if params[name].flags.writeable and np.may_share_memory(params[name], array):
+            if id(_memory_of(array)) in kept:
+                params[name] = params[name].copy(order="K")
+            kept.add(id(_memory_of(array)))  # alive while params holds a view of it
         if mapping_of(array) is not None and not np.may_share_memory(params[name], array):
             release_pages(array)
             copied.append(array)  # a view of the file: holding it holds no memory
     release_all(copied)
     return params
+
+
+def _memory_of(array: np.ndarray) -> object:
+    """The object that owns an array's memory: the last of its chain of bases (itself if none)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array if array.base is None else array.base
 
 
 def _stored(name: str, array: np.ndarray, dtype: np.dtype | BFloat16, owned: bool = False) -> np.ndarray:

@@ -16,6 +16,7 @@ import npconvnext
 from npconvnext import layers
 from npconvnext.formats import read_checkpoint, read_safetensors, read_weight_file
 from npconvnext.formats.mapped import mapping_of
+from npconvnext.model import ConvNeXt, HandedOver
 from npconvnext.params import random_state_dict
 from tests.support import STARTING_ENVIRON
 from tests.support.memory import LINUX_PROC, resident_kb
@@ -66,6 +67,16 @@ def test_a_callers_memmapped_weight_and_dict_are_left_as_they_were(atto_state, t
     expected = layers.from_bfloat16(layers.to_bfloat16(edited)) if dtype == "bfloat16" else edited
     np.testing.assert_array_equal(model.state_dict()[FC1], expected)
     assert not np.shares_memory(model.params[FC1], memmap)  # the caller's later edits never reach it
+
+
+def test_one_array_handed_over_for_two_weights_is_kept_twice(atto_state):
+    # as a file may give it (one constant for two layers): training updates weights in place
+    first, second = "stages.3.blocks.0.mlp.fc1.weight", "stages.3.blocks.1.mlp.fc1.weight"
+    shared = {name: array.copy() for name, array in atto_state.items()}
+    shared[second] = shared[first]
+    model = ConvNeXt(npconvnext.get_config("convnext_atto"), HandedOver(shared))
+    assert model.params[first].flags.writeable and not np.shares_memory(model.params[first], model.params[second])
+    np.testing.assert_array_equal(model.params[first], model.params[second])
 
 
 def _write_bfloat16(path, state, container):
