@@ -17,7 +17,7 @@ from . import engine, layers, network
 from .config import ConvNeXtConfig
 from .convention import TIMM, Convention, describe_input, to_network_input, to_outputs, with_convention
 from .errors import InputError
-from .formats.mapped import mapping_of, release_all, release_pages
+from .formats.mapped import mapping_of, memory_owner, release_all, release_pages
 from .params import (check_state_dict, expected_shapes, init_state_dict, layout_kind, param_of, timm_name,
                      to_compute_layout, to_timm_layout)
 from .preprocessing import DataConfig
@@ -73,21 +73,15 @@ def _stored_all(state: Mapping[str, np.ndarray], dtype: np.dtype | BFloat16) -> 
         array = state.pop(name) if handed else state[name]
         params[name] = _stored(name, array, dtype, owned=handed)
         if params[name].flags.writeable and np.may_share_memory(params[name], array):
-            if id(_memory_of(array)) in kept:
+            owner = id(memory_owner(array))  # alive while params holds a view of it
+            if owner in kept:
                 params[name] = params[name].copy(order="K")
-            kept.add(id(_memory_of(array)))  # alive while params holds a view of it
+            kept.add(owner)
         if mapping_of(array) is not None and not np.may_share_memory(params[name], array):
             release_pages(array)
             copied.append(array)  # a view of the file: holding it holds no memory
     release_all(copied)
     return params
-
-
-def _memory_of(array: np.ndarray) -> object:
-    """The object that owns an array's memory: the last of its chain of bases (itself if none)."""
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array if array.base is None else array.base
 
 
 def _stored(name: str, array: np.ndarray, dtype: np.dtype | BFloat16, owned: bool = False) -> np.ndarray:

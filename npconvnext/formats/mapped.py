@@ -33,15 +33,20 @@ class WeightMapping(mmap.mmap):
         return super().__new__(cls, fileno, 0, access=mmap.ACCESS_READ)
 
 
+def memory_owner(array: np.ndarray) -> object:
+    """The object that owns an array's memory, through its chain of bases and a memoryview:
+    the array itself, a buffer (bytes, an mmap), or the last array of the chain."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    owner = array if array.base is None else array.base
+    return owner.obj if isinstance(owner, memoryview) else owner
+
+
 def mapping_of(array: np.ndarray) -> WeightMapping | None:
-    """The WeightMapping `array` is a view of, through its chain of bases; None for any other
-    memory (the heap, a caller's np.memmap)."""
-    base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return base if isinstance(base, WeightMapping) else None
+    """The WeightMapping `array` is a view of; None for any other memory (the heap, a caller's
+    np.memmap)."""
+    owner = memory_owner(array)
+    return owner if isinstance(owner, WeightMapping) else None
 
 
 def release_pages(array: np.ndarray) -> None:
