@@ -29,15 +29,30 @@ def top5(logits):
     return np.argsort(-logits, axis=-1)[:, :5]
 
 
-def check_parity(timm_model, state, shape, assert_matches, backends=BACKENDS, name=""):
-    """All three outputs, both dtypes, every backend; returns the logits errors for the record."""
-    errors = {}
+def timm_references(name, seed, shape, trace=False):
+    """timm's outputs (run_timm) on random images of `shape` in both dtypes, float32 first, and
+    its state dict and parameter count. timm's model is dropped before npconvnext's are built:
+    the widest variants hold a float64 copy of every weight on each side otherwise."""
+    timm_model = random_timm_model(name, seed=seed)
+    state = numpy_state_dict(timm_model)  # float32: keeps timm's float32 weights alive, nothing more
+    num_params = sum(p.numel() for p in timm_model.parameters())
+    references = {}
     for dtype in DTYPES:
         x = random_images(shape, dtype)
-        ref = run_timm(timm_model, x)
+        references[dtype] = (x, run_timm(timm_model, x, record_modules=trace))
+    del timm_model
+    gc.collect()
+    return references, state, num_params
+
+
+def check_parity(name, seed, shape, assert_matches, backends=BACKENDS, trace=False):
+    """All three outputs, both dtypes, every backend, and with `trace` every intermediate
+    activation; returns the logits errors for the record."""
+    references, state, num_params = timm_references(name, seed, shape, trace)
+    errors = {}
+    for dtype, (x, ref) in references.items():
         model = npconvnext.create_model(name, weights=state, dtype=np.dtype(dtype).name)
-        if dtype == np.float32:
-            assert model.num_params() == sum(p.numel() for p in timm_model.parameters())
+        assert model.num_params() == num_params
         for backend in backends:
             model.backend = backend
             features = model.forward_features(x)
@@ -49,47 +64,25 @@ def check_parity(timm_model, state, shape, assert_matches, backends=BACKENDS, na
             errors[what] = (relative, float(np.abs(logits.astype(np.float64) - ref["logits"]).max()))
             if dtype == np.float32:
                 np.testing.assert_array_equal(top5(logits), top5(ref["logits"]), err_msg=what)
+        if trace:
+            check_trace(model, x, ref["modules"], assert_matches, f"{name} {np.dtype(dtype).name}")
         del model, ref
         gc.collect()
     return errors
 
 
-def _input_side(name):
-    # the widest variants at the smallest input timm accepts, to keep the suite fast
-    return 32 if npconvnext.get_config(name).dims[0] >= 192 else 64
-
-
-def timm_activations(timm_model, x: np.ndarray, names) -> dict[str, np.ndarray]:
-    """The outputs of timm's modules named `names`, by forward hooks, for input x (NCHW)."""
-    out, hooks = {}, []
-    for name, module in timm_model.named_modules():
-        if name in names:
-            hooks.append(module.register_forward_hook(
-                lambda m, args, result, name=name: out.__setitem__(name, result.detach().numpy().copy())))
-    with torch.no_grad():
-        timm_model(torch.from_numpy(x))
-    for h in hooks:
-        h.remove()
-    return out
-
-
-def check_trace(timm_model, state, shape, assert_matches, name):
-    """Every activation model.trace records that timm has a module for, both dtypes."""
-    for dtype in DTYPES:
-        x = random_images(shape, dtype)
-        model = npconvnext.create_model(name, weights=state, dtype=np.dtype(dtype).name)
-        trace = model.trace(x)
-        names = [n for n in trace if n != "input" and not n.endswith(".layer_scale")]
-        timm_model.to(torch.float64 if dtype == np.float64 else torch.float32)
-        expected = timm_activations(timm_model, x, set(names))
-        assert sorted(expected) == sorted(names), f"{name}: timm has no module {set(names) - set(expected)}"
-        for n in names:
-            ours, ref = trace[n], expected[n]
-            if ours.ndim != ref.ndim:  # pooled: (N, C, 1, 1) here where timm's pool flattens
-                assert ours.size == ref.size, f"{name} {n}: shape {ours.shape}, timm's {ref.shape}"
-                ours = ours.reshape(ref.shape)
-            assert ours.shape == ref.shape, f"{name} {n}: shape {ours.shape}, timm's {ref.shape}"
-            assert_matches(ours, ref, f"{name} {np.dtype(dtype).name} trace {n}")
+def check_trace(model, x, timm_modules, assert_matches, what):
+    """Every activation model.trace records against the output of timm's module of that name."""
+    trace = model.trace(x)
+    names = [n for n in trace if n != "input" and not n.endswith(".layer_scale")]
+    assert not set(names) - set(timm_modules), f"{what}: timm has no module {set(names) - set(timm_modules)}"
+    for n in names:
+        ours, ref = trace[n], timm_modules[n]
+        if ours.ndim != ref.ndim:  # pooled: (N, C, 1, 1) here where timm's pool flattens
+            assert ours.size == ref.size, f"{what} {n}: shape {ours.shape}, timm's {ref.shape}"
+            ours = ours.reshape(ref.shape)
+        assert ours.shape == ref.shape, f"{what} {n}: shape {ours.shape}, timm's {ref.shape}"
+        assert_matches(ours, ref, f"{what} trace {n}")
 
 
 def test_npconvnext_builds_every_timm_architecture():
@@ -97,25 +90,26 @@ def test_npconvnext_builds_every_timm_architecture():
     assert set(NOT_BUILT) <= set(TIMM_ARCHITECTURES), "NOT_BUILT names an architecture timm no longer has"
 
 
+def _input_side(name):
+    # the widest variants at the smallest input timm accepts, to keep the suite fast
+    return 32 if npconvnext.get_config(name).dims[0] >= 192 else 64
+
+
 @pytest.mark.parametrize("name", TIMM_ARCHITECTURES)
 def test_every_variant_matches_timm(name, assert_matches):
     if name in NOT_BUILT:
         pytest.skip(f"not built yet: {NOT_BUILT[name]}")
-    timm_model = random_timm_model(name, seed=1)
-    state = numpy_state_dict(timm_model)
     side = _input_side(name)
-    errors = check_parity(timm_model, state, (2, 3, side, side), assert_matches, name=name)
+    errors = check_parity(name, 1, (2, 3, side, side), assert_matches, trace=True)
     for what, (relative, absolute) in errors.items():
         print(f"PARITY {what}: relative {relative:.3e}, abs {absolute:.3e}")
-    check_trace(timm_model, state, (1, 3, side, side), assert_matches, name)
 
 
 def test_convnext_tiny_headline(assert_matches):
     """The headline model at its native resolution, batch 1, both dtypes."""
-    timm_model = random_timm_model("convnext_tiny", seed=2)
-    state = numpy_state_dict(timm_model)
-    assert npconvnext.create_model("convnext_tiny", weights=state).num_params() == 28_589_128
-    errors = check_parity(timm_model, state, (1, 3, 224, 224), assert_matches, name="convnext_tiny")
+    with torch.device("meta"):  # check_parity holds npconvnext's count to timm's
+        assert sum(p.numel() for p in timm.create_model("convnext_tiny").parameters()) == 28_589_128
+    errors = check_parity("convnext_tiny", 2, (1, 3, 224, 224), assert_matches)
     for what, (relative, absolute) in errors.items():
         print(f"PARITY {what}: relative {relative:.3e}, abs {absolute:.3e}")
 
@@ -125,8 +119,7 @@ def test_convnext_tiny_headline(assert_matches):
                          ids=["b1-97x161", "b3-64x250", "b2-33x47"])
 def test_odd_sizes_and_batches(name, shape, assert_matches):
     """Non-square inputs, sides that are not multiples of 32 (timm's convs drop the remainder)."""
-    timm_model = random_timm_model(name, seed=3)
-    check_parity(timm_model, numpy_state_dict(timm_model), shape, assert_matches, name=name)
+    check_parity(name, 3, shape, assert_matches)
 
 
 def test_batch_items_are_independent():

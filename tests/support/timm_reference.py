@@ -61,16 +61,28 @@ def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def run_timm(model: torch.nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Logits, forward_features and pre-logits of a timm model, in the dtype of x."""
+def run_timm(model: torch.nn.Module, x: np.ndarray, record_modules: bool = False) -> dict[str, np.ndarray]:
+    """Logits, forward_features and pre-logits of a timm model, in the dtype of x; with
+    `record_modules`, also "modules": every named module's output, by forward hooks."""
     model = model.to(torch.float64 if x.dtype == np.float64 else torch.float32)
-    with torch.no_grad():
-        features = model.forward_features(torch.from_numpy(x))
-        return {
-            "features": features.numpy(),
-            "pre_logits": model.forward_head(features, pre_logits=True).numpy(),
-            "logits": model.forward_head(features).numpy(),
-        }
+    modules, hooks = {}, []
+    if record_modules:
+        for name, module in model.named_modules():
+            if name:
+                hooks.append(module.register_forward_hook(
+                    lambda m, args, result, name=name: modules.__setitem__(name, result.detach().numpy().copy())))
+    try:
+        with torch.no_grad():
+            features = model.forward_features(torch.from_numpy(x))
+            out = {
+                "features": features.numpy(),
+                "pre_logits": model.forward_head(features, pre_logits=True).numpy(),
+                "logits": model.forward_head(features).numpy(),
+            }
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dict(out, modules=modules) if record_modules else out
 
 
 def random_images(shape, dtype=np.float32, seed: int = 0) -> np.ndarray:
