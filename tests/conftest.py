@@ -87,6 +87,22 @@ def _the_command_leaves_no_trace():
     logger.handlers[:] = handlers
 
 
+# ---- workers (pyproject: -n auto --dist loadscope) ------------------------------------------------
+# A worker per core, as many as the memory holds: the widest parity tests (one module, so one
+# worker, one at a time) take about 12 GB, any other test a few. Each module runs whole in one
+# worker, so that its module-scoped fixtures (the SavedModels TensorFlow writes, say) are made once.
+WIDEST_GIB, OTHER_GIB = 12, 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
+    workers = min(cores, 1 + int((memory_gib - WIDEST_GIB) // OTHER_GIB))
+    return workers if workers > 1 else 0  # 0: the tests run in this process, as without xdist
+
+
 # ---- the `heavy` mark -----------------------------------------------------------------------------
 # Tests that need what only the `test` extra installs (TensorFlow, Keras, OpenVINO, ONNX, Dask,
 # scikit-learn) or take minutes are marked `heavy`: `python -m pytest -m "not heavy"` is the core
@@ -103,7 +119,7 @@ HEAVY_PATHS = {
     **{f"tests/tools/test_explain.py::{name}": (("matplotlib",), "draws figures with matplotlib (the test extra)")
        for name in ("test_explain_command_size_and_target", "test_erf_and_parity_commands",
                     "test_real_weights_get_no_warning", "test_figures_of_a_drift")},
-    # timm's model and ours, float32 and float64, of 0.66-0.85 billion parameters: about 18 GB at once
+    # timm's model and ours, float32 and float64, of 0.66-0.85 billion parameters: about 12 GB at once
     "tests/test_parity.py::test_every_variant_matches_timm[convnext_xxlarge]": ((), "needs about 18 GB of memory"),
     "tests/test_parity.py::test_every_variant_matches_timm[convnextv2_huge]": ((), "needs about 18 GB of memory"),
     # the wider variants differ from tiny only in widths and depths (every row of the table is
