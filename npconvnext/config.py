@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class ConvNeXtConfig:
@@ -128,6 +130,6 @@ def get_config(name: str, **overrides) -> ConvNeXtConfig:
     arch = name.split(".", 1)[0]  # "convnext_tiny.fb_in1k" names the architecture convnext_tiny
     if arch not in VARIANTS:
         known = ", ".join(VARIANTS)
-        raise ValueError(f"unknown ConvNeXt architecture {name!r}; known: {known}")
+        raise InputError(f"unknown ConvNeXt architecture {name!r}; known: {known}")
     config = VARIANTS[arch]
     return replace(config, **overrides) if overrides else config

@@ -18,7 +18,8 @@ class ImageError(NpConvNeXtError):
 
 
 class InputError(NpConvNeXtError):
-    """An array given to a model that does not fit it (shape, dtype, size)."""
+    """An argument that does not fit: an array given to a model (shape, dtype, size), an unknown
+    architecture, a thread count, a preprocessing setting."""
 
 
 class TrainingError(NpConvNeXtError):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ImageError
+from .errors import ImageError, InputError
 
 # Pillow is imported where images are handled, not at module level: `import npconvnext` for
 # inference on arrays does not pay for it.
@@ -76,7 +76,7 @@ def from_timm_cfg(cfg: dict) -> DataConfig:
     if "input_size" in values:
         channels, *size = values["input_size"]
         if channels != 3 or len(size) != 2:
-            raise ValueError(f"input_size {values['input_size']} is not [3, H, W]")
+            raise InputError(f"input_size {values['input_size']} is not [3, H, W]")
         values["input_size"] = tuple(size)
     for key in ("mean", "std"):
         if key in values:
@@ -85,7 +85,7 @@ def from_timm_cfg(cfg: dict) -> DataConfig:
     if not (all(isinstance(s, int) and s > 0 for s in config.input_size) and 0 < config.crop_pct <= 1
             and config.crop_mode in CROP_MODES and config.interpolation in _INTERPOLATIONS
             and len(config.mean) == 3 and len(config.std) == 3 and all(s > 0 for s in config.std)):
-        raise ValueError(f"unusable preprocessing {values}")
+        raise InputError(f"unusable preprocessing {values}")
     return config
 
 
@@ -173,7 +173,7 @@ def _resized_size(width: int, height: int, config: DataConfig) -> tuple[int, int
     if config.crop_mode == "squash":
         return scale_w, scale_h
     if config.crop_mode != "center":
-        raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, not {config.crop_mode!r}")
+        raise InputError(f"crop_mode must be one of {', '.join(CROP_MODES)}, not {config.crop_mode!r}")
     if scale_h == scale_w:
         short, long = sorted((width, height))
         new_long = int(scale_h * long / short)
@@ -194,7 +194,7 @@ def _checked_resize(width: int, height: int, config: DataConfig, name: str) -> t
 
 def _resize(image: Image.Image, config: DataConfig, name: str) -> Image.Image:
     if config.interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {config.interpolation!r}")
+        raise InputError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {config.interpolation!r}")
     new_w, new_h = _checked_resize(*image.size, config, name)  # before PIL allocates anything
     from PIL import Image
 
@@ -236,7 +236,7 @@ def preprocess(image: Image.Image | str | os.PathLike | np.ndarray, config: Data
         raise ImageError(f"{name}: too large to resize in the memory available") from None
     pixels = _center_crop(np.asarray(resized), crop_h, crop_w)                # (H, W, 3) uint8
     if config.scale not in ("unit", "255"):
-        raise ValueError(f"scale must be 'unit' or '255', not {config.scale!r}")
+        raise InputError(f"scale must be 'unit' or '255', not {config.scale!r}")
     x = pixels.astype(np.float32)
     if config.scale == "unit":
         x = x / np.float32(255)
@@ -249,9 +249,9 @@ def preprocess(image: Image.Image | str | os.PathLike | np.ndarray, config: Data
     if config.channel_order == "BGR":
         x = x[..., ::-1]
     elif config.channel_order != "RGB":
-        raise ValueError(f"channel_order must be 'RGB' or 'BGR', not {config.channel_order!r}")
+        raise InputError(f"channel_order must be 'RGB' or 'BGR', not {config.channel_order!r}")
     if config.layout == "NCHW":
         return np.ascontiguousarray(x.transpose(2, 0, 1))                     # (3, H, W)
     if config.layout == "NHWC":
         return np.ascontiguousarray(x)                                         # (H, W, 3)
-    raise ValueError(f"layout must be 'NCHW' or 'NHWC', not {config.layout!r}")
+    raise InputError(f"layout must be 'NCHW' or 'NHWC', not {config.layout!r}")

@@ -64,7 +64,7 @@ def test_row_matches_timm(name):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown ConvNeXt architecture 'convnext_huge'.*convnext_tiny"):
+    with pytest.raises(npconvnext.errors.InputError, match="unknown ConvNeXt architecture 'convnext_huge'.*convnext_tiny"):
         npconvnext.get_config("convnext_huge")
 
 

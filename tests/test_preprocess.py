@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import npconvnext
-from npconvnext.errors import CheckpointError, ImageError
+from npconvnext.errors import CheckpointError, ImageError, InputError
 from npconvnext.formats.data_config import data_config_for_weights
 from npconvnext.preprocessing import DataConfig, open_image, preprocess
 
@@ -63,7 +63,7 @@ def test_odd_sizes_equal_timm_exactly(size, crop_pct, input_size, crop_mode):
 
 
 def test_unknown_crop_mode_is_refused():
-    with pytest.raises(ValueError, match="crop_mode must be one of center, squash"):
+    with pytest.raises(InputError, match="crop_mode must be one of center, squash"):
         preprocess(np.zeros((8, 8, 3), np.uint8), DataConfig(crop_mode="border"))
 
 

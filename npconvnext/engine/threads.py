@@ -38,6 +38,8 @@ from typing import Callable
 import numba
 import numpy as np
 
+from ..errors import InputError
+
 
 @functools.cache
 def _blas_libraries():
@@ -61,7 +63,7 @@ def set_num_threads(n: int) -> None:
     """
     n = int(n)
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
+        raise InputError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, not {n}")
     numba.set_num_threads(n)
     _set_blas_threads([n] * len(_blas_libraries()))
     global _blas_handed_over

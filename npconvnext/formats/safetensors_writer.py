@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from ..errors import InputError
 from .safetensors import DTYPES
 
 # the reader's table inverted (NumPy has no bfloat16 to write)
@@ -25,7 +26,7 @@ def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
     offset = 0
     for name, a in arrays.items():
         if a.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {a.dtype} has no safetensors name here")
+            raise InputError(f"{name}: dtype {a.dtype} has no safetensors name here")
         header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes

@@ -33,9 +33,9 @@ def test_set_num_threads_validates_and_sets_numba_and_blas():
     try:
         npconvnext.set_num_threads(1)
         assert numba.get_num_threads() == 1 and set(blas_threads()) <= {1}
-        with pytest.raises(ValueError, match="threads must be between"):
+        with pytest.raises(npconvnext.errors.InputError, match="threads must be between"):
             npconvnext.set_num_threads(0)
-        with pytest.raises(ValueError, match="threads must be between"):
+        with pytest.raises(npconvnext.errors.InputError, match="threads must be between"):
             npconvnext.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)
     finally:
         npconvnext.set_num_threads(before)
