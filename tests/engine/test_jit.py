@@ -126,3 +126,24 @@ def test_a_cold_jit_cache_is_told_once_by_the_cli_and_logged_by_the_library(tmp_
     library = run(["-c", _LIBRARY_RUN, str(weights)], "library-cache")
     assert json.loads(library.stdout) == [["npconvnext", "INFO", COMPILE_NOTICE]]
     assert COMPILE_NOTICE not in library.stderr
+
+
+def test_the_suite_drops_cached_kernels_older_than_a_numba_module(tmp_path):
+    """conftest's guard against Numba's cache, which checks only a kernel's own file: an index
+    older than any module that imports numba goes, with its data; a newer one stays."""
+    from tests.conftest import _drop_stale_kernels
+
+    cache = tmp_path / "pkg" / "__pycache__"
+    cache.mkdir(parents=True)
+    (tmp_path / "pkg" / "callee.py").write_text("import numba\n")
+    (tmp_path / "pkg" / "notes.py").write_text("NOTE = 1\n")  # no numba: never makes a kernel stale
+    for stem in ("caller.run-3.py311", "caller.other-9.py311"):
+        (cache / f"{stem}.nbi").write_bytes(b"")
+        (cache / f"{stem}.1.nbc").write_bytes(b"")
+    os.utime(cache / "caller.run-3.py311.nbi", (1, 1))
+    os.utime(tmp_path / "pkg" / "callee.py", (2, 2))
+    os.utime(tmp_path / "pkg" / "notes.py", (5, 5))
+    for name in ("caller.other-9.py311.nbi", "caller.other-9.py311.1.nbc", "caller.run-3.py311.1.nbc"):
+        os.utime(cache / name, (3, 3))
+    assert _drop_stale_kernels(str(tmp_path / "pkg")) == [str(cache / "caller.run-3.py311.nbi")]
+    assert sorted(p.name for p in cache.iterdir()) == ["caller.other-9.py311.1.nbc", "caller.other-9.py311.nbi"]
