@@ -90,24 +90,37 @@ def _the_command_leaves_no_trace():
 
 # ---- workers (pyproject: -n auto --dist loadscope) ------------------------------------------------
 # A worker per core, as many as the memory holds: the widest parity tests (one module, so one
-# worker, one at a time) take about 12 GB, any other test a few. Each module runs whole in one
-# worker, so that its module-scoped fixtures (the SavedModels TensorFlow writes, say) are made once.
-WIDEST_GIB, OTHER_GIB = 12, 4
+# worker, one at a time) take about 12 GB, and a worker of the core suite up to 9 GB (README).
+# Each module runs whole in one worker, so that its module-scoped fixtures (the SavedModels
+# TensorFlow writes, say) are made once.
+WIDEST_GIB, WORKER_GIB = 12, 9
 
 
+def _memory_gib() -> float:
+    """The machine's memory, or the container's limit (cgroup v2) where that is lower."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as limit:
+            memory = min(memory, int(limit.read()))  # "max": no limit, a ValueError
+    return memory / (1 << 30)
+
+
+@pytest.hookimpl(optionalhook=True)  # without pytest-xdist (`-p no:xdist`) there is no such hook
 def pytest_xdist_auto_num_workers(config):
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist's own hook reads it
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    memory_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
-    workers = min(cores, 1 + int((memory_gib - WIDEST_GIB) // OTHER_GIB))
+    workers = min(cores, 1 + int((_memory_gib() - WIDEST_GIB) // WORKER_GIB))
     return workers if workers > 1 else 0  # 0: the tests run in this process, as without xdist
 
 
 # ---- no stale kernels -----------------------------------------------------------------------------
 # Numba's cache checks a kernel's own source file, not the files of the kernels it calls: after an
 # edit to engine/linear.py, mlp.py's cached kernels would still run the old code. So the session
-# starts by dropping every cache index older than a module of the package that imports numba.
+# starts by dropping every cached kernel (its index and data files) with a file older than a
+# module of the package that imports numba (a few import it for its thread count only: editing
+# them costs a recompile, no more). Only the cache beside the package: NUMBA_CACHE_DIR's is the
+# user's.
 def _drop_stale_kernels(package: str) -> list[str]:
     sources = [os.path.join(folder, name) for folder, _, names in os.walk(package) for name in names
                if name.endswith(".py")]
@@ -120,14 +133,16 @@ def _drop_stale_kernels(package: str) -> list[str]:
     dropped = []
     for folder, _, names in os.walk(package):
         for name in names:
-            index = os.path.join(folder, name)
-            if name.endswith(".nbi") and os.stat(index).st_mtime < newest:
-                stem = name[: -len(".nbi")]
-                for stale in [index] + [os.path.join(folder, n) for n in names
-                                        if n.startswith(stem + ".") and n.endswith(".nbc")]:
+            if not name.endswith(".nbi"):
+                continue
+            stem = name[: -len(".nbi")]
+            # a new signature rewrites the index and adds a data file, leaving the older ones
+            files = [name] + [n for n in names if n.startswith(stem + ".") and n.endswith(".nbc")]
+            if any(os.stat(os.path.join(folder, n)).st_mtime < newest for n in files):
+                for stale in files:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(stale)
-                dropped.append(index)
+                        os.unlink(os.path.join(folder, stale))
+                dropped.append(os.path.join(folder, name))
     return dropped
 
 
@@ -153,7 +168,7 @@ HEAVY_PATHS = {
     **{f"tests/tools/test_explain.py::{name}": (("matplotlib",), "draws figures with matplotlib (the test extra)")
        for name in ("test_explain_command_size_and_target", "test_erf_and_parity_commands",
                     "test_real_weights_get_no_warning", "test_figures_of_a_drift")},
-    # timm's model and ours, float32 and float64, of 0.66-0.85 billion parameters: about 12 GB at once
+    # timm's float64 model beside its float32 weights, then ours: 0.66-0.85 billion parameters, about 12 GB
     "tests/test_parity.py::test_every_variant_matches_timm[convnext_xxlarge]": ((), "needs about 12 GB of memory"),
     "tests/test_parity.py::test_every_variant_matches_timm[convnextv2_huge]": ((), "needs about 12 GB of memory"),
     # the wider variants differ from tiny only in widths and depths (every row of the table is

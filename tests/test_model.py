@@ -176,7 +176,7 @@ def test_dtype_is_kept_end_to_end(atto_state):
     model = npconvnext.create_model("convnext_atto", weights=atto_state, dtype="float64")
     assert all(a.dtype == np.float64 for a in model.params.values())
     assert model(np.zeros((1, 3, 32, 32), np.float32)).dtype == np.float64
-    with pytest.raises(ValueError, match="dtype must be"):
+    with pytest.raises(npconvnext.errors.InputError, match="dtype must be"):
         npconvnext.create_model("convnext_atto", weights=atto_state, dtype="float16")
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 import npconvnext
 from npconvnext.errors import CheckpointError, ImageError, InputError
 from npconvnext.formats.data_config import data_config_for_weights
-from npconvnext.preprocessing import DataConfig, open_image, preprocess
+from npconvnext.preprocessing import DataConfig, from_timm_cfg, open_image, preprocess
 
 from tests.support import DATA
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
@@ -62,9 +62,23 @@ def test_odd_sizes_equal_timm_exactly(size, crop_pct, input_size, crop_mode):
     np.testing.assert_array_equal(preprocess(image, config), timm_transform(config)(image).numpy())
 
 
-def test_unknown_crop_mode_is_refused():
-    with pytest.raises(InputError, match="crop_mode must be one of center, squash"):
-        preprocess(np.zeros((8, 8, 3), np.uint8), DataConfig(crop_mode="border"))
+@pytest.mark.parametrize("setting, message", [
+    (dict(crop_mode="border"), "crop_mode must be one of center, squash"),
+    (dict(interpolation="lanczos9"), "interpolation must be one of"),
+    (dict(scale="percent"), "scale must be 'unit' or '255'"),
+    (dict(channel_order="GBR"), "channel_order must be 'RGB' or 'BGR'"),
+    (dict(layout="CHWN"), "layout must be 'NCHW' or 'NHWC'"),
+])
+def test_unknown_preprocessing_settings_are_refused(setting, message):
+    with pytest.raises(InputError, match=message):
+        preprocess(np.zeros((8, 8, 3), np.uint8), DataConfig(**setting))
+
+
+@pytest.mark.parametrize("cfg, message", [(dict(input_size=(1, 224, 224)), "is not \\[3, H, W\\]"),
+                                          (dict(crop_pct=1.5), "unusable preprocessing")])
+def test_unusable_timm_configs_are_refused(cfg, message):
+    with pytest.raises(InputError, match=message):
+        from_timm_cfg(cfg)
 
 
 def test_conventions_layout_bgr_and_0_255():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from npconvnext import layers
+from npconvnext.errors import InputError
 from npconvnext.engine import depthwise, grn, layernorm, mlp
 from npconvnext.engine.jit import CHUNK_PIXELS, CHUNK_ROWS
 from tests.engine.conftest import BFLOAT16_LOOPS, FORWARD_LOOPS, PARALLEL_LOOPS
@@ -165,7 +166,7 @@ def test_the_gelu_slope_underflows_cleanly_far_out():
 
 def test_in_place_updates_refuse_arrays_they_cannot_update():
     hidden = np.zeros((8, 6), np.float32)
-    with pytest.raises(ValueError, match="in place"):
+    with pytest.raises(InputError, match="in place"):
         mlp.bias_gelu_keep(hidden[:, :3], np.zeros(3, np.float32))
 
 

@@ -129,21 +129,25 @@ def test_a_cold_jit_cache_is_told_once_by_the_cli_and_logged_by_the_library(tmp_
 
 
 def test_the_suite_drops_cached_kernels_older_than_a_numba_module(tmp_path):
-    """conftest's guard against Numba's cache, which checks only a kernel's own file: an index
-    older than any module that imports numba goes, with its data; a newer one stays."""
+    """conftest's guard against Numba's cache, which checks only a kernel's own file: a kernel
+    with an index or a data file older than any module that imports numba goes, whole; a newer
+    one stays. (A new signature rewrites the index and leaves the older data files.)"""
     from tests.conftest import _drop_stale_kernels
 
     cache = tmp_path / "pkg" / "__pycache__"
     cache.mkdir(parents=True)
     (tmp_path / "pkg" / "callee.py").write_text("import numba\n")
     (tmp_path / "pkg" / "notes.py").write_text("NOTE = 1\n")  # no numba: never makes a kernel stale
-    for stem in ("caller.run-3.py311", "caller.other-9.py311"):
-        (cache / f"{stem}.nbi").write_bytes(b"")
-        (cache / f"{stem}.1.nbc").write_bytes(b"")
-    os.utime(cache / "caller.run-3.py311.nbi", (1, 1))
+    stems = ("caller.run-3.py311", "caller.other-9.py311", "caller.grown-20.py311")
+    for stem in stems:
+        for name in (f"{stem}.nbi", f"{stem}.1.nbc", f"{stem}.2.nbc"):
+            (cache / name).write_bytes(b"")
+            os.utime(cache / name, (3, 3))
     os.utime(tmp_path / "pkg" / "callee.py", (2, 2))
     os.utime(tmp_path / "pkg" / "notes.py", (5, 5))
-    for name in ("caller.other-9.py311.nbi", "caller.other-9.py311.1.nbc", "caller.run-3.py311.1.nbc"):
-        os.utime(cache / name, (3, 3))
-    assert _drop_stale_kernels(str(tmp_path / "pkg")) == [str(cache / "caller.run-3.py311.nbi")]
-    assert sorted(p.name for p in cache.iterdir()) == ["caller.other-9.py311.1.nbc", "caller.other-9.py311.nbi"]
+    os.utime(cache / "caller.run-3.py311.nbi", (1, 1))       # compiled before the edit
+    os.utime(cache / "caller.grown-20.py311.1.nbc", (1, 1))  # index rewritten since, this one not
+    assert sorted(_drop_stale_kernels(str(tmp_path / "pkg"))) == sorted(
+        str(cache / f"{stem}.nbi") for stem in ("caller.run-3.py311", "caller.grown-20.py311"))
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "caller.other-9.py311.1.nbc", "caller.other-9.py311.2.nbc", "caller.other-9.py311.nbi"]

@@ -131,7 +131,7 @@ def test_drop_path_drops_whole_images_and_is_seeded():
 
 def test_labels_out_of_range_are_refused():
     model = ConvNeXt(TINY, random_state_dict(TINY), dtype="float64")
-    with pytest.raises(ValueError, match="0 .. 4"):
+    with pytest.raises(npconvnext.errors.InputError, match="0 .. 4"):
         train.loss_and_grads(model, np.zeros((1, 3, 32, 32)), np.array([5]))
 
 
