@@ -88,6 +88,8 @@ def fc1_gelu_tile(panel, pixels, weight, bias, c0, tile, hidden_panel):
         _fc1_gelu_floats(panel, pixels, weight, bias, c0, tile, hidden_panel)
 
 
+# An overload, not pack_panel's ndim branch: Numba prunes no branch in a function it inlines at
+# its IR (inline="always"), and the other branch does not type.
 @numba.extending.overload(fc1_gelu_tile, inline="always")
 def _fc1_gelu_tile_compiled(panel, pixels, weight, bias, c0, tile, hidden_panel):
     if hidden_panel.ndim == 3:
