@@ -121,28 +121,27 @@ def pytest_xdist_auto_num_workers(config):
 # module of the package that imports numba (a few import it for its thread count only: editing
 # them costs a recompile, no more). Only the cache beside the package: NUMBA_CACHE_DIR's is the
 # user's.
+def _imports_numba(path: str) -> bool:
+    with open(path, encoding="utf-8") as file:
+        return any(line.startswith(("import numba", "from numba")) for line in file)
+
+
 def _drop_stale_kernels(package: str) -> list[str]:
-    sources = [os.path.join(folder, name) for folder, _, names in os.walk(package) for name in names
-               if name.endswith(".py")]
-    numba_sources = []
-    for path in sources:
-        with open(path, encoding="utf-8") as file:
-            if any(line.startswith(("import numba", "from numba")) for line in file):
-                numba_sources.append(path)
-    newest = max((os.stat(path).st_mtime for path in numba_sources), default=0.0)
+    folders = list(os.walk(package))  # before anything goes
+    newest = max((os.stat(os.path.join(folder, name)).st_mtime for folder, _, names in folders for name in names
+                  if name.endswith(".py") and _imports_numba(os.path.join(folder, name))), default=0.0)
     dropped = []
-    for folder, _, names in os.walk(package):
-        for name in names:
-            if not name.endswith(".nbi"):
-                continue
-            stem = name[: -len(".nbi")]
+    for folder, _, names in folders:
+        for index in (name for name in names if name.endswith(".nbi")):
+            stem = index[: -len(".nbi")]
             # a new signature rewrites the index and adds a data file, leaving the older ones
-            files = [name] + [n for n in names if n.startswith(stem + ".") and n.endswith(".nbc")]
-            if any(os.stat(os.path.join(folder, n)).st_mtime < newest for n in files):
-                for stale in files:
+            files = [os.path.join(folder, name) for name in names
+                     if name == index or (name.startswith(stem + ".") and name.endswith(".nbc"))]
+            if any(os.stat(path).st_mtime < newest for path in files):
+                for path in files:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(folder, stale))
-                dropped.append(os.path.join(folder, name))
+                        os.unlink(path)
+                dropped.append(os.path.join(folder, index))
     return dropped
 
 
