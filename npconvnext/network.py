@@ -94,7 +94,7 @@ def stem(x: np.ndarray, w: StemWeights | OverlapStemWeights, config: ConvNeXtCon
         record("stem.0", x)
         conv = 1
         if config.stem_type == "overlap_act":
-            x = layers.gelu(x)
+            x = ops.gelu(x)
             record("stem.1", x)
             conv = 2
         x = ops.strided_conv(x, w.conv_weight, w.conv_bias)             # (N, ~H/4, ~W/4, C0)
@@ -119,7 +119,7 @@ def forward_head(x: np.ndarray, head: HeadWeights, eps: float, pre_logits: bool 
     if head.pre_fc_weight is not None:  # head_hidden_size: Linear + GELU before the classifier
         x = ops.linear(x, head.pre_fc_weight, head.pre_fc_bias)       # (N, D)
         record("head.pre_logits.fc", x)
-        x = layers.gelu(x)
+        x = ops.gelu(x)
         record("head.pre_logits.act", x)
     if pre_logits or head.fc_weight is None:  # num_classes 0: no classifier, as timm's Identity
         return x
@@ -175,10 +175,12 @@ class Ops(NamedTuple):
     block: Callable[..., np.ndarray]   # (x, BlockWeights, eps, grn_eps, record, norm=) -> x
     patchify_conv: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
     linear: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]   # the head's classifier (and pre-logits)
-    # timm's own variants: the overlapping stems' 3x3 stride-2 conv, the other norms (x, weight, None, eps)
+    # timm's own variants: the overlapping stems' 3x3 stride-2 conv, the other norms (x, weight, None, eps),
+    # the GELU outside the blocks (overlap_act stem, pre-logits head)
     strided_conv: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] = layers.strided_conv
     rms_norm: Callable[[np.ndarray, np.ndarray, None, float], np.ndarray] = layers.rms_norm
     simple_norm: Callable[[np.ndarray, np.ndarray, None, float], np.ndarray] = layers.simple_norm
+    gelu: Callable[[np.ndarray], np.ndarray] = layers.gelu
 
 
 def norm_op(ops: Ops, kind: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray | None, float], np.ndarray]:

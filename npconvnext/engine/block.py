@@ -25,13 +25,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import layers
 from ..network import BlockWeights, Recorder, no_record
 from .bfloat16 import to_pair_panels
 from .checks import takes_array
 from .depthwise import depthwise_conv, depthwise_conv_layer_norm, depthwise_conv_layer_norm_keep
 from .gemm import from_panels, to_panels
 from .grn import global_response_norm_in_place
+from .layernorm import norm_of
 from .linear import linear_gelu_panels, pairs_linear, panels_linear
 from .mlp import bias_gelu_keep, bias_scale_residual_keep, mlp_residual
 
@@ -55,7 +55,7 @@ def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float, r
     """Twin of network.block with the fused kernels; it records nothing inside the block.
     x: (N, H, W, C) -> (N, H, W, C); with training, (out, BlockCache), keep (N,) being the
     drop-path scale per image (None: no drop path). The RMS and simple norms (`norm`, config.norm)
-    have no fused kernel: the depthwise conv's kernel, then the reference norm (inference only;
+    are not fused with the conv: the depthwise conv's kernel, then the norm's (inference only;
     training them is train/fused.py's reference fallback)."""
     if training:
         if norm != "layernorm":
@@ -64,8 +64,8 @@ def convnext_block(x: np.ndarray, w: BlockWeights, eps: float, grn_eps: float, r
             x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight, w.norm_bias, eps)  # (N, H, W, C) x 2, (N, H, W)
     elif norm == "layernorm":
         normed = depthwise_conv_layer_norm(x, w.conv_dw_weight, w.conv_dw_bias, w.norm_weight, w.norm_bias, eps)
-    else:  # no fused kernel for the RMS and simple norms
-        normed = layers.norm_of(norm)(depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias), w.norm_weight, None, eps)
+    else:  # the RMS and simple norms: the depthwise conv's kernel, then the norm's
+        normed = norm_of(norm)(depthwise_conv(x, w.conv_dw_weight, w.conv_dw_bias), w.norm_weight, None, eps)
     if not training and w.grn_weight is None:  # V1: fc1 to the residual in one kernel, the hidden tensor never whole
         return mlp_residual(normed, w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, w.gamma, shortcut=x)
     # fc1 + GELU for all pixels first: GRN sums over each image's pixels, and training keeps them

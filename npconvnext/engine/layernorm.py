@@ -1,18 +1,21 @@
 """LayerNorm over channels (channels-last), forward and backward: the stem's and the
-downsampling layers' norms, and the per-pixel steps depthwise.py fuses after its conv.
+downsampling layers' norms, and the per-pixel steps depthwise.py fuses after its conv; timm's
+other norms, RMS norm and simple norm (convnext_*_rms), forward only (training runs the reference's).
 
     forward    per pixel, mean and variance summed in float64 in a fixed order (`_lane_sum`:
                sixteen partial sums, in vector registers when compiled), then
-               (x - mean) / sqrt(var + eps) * weight + bias
+               (x - mean) / sqrt(var + eps) * weight + bias; the RMS and simple norms from the
+               same sums, x * r * weight with r = 1 / sqrt(mean_c(x^2) + eps), or
+               1 / sqrt(var + eps) with var's unbiased divisor C - 1 (`rms_norm`, `simple_norm`)
     backward   per pixel, with g = dout * weight:
                dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)); dweight, dbias summed
                over pixels in float64 chunks (jit.py). Either from the input, the statistics
                recomputed (`layer_norm_backward`), or from the xhat and rstd the forward kept
                (`layer_norm_backward_kept`, after depthwise.py's `depthwise_conv_layer_norm_keep`)
 
-Twins: layers.layer_norm, layers.layer_norm_backward. `pixel_statistics` and `normalize_pixel`
-are the per-pixel steps depthwise.py calls, so that training reproduces the forward's
-normalisation exactly.
+Twins: layers.layer_norm, layers.layer_norm_backward, layers.rms_norm, layers.simple_norm.
+`pixel_statistics` and `normalize_pixel` are the per-pixel steps depthwise.py calls, so that
+training reproduces the forward's normalisation exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 
+from ..errors import InputError
 from .checks import check_arguments, check_in_place, kernel_weights, takes_array
 from .jit import CHUNK_PIXELS, INLINE_JIT, JIT, PARALLEL_JIT, chunk_count, rows_or_parallel, sum_chunks
 from .llvm import splat
@@ -152,6 +156,29 @@ def _layer_norm(x, weight, bias, eps, out):
         _layer_norm_rows(x, weight, bias, eps, out, i, i + 1)
 
 
+@numba.njit(**JIT)
+def _rms_or_simple_norm_rows(x, weight, eps, simple, out, first, last):
+    # x, out: (M, C) pixels by channels; pixels first..last-1: out = x * r * weight, r from
+    # float64 sums: 1 / sqrt(mean_c(x^2) + eps) (RMS norm), or with `simple`
+    # 1 / sqrt(sum_c (x - mean)^2 / (C - 1) + eps) (timm's SimpleNorm2d: not centred after)
+    c = x.shape[1]
+    for i in range(first, last):
+        xi = x[i]
+        if simple:
+            r = 1.0 / math.sqrt(_lane_sum(xi, _lane_sum(xi, None) / c) / (c - 1) + eps)
+        else:
+            r = 1.0 / math.sqrt(_lane_sum(xi, 0.0) / c + eps)
+        oi = out[i]
+        for ch in range(c):
+            oi[ch] = xi[ch] * r * weight[ch]
+
+
+@numba.njit(**PARALLEL_JIT)
+def _rms_or_simple_norm(x, weight, eps, simple, out):
+    for i in numba.prange(x.shape[0]):
+        _rms_or_simple_norm_rows(x, weight, eps, simple, out, i, i + 1)
+
+
 # ---- backward -----------------------------------------------------------------------------------
 
 
@@ -230,6 +257,35 @@ def layer_norm(x, weight, bias, eps):
     weight, bias = kernel_weights(None, weight, bias)
     rows_or_parallel(_layer_norm_rows, _layer_norm, (flat, weight, bias, eps, out), flat.shape[0])
     return out.reshape(x.shape)
+
+
+@takes_array("x")
+def rms_norm(x, weight, bias, eps):
+    """layers.rms_norm: x / sqrt(mean_c(x^2) + eps) * weight; bias None. x: (..., C) -> (..., C)"""
+    return _run_rms_or_simple_norm("rms_norm", x, weight, bias, eps, simple=False)
+
+
+@takes_array("x")
+def simple_norm(x, weight, bias, eps):
+    """layers.simple_norm: x / sqrt(var_c(x) + eps) * weight, var's divisor C - 1; bias None.
+    x: (..., C) -> (..., C)"""
+    return _run_rms_or_simple_norm("simple_norm", x, weight, bias, eps, simple=True)
+
+
+def _run_rms_or_simple_norm(wrapper, x, weight, bias, eps, simple):
+    check_arguments(wrapper, "x", x, None, weight=(weight, x.shape[-1:]))
+    if bias is not None:
+        raise InputError(f"{wrapper}: this norm has no bias, got one of shape {np.shape(bias)}")
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
+    out = np.empty_like(flat)
+    (weight,) = kernel_weights(None, weight)
+    rows_or_parallel(_rms_or_simple_norm_rows, _rms_or_simple_norm, (flat, weight, eps, simple, out), flat.shape[0])
+    return out.reshape(x.shape)
+
+
+def norm_of(kind: str):
+    """The kernel of the norm config.norm names, as layers.norm_of gives its twin."""
+    return {"layernorm": layer_norm, "rmsnorm": rms_norm, "simplenorm": simple_norm}[kind]
 
 
 @takes_array("x")

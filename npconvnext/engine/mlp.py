@@ -6,7 +6,8 @@
                 tiles); with too few panels for the threads, linear.py's weight-stationary
                 linears one after the other. A bfloat16 model's (uint16 weights) the same
                 way, by the same kernels on pair panels, their layout chosen by the weights'
-                type when Numba compiles them (`_panel_scratch`; bfloat16.py, gemm_bf16.py)
+                type when Numba compiles them (`_panel_scratch`; bfloat16.py, gemm_bf16.py).
+                GELU alone (`gelu`) for timm's overlap_act stem and pre-logits head
     training    the linears are BLAS products (block.py); around them, bias + GELU keeping
                 the pre-activation (`bias_gelu_keep`), GELU recomputed in the backward with
                 its slope, so erf is evaluated once per element there (`gelu_and_slope_in_place`),
@@ -92,6 +93,28 @@ def _pair_scratch(channels, hidden_channels, nr):
     panel = np.empty(((channels + 1) // 2, nr, 2), dtype=np.uint16)
     hidden = np.zeros(((hidden_channels + 1) // 2, nr, 2), dtype=np.uint16)  # an odd count's pad is read: 0
     return panel, hidden
+
+
+# ---- GELU alone: timm's overlap_act stem and pre-logits head (network.Ops.gelu) ------------------
+
+
+@numba.njit(**JIT)
+def _gelu_rows(x, out, first, last):
+    # x, out: (M, D); rows first..last-1: out = GELU(x), in float64 and rounded once, as
+    # linear.py's fc1_gelu_tile computes it
+    d = x.shape[1]
+    for i in range(first, last):
+        x_row = x[i]
+        o_row = out[i]
+        for ch in range(d):
+            v = np.float64(x_row[ch])
+            o_row[ch] = 0.5 * v * (1.0 + erf_for(x_row[ch], v * SQRT_HALF))
+
+
+@numba.njit(**PARALLEL_JIT)
+def _gelu(x, out):
+    for i in numba.prange(x.shape[0]):
+        _gelu_rows(x, out, i, i + 1)
 
 
 # ---- training: GELU keeping its input, and the slope for the backward ---------------------------
@@ -275,6 +298,16 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
     rows_or_parallel(_mlp_rows, _mlp, (flat, fc1, fc1_bias, fc2, fc2_bias, gamma, residual, out), panels,
                       blas_between=False)
     return out.reshape(shortcut.shape)
+
+
+@takes_array("x")
+def gelu(x):
+    """layers.gelu. x: (..., D) -> (..., D)"""
+    check_arguments("gelu", "x", x, None)
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, D)
+    out = np.empty_like(flat)
+    rows_or_parallel(_gelu_rows, _gelu, (flat, out), flat.shape[0])
+    return out.reshape(x.shape)
 
 
 @takes_array("hidden")

@@ -14,6 +14,8 @@ PARALLEL_LOOPS = {module: [name for name, f in vars(module).items()
 # the forward's, which inference runs; the others run in training only
 FORWARD_LOOPS = {"_depthwise_conv7_layer_norm", "_layer_norm", "_global_response_norm_", "_linear_gelu_panels",
                  "_panels_linear", "_mlp"}
+# timm's own variants' forward (test_forward.py): the RMS and simple norms, GELU outside the blocks
+VARIANT_LOOPS = {"_rms_or_simple_norm", "_gelu"}
 # a bfloat16 model's forward (test_bfloat16.py): pair panels, and fc1 + GELU and the MLP on them;
 # the last two are the float forward's kernels, compiled for pair panels there
 BFLOAT16_LOOPS = {"_to_pair_panels", "_linear_gelu_panels", "_mlp"}

@@ -11,9 +11,10 @@ import pytest
 
 from npconvnext import layers
 from npconvnext.engine import block, depthwise, gemm, grn, layernorm, linear, mlp
+from npconvnext.errors import InputError
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
-from tests.engine.conftest import BFLOAT16_LOOPS, FORWARD_LOOPS, PARALLEL_LOOPS
+from tests.engine.conftest import BFLOAT16_LOOPS, FORWARD_LOOPS, PARALLEL_LOOPS, VARIANT_LOOPS
 
 # float64 kernels sum in another order than NumPy, float32 ones also use float32 erf
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
@@ -30,8 +31,33 @@ def close(actual, expected, dtype):
 
 def test_every_kernel_has_a_parallel_loop_to_test():
     loops = [name for names in PARALLEL_LOOPS.values() for name in names]
-    assert len(loops) == len(set(loops)) == 20, loops  # six for the forward, one bfloat16, thirteen training
-    assert FORWARD_LOOPS | BFLOAT16_LOOPS <= set(loops)
+    # six for the forward, two for timm's variants, one bfloat16, thirteen training
+    assert len(loops) == len(set(loops)) == 22, loops
+    assert FORWARD_LOOPS | VARIANT_LOOPS | BFLOAT16_LOOPS <= set(loops)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_kernels_of_timms_variants_match_the_reference(shape, dtype, kernel_threads):
+    # the RMS and simple norms (convnext_*_rms) and GELU alone (overlap_act stem, pre-logits
+    # head), on inputs off centre so that the simple norm's centring counts
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    weight = rng.standard_normal(shape[-1]).astype(dtype)
+    close(layernorm.rms_norm(x, weight, None, 1e-6), layers.rms_norm(x, weight, None, 1e-6), dtype)
+    if shape[-1] > 1:  # one channel: the unbiased variance divides by zero, in both
+        close(layernorm.simple_norm(x, weight, None, 1e-6), layers.simple_norm(x, weight, None, 1e-6), dtype)
+    close(mlp.gelu(x), layers.gelu(x), dtype)
+    close(mlp.gelu(x[..., 0]), layers.gelu(x[..., 0]), dtype)  # not contiguous, one dimension fewer
+    expected = VARIANT_LOOPS if numba.get_num_threads() > 1 else set()
+    assert set().union(*kernel_threads) == expected
+
+
+def test_the_variants_norms_take_no_bias():
+    x = np.ones((2, 3, 4), np.float32)
+    for norm in (layernorm.rms_norm, layernorm.simple_norm):
+        with pytest.raises(InputError, match=f"{norm.__name__}: this norm has no bias"):
+            norm(x, np.ones(4, np.float32), np.zeros(4, np.float32), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

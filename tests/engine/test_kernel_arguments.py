@@ -43,6 +43,15 @@ CASES = {
     layernorm.layer_norm: (
         dict(x=r(N, H, W, C), weight=r(C), bias=r(C), eps=1e-6),
         dict(x=r(N, H, W, C).astype(np.float16), weight=r(C - 1), bias=r(C, 1))),
+    layernorm.rms_norm: (
+        dict(x=r(N, H, W, C), weight=r(C), bias=None, eps=1e-6),
+        dict(x=r(N, H, W, C).astype(np.float16), weight=r(C + 1), bias=r(C))),
+    layernorm.simple_norm: (
+        dict(x=r(N, H, W, C), weight=r(C), bias=None, eps=1e-6),
+        dict(x=r(N, H, W, C).astype(np.int32), weight=r(1), bias=r(C))),
+    mlp.gelu: (
+        dict(x=r(N, H, W, C)),
+        dict(x=r(N, H, W, C).astype(np.int64))),
     grn.global_response_norm: (
         dict(x=r(N, H, W, D), weight=r(D), bias=r(D), eps=1e-6),
         dict(x=r(N * H * W, D), weight=r(C), bias=r(D + 1))),
@@ -125,9 +134,10 @@ def fresh(arguments):
 
 # the engine's modules with public wrappers, and their public functions that are not wrappers:
 # depthwise.py's row kernel (its compiled form checks the shapes itself) and the padding it reads,
-# and linear.py's fc1 + GELU tile, a step of the kernels there and in mlp.py
+# linear.py's fc1 + GELU tile, a step of the kernels there and in mlp.py, and layernorm.py's
+# table of its norms
 LAYER_MODULES = (adamw, block, depthwise, grn, layernorm, linear, mlp)
-NOT_WRAPPERS = {depthwise.depthwise_row, depthwise.pad_rows, linear.fc1_gelu_tile}
+NOT_WRAPPERS = {depthwise.depthwise_row, depthwise.pad_rows, linear.fc1_gelu_tile, layernorm.norm_of}
 # the wrappers whose arguments another wrapper's checks name
 CHECKED_AS = {block.convnext_block: "mlp_residual", grn.global_response_norm_in_place: "global_response_norm"}
 
