@@ -7,14 +7,20 @@
         one engine's batch-1 call (npconvnext float32's unless --engine names a peer) 15 times
         back to back, then 15 times each after a 0.2 s sleep, three rounds; "peers": with every
         other engine built and run first in the process
+    python benchmarks/probes/turns_probe.py faults alone|peers [--threads 1] [--batch 8]
+        npconvnext float32's call after a 0.2 s sleep, 15 times, three rounds: its median time,
+        and per call the minor page faults and the system CPU time of the process, in all and
+        in the steps that allocate the forward's large arrays (getrusage)
 
 convnext_tiny with seeded random weights and its ONNX export, as bench_engines.py makes them
 (in a temporary folder). A one-off record for issue 29, not a benchmark of the suite; os.times
-counts in 10 ms steps.
+counts in 10 ms steps, getrusage's system time in ticks of the kernel's clock.
 """
 
 import argparse
+import collections
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -29,9 +35,9 @@ PEERS = ("onnxruntime", "openvino f32", "openvino default", "timm eager")
 PAUSE = 0.2  # s, as engines.PAUSE
 
 
-def built(names, files, threads):
+def built(names, files, threads, batch=1):
     runs = {name: engines.build(name, MODEL, files, threads) for name in names}
-    x = engines.images(1)
+    x = engines.images(batch)
     for run in runs.values():
         run(x)
         run(x)
@@ -75,11 +81,66 @@ def pause(files, threads, with_peers, engine):
               f"{paused:.1f} ms", flush=True)
 
 
+def usage():
+    """(minor page faults, system CPU ms) of this process so far"""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_minflt, own.ru_stime * 1e3
+
+
+def counted_steps(by_step):
+    """Wrap the npconvnext steps that allocate the forward's large arrays so that each adds its
+    page faults to by_step: the block's depthwise conv + LayerNorm (its padded input and its
+    output) and MLP (its output), the stem's and downsampling's convolutions (patches and
+    output), and the model's input (NCHW to NHWC)."""
+    from npconvnext import layers, model
+    from npconvnext.engine import block, linear
+
+    def counted(owner, name, step):
+        step_function = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            faults = usage()[0]
+            try:
+                return step_function(*args, **kwargs)
+            finally:
+                by_step[step] += usage()[0] - faults
+        setattr(owner, name, run)
+
+    counted(block, "depthwise_conv_layer_norm", "depthwise conv + LayerNorm")
+    counted(block, "mlp_residual", "MLP")
+    counted(linear, "panels_linear", "stem and downsampling convs")
+    counted(layers, "patches", "their patches")
+    counted(model.ConvNeXt, "network_input", "input NCHW -> NHWC")
+
+
+def faults(files, threads, batch, with_peers):
+    by_step = collections.Counter()
+    counted_steps(by_step)
+    runs, x = built((OURS, *PEERS) if with_peers else (OURS,), files, threads, batch)
+    ours = runs[OURS]
+    label = f"{OURS}, {'peers' if with_peers else 'alone'}, {threads} threads, batch {batch}"
+    for _ in range(3):
+        by_step.clear()
+        times, counts, system = [], [], []
+        for _ in range(15):
+            time.sleep(PAUSE)
+            before, start = usage(), time.perf_counter()
+            ours(x)
+            times.append((time.perf_counter() - start) * 1e3 / batch)
+            after = usage()
+            counts.append(after[0] - before[0])
+            system.append(after[1] - before[1])
+        steps = ", ".join(f"{step} {count / 15:.0f}" for step, count in by_step.most_common() if count) or "none"
+        print(f"{label}: {statistics.median(times):.1f} ms per image; per call {statistics.median(counts):.0f} "
+              f"minor page faults ({steps}), {statistics.median(system):.0f} ms system time", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("look", choices=["spin", "pause"])
+    parser.add_argument("look", choices=["spin", "pause", "faults"])
     parser.add_argument("company", nargs="?", choices=["alone", "peers"], default="peers")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="the batch `faults` runs")
     parser.add_argument("--engine", default=OURS, choices=(OURS, *PEERS), help="whose calls `pause` times")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
@@ -87,6 +148,8 @@ def main():
         files = engines.files_of(MODEL, directory)
         if args.look == "spin":
             spin(files, args.threads)
+        elif args.look == "faults":
+            faults(files, args.threads, args.batch, args.company == "peers")
         else:
             pause(files, args.threads, args.company == "peers", args.engine)
 
