@@ -71,6 +71,12 @@ def per_kernel(config, batch, dtype):
                                                                           w2, b)),
             "grn": (hidden.shape, lambda: grn.global_response_norm(hidden, b4 + 1, b4, 1e-6),
                     lambda: layers.global_response_norm(hidden, b4 + 1, b4, 1e-6)),
+            # timm's variants: the _rms models' norms, GELU alone (overlap_act stem, pre-logits head)
+            "rms_norm": (x.shape, lambda: layernorm.rms_norm(x, g, None, 1e-6),
+                         lambda: layers.rms_norm(x, g, None, 1e-6)),
+            "simple_norm": (x.shape, lambda: layernorm.simple_norm(x, g, None, 1e-6),
+                            lambda: layers.simple_norm(x, g, None, 1e-6)),
+            "gelu": (x.shape, lambda: mlp.gelu(x), lambda: layers.gelu(x)),
         }
         for name, (shape, fast, slow) in cases.items():
             print(f"{name:<30} {str(shape):>22} {median_ms(fast, RUNS):9.2f} {median_ms(slow, RUNS):9.2f}")
@@ -80,7 +86,8 @@ def forward_split(name, batch, dtype):
     spent = collections.Counter()
     # the public wrappers, which convnext_block and the network call by these names
     for kernel in ("depthwise_conv_layer_norm", "mlp_residual", "linear_gelu_panels", "panels_linear",
-                   "global_response_norm_in_place", "layer_norm", "patchify_conv", "linear"):
+                   "global_response_norm_in_place", "layer_norm", "patchify_conv", "linear", "rms_norm",
+                   "simple_norm", "gelu"):
         original = None
         for module in (block, depthwise, grn, layernorm, linear, mlp):  # every module that calls it by this name
             if hasattr(module, kernel):
@@ -98,7 +105,8 @@ def forward_split(name, batch, dtype):
     model = npconvnext.create_model(name, dtype=dtype)
     # the FUSED ops were bound at import: bind them to the timed wrappers
     engine.FUSED = engine.FUSED._replace(layer_norm=layernorm.layer_norm, block=block.convnext_block,
-                                         patchify_conv=linear.patchify_conv, linear=linear.linear)
+                                         patchify_conv=linear.patchify_conv, linear=linear.linear,
+                                         rms_norm=layernorm.rms_norm, simple_norm=layernorm.simple_norm, gelu=mlp.gelu)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)
     model(x)
     spent.clear()

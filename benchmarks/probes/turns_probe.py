@@ -9,8 +9,8 @@
         other engine built and run first in the process
     python benchmarks/probes/turns_probe.py faults alone|peers [--threads 1] [--batch 8]
         npconvnext float32's call after a 0.2 s sleep, 15 times, three rounds: its median time,
-        and per call the minor page faults and the system CPU time of the process, in all and
-        in the steps that allocate the forward's large arrays (getrusage)
+        and the mean per call of the minor page faults and the system CPU time of the process,
+        in all and in the steps that allocate the forward's large arrays (getrusage)
 
 convnext_tiny with seeded random weights and its ONNX export, as bench_engines.py makes them
 (in a temporary folder). A one-off record for issue 29, not a benchmark of the suite; os.times
@@ -90,8 +90,8 @@ def usage():
 def counted_steps(by_step):
     """Wrap the npconvnext steps that allocate the forward's large arrays so that each adds its
     page faults to by_step: the block's depthwise conv + LayerNorm (its padded input and its
-    output) and MLP (its output), the stem's and downsampling's convolutions (patches and
-    output), and the model's input (NCHW to NHWC)."""
+    output) and MLP (its output), the patchify convs' patches and outputs (with the classifier's,
+    which takes the same linear), and the model's input (NCHW to NHWC)."""
     from npconvnext import layers, model
     from npconvnext.engine import block, linear
 
@@ -108,7 +108,7 @@ def counted_steps(by_step):
 
     counted(block, "depthwise_conv_layer_norm", "depthwise conv + LayerNorm")
     counted(block, "mlp_residual", "MLP")
-    counted(linear, "panels_linear", "stem and downsampling convs")
+    counted(linear, "panels_linear", "patchify convs and classifier")
     counted(layers, "patches", "their patches")
     counted(model.ConvNeXt, "network_input", "input NCHW -> NHWC")
 
@@ -118,7 +118,7 @@ def faults(files, threads, batch, with_peers):
     counted_steps(by_step)
     runs, x = built((OURS, *PEERS) if with_peers else (OURS,), files, threads, batch)
     ours = runs[OURS]
-    label = f"{OURS}, {'peers' if with_peers else 'alone'}, {threads} threads, batch {batch}"
+    label = f"{OURS}, {'peers' if with_peers else 'alone'}, {threads} thread{'s' * (threads > 1)}, batch {batch}"
     for _ in range(3):
         by_step.clear()
         times, counts, system = [], [], []
@@ -131,8 +131,8 @@ def faults(files, threads, batch, with_peers):
             counts.append(after[0] - before[0])
             system.append(after[1] - before[1])
         steps = ", ".join(f"{step} {count / 15:.0f}" for step, count in by_step.most_common() if count) or "none"
-        print(f"{label}: {statistics.median(times):.1f} ms per image; per call {statistics.median(counts):.0f} "
-              f"minor page faults ({steps}), {statistics.median(system):.0f} ms system time", flush=True)
+        print(f"{label}: {statistics.median(times):.1f} ms per image; per call, mean: {statistics.mean(counts):.0f} "
+              f"minor page faults ({steps}), {statistics.mean(system):.1f} ms system time", flush=True)
 
 
 def main():

@@ -34,8 +34,8 @@ SQRT_HALF = math.sqrt(0.5)
 @numba.njit(**JIT)
 def erf32(x):
     # x: float64; result within 1 float32 ulp of erf(x) once rounded to float32
-    x = min(max(x, -4.0), 4.0)  # float32 erf is +-1 beyond
-    t = x * x
+    a = min(max(x, -4.0), 4.0)  # the fit's range; beyond, float32 erf is +-1
+    t = a * a
     t2 = t * t
     t4 = t2 * t2
     p0, p1, p2, p3, p4, p5, p6 = _ERF32_P
@@ -44,7 +44,9 @@ def erf32(x):
     # loop waits on that chain
     num = (p0 + t * p1) + t2 * (p2 + t * p3) + t4 * ((p4 + t * p5) + t2 * p6)
     den = (q0 + t * q1) + t2 * (q2 + t * q3) + t4 * (q4 + t * q5)
-    return x * num / den
+    # +-1 itself beyond 4, not the fit's 1 - 2e-8 there: GELU's 1 + erf(x) must be 0 for large
+    # negative x, or x times it is not (a select, not a branch: the loop stays vectorised)
+    return a * num / den if abs(x) < 4.0 else math.copysign(1.0, x)
 
 
 # float64 erf from arithmetic alone, fitted by scripts/fit_erf64.py (see there), so that the GELU

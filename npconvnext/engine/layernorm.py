@@ -276,9 +276,11 @@ def _run_rms_or_simple_norm(wrapper, x, weight, bias, eps, simple):
     check_arguments(wrapper, "x", x, None, weight=(weight, x.shape[-1:]))
     if bias is not None:
         raise InputError(f"{wrapper}: this norm has no bias, got one of shape {np.shape(bias)}")
+    if x.size == 0:
+        return np.empty_like(x)
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
-    (weight,) = kernel_weights(None, weight)
+    (weight,) = kernel_weights(flat.dtype, weight)  # in x's dtype, as the result
     rows_or_parallel(_rms_or_simple_norm_rows, _rms_or_simple_norm, (flat, weight, eps, simple, out), flat.shape[0])
     return out.reshape(x.shape)
 

@@ -304,6 +304,8 @@ def mlp_residual(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
 def gelu(x):
     """layers.gelu. x: (..., D) -> (..., D)"""
     check_arguments("gelu", "x", x, None)
+    if x.size == 0:
+        return np.empty_like(x)
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, D)
     out = np.empty_like(flat)
     rows_or_parallel(_gelu_rows, _gelu, (flat, out), flat.shape[0])

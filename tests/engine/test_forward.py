@@ -11,7 +11,6 @@ import pytest
 
 from npconvnext import layers
 from npconvnext.engine import block, depthwise, gemm, grn, layernorm, linear, mlp
-from npconvnext.errors import InputError
 from npconvnext.network import BlockWeights
 from npconvnext.network import block as reference_block
 from tests.engine.conftest import BFLOAT16_LOOPS, FORWARD_LOOPS, PARALLEL_LOOPS, VARIANT_LOOPS
@@ -40,24 +39,43 @@ def test_every_kernel_has_a_parallel_loop_to_test():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_kernels_of_timms_variants_match_the_reference(shape, dtype, kernel_threads):
     # the RMS and simple norms (convnext_*_rms) and GELU alone (overlap_act stem, pre-logits
-    # head), on inputs off centre so that the simple norm's centring counts
+    # head), on inputs off centre so that the simple norm's centring counts; also strided, with
+    # a dimension fewer, and with a weight of another dtype (the result keeps x's)
     rng = np.random.default_rng(sum(shape) + 1)
     x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     weight = rng.standard_normal(shape[-1]).astype(dtype)
-    close(layernorm.rms_norm(x, weight, None, 1e-6), layers.rms_norm(x, weight, None, 1e-6), dtype)
-    if shape[-1] > 1:  # one channel: the unbiased variance divides by zero, in both
-        close(layernorm.simple_norm(x, weight, None, 1e-6), layers.simple_norm(x, weight, None, 1e-6), dtype)
-    close(mlp.gelu(x), layers.gelu(x), dtype)
-    close(mlp.gelu(x[..., 0]), layers.gelu(x[..., 0]), dtype)  # not contiguous, one dimension fewer
+    for xs in (x, x[:, ::-1], x[0]):
+        close(layernorm.rms_norm(xs, weight, None, 1e-6), layers.rms_norm(xs, weight, None, 1e-6), dtype)
+        close(mlp.gelu(xs), layers.gelu(xs), dtype)
+        if shape[-1] > 1:
+            close(layernorm.simple_norm(xs, weight, None, 1e-6), layers.simple_norm(xs, weight, None, 1e-6), dtype)
+    close(mlp.gelu(x[..., 0]), layers.gelu(x[..., 0]), dtype)
+    close(layernorm.rms_norm(x, weight.astype(np.float16), None, 1e-6),
+          layers.rms_norm(x, weight.astype(np.float16).astype(dtype), None, 1e-6), dtype)
+    if shape[-1] == 1:  # one channel: the unbiased variance divides by zero, in both
+        with np.errstate(invalid="ignore", divide="ignore"):
+            assert np.isnan(layernorm.simple_norm(x, weight, None, 1e-6)).all()
+            assert np.isnan(layers.simple_norm(x, weight, None, 1e-6)).all()
     expected = VARIANT_LOOPS if numba.get_num_threads() > 1 else set()
     assert set().union(*kernel_threads) == expected
 
 
-def test_the_variants_norms_take_no_bias():
-    x = np.ones((2, 3, 4), np.float32)
-    for norm in (layernorm.rms_norm, layernorm.simple_norm):
-        with pytest.raises(InputError, match=f"{norm.__name__}: this norm has no bias"):
-            norm(x, np.ones(4, np.float32), np.zeros(4, np.float32), 1e-6)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_alone_at_the_ends_of_the_line(dtype):
+    # exactly the reference's bits where GELU is -0, x or nan: far out on either side (float32's
+    # erf fit ends at 4: its 1 - 2e-8 there made GELU(-1e30) -6e21), the infinities and nan
+    x = np.array([-1e30, -1e4, -10.0, 5.7, 10.0, 1e4, 1e30, -np.inf, np.inf, np.nan], dtype)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(mlp.gelu(x), layers.gelu(x))
+
+
+@pytest.mark.parametrize("wrapper", [layernorm.rms_norm, layernorm.simple_norm, mlp.gelu])
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (2, 0, 5)])
+def test_the_variants_kernels_take_empty_arrays(wrapper, shape):
+    x = np.zeros(shape, np.float32)
+    args = (x,) if wrapper is mlp.gelu else (x, np.ones(shape[-1], np.float32), None, 1e-6)
+    out = wrapper(*args)
+    assert out.shape == shape and out.dtype == np.float32
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
