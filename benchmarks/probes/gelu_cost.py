@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 import npconvnext
-from npconvnext.engine.erf import SQRT_HALF, erf_for
+from npconvnext.engine.erf import gelu_value
 from npconvnext.engine.gemm import TILES
 from npconvnext.params import random_state_dict
 
@@ -35,8 +35,7 @@ def _bias_gelu_rows(tile, bias, out, reps):
         for r in range(tile.shape[0]):
             src, dst, b = tile[r], out[r], bias[r]
             for j in range(src.shape[0]):
-                v = np.float64(src[j] + b)
-                dst[j] = 0.5 * v * (1.0 + erf_for(src[j], v * SQRT_HALF))
+                dst[j] = gelu_value(src[j] + b)
 
 
 @numba.njit(cache=False, fastmath={"contract"}, error_model="numpy")

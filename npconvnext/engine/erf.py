@@ -5,8 +5,8 @@ GELU(x) = x * (1 + erf(x / sqrt 2)) / 2 is exact-erf GELU, as timm's nn.GELU. A 
 element would keep the GELU loops scalar; these rational fits vectorise and stay within one ulp:
 `erf32` (within 1 float32 ulp once rounded, fitted by scripts/fit_erf32.py) and `erf64` (within
 1 float64 ulp, scripts/fit_erf64.py), both tested against exact erfs. `erf_for` picks one by
-the activations' dtype, once per compiled type. `exp_nonpositive` is the exp erf64 and GELU's
-slope (mlp.py) need.
+the activations' dtype, once per compiled type; `gelu_value` is the GELU every kernel evaluates
+with it. `exp_nonpositive` is the exp erf64 and GELU's slope (mlp.py) need.
 """
 
 from __future__ import annotations
@@ -107,3 +107,11 @@ def _erf_for_compiled(sample, v):
     if sample == numba.types.float32:
         return lambda sample, v: erf32(v)
     return lambda sample, v: erf64(v)
+
+
+@numba.njit(**INLINE_JIT)
+def gelu_value(x):
+    # GELU(x) = x (1 + erf(x / sqrt 2)) / 2 of a float32 or float64 x, evaluated in float64 with
+    # the erf of x's precision (erf_for); the caller rounds it once to what it stores
+    v = np.float64(x)
+    return 0.5 * v * (1.0 + erf_for(x, v * SQRT_HALF))

@@ -35,7 +35,7 @@ from .. import layers
 from ..errors import InputError
 from .bfloat16 import pack_pairs, pair_count, pair_rows, pair_word, to_pair_panels
 from .checks import check_arguments, kernel_weights, last_dimension, takes_array
-from .erf import SQRT_HALF, erf_for
+from .erf import gelu_value
 from .gemm import TILES, tile_product, tile_product_transposed, tile_shape, to_panels
 from .jit import INLINE_JIT, JIT, PARALLEL_JIT, rows_or_parallel
 
@@ -112,8 +112,7 @@ def _fc1_gelu_floats(panel, pixels, weight, bias, c0, tile, hidden_panel):
         src = tile[r]                  # (NR,)
         dst = hidden_panel[c0 + r]     # (NR,)
         for j in range(pixels):
-            v = np.float64(src[j] + b)
-            dst[j] = 0.5 * v * (1.0 + erf_for(src[j], v * SQRT_HALF))
+            dst[j] = gelu_value(src[j] + b)
 
 
 @numba.njit(**INLINE_JIT)
@@ -131,14 +130,10 @@ def _fc1_gelu_pairs(panel, pixels, weight, bias, c0, tile, hidden_pairs):
         if r + 1 < rows:
             high, b_high = tile[r + 1], bias[c0 + r + 1]
             for j in range(pixels):
-                v = np.float64(low[j] + b_low)
-                u = np.float64(high[j] + b_high)
-                dst[j, 0] = pair_word(np.float32(0.5 * v * (1.0 + erf_for(low[j], v * SQRT_HALF))),
-                                      np.float32(0.5 * u * (1.0 + erf_for(high[j], u * SQRT_HALF))))
+                dst[j, 0] = pair_word(np.float32(gelu_value(low[j] + b_low)), np.float32(gelu_value(high[j] + b_high)))
         else:  # an odd D's last channel: its pair's other half stays zero
             for j in range(pixels):
-                v = np.float64(low[j] + b_low)
-                dst[j, 0] = pair_word(np.float32(0.5 * v * (1.0 + erf_for(low[j], v * SQRT_HALF))), np.float32(0.0))
+                dst[j, 0] = pair_word(np.float32(gelu_value(low[j] + b_low)), np.float32(0.0))
 
 
 @numba.njit(**INLINE_JIT)

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import InputError
 from .bfloat16 import pair_rows
 from .checks import check_arguments, check_in_place, kernel_weights, last_dimension, takes_array
-from .erf import SQRT_HALF, erf_for, exp_nonpositive
+from .erf import SQRT_HALF, erf_for, exp_nonpositive, gelu_value
 from .gemm import TILES, tile_shape
 from .jit import CHUNK_PIXELS, INLINE_JIT, JIT, PARALLEL_JIT, chunk_count, rows_or_parallel, sum_chunks
 from .linear import (fc1_gelu_tile, fc2_residual_tile, linear_gelu_pairs, linear_gelu_panels, pack_panel,
@@ -100,15 +100,13 @@ def _pair_scratch(channels, hidden_channels, nr):
 
 @numba.njit(**JIT)
 def _gelu_rows(x, out, first, last):
-    # x, out: (M, D); rows first..last-1: out = GELU(x), in float64 and rounded once, as
-    # linear.py's fc1_gelu_tile computes it
+    # x, out: (M, D); rows first..last-1: out = GELU(x) (erf.gelu_value, as every GELU kernel)
     d = x.shape[1]
     for i in range(first, last):
         x_row = x[i]
         o_row = out[i]
         for ch in range(d):
-            v = np.float64(x_row[ch])
-            o_row[ch] = 0.5 * v * (1.0 + erf_for(x_row[ch], v * SQRT_HALF))
+            o_row[ch] = gelu_value(x_row[ch])
 
 
 @numba.njit(**PARALLEL_JIT)
@@ -127,16 +125,14 @@ _EXP_LOWEST = -708.0  # exp below this is subnormal in float64; x exp(-x^2 / 2) 
 @numba.njit(**JIT)
 def _bias_gelu_keep_rows(hidden, bias, activated, first, last):
     # hidden, activated: (M, D); rows first..last-1: hidden += bias in place (kept for the
-    # backward), activated = GELU(hidden), computed in float64 and rounded once, as
-    # linear.py's fc1_gelu_tile computes it
+    # backward), activated = GELU(hidden) (erf.gelu_value, as every GELU kernel)
     d = hidden.shape[1]
     for i in range(first, last):
         h_row = hidden[i]
         a_row = activated[i]
         for ch in range(d):
             h_row[ch] += bias[ch]
-            v = np.float64(h_row[ch])
-            a_row[ch] = 0.5 * v * (1.0 + erf_for(h_row[ch], v * SQRT_HALF))
+            a_row[ch] = gelu_value(h_row[ch])
 
 
 @numba.njit(**PARALLEL_JIT)
