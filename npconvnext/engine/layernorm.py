@@ -252,9 +252,11 @@ def _layer_norm_backward_kept(dout, xhat, rstd, weight, dx, d_weight, d_bias):
 def layer_norm(x, weight, bias, eps):
     """layers.layer_norm. x: (..., C) -> (..., C)"""
     check_arguments("layer_norm", "x", x, None, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
+    if x.size == 0:
+        return np.empty_like(x)
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
     out = np.empty_like(flat)
-    weight, bias = kernel_weights(None, weight, bias)
+    weight, bias = kernel_weights(flat.dtype, weight, bias)  # in x's dtype, as the result
     rows_or_parallel(_layer_norm_rows, _layer_norm, (flat, weight, bias, eps, out), flat.shape[0])
     return out.reshape(x.shape)
 

@@ -61,6 +61,17 @@ def test_the_kernels_of_timms_variants_match_the_reference(shape, dtype, kernel_
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_norm_takes_its_weights_in_xs_dtype(dtype):
+    # a float16 weight and bias (the model's come in x's dtype): cast to x's, as the result
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 5, 24)) * 3 + 2).astype(dtype)
+    weight, bias = rng.standard_normal((2, 24)).astype(np.float16)
+    out = layernorm.layer_norm(x, weight, bias, 1e-6)
+    assert out.dtype == dtype
+    close(out, layers.layer_norm(x, weight.astype(dtype), bias.astype(dtype), 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gelu_alone_at_the_ends_of_the_line(dtype):
     # exactly the reference's bits where GELU is -0, x or nan: far out on either side (float32's
     # erf fit ends at 4: its 1 - 2e-8 there made GELU(-1e30) -6e21), the infinities and nan
@@ -69,11 +80,12 @@ def test_gelu_alone_at_the_ends_of_the_line(dtype):
         np.testing.assert_array_equal(mlp.gelu(x), layers.gelu(x))
 
 
-@pytest.mark.parametrize("wrapper", [layernorm.rms_norm, layernorm.simple_norm, mlp.gelu])
+@pytest.mark.parametrize("wrapper", [layernorm.layer_norm, layernorm.rms_norm, layernorm.simple_norm, mlp.gelu])
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0), (2, 0, 5)])
-def test_the_variants_kernels_take_empty_arrays(wrapper, shape):
+def test_the_norm_and_gelu_kernels_take_empty_arrays(wrapper, shape):
     x = np.zeros(shape, np.float32)
-    args = (x,) if wrapper is mlp.gelu else (x, np.ones(shape[-1], np.float32), None, 1e-6)
+    bias = np.zeros(shape[-1], np.float32) if wrapper is layernorm.layer_norm else None
+    args = (x,) if wrapper is mlp.gelu else (x, np.ones(shape[-1], np.float32), bias, 1e-6)
     out = wrapper(*args)
     assert out.shape == shape and out.dtype == np.float32
 
