@@ -9,7 +9,8 @@ main    the engines take turns call by call in one process, RUNS rounds after wa
         median, in ms per image and images/s. The machines this runs on drift by tens of
         percent within minutes: taking turns spreads a slow spell over every engine. A numpy
         4096^3 sgemm probe on as many BLAS threads opens each round; the sgemm floor is the
-        model's FLOPs at the probe's median rate.
+        model's FLOPs at the probe's median rate. The engines' order turns by one each round,
+        so that none always runs first after the probe.
 beside  npconvnext alone in a fresh process, against fresh processes where torch and timm (or
         ONNX Runtime, or OpenVINO) were imported and ran a forward first; the processes take
         turns, ROUNDS rounds, and each reports its median.
@@ -179,10 +180,12 @@ def main_table(args, files):
                 for _ in range(WARMUP):
                     run(x)
             times, probes = {engine: [] for engine in runners}, []
+            order = list(runners.items())
             for round_ in range(args.runs):
                 with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
                     probes.append(sgemm_gflops())
-                for engine, run in runners.items():
+                shift = round_ % len(order)  # each engine opens as many rounds as the others, after the probe
+                for engine, run in order[shift:] + order[:shift]:
                     if "numpy" in engine and round_ >= 3:  # the reference backend is slow: 3 calls
                         continue
                     time.sleep(PAUSE)
