@@ -347,7 +347,7 @@ def depthwise_conv_layer_norm(x, conv_w, conv_b, norm_w, norm_b, eps):
     n, h, w, c = x.shape
     padded = pad_rows(x)                                       # (N, H+6, W'+6, C)
     conv_w, conv_b = kernel_weights(x.dtype, conv_w, conv_b)
-    norm_w, norm_b = kernel_weights(None, norm_w, norm_b)
+    norm_w, norm_b = kernel_weights(x.dtype, norm_w, norm_b)  # in x's dtype, as the result
     out = np.empty_like(x)
     rows_or_parallel(_depthwise_conv7_layer_norm_rows, _depthwise_conv7_layer_norm,
                       (padded, conv_w, conv_b, norm_w, norm_b, eps, out), n * h, blas_between=False)  # N * H rows

@@ -127,7 +127,7 @@ def global_response_norm_in_place(x, weight, bias, eps):
     """layers.global_response_norm, written over x: (N, P, D) pixels by hidden channels (the
     block's step: its input is the fc1 output no one else reads)"""
     check_arguments("global_response_norm", "x", x, 3, weight=(weight, x.shape[-1:]), bias=(bias, x.shape[-1:]))
-    weight, bias = kernel_weights(None, weight, bias)
+    weight, bias = kernel_weights(x.dtype, weight, bias)  # in x's dtype, as the result
     rows_or_parallel(_global_response_norm_rows, _global_response_norm_, (x, weight, bias, eps), x.shape[0])
 
 

@@ -60,15 +60,20 @@ def test_the_kernels_of_timms_variants_match_the_reference(shape, dtype, kernel_
     assert set().union(*kernel_threads) == expected
 
 
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_layer_norm_takes_its_weights_in_xs_dtype(dtype):
-    # a float16 weight and bias (the model's come in x's dtype): cast to x's, as the result
+def test_the_norms_take_their_weights_in_xs_dtype(dtype, weight_dtype):
+    # weights of another dtype than x (the model's come in x's): cast to x's, as the result;
+    # a float16 one reached Numba as float16, which it cannot compile
     rng = np.random.default_rng(7)
-    x = (rng.standard_normal((2, 5, 24)) * 3 + 2).astype(dtype)
-    weight, bias = rng.standard_normal((2, 24)).astype(np.float16)
-    out = layernorm.layer_norm(x, weight, bias, 1e-6)
-    assert out.dtype == dtype
-    close(out, layers.layer_norm(x, weight.astype(dtype), bias.astype(dtype), 1e-6), dtype)
+    x = (rng.standard_normal((2, 5, 6, 24)) * 3 + 2).astype(dtype)
+    weight, bias = rng.standard_normal((2, 24)).astype(weight_dtype)
+    conv_w, conv_b = rng.standard_normal((7, 7, 24)).astype(dtype), rng.standard_normal(24).astype(dtype)
+    as_x = weight.astype(dtype), bias.astype(dtype)
+    close(layernorm.layer_norm(x, weight, bias, 1e-6), layers.layer_norm(x, *as_x, 1e-6), dtype)
+    close(depthwise.depthwise_conv_layer_norm(x, conv_w, conv_b, weight, bias, 1e-6),
+          layers.layer_norm(layers.depthwise_conv(x, conv_w, conv_b), *as_x, 1e-6), dtype)
+    close(grn.global_response_norm(x, weight, bias, 1e-6), layers.global_response_norm(x, *as_x, 1e-6), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
