@@ -14,7 +14,7 @@ main    the engines take turns call by call in one process, RUNS rounds after wa
 beside  npconvnext alone in a fresh process, against fresh processes where torch and timm (or
         ONNX Runtime, or OpenVINO) were imported and ran a forward first; the processes take
         turns, ROUNDS rounds, and each reports its median.
-memory  peak RSS (VmHWM) of a fresh process that loads one engine and runs one forward:
+memory  peak RSS (VmHWM) of a fresh process that loads one engine and runs two forwards:
         convnext_tiny at batch 1 and 32, convnext_xxlarge at batch 1. For npconvnext also its
         split: RSS after the import, what loading, the forwards and the peak add to it, and the
         bytes of the weights as the model keeps them.
@@ -174,6 +174,8 @@ def main_table(args, files):
                 runners[engine] = build(engine, args.model, files, threads)
             except Exception as exc:  # a peer that is not installed, a dtype this npconvnext lacks
                 print(f"# {engine} unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not runners:
+            continue
         for batch in args.batches:
             x = images(batch)
             for run in runners.values():
@@ -184,7 +186,7 @@ def main_table(args, files):
             for round_ in range(args.runs):
                 with threadpool_limits(threads, user_api="blas"):  # the floor: numpy's sgemm on as many threads
                     probes.append(sgemm_gflops())
-                shift = round_ % len(order)  # each engine opens as many rounds as the others, after the probe
+                shift = round_ % len(order)  # the opening engine cycles, so none always follows the probe
                 for engine, run in order[shift:] + order[:shift]:
                     if "numpy" in engine and round_ >= 3:  # the reference backend is slow: 3 calls
                         continue

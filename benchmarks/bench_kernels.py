@@ -2,6 +2,9 @@
 
     python benchmarks/bench_kernels.py [--model convnext_tiny] [--batch 1] [--dtype float32]
 
+--dtype bfloat16 runs part 2 only (a bfloat16 model: its linears on bfloat16 pairs, the rest
+float32), parts 1 and 3 being of float kernels on float weights.
+
 Part 1 times every kernel on the shapes of each stage of the model at 224x224 (median of RUNS).
 Part 2 runs the whole model with every kernel wrapped in a timer and prints the split, the rest
 being glue (layers shared between the threads, batch not split).
@@ -113,7 +116,7 @@ def forward_split(name, batch, dtype):
                                          patchify_conv=linear.patchify_conv, linear=linear.linear,
                                          rms_norm=layernorm.rms_norm, simple_norm=layernorm.simple_norm, gelu=mlp.gelu,
                                          strided_conv=strided_conv)
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(dtype)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(model.dtype)
     model(x)
     spent.clear()
     start = time.perf_counter()
@@ -158,9 +161,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="convnext_tiny")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.dtype == "bfloat16":
+        forward_split(args.model, args.batch, args.dtype)
+        return
     per_kernel(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)
     forward_split(args.model, args.batch, args.dtype)
     matmul_rates(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)

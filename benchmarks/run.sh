@@ -15,6 +15,7 @@
 # Steps:
 #   main, beside, cold, memory   bench_engines.py's parts (threads 1,2; batches 1,8)
 #   split-N                      bench_kernels.py at batch 1 with NPCONVNEXT_NUM_THREADS=N
+#   split-bf16-N                 the same for the bfloat16 model (its forward's split only)
 #   split                        bench_kernels.py at batch 1, the default threads
 #   train                        bench_train.py, batches 8,32 on 1 and 2 threads
 #   train-default-wait           bench_train.py at batch 8 on 2 threads with OpenMP's default wait
@@ -36,7 +37,7 @@ set -uo pipefail
 
 known() {
     case "${1%-again}" in
-        main|beside|cold|memory|split|split-[0-9]*|train|train-default-wait|train-split-[0-9]*|distributed|load|\
+        main|beside|cold|memory|split|split-[0-9]*|split-bf16-[0-9]*|train|train-default-wait|train-split-[0-9]*|distributed|load|\
         digits|openvino-nodes-[0-9]*|openvino-bf16-nodes-[0-9]*|bf16-accuracy|\
         avx2-peers|avx2-ours|avx2-split-[0-9]*) return 0 ;;
         *) return 1 ;;
@@ -93,6 +94,7 @@ run_step() {
         cold)   engines --parts cold --rounds 3 "${runtime[@]}" --json "$OUT/cold.json" ;;
         memory) engines --parts memory "${runtime[@]}" --json "$OUT/memory.json" ;;
         split)  "$PY" benchmarks/bench_kernels.py --batch 1 ;;
+        split-bf16-[0-9]*) NPCONVNEXT_NUM_THREADS=${1#split-bf16-} "$PY" benchmarks/bench_kernels.py --batch 1 --dtype bfloat16 ;;
         split-[0-9]*) NPCONVNEXT_NUM_THREADS=${1#split-} "$PY" benchmarks/bench_kernels.py --batch 1 ;;
         train)  "$PY" benchmarks/bench_train.py --batches 8,32 --threads 1,2 --rounds 2 ;;
         train-default-wait) "$PY" benchmarks/bench_train.py --batches 8 --threads 2 --rounds 2 --default-wait ;;
@@ -116,9 +118,19 @@ run_step() {
 }
 
 if [ "$HEADER" = 1 ]; then
-    lscpu | grep -E "Model name|^CPU\(s\)|CPU family|^Model:"
+    lscpu | grep -E "Model name|^CPU\(s\)|CPU family|^Model:|cache"
     grep -o -w -E "avx2|avx512f|avx512_bf16|amx_tile" /proc/cpuinfo | sort -u | tr '\n' ' '
     echo
+    "$PY" - <<'VERSIONS'  # the versions the figures are of; a peer not installed is left out
+from importlib import metadata
+found = []
+for name in ("numpy", "numba", "llvmlite", "torch", "timm", "onnxruntime", "openvino"):
+    try:
+        found.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        pass
+print(" ".join(found))
+VERSIONS
     git log --oneline | head -1
 fi
 for step in "${steps[@]}"; do
