@@ -2,8 +2,9 @@
 
     python benchmarks/bench_kernels.py [--model convnext_tiny] [--batch 1] [--dtype float32]
 
---dtype bfloat16 runs part 2 only (a bfloat16 model: its linears on bfloat16 pairs, the rest
-float32), parts 1 and 3 being of float kernels on float weights.
+--dtype bfloat16: part 1 times only the block's MLP (mlp_residual) of each stage, with float32
+weights and with the same weights as bfloat16, in ms and GMAC/s; part 2 splits a bfloat16
+model's forward (its linears on bfloat16 pairs, the rest float32); no part 3.
 
 Part 1 times every kernel on the shapes of each stage of the model at 224x224 (median of RUNS).
 Part 2 runs the whole model with every kernel wrapped in a timer and prints the split, the rest
@@ -83,6 +84,24 @@ def per_kernel(config, batch, dtype):
         }
         for name, (shape, fast, slow) in cases.items():
             print(f"{name:<30} {str(shape):>22} {median_ms(fast, RUNS):9.2f} {median_ms(slow, RUNS):9.2f}")
+
+
+def mlp_stages_bfloat16(config, batch):
+    rng = np.random.default_rng(0)
+    print(f"{'the block MLP, batch ' + str(batch):<30} {'stage shape':>22} {'float32 ms':>11} {'bfloat16 ms':>12} "
+          f"{'GMAC/s, f32 / bf16':>18}")
+    side = 224 // config.patch_size
+    for i, c in enumerate(config.dims):
+        h = side >> i
+        x = rng.standard_normal((batch, h, h, c)).astype(np.float32)
+        w1 = np.asfortranarray(rng.standard_normal((c, 4 * c)) / np.sqrt(c), np.float32)  # (in, out) as kept
+        w2 = np.asfortranarray(rng.standard_normal((4 * c, c)) / np.sqrt(4 * c), np.float32)
+        b4, b, g = np.zeros(4 * c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
+        bits1, bits2 = np.asfortranarray(layers.to_bfloat16(w1)), np.asfortranarray(layers.to_bfloat16(w2))
+        ms = [median_ms(lambda: mlp.mlp_residual(x, a1, b4, a2, b, g, x), RUNS) for a1, a2 in ((w1, w2), (bits1, bits2))]
+        macs = 2 * x.size * 4 * c                                              # fc1 and fc2, per forward
+        rates = " / ".join(f"{macs / t / 1e6:.1f}" for t in ms)
+        print(f"{'fc1 + gelu + fc2 + residual':<30} {str(x.shape):>22} {ms[0]:11.2f} {ms[1]:12.2f} {rates:>18}")
 
 
 def forward_split(name, batch, dtype):
@@ -165,6 +184,7 @@ def main():
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.dtype == "bfloat16":
+        mlp_stages_bfloat16(npconvnext.get_config(args.model), args.batch)
         forward_split(args.model, args.batch, args.dtype)
         return
     per_kernel(npconvnext.get_config(args.model), args.batch, np.dtype(args.dtype).type)

@@ -15,7 +15,7 @@
 # Steps:
 #   main, beside, cold, memory   bench_engines.py's parts (threads 1,2; batches 1,8)
 #   split-N                      bench_kernels.py at batch 1 with NPCONVNEXT_NUM_THREADS=N
-#   split-bf16-N                 the same for the bfloat16 model (its forward's split only)
+#   split-bf16-N                 the same for the bfloat16 model (bench_kernels.py --dtype bfloat16)
 #   split                        bench_kernels.py at batch 1, the default threads
 #   train                        bench_train.py, batches 8,32 on 1 and 2 threads
 #   train-default-wait           bench_train.py at batch 8 on 2 threads with OpenMP's default wait
