@@ -89,6 +89,7 @@ avx2_env() {
 
 run_step() {
     case "$1" in
+        *-again) run_step "${1%-again}" ;;  # first: split-1-again would match split-[0-9]* below
         main)   engines --parts main --threads 1,2 --batches 1,8 --runs 9 --json "$OUT/main.json" ;;
         beside) engines --parts beside --threads 1,2 --batches 1,8 --runs 9 --rounds 3 --json "$OUT/beside.json" ;;
         cold)   engines --parts cold --rounds 3 "${runtime[@]}" --json "$OUT/cold.json" ;;
@@ -113,7 +114,6 @@ run_step() {
         avx2-ours)  env $(avx2_env) "$PY" benchmarks/probes/avx2_probe.py ours
                     env $(avx2_env) "$PY" benchmarks/probes/avx2_probe.py ours ;;
         avx2-split-[0-9]*) env $(avx2_env) NPCONVNEXT_NUM_THREADS="${1#avx2-split-}" "$PY" benchmarks/bench_kernels.py --batch 1 ;;
-        *-again) run_step "${1%-again}" ;;
     esac
 }
 
