@@ -99,7 +99,7 @@ def mlp_stages_bfloat16(config, batch):
         b4, b, g = np.zeros(4 * c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
         bits1, bits2 = np.asfortranarray(layers.to_bfloat16(w1)), np.asfortranarray(layers.to_bfloat16(w2))
         ms = [median_ms(lambda: mlp.mlp_residual(x, a1, b4, a2, b, g, x), RUNS) for a1, a2 in ((w1, w2), (bits1, bits2))]
-        macs = 2 * x.size * 4 * c                                              # fc1 and fc2, per forward
+        macs = 2 * x.size * 4 * c                                   # fc1 and fc2 of one block, per call
         rates = " / ".join(f"{macs / t / 1e6:.1f}" for t in ms)
         print(f"{'fc1 + gelu + fc2 + residual':<30} {str(x.shape):>22} {ms[0]:11.2f} {ms[1]:12.2f} {rates:>18}")
 

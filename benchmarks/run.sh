@@ -10,7 +10,8 @@
 #                     start it (without it they start PY)
 #   --tf-python PY    an interpreter with TensorFlow, for the load step's Keras and SavedModel files
 #   --steps LIST      comma-separated, run in order (default: main,beside,cold,memory,split-1,split-2)
-#   --no-header       skip the machine and commit lines (a second invocation appending to a run)
+#   --no-header       skip the machine and version lines (a second invocation appending to a run);
+#                     the commit line is printed always
 #
 # Steps:
 #   main, beside, cold, memory   bench_engines.py's parts (threads 1,2; batches 1,8)
@@ -118,7 +119,7 @@ run_step() {
 }
 
 if [ "$HEADER" = 1 ]; then
-    lscpu | grep -E "Model name|^CPU\(s\)|CPU family|^Model:|cache"
+    lscpu | grep -E "Model name|^CPU\(s\)|CPU family|^Model:|cache|Hypervisor"
     grep -o -w -E "avx2|avx512f|avx512_bf16|amx_tile" /proc/cpuinfo | sort -u | tr '\n' ' '
     echo
     "$PY" - <<'VERSIONS'  # the versions the figures are of; a peer not installed is left out
@@ -131,8 +132,9 @@ for name in ("numpy", "numba", "llvmlite", "torch", "timm", "onnxruntime", "open
         pass
 print(" ".join(found))
 VERSIONS
-    git log --oneline | head -1
 fi
+# the commit every invocation ran at, -dirty with uncommitted changes
+echo "npconvnext at $(git describe --always --dirty) ($(git log -1 --format=%s))"
 for step in "${steps[@]}"; do
     log "$step"
     run_step "$step"
