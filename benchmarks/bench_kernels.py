@@ -47,6 +47,14 @@ def median_ms(fn, runs):
     return 1000 * statistics.median(times)
 
 
+def mlp_weights(rng, c, dtype):
+    """fc1 (C, 4C) and fc2 (4C, C) of a block, scaled as trained ones are, (in, out) in Fortran
+    order as the model keeps them"""
+    w1 = (rng.standard_normal((c, 4 * c)) / np.sqrt(c)).astype(dtype)
+    w2 = (rng.standard_normal((4 * c, c)) / np.sqrt(4 * c)).astype(dtype)
+    return np.asfortranarray(w1), np.asfortranarray(w2)
+
+
 def per_kernel(config, batch, dtype):
     rng = np.random.default_rng(0)
     print(f"{'kernel':<30} {'stage shape':>22} {'numba ms':>9} {'numpy ms':>9}")
@@ -56,10 +64,8 @@ def per_kernel(config, batch, dtype):
         x = rng.standard_normal((batch, h, h, c)).astype(dtype)
         hidden = rng.standard_normal((batch, h, h, 4 * c)).astype(dtype)
         w7, b, g = rng.standard_normal((7, 7, c)).astype(dtype), np.zeros(c, dtype), np.ones(c, dtype)
-        w1 = (rng.standard_normal((c, 4 * c)) / np.sqrt(c)).astype(dtype)
+        w1, w2 = mlp_weights(rng, c, dtype)
         b4 = np.zeros(4 * c, dtype)
-        w2 = (rng.standard_normal((4 * c, c)) / np.sqrt(4 * c)).astype(dtype)
-        w1, w2 = np.asfortranarray(w1), np.asfortranarray(w2)  # (in, out) as the model keeps them
         panels = linear.linear_gelu_panels(x, w1, b4)
         cases = {  # name: (input shape, numba, numpy twin)
             "depthwise_conv + layer_norm": (x.shape, lambda: depthwise.depthwise_conv_layer_norm(x, w7, b, g, b, 1e-6),
@@ -94,8 +100,7 @@ def mlp_stages_bfloat16(config, batch):
     for i, c in enumerate(config.dims):
         h = side >> i
         x = rng.standard_normal((batch, h, h, c)).astype(np.float32)
-        w1 = np.asfortranarray(rng.standard_normal((c, 4 * c)) / np.sqrt(c), np.float32)  # (in, out) as kept
-        w2 = np.asfortranarray(rng.standard_normal((4 * c, c)) / np.sqrt(4 * c), np.float32)
+        w1, w2 = mlp_weights(rng, c, np.float32)
         b4, b, g = np.zeros(4 * c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
         bits1, bits2 = np.asfortranarray(layers.to_bfloat16(w1)), np.asfortranarray(layers.to_bfloat16(w2))
         ms = [median_ms(lambda: mlp.mlp_residual(x, a1, b4, a2, b, g, x), RUNS) for a1, a2 in ((w1, w2), (bits1, bits2))]
